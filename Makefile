@@ -1,0 +1,33 @@
+# One-command setup: `make demo` and `make test` create .venv and install everything on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_AUTH_MODE := disabled
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test test-fast demo clean
+
+setup: $(STAMP)
+
+# torch first, pinned (stack-notes §0: leaving it to the resolver pulls the wrong build), then the project.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e ".[test,teachers]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not ray"
+
+demo: $(STAMP)
+	$(VENV)/bin/itr train configs/demo.yaml
+
+clean:
+	rm -rf runs mlflow.db mlartifacts .pytest_cache

@@ -1,0 +1,779 @@
+"""Pure-function losses for image-text retrieval (see docs/methods-spec.md, sections A, B, C).
+
+Conventions shared by every function here:
+
+* ``S`` is a (B, B) similarity matrix: **rows are images, columns are texts**, and ``S[i, i]`` is
+  the annotated pair. Row i is the image-to-text (i2t) list of image i; column j (row j of
+  ``S.T``) is the text-to-image (t2i) list of text j.
+* ``R`` is a (B, B) graded relevance matrix with the same orientation (``R[i, j]`` = relevance of
+  text j to image i). It is *not* symmetric in general (spec E); each loss says which index
+  each direction reads.
+* ``positives`` is an optional (B, B) bool mask, ``positives[i, j]`` True when text j is a
+  ground-truth caption of image i (e.g. built from repeated image ids). ``None`` = diagonal.
+* Every loss returns a 0-d tensor on the device / dtype of ``S``, differentiable in ``S``
+  (and in a tensor temperature where one is accepted). Relevance, masks and teacher scores
+  are treated as constants.
+
+The listwise (S-NDCG) and full Kendall losses are O(B^3) in compute. The released code also
+materialises (B, B, B) tensors; here they are evaluated in chunks of queries with custom
+autograd functions whose backward recomputes each chunk, so the extra memory is
+O(chunk_size * B^2) (about 64 MB per buffer by default) with the same values and gradients.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+TensorOrFloat = Union[torch.Tensor, float]
+
+#: Elements per chunk buffer for the chunked O(B^3) kernels (2**24 -> 64 MB in float32).
+CHUNK_ELEMENTS = 2**24
+
+#: On CPU the O(B^3) kernels work on blocks of about this many elements (cache-sized).
+CPU_TILE_ELEMENTS = 2**18
+
+#: Default epsilon of the SelHN rule: ``--epsilon`` default 0.01 of AAA-Zheng/RVSEPP ``train.py``.
+SELHN_DEFAULT_EPS = 0.01
+
+#: The released Listwise code clamps (S_ik - S_ij) / tau to this range before the sigmoid.
+SNDCG_EXPONENT_CLAMP = 50.0
+
+_SURROGATES = ("hinge", "tanh", "sigmoid")
+_T2I_OPTIONS = ("transpose", "as_released")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_square(S: torch.Tensor, name: str = "S") -> int:
+    if S.dim() != 2 or S.shape[0] != S.shape[1]:
+        raise ValueError(f"{name} must be a square (B, B) matrix, got shape {tuple(S.shape)}")
+    return int(S.shape[0])
+
+
+def _check_same_shape(S: torch.Tensor, other: torch.Tensor, name: str) -> None:
+    if tuple(other.shape) != tuple(S.shape):
+        raise ValueError(f"{name} must have the shape of S {tuple(S.shape)}, got {tuple(other.shape)}")
+
+
+def _check_t2i(t2i_relevance: str) -> None:
+    if t2i_relevance not in _T2I_OPTIONS:
+        raise ValueError(f"t2i_relevance must be one of {_T2I_OPTIONS}, got {t2i_relevance!r}")
+
+
+def _default_chunk(rows_elements: int) -> int:
+    """Queries per chunk so that one (chunk, ...) buffer holds at most CHUNK_ELEMENTS elements."""
+    return max(1, CHUNK_ELEMENTS // max(1, rows_elements))
+
+
+def _resolve_chunk(chunk_size: Optional[int], per_query_elements: int, num_queries: int) -> int:
+    if chunk_size is None:
+        chunk = _default_chunk(per_query_elements)
+    else:
+        chunk = int(chunk_size)
+        if chunk < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return max(1, min(chunk, max(1, num_queries)))
+
+
+def _float(x: TensorOrFloat, name: str) -> float:
+    value = float(x.detach().item()) if isinstance(x, torch.Tensor) else float(x)
+    if not value > 0.0 or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite positive number, got {value}")
+    return value
+
+
+def _exclusion_mask(S: torch.Tensor, positives: Optional[torch.Tensor]) -> torch.Tensor:
+    """(B, B) bool: True where (i, j) is NOT a negative (the diagonal and any given positive)."""
+    B = S.shape[0]
+    eye = torch.eye(B, dtype=torch.bool, device=S.device)
+    if positives is None:
+        return eye
+    _check_same_shape(S, positives, "positives")
+    return positives.to(device=S.device, dtype=torch.bool) | eye
+
+
+# ---------------------------------------------------------------------------------------------
+# InfoNCE (spec C.2 (1))
+# ---------------------------------------------------------------------------------------------
+
+
+def infonce(
+    S: torch.Tensor,
+    tau: TensorOrFloat,
+    positives: Optional[torch.Tensor] = None,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """Symmetric InfoNCE with (multi-positive) soft targets.
+
+    Args:
+        S: (B, B) similarities, rows = images, columns = texts.
+        tau: temperature, a float or a 0-d tensor (learnable; the gradient flows into it).
+        positives: optional (B, B) bool, ``positives[i, j]`` True when text j belongs to image i
+            (CUSA: ``idx_i == idx_j``). ``None`` = diagonal. Every row and column needs >= 1 True.
+        reduction: ``"sum"`` = textbook cross-entropy (sum over classes, mean over queries);
+            ``"class_mean"`` = the released CUSA ``contrastive_loss_mode: "mean"``, i.e. each
+            query's cross-entropy divided by the number of classes (B): ``sum / B``.
+
+    Returns:
+        0-d tensor ``(l_i2t + l_t2i) / 2`` where
+        ``l_i2t = mean_i -sum_j Y_ij log softmax_j(S_ij / tau)`` with ``Y = P / P.sum(1)`` and
+        ``l_t2i = mean_j -sum_i Yt_ji log softmax_i(S_ij / tau)`` with ``Yt = P.T / P.T.sum(1)``.
+    """
+    B = _check_square(S)
+    if reduction not in ("sum", "class_mean"):
+        raise ValueError(f"reduction must be 'sum' or 'class_mean', got {reduction!r}")
+    logits = S / tau
+    log_p_i2t = torch.log_softmax(logits, dim=1)  # (B, B): over texts, per image
+    log_p_t2i = torch.log_softmax(logits.t(), dim=1)  # (B, B): over images, per text
+    if positives is None:
+        ce_i2t = -log_p_i2t.diagonal()
+        ce_t2i = -log_p_t2i.diagonal()
+    else:
+        _check_same_shape(S, positives, "positives")
+        P = positives.to(device=S.device, dtype=S.dtype)
+        row_counts = P.sum(1, keepdim=True)
+        col_counts = P.sum(0, keepdim=True)
+        if bool((row_counts == 0).any()) or bool((col_counts == 0).any()):
+            raise ValueError("positives must have at least one True entry in every row and column")
+        Y = P / row_counts
+        Yt = P.t() / col_counts.t()
+        ce_i2t = -(Y * log_p_i2t).sum(1)
+        ce_t2i = -(Yt * log_p_t2i).sum(1)
+    loss = (ce_i2t.mean() + ce_t2i.mean()) / 2
+    if reduction == "class_mean":
+        loss = loss / B
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Triplet losses (spec B.3 pairwise part, A.2, A.8)
+# ---------------------------------------------------------------------------------------------
+
+
+def _hinges(S: torch.Tensor, margin: float, excluded: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Hinge matrices for both directions, 0 at excluded (non-negative) entries.
+
+    Returns (h_i2t, h_t2i), both (B, B): ``h_i2t[i, j] = [m - S_ii + S_ij]_+`` (anchor image i,
+    row-wise) and ``h_t2i[i, j] = [m - S_jj + S_ij]_+`` (anchor text j, column-wise).
+    """
+    d = S.diagonal()
+    h_i2t = (margin - d.unsqueeze(1) + S).clamp(min=0).masked_fill(excluded, 0.0)
+    h_t2i = (margin - d.unsqueeze(0) + S).clamp(min=0).masked_fill(excluded, 0.0)
+    return h_i2t, h_t2i
+
+
+def triplet_hardest(
+    S: torch.Tensor, margin: float = 0.2, positives: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """VSE++ hardest-negative triplet loss (spec B.3 ``L_pair``).
+
+    Args:
+        S: (B, B) similarities, rows = images, columns = texts; ``S[i, i]`` is the positive.
+        margin: m.
+        positives: optional (B, B) bool. Entries marked True are never negatives (other captions
+            of the same image); ``None`` = only the diagonal is excluded (released VSE++ code).
+
+    Returns:
+        0-d tensor ``(mean_i max_{j neg} [m - S_ii + S_ij]_+ + mean_j max_{i neg} [m - S_jj + S_ij]_+) / 2``.
+        An anchor without any negative contributes 0.
+    """
+    _check_square(S)
+    h_i2t, h_t2i = _hinges(S, margin, _exclusion_mask(S, positives))
+    return (h_i2t.amax(dim=1).mean() + h_t2i.amax(dim=0).mean()) / 2
+
+
+def triplet_soft_negative(
+    S: torch.Tensor,
+    margin: float = 0.2,
+    tau: TensorOrFloat = 0.05,
+    positives: Optional[torch.Tensor] = None,
+    *,
+    detach_weights: bool = False,
+) -> torch.Tensor:
+    """Triplet-SN: triplet loss with softmax-weighted (soft) negative mining (spec A.2 / A.8).
+
+    **Reconstruction** (the BCLS paper body was not reachable): per anchor i (i2t),
+    ``w_ij = softmax_{j neg}(S_ij / tau)`` and ``loss_i = sum_{j neg} w_ij [m - S_ii + S_ij]_+``;
+    mean over anchors, same column-wise for t2i, directions averaged. tau -> 0 gives
+    :func:`triplet_hardest`; tau -> inf gives the average hinge over the negatives.
+
+    The weights are **not detached** by default: gradients flow through ``w`` as well as
+    through the hinges (the loss is the smooth function written above). ``detach_weights=True``
+    treats the weights as constants (mining-style), an option for ablations.
+
+    Args:
+        S: (B, B) similarities, rows = images, columns = texts.
+        margin: m.
+        tau: softmax temperature tau_sn (float or 0-d tensor; a tensor receives gradient unless
+            ``detach_weights``).
+        positives: optional (B, B) bool of entries that are not negatives (see triplet_hardest).
+        detach_weights: stop the gradient through the softmax weights.
+
+    Returns:
+        0-d tensor. An anchor without negatives contributes 0.
+    """
+    _check_square(S)
+    excluded = _exclusion_mask(S, positives)
+    h_i2t, h_t2i = _hinges(S, margin, excluded)
+    # A finite fill (not -inf) keeps rows without any negative NaN-free: their hinges are 0.
+    fill = torch.finfo(S.dtype).min
+    logits = (S / tau).masked_fill(excluded, fill)
+    w_i2t = torch.softmax(logits, dim=1)
+    w_t2i = torch.softmax(logits, dim=0)
+    if detach_weights:
+        w_i2t, w_t2i = w_i2t.detach(), w_t2i.detach()
+    return ((w_i2t * h_i2t).sum(1).mean() + (w_t2i * h_t2i).sum(0).mean()) / 2
+
+
+def triplet_selhn(
+    S: torch.Tensor,
+    margin: float = 0.2,
+    eps: float = SELHN_DEFAULT_EPS,
+    positives: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Selectively-hard-negative triplet loss, SelHN (spec A.2; AAA-Zheng/RVSEPP ``loss.py``).
+
+    Per anchor i (i2t): if ``|S_ii - max_{j neg} S_ij| < eps`` use the average hinge
+    ``sum_{j neg} [m - S_ii + S_ij]_+ / n_neg``, otherwise the hardest hinge
+    ``max_{j neg} [m - S_ii + S_ij]_+``. Same column-wise for t2i; mean over anchors, directions
+    averaged. The switch is a non-differentiable selection.
+
+    ``eps`` default 0.01 is the ``--epsilon`` default of RVSEPP ``train.py`` (the spec gives no
+    value; it is a documented, configurable choice for BCLS). With ``positives=None``
+    ``n_neg = B - 1`` as in the released code; with a mask, n_neg counts the actual negatives.
+
+    Args:
+        S: (B, B) similarities, rows = images, columns = texts.
+        margin: m.
+        eps: switching threshold on the positive-vs-hardest-negative gap.
+        positives: optional (B, B) bool of entries that are not negatives.
+
+    Returns:
+        0-d tensor. An anchor without negatives contributes 0.
+    """
+    _check_square(S)
+    excluded = _exclusion_mask(S, positives)
+    h_i2t, h_t2i = _hinges(S, margin, excluded)
+    neg = ~excluded
+    n_neg_i2t = neg.sum(1).clamp(min=1).to(S.dtype)
+    n_neg_t2i = neg.sum(0).clamp(min=1).to(S.dtype)
+    with torch.no_grad():
+        Sd = S.detach()
+        d = Sd.diagonal()
+        Sneg = Sd.masked_fill(excluded, -math.inf)
+        gap_i2t = (d - Sneg.amax(dim=1)).abs()
+        gap_t2i = (d - Sneg.amax(dim=0)).abs()
+        soft_i2t = gap_i2t < eps  # inf gap (no negatives) -> hardest branch (= 0)
+        soft_t2i = gap_t2i < eps
+    l_i2t = torch.where(soft_i2t, h_i2t.sum(1) / n_neg_i2t, h_i2t.amax(dim=1))
+    l_t2i = torch.where(soft_t2i, h_t2i.sum(0) / n_neg_t2i, h_t2i.amax(dim=0))
+    return (l_i2t.mean() + l_t2i.mean()) / 2
+
+
+# ---------------------------------------------------------------------------------------------
+# CUSA soft-label KL (spec C.2 (2), (3))
+# ---------------------------------------------------------------------------------------------
+
+
+def soft_label_kl(
+    student_sim: torch.Tensor,
+    teacher_sim: torch.Tensor,
+    student_tau: TensorOrFloat,
+    teacher_tau: TensorOrFloat = 1.0,
+) -> torch.Tensor:
+    """Row-wise ``KL(softmax(teacher / teacher_tau) || softmax(student / student_tau))``, batchmean.
+
+    Args:
+        student_sim: (B, N) student similarities (e.g. S, S.T, S^II, S^TT); differentiable.
+        teacher_sim: (B, N) teacher similarities (G^I, G^T). Detached: no gradient.
+        student_tau: tau_c / tau_u, float or 0-d tensor (learnable; receives gradient).
+        teacher_tau: tau_s (1.0 in CUSA), float or tensor; detached.
+
+    Returns:
+        0-d tensor ``(1/B) sum_rows sum_cols q (log q - log p)``, the same as
+        ``F.kl_div(log p, q, reduction="batchmean")``.
+    """
+    if student_sim.dim() != 2 or tuple(student_sim.shape) != tuple(teacher_sim.shape):
+        raise ValueError(
+            f"student_sim and teacher_sim must be (B, N) of the same shape, got "
+            f"{tuple(student_sim.shape)} and {tuple(teacher_sim.shape)}"
+        )
+    teacher_tau_c = teacher_tau.detach() if isinstance(teacher_tau, torch.Tensor) else teacher_tau
+    log_q = torch.log_softmax(teacher_sim.detach().to(student_sim.dtype) / teacher_tau_c, dim=1)
+    log_p = torch.log_softmax(student_sim / student_tau, dim=1)
+    return (log_q.exp() * (log_q - log_p)).sum(1).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# RSC relevance (spec B.2, A.1)
+# ---------------------------------------------------------------------------------------------
+
+
+def caption_relevance(
+    caption_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    caption_mask: Optional[torch.Tensor] = None,
+    rescale: bool = True,
+) -> torch.Tensor:
+    """Relevance Score Calculation: max cosine between an image's captions and each batch text.
+
+    ``R_ij = max_{c in C(i)} cos(e_c, e_{t_j})``, then ``(1 + R) / 2`` if ``rescale``, then
+    ``R_ii = 1``. Embeddings are L2-normalised inside. Computed under ``no_grad``: the result
+    is a constant label matrix (no gradient flows into the embeddings).
+
+    Args:
+        caption_emb: (B, K, D) embeddings of the (up to K) captions of each batch image.
+        text_emb: (B, D) embedding of each batch text (the sample's own caption).
+        caption_mask: optional (B, K) bool, True = a real caption (for images with fewer than
+            K captions). Every image needs at least one real caption.
+        rescale: map [-1, 1] to [0, 1] (Listwise RSC); ITM_CLS / LG_ITM use ``rescale=False``.
+
+    Returns:
+        (B, B) tensor R (row = image i, column = text j), dtype of ``caption_emb``, no grad.
+    """
+    if caption_emb.dim() != 3 or text_emb.dim() != 2:
+        raise ValueError(
+            f"caption_emb must be (B, K, D) and text_emb (B, D), got {tuple(caption_emb.shape)} "
+            f"and {tuple(text_emb.shape)}"
+        )
+    B, K, D = caption_emb.shape
+    if text_emb.shape[0] != B or text_emb.shape[1] != D:
+        raise ValueError(f"text_emb must be ({B}, {D}), got {tuple(text_emb.shape)}")
+    with torch.no_grad():
+        c = F.normalize(caption_emb.detach(), dim=-1)
+        t = F.normalize(text_emb.detach().to(c.dtype), dim=-1)
+        sims = torch.einsum("bkd,jd->bkj", c, t)  # (B, K, B)
+        if caption_mask is not None:
+            if tuple(caption_mask.shape) != (B, K):
+                raise ValueError(f"caption_mask must be ({B}, {K}), got {tuple(caption_mask.shape)}")
+            mask = caption_mask.to(device=c.device, dtype=torch.bool)
+            if not bool(mask.any(dim=1).all()):
+                raise ValueError("caption_mask: every image needs at least one real caption")
+            sims = sims.masked_fill(~mask.unsqueeze(2), -math.inf)
+        R = sims.amax(dim=1)
+        if rescale:
+            R = (1.0 + R) / 2.0
+        R.fill_diagonal_(1.0)
+    return R
+
+
+# ---------------------------------------------------------------------------------------------
+# Smooth-NDCG (spec B.3)
+# ---------------------------------------------------------------------------------------------
+
+
+def _blocks(Q: int, N: int, chunk: int, device: torch.device) -> Iterator[Tuple[int, int, int, int]]:
+    """Blocks (q0, q1, j0, j1) covering a (Q, N) query x candidate grid for the O(N^3) kernels.
+
+    A block materialises (q1 - q0, j1 - j0, N) buffers. Queries go ``chunk`` at a time (the
+    memory bound). On CPU blocks are cut further to about ``CPU_TILE_ELEMENTS`` elements
+    (fewer queries, then row blocks of candidates j) so that each pass stays in cache.
+    """
+    c, jt = chunk, N
+    if device.type == "cpu":
+        tile = max(1, int(CPU_TILE_ELEMENTS))
+        c = max(1, min(chunk, tile // max(1, N * N)))
+        if c * N * N > tile:
+            jt = max(1, min(N, tile // max(1, N)))
+    for q0 in range(0, Q, c):
+        q1 = min(Q, q0 + c)
+        for j0 in range(0, N, jt):
+            yield q0, q1, j0, min(N, j0 + jt)
+
+
+class _SmoothNDCGDirection(torch.autograd.Function):
+    """One direction of the Smooth-NDCG loss, ``mean_q (1 - DCG_q / IDCG_q)``, O(N^2) memory.
+
+    Inputs: score rows S (Q, N), constant gains (Q, N) and IDCG (Q,). Smooth ranks
+    ``r_qj = 1 + sum_{k != j} sigmoid(clamp((S_qk - S_qj) / tau, -c, c))`` are evaluated block by
+    block (see :func:`_blocks`); each block holds every k for its (q, j), so ``dL/dr_qj`` is
+    known inside the block and the gradient is accumulated in the same pass:
+    ``dL/dS_qm = (1/tau) [sum_j g_qj s'_qjm - g_qm sum_k s'_qmk]`` with ``s' = sigmoid'(x)``
+    inside the clamp range and 0 outside (as autograd through clamp), ``s'_qjj = 0``.
+    Only the (Q, N) gradient is kept for backward. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, S, gains, idcg, tau, chunk, clamp):  # type: ignore[override]
+        Q, N = S.shape
+        need_grad = bool(ctx.needs_input_grad[0])
+        ok = idcg != 0
+        inv_idcg = torch.where(ok, 1.0 / torch.where(ok, idcg, torch.ones_like(idcg)), torch.zeros_like(idcg))
+        dcg = torch.zeros(Q, dtype=S.dtype, device=S.device)
+        grad = torch.zeros_like(S) if need_grad else None
+        scale = 1.0 / (Q * math.log(2.0))
+        for q0, q1, j0, j1 in _blocks(Q, N, chunk, S.device):
+            s = S[q0:q1]
+            x = (s.unsqueeze(1) - s[:, j0:j1].unsqueeze(2)).div_(tau)  # x[q, j, k] = (S_qk - S_qj) / tau
+            outside = x.abs() > clamp if need_grad else None
+            x.clamp_(-clamp, clamp).sigmoid_()
+            x.diagonal(offset=j0, dim1=1, dim2=2).zero_()  # drop k == j
+            r1 = x.sum(dim=2).add_(2.0)  # 1 + rank
+            log_r1 = torch.log2(r1)
+            G = gains[q0:q1, j0:j1]
+            dcg[q0:q1] += (G / log_r1).sum(dim=1)
+            if need_grad:
+                g = G * inv_idcg[q0:q1].unsqueeze(1) * scale / (r1 * log_r1 * log_r1)  # dL/dr_qj
+                x.mul_(1.0 - x).masked_fill_(outside, 0.0)  # sigmoid' (0 where clamped)
+                del outside
+                x.diagonal(offset=j0, dim1=1, dim2=2).zero_()
+                grad[q0:q1] += torch.bmm(g.unsqueeze(1), x).squeeze(1)
+                grad[q0:q1, j0:j1] -= g * x.sum(dim=2)
+            del x
+        # A row whose IDCG is 0 (all gains 0) has nothing to rank: NDCG := 1, i.e. loss 0.
+        ndcg = torch.where(ok, dcg * inv_idcg, torch.ones_like(dcg))
+        loss = (1.0 - ndcg).mean()
+        if need_grad:
+            ctx.save_for_backward(grad.div_(tau))
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_loss):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * g_loss, None, None, None, None, None
+
+
+def _ideal_dcg(R: torch.Tensor) -> torch.Tensor:
+    """(Q,) IDCG per row of R with rank*_qj = 1 + #{k : R_qk > R_qj} (ties share a rank). No grad."""
+    with torch.no_grad():
+        N = R.shape[1]
+        sorted_asc = torch.sort(R, dim=1).values.contiguous()
+        n_leq = torch.searchsorted(sorted_asc, R.contiguous(), right=True)  # #{k : R_qk <= R_qj}
+        ideal_rank = (N - n_leq + 1).to(R.dtype)
+        gains = torch.pow(2.0, R) - 1.0
+        return (gains / torch.log2(1.0 + ideal_rank)).sum(dim=1)
+
+
+def _ndcg_direction(
+    Sq: torch.Tensor, gains: torch.Tensor, idcg: torch.Tensor, tau: float, chunk: int
+) -> torch.Tensor:
+    """mean_q (1 - DCG_q / IDCG_q) for query rows Sq (Q, N), gains (Q, N), idcg (Q,)."""
+    return _SmoothNDCGDirection.apply(Sq, gains, idcg, tau, chunk, SNDCG_EXPONENT_CLAMP)
+
+
+def smooth_ndcg_loss(
+    S: torch.Tensor,
+    R: torch.Tensor,
+    tau: float = 0.01,
+    t2i_relevance: str = "transpose",
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Listwise Smooth-NDCG loss over the whole in-batch list (spec B.3).
+
+    i2t, query image i, candidate text j: smooth rank
+    ``r_ij = 1 + sum_{k != j} sigmoid(clamp((S_ik - S_ij) / tau, -50, 50))``,
+    ``DCG_i = sum_j (2^R_ij - 1) / log2(1 + r_ij)``, IDCG_i from the ideal ranks
+    ``1 + #{k : R_ik > R_ij}``, loss ``mean_i (1 - DCG_i / IDCG_i)``.
+
+    t2i, query text j (row j of S.T), candidate image k:
+
+    * ``"transpose"`` (correct): relevance ``R_kj``, i.e. the same computation on ``S.T`` and
+      ``R.T`` including R.T's own IDCG.
+    * ``"as_released"`` (AAA-Zheng/Listwise_ITR, spec B.8-1): smooth ranks from rows of ``S.T``
+      but gains from the untransposed ``R_jk`` and the i2t ``IDCG_j``.
+
+    Returns ``(L_i2t + L_t2i) / 2``. R carries no gradient; rows with zero IDCG contribute 0.
+
+    Memory: the smooth ranks are computed ``chunk_size`` queries at a time through a custom
+    autograd function that recomputes the chunk in backward, so extra memory is
+    O(chunk_size * B^2) instead of the released code's several (B, B, B) tensors.
+
+    Args:
+        S: (B, B) similarities, rows = images, columns = texts.
+        R: (B, B) relevance (row = image, column = text), typically in [0, 1] with R_ii = 1.
+        tau: sigmoid temperature (float; not learnable).
+        t2i_relevance: ``"transpose"`` or ``"as_released"``.
+        chunk_size: queries per chunk; default ``max(1, 2**24 // B**2)``.
+
+    Returns:
+        0-d tensor.
+    """
+    B = _check_square(S)
+    _check_same_shape(S, R, "R")
+    _check_t2i(t2i_relevance)
+    tau_f = _float(tau, "tau")
+    chunk = _resolve_chunk(chunk_size, B * B, B)
+    Rc = R.detach().to(device=S.device, dtype=S.dtype)
+    gains = torch.pow(2.0, Rc) - 1.0
+    idcg = _ideal_dcg(Rc)
+    l_i2t = _ndcg_direction(S, gains, idcg, tau_f, chunk)
+    St = S.t().contiguous()
+    if t2i_relevance == "transpose":
+        Rt = Rc.t().contiguous()
+        l_t2i = _ndcg_direction(St, gains.t().contiguous(), _ideal_dcg(Rt), tau_f, chunk)
+    else:
+        l_t2i = _ndcg_direction(St, gains, idcg, tau_f, chunk)
+    return (l_i2t + l_t2i) / 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Kendall ranking loss with SW-HS (spec A.3, A.4, A.8)
+# ---------------------------------------------------------------------------------------------
+
+
+def _penalty(x: torch.Tensor, surrogate: str, temperature: float) -> torch.Tensor:
+    """Surrogate of the discordance indicator I(S_ik > S_ij) applied to x = S_ik - S_ij."""
+    if surrogate == "hinge":
+        return torch.relu(x)
+    if surrogate == "tanh":
+        return (1.0 + torch.tanh(x / temperature)) / 2.0
+    return torch.sigmoid(x / temperature)
+
+
+class _KendallAllPairs(torch.autograd.Function):
+    """``sum_{q,j,k} M_qjk * phi(S_qk - S_qj)`` with ``M_qjk = I(R_qj - R_qk > gap)``, all pairs.
+
+    Inputs S, R (Q, N). Outputs (numerator, count); count is not differentiable. Evaluated block
+    by block (see :func:`_blocks`), the gradient of the numerator accumulated in the same pass:
+    ``dnum/dS_qm = sum_j W_qjm - sum_k W_qmk`` with ``W = M * phi'(x)`` (relu' = 1[x > 0]).
+    Only the (Q, N) gradient is kept for backward. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, S, R, gap, surrogate, temperature, chunk):  # type: ignore[override]
+        Q, N = S.shape
+        need_grad = bool(ctx.needs_input_grad[0])
+        num = torch.zeros((), dtype=torch.float64, device=S.device)
+        cnt = torch.zeros((), dtype=torch.int64, device=S.device)
+        grad = torch.zeros_like(S) if need_grad else None
+        for q0, q1, j0, j1 in _blocks(Q, N, chunk, S.device):
+            s, r = S[q0:q1], R[q0:q1]
+            m = (r[:, j0:j1].unsqueeze(2) - r.unsqueeze(1)) > gap  # m[q, j, k]: R_qj - R_qk > gap
+            x = s.unsqueeze(1) - s[:, j0:j1].unsqueeze(2)  # x[q, j, k] = S_qk - S_qj
+            cnt += m.sum()
+            w = None
+            if surrogate == "hinge":
+                if need_grad:
+                    w = ((x > 0) & m).to(S.dtype)
+                pen = x.relu_()
+            elif surrogate == "tanh":
+                t = x.div_(temperature).tanh_()
+                pen = (t + 1.0).div_(2.0)
+                if need_grad:
+                    w = t.mul_(t).neg_().add_(1.0).div_(2.0 * temperature)
+            else:
+                sg = x.div_(temperature).sigmoid_()
+                pen = sg.clone()
+                if need_grad:
+                    w = sg.mul_(1.0 - sg).div_(temperature)
+            num += pen.masked_fill_(~m, 0.0).sum(dtype=torch.float64)
+            del pen
+            if need_grad:
+                assert w is not None
+                if surrogate != "hinge":
+                    w.masked_fill_(~m, 0.0)
+                grad[q0:q1] += w.sum(dim=1)
+                grad[q0:q1, j0:j1] -= w.sum(dim=2)
+            del m, x, w
+        if need_grad:
+            ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(cnt)
+        return num.to(S.dtype), cnt
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_num, g_cnt):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * g_num, None, None, None, None, None
+
+
+def _window_pairs(
+    Ss: torch.Tensor, Rs: torch.Tensor, window: int, gap: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sliding-window pairs on relevance-sorted rows.
+
+    Ss, Rs: (c, N) scores / relevance with candidates sorted by relevance (descending).
+    Returns x (c, N, w) with ``x[q, p, d-1] = Ss[q, p+d] - Ss[q, p]`` and the bool mask
+    ``Rs[q, p] - Rs[q, p+d] > gap`` (False where p + d >= N).
+    """
+    c, N = Ss.shape
+    S_pad = F.pad(Ss, (0, window))
+    R_pad = torch.cat([Rs, Rs.new_full((c, window), math.inf)], dim=1)
+    S_win = S_pad.unfold(1, window + 1, 1)  # (c, N, w + 1): positions p .. p + w
+    R_win = R_pad.unfold(1, window + 1, 1)
+    x = S_win[:, :, 1:] - S_win[:, :, :1]
+    m = (R_win[:, :, :1] - R_win[:, :, 1:]) > gap
+    return x, m
+
+
+def _window_chunk_sum(
+    Ss: torch.Tensor, Rs: torch.Tensor, window: int, gap: float, surrogate: str, temperature: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    x, m = _window_pairs(Ss, Rs, window, gap)
+    pen = _penalty(x, surrogate, temperature)
+    return torch.where(m, pen, torch.zeros_like(pen)).sum(), m.sum()
+
+
+def _kendall_direction(
+    Sq: torch.Tensor,
+    Rq: torch.Tensor,
+    gap: float,
+    surrogate: str,
+    temperature: float,
+    window: Optional[int],
+    hard_k: Optional[int],
+    chunk_size: Optional[int],
+) -> torch.Tensor:
+    """Kendall loss for one direction: query rows Sq (Q, N) with mask relevance rows Rq (Q, N)."""
+    Q, N = Sq.shape
+    if window is not None:
+        w = min(int(window), max(N - 1, 1))
+        pairs_per_query = N * w
+    else:
+        w = None
+        pairs_per_query = N * N
+    chunk = _resolve_chunk(chunk_size, pairs_per_query, Q)
+    use_hard = hard_k is not None and int(hard_k) < pairs_per_query
+
+    order: Optional[torch.Tensor] = None
+    if w is not None:
+        order = torch.sort(Rq, dim=1, descending=True, stable=True).indices
+        Ss = Sq.gather(1, order)
+        Rs = Rq.gather(1, order)
+
+    if not use_hard:
+        if w is None:
+            num, cnt = _KendallAllPairs.apply(Sq, Rq, gap, surrogate, temperature, chunk)
+        else:
+            nums, cnts = [], []
+            n_chunks = (Q + chunk - 1) // chunk
+            for q0 in range(0, Q, chunk):
+                args = (Ss[q0 : q0 + chunk], Rs[q0 : q0 + chunk], w, gap, surrogate, temperature)
+                if n_chunks > 1 and torch.is_grad_enabled() and Ss.requires_grad:
+                    n_, c_ = checkpoint(_window_chunk_sum, *args, use_reentrant=False)
+                else:
+                    n_, c_ = _window_chunk_sum(*args)
+                nums.append(n_)
+                cnts.append(c_)
+            num, cnt = torch.stack(nums).sum(), torch.stack(cnts).sum()
+    else:
+        # Hard-sample mining: select per query the hard_k valid pairs with the largest penalty
+        # (no grad, chunked), then evaluate only the selected pairs with autograd: O(Q * hard_k).
+        k = int(hard_k)  # type: ignore[arg-type]
+        j_idx = torch.empty((Q, k), dtype=torch.long, device=Sq.device)
+        k_idx = torch.empty((Q, k), dtype=torch.long, device=Sq.device)
+        valid = torch.empty((Q, k), dtype=torch.bool, device=Sq.device)
+        with torch.no_grad():
+            Sd = Sq.detach()
+            for q0 in range(0, Q, chunk):
+                q1 = min(Q, q0 + chunk)
+                if w is None:
+                    s, r = Sd[q0:q1], Rq[q0:q1]
+                    x = s.unsqueeze(1) - s.unsqueeze(2)
+                    m = (r.unsqueeze(2) - r.unsqueeze(1)) > gap
+                else:
+                    x, m = _window_pairs(Ss.detach()[q0:q1], Rs[q0:q1], w, gap)
+                pen = _penalty(x, surrogate, temperature).masked_fill(~m, -math.inf).flatten(1)
+                vals, idx = torch.topk(pen, k, dim=1)
+                valid[q0:q1] = vals > -math.inf
+                if w is None:
+                    j_idx[q0:q1] = idx // N
+                    k_idx[q0:q1] = idx % N
+                else:
+                    p = idx // w
+                    d = idx % w + 1
+                    j_idx[q0:q1] = p
+                    k_idx[q0:q1] = (p + d).clamp(max=N - 1)
+            if w is not None:
+                assert order is not None
+                j_idx = order.gather(1, j_idx)
+                k_idx = order.gather(1, k_idx)
+        x_sel = Sq.gather(1, k_idx) - Sq.gather(1, j_idx)
+        pen_sel = _penalty(x_sel, surrogate, temperature)
+        num = torch.where(valid, pen_sel, torch.zeros_like(pen_sel)).sum()
+        cnt = valid.sum()
+    # Guarded mean over valid pairs: no valid pair -> 0 (num is then 0 and keeps its graph).
+    return num / cnt.clamp(min=1).to(num.dtype)
+
+
+def kendall_rank_loss(
+    S: torch.Tensor,
+    R: torch.Tensor,
+    gap: float = 0.3,
+    surrogate: str = "hinge",
+    t2i_relevance: str = "transpose",
+    window: Optional[int] = None,
+    hard_k: Optional[int] = None,
+    temperature: float = 0.1,
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Kendall-style pairwise ranking loss with label gap, optional SW-HS (spec A.3, A.4, A.8).
+
+    i2t, query image i: every pair of candidate texts (j, k) with ``R_ij - R_ik > gap`` is
+    penalised by ``phi(S_ik - S_ij)``; the direction's loss is ``sum M * phi / sum M`` (0 if
+    there is no valid pair). Surrogates: ``hinge`` = ``relu(x)`` (released ITM_CLS, no margin),
+    ``tanh`` = ``(1 + tanh(x / temperature)) / 2``, ``sigmoid`` = ``sigmoid(x / temperature)``.
+
+    t2i, query text j (row j of S.T): ``"transpose"`` builds the mask from ``R.T`` (relevance
+    ``R_kj`` of candidate image k); ``"as_released"`` reuses the mask built from R (spec A.3;
+    with hinge and no window this is the released ITM_CLS ``RCLoss`` Kendall term).
+
+    SW-HS (**reconstruction**, spec A.8): for each query, candidates are ordered by relevance
+    (descending, stable sort) and the candidate at sorted position p is paired only with
+    positions p+1 .. p+window (pairs must still pass the gap). If ``hard_k`` is set, only the
+    ``hard_k`` valid pairs with the largest penalty are kept per query (and direction); the
+    denominator counts the kept pairs. ``window=None`` = all pairs; ``window >= B - 1`` with
+    ``hard_k=None`` equals the full loss.
+
+    Returns ``(L_i2t + L_t2i) / 2``; R carries no gradient.
+
+    Memory: all-pairs is evaluated in query chunks by a custom autograd function (backward
+    recomputes the chunk): O(chunk_size * B^2) extra memory. With a window, the (chunk, B, w)
+    pair tensors are built by gathering/unfolding the relevance-sorted rows, in query chunks
+    (checkpointed when there is more than one chunk). Hard mining keeps O(B * hard_k) pairs.
+
+    Args:
+        S: (B, B) similarities, rows = images, columns = texts.
+        R: (B, B) relevance (row = image, column = text).
+        gap: label gap gamma (>= 0).
+        surrogate: ``"hinge"``, ``"tanh"`` or ``"sigmoid"``.
+        t2i_relevance: ``"transpose"`` or ``"as_released"``.
+        window: SW-HS window size w >= 1, or None for all pairs.
+        hard_k: pairs kept per query (>= 1), or None for all.
+        temperature: temperature of the tanh / sigmoid surrogates (float).
+        chunk_size: queries per chunk; default so one buffer holds <= 2**24 elements.
+
+    Returns:
+        0-d tensor.
+    """
+    B = _check_square(S)
+    _check_same_shape(S, R, "R")
+    _check_t2i(t2i_relevance)
+    if surrogate not in _SURROGATES:
+        raise ValueError(f"surrogate must be one of {_SURROGATES}, got {surrogate!r}")
+    gap_f = float(gap)
+    if not gap_f >= 0.0:
+        raise ValueError(f"gap must be >= 0, got {gap}")
+    temp_f = _float(temperature, "temperature")
+    if window is not None and int(window) < 1:
+        raise ValueError(f"window must be >= 1 or None, got {window}")
+    if hard_k is not None and int(hard_k) < 1:
+        raise ValueError(f"hard_k must be >= 1 or None, got {hard_k}")
+    del B
+    Rc = R.detach().to(device=S.device, dtype=S.dtype)
+    l_i2t = _kendall_direction(S, Rc, gap_f, surrogate, temp_f, window, hard_k, chunk_size)
+    St = S.t().contiguous()
+    Rt = Rc.t().contiguous() if t2i_relevance == "transpose" else Rc
+    l_t2i = _kendall_direction(St, Rt, gap_f, surrogate, temp_f, window, hard_k, chunk_size)
+    return (l_i2t + l_t2i) / 2
+
+
+__all__ = [
+    "infonce",
+    "triplet_hardest",
+    "triplet_soft_negative",
+    "triplet_selhn",
+    "soft_label_kl",
+    "caption_relevance",
+    "smooth_ndcg_loss",
+    "kendall_rank_loss",
+    "SELHN_DEFAULT_EPS",
+]

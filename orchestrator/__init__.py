@@ -1,0 +1,3 @@
+"""itr: an experiment orchestrator for image–text retrieval research (BCLS, Listwise ITR, CUSA losses)."""
+
+__version__ = "0.1.0"

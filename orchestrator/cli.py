@@ -1,0 +1,191 @@
+"""The ``itr`` command line. Bad input exits 2 with one line naming the file and field (``--debug``: traceback)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from orchestrator.errors import UserError
+
+log = logging.getLogger("orchestrator")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("orchestrator").setLevel(logging.DEBUG if verbose else logging.INFO)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def format_table(rows: list[dict[str, object]], columns: list[str]) -> str:
+    """A plain aligned text table (floats to 2 decimals)."""
+
+    def cell(v: object) -> str:
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    body = [[cell(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)
+
+
+def metrics_table(metrics: dict[str, float], prefix: str = "") -> str:
+    keys = [k for k in sorted(metrics) if k.startswith(prefix)]
+    return format_table([{"metric": k, "value": float(metrics[k])} for k in keys], ["metric", "value"])
+
+
+# ---------------------------------------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    from orchestrator.config import load_config
+    from orchestrator.run import run_experiment
+
+    cfg = load_config(args.config, args.set)
+    result = run_experiment(cfg, config_source=args.config)
+    print(metrics_table(result.metrics, "val/") or "(no val metrics)")
+    print(f"\nbest checkpoint: {result.best_checkpoint}")
+    if result.run_id:
+        print(f"MLflow run {result.run_id} in {result.tracking_uri}")
+        print("open the dashboard with: itr ui   (serves on http://127.0.0.1:5000)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- eval
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from orchestrator.checkpoint import load_file, model_file
+    from orchestrator.config import apply_overrides, load_config, validate_config
+    from orchestrator.data.loader import ImageTensorCache
+    from orchestrator.data.splits import load_split
+    from orchestrator.evaluation.embed import encode_split, evaluate_embeddings
+    from orchestrator.models.student import build_student
+    from orchestrator.session import default_device
+
+    path = model_file(Path(args.checkpoint))
+    ckpt = load_file(path)
+    if "model" not in ckpt or "config_yaml" not in ckpt:
+        raise UserError("not a model checkpoint of this project (no model/config_yaml)", path=str(path))
+    if args.config:
+        cfg = load_config(args.config, args.set)
+    else:
+        import yaml
+
+        tree = apply_overrides(yaml.safe_load(ckpt["config_yaml"]), args.set)
+        cfg = validate_config(tree, source=f"{path} (embedded config)")
+    student = build_student(cfg.model)
+    try:
+        student.model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0][:200]
+        raise UserError(f"checkpoint does not fit model {cfg.model.name!r}: {first}", path=str(path)) from None
+    device = default_device()
+    model = student.model.to(device)
+    index = load_split(cfg.data, args.split)
+    emb = encode_split(model, index, ImageTensorCache(index, student.preprocess), student.tokenizer, device=device,
+                       batch_size=cfg.eval.batch_size, precision=cfg.model.precision)
+    metrics = evaluate_embeddings(emb, ks=cfg.eval.ks, chunk_size=cfg.eval.chunk_size, device=device)
+    if args.export_embeddings:
+        out = Path(args.export_embeddings)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        emb.save_npz(out)
+        log.info("embeddings written to %s", out)
+    print(metrics_table(metrics))
+    payload = {"checkpoint": str(path), "split": args.split, "dataset": index.name, "metrics": metrics}
+    if args.json:
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+    else:
+        print(json.dumps(payload))
+    del torch
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- ui
+def ui_command(uri: str, host: str, port: int) -> list[str]:
+    """The ``mlflow ui`` argv for ``uri`` (no shell; one worker)."""
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+            "--workers", "1"]
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from orchestrator.config import TrackingConfig
+    from orchestrator.tracking import resolve_target
+
+    target = resolve_target(TrackingConfig(uri=args.uri))
+    argv = ui_command(target.uri, args.host, args.port)
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    print(f"MLflow UI for {target.uri} on http://{args.host}:{args.port} (Ctrl-C stops it)")
+    sys.stdout.flush()
+    os.execvpe(argv[0], argv, env)
+    return 0  # pragma: no cover
+
+
+# --------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="itr", description="Image–text retrieval experiment orchestrator.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one experiment (Ray Train) and record it in MLflow")
+    t.add_argument("config", help="experiment YAML (see configs/)")
+    t.add_argument("--set", action="append", default=[], metavar="a.b=value", help="override a config field")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="retrieval metrics of a checkpoint on a split")
+    e.add_argument("--checkpoint", required=True, help="a checkpoint folder or its model.pt")
+    e.add_argument("--split", default="val", choices=["train", "val", "test"])
+    e.add_argument("--config", help="use this config instead of the one stored in the checkpoint")
+    e.add_argument("--set", action="append", default=[], metavar="a.b=value")
+    e.add_argument("--export-embeddings", metavar="OUT.npz")
+    e.add_argument("--json", metavar="OUT.json", help="write the metrics JSON here instead of stdout")
+    e.set_defaults(func=cmd_eval)
+
+    u = sub.add_parser("ui", help="serve the MLflow dashboard over the project's tracking store")
+    u.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    u.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    u.add_argument("--port", type=int, default=5000)
+    u.set_defaults(func=cmd_ui)
+    return p
+
+
+def _user_error_in_chain(err: BaseException) -> UserError | None:
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
+        stack.extend(x for x in getattr(e, "args", ()) if isinstance(x, BaseException))
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        user = _user_error_in_chain(err)
+        if args.debug:
+            raise
+        if user is not None:
+            print(f"error: {user}", file=sys.stderr)
+            return UserError.exit_code
+        print(f"error: {err.__class__.__name__}: {err} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,423 @@
+"""Validated experiment configuration: pydantic v2 models, YAML loading, ``--set a.b=c`` overrides.
+
+Every section forbids unknown keys. Defaults are the papers' defaults where a paper gives one (CUSA's
+AdamW/cosine recipe, VSE++'s margin); ``configs/*.yaml`` set values for the tiny models.
+Relative paths are resolved against the current working directory.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.errors import UserError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _existing_path(value: Path | None, what: str) -> Path | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = Path.cwd() / path
+    path = path.resolve()
+    if not path.exists():
+        raise ValueError(f"{what} does not exist: {path}")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- data
+class SyntheticData(Section):
+    """The built-in generated dataset of coloured shapes (no download)."""
+
+    num_train_images: PositiveInt = 2000
+    num_val_images: PositiveInt = 300
+    num_test_images: PositiveInt = 300
+    seed: NonNegInt = 0
+    image_size: Annotated[int, Field(ge=16, le=512)] = 64
+    captions_per_image: tuple[PositiveInt, PositiveInt] = (2, 5)
+
+    @model_validator(mode="after")
+    def _range(self) -> "SyntheticData":
+        lo, hi = self.captions_per_image
+        if lo > hi:
+            raise ValueError("captions_per_image: the minimum is larger than the maximum")
+        return self
+
+
+class DataConfig(Section):
+    """Where the image–caption pairs come from.
+
+    ``format``: ``auto`` picks ``synthetic`` when ``root`` is unset, ``captions_json`` when ``root`` holds
+    ``<split>.json`` files (the coco-mini / ALBEF layout), ``karpathy`` when ``annotations`` is set.
+    """
+
+    format: Literal["auto", "synthetic", "captions_json", "karpathy"] = "auto"
+    root: Path | None = Field(None, description="captions_json: the folder with <split>.json; karpathy: image root")
+    annotations: Path | None = Field(None, description="karpathy: dataset_coco.json / dataset_flickr30k.json")
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    synthetic: SyntheticData = SyntheticData()
+    clean_captions: bool = Field(True, description="CUSA's pre_caption: lower-case, punctuation to spaces, 64 words")
+    verify_images: Literal["none", "exists", "header", "full"] = "header"
+    max_train_images: PositiveInt | None = Field(None, description="use only the first N training images")
+    loader_workers: NonNegInt = 0
+
+    @field_validator("root")
+    @classmethod
+    def _root_exists(cls, v: Path | None) -> Path | None:
+        return _existing_path(v, "folder")
+
+    @field_validator("annotations")
+    @classmethod
+    def _annotations_exist(cls, v: Path | None) -> Path | None:
+        return _existing_path(v, "file")
+
+    @property
+    def resolved_format(self) -> str:
+        if self.format != "auto":
+            return self.format
+        if self.annotations is not None:
+            return "karpathy"
+        if self.root is not None:
+            return "captions_json"
+        return "synthetic"
+
+    @model_validator(mode="after")
+    def _format_inputs(self) -> "DataConfig":
+        fmt = self.resolved_format
+        if fmt == "captions_json" and self.root is None:
+            raise ValueError("format captions_json needs data.root (a folder with <split>.json)")
+        if fmt == "karpathy" and (self.annotations is None or self.root is None):
+            raise ValueError("format karpathy needs data.annotations (the dataset_*.json) and data.root (images)")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- model
+class ModelConfig(Section):
+    """The student: an open_clip model by name (built-in or one of the project's JSON configs)."""
+
+    name: str = "ViT-B-32"
+    pretrained: Path | None = Field(None, description="a local open_clip checkpoint; none = random init")
+    lock_image: bool = False
+    lock_text: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
+
+    @field_validator("pretrained", mode="before")
+    @classmethod
+    def _none_string(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and v.strip().lower() in {"", "none", "null"} else v
+
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained_exists(cls, v: Path | None) -> Path | None:
+        return _existing_path(v, "file")
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        from orchestrator.models.registry import known_model_names
+
+        names = known_model_names()
+        if v not in names:
+            close = [n for n in names if v.lower().replace("_", "-") in n.lower()][:5]
+            hint = f"; did you mean {', '.join(close)}" if close else ""
+            raise ValueError(f"unknown open_clip model {v!r}{hint}")
+        return v
+
+
+# ----------------------------------------------------------------------------------------------- loss
+class TemperatureConfig(Section):
+    """A learnable (or fixed) softmax temperature, clamped to [min, max] before every forward pass."""
+
+    init: PositiveFloat
+    min: PositiveFloat
+    max: PositiveFloat
+    learnable: bool = True
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "TemperatureConfig":
+        if not self.min <= self.init <= self.max:
+            raise ValueError(f"init {self.init} is outside [min, max] = [{self.min}, {self.max}]")
+        return self
+
+
+class InfoNCELoss(Section):
+    """Multi-positive InfoNCE (CUSA's L_itr): positives are every caption of the same image."""
+
+    family: Literal["infonce"] = "infonce"
+    temperature: TemperatureConfig = TemperatureConfig(init=0.05, min=0.01, max=0.10)
+    reduction: Literal["sum", "class_mean"] = Field(
+        "sum", description="sum: textbook cross-entropy; class_mean: the released CUSA form (divided by B)"
+    )
+    multi_positive: bool = True
+
+    @property
+    def supports_multi_positive(self) -> bool:
+        return self.multi_positive
+
+
+class TripletLoss(Section):
+    """Bidirectional triplet ranking loss (VSE++ hardest negative, Triplet-SN or SelHN mining)."""
+
+    family: Literal["triplet"] = "triplet"
+    margin: PositiveFloat = 0.2
+    mining: Literal["hardest", "soft_negative", "selhn"] = "hardest"
+    soft_negative_tau: PositiveFloat = Field(0.05, description="Triplet-SN softmax temperature (reconstruction)")
+    selhn_eps: PositiveFloat = Field(0.1, description="SelHN switch gap (reconstruction)")
+    multi_positive: bool = Field(True, description="treat other captions of the same image as positives")
+
+    @property
+    def supports_multi_positive(self) -> bool:
+        return self.multi_positive
+
+
+LossConfig = Annotated[Union[InfoNCELoss, TripletLoss], Field(discriminator="family")]
+
+
+# ------------------------------------------------------------------------------------------- teachers
+class TeachersConfig(Section):
+    """Offline teacher encoders for soft labels (used by the soft-label loss families)."""
+
+    image: str | None = None
+    text: str | None = None
+    cache_dir: Path = Path(".itr_cache/teachers")
+
+
+# ---------------------------------------------------------------------------------------------- train
+class TrainConfig(Section):
+    """Optimisation. Defaults: CUSA's recipe (AdamW lr 1e-5, wd 1e-4, cosine to 1e-6, batch 128, seed 23)."""
+
+    epochs: PositiveInt = 30
+    batch_size: Annotated[int, Field(ge=2)] = 128
+    lr: PositiveFloat = 1e-5
+    min_lr: NonNegFloat = 1e-6
+    weight_decay: NonNegFloat = 1e-4
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    warmup_steps: NonNegInt = 0
+    grad_clip: PositiveFloat | None = None
+    seed: NonNegInt = 23
+    batch_sampler: Literal["unique_images", "random"] = Field(
+        "unique_images", description="unique_images: never two captions of one image in a batch"
+    )
+    eval_every: PositiveInt = 1
+    best_metric: str = "val/rsum"
+    best_mode: Literal["max", "min"] = "max"
+    output_dir: Path = Path("runs")
+    resume: bool = True
+    log_every_steps: PositiveInt = 50
+    max_steps_per_epoch: PositiveInt | None = Field(None, description="cap on steps per epoch (smoke runs)")
+
+    @field_validator("best_metric")
+    @classmethod
+    def _val_metric(cls, v: str) -> str:
+        if not v.startswith("val/"):
+            raise ValueError("the best checkpoint is selected on a val/ metric (never test)")
+        return v
+
+    @model_validator(mode="after")
+    def _lrs(self) -> "TrainConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} is larger than lr {self.lr}")
+        return self
+
+
+class ScalingConfig(Section):
+    """Where the loop runs: Ray Train workers (DDP) or in-process."""
+
+    backend: Literal["ray", "local"] = "ray"
+    num_workers: PositiveInt = 1
+    use_gpu: bool | Literal["auto"] = "auto"
+    cpus_per_worker: PositiveFloat = 1.0
+    max_failures: NonNegInt = 1
+    gather_global_batch: bool = Field(False, description="losses see the batch of all ranks (all-gather)")
+
+
+class EvalConfig(Section):
+    splits: list[Literal["val", "test"]] = ["val"]
+    batch_size: PositiveInt = 256
+    chunk_size: PositiveInt = 1024
+    ks: tuple[PositiveInt, ...] = (1, 5, 10)
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or ./mlflow.db")
+    artifact_dir: Path | None = Field(None, description="artifact folder for a local store; default ./mlartifacts")
+    experiment: str = "itr"
+    run_name: str | None = None
+    tags: dict[str, str] = {}
+
+
+class ExperimentConfig(Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = InfoNCELoss()
+    teachers: TeachersConfig = TeachersConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _sampler_fits_loss(self) -> "ExperimentConfig":
+        if self.train.batch_sampler == "random" and not self.loss.supports_multi_positive:
+            raise ValueError(
+                "train.batch_sampler=random puts several captions of one image in a batch, "
+                f"but loss {self.loss.family!r} has multi_positive=false"
+            )
+        return self
+
+    def config_hash(self) -> str:
+        """sha256 (16 hex) of the resolved config, canonical JSON."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def flat_params(self) -> dict[str, str]:
+        """The resolved config as dotted ``section.key`` -> string (for MLflow params)."""
+        return flatten(self.model_dump(mode="json"))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------------- loading
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=c`` -> (["a", "b"], value); the value is parsed as YAML (``2`` -> int, ``null`` -> None)."""
+    if "=" not in text:
+        raise UserError(f"override {text!r} is not of the form a.b=value", path="--set")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if not all(parts):
+        raise UserError(f"override {text!r} has an empty key", path="--set")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A copy of ``tree`` with each ``a.b=c`` applied (creating sections as needed)."""
+    tree = copy.deepcopy(tree)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = tree
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from ``path`` (``yaml.safe_load``); UserError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("config file not found", path=str(path))
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else None
+        raise UserError(f"not valid YAML ({getattr(err, 'problem', err)})", path=str(path), field=where) from None
+    except UnicodeDecodeError:
+        raise UserError("not a UTF-8 text file", path=str(path)) from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise UserError(f"the top level must be a mapping, not {type(tree).__name__}", path=str(path))
+    return tree
+
+
+def _dotted(loc: tuple[Any, ...], tree: Any) -> str:
+    """pydantic error location -> dotted field, dropping union tags (``loss.infonce.x`` -> ``loss.x``)."""
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, str) and item in {"infonce", "triplet"} and parts and parts[-1] == "loss":
+            continue
+        if isinstance(item, str) and item.startswith("function-"):
+            continue
+        parts.append(str(item))
+    return ".".join(parts)
+
+
+def format_validation_error(err: ValidationError, tree: Any) -> tuple[str, str]:
+    """(dotted field, message) of the first error of ``err``, with a count of the others."""
+    errors = err.errors(include_url=False)
+    first = errors[0]
+    field = _dotted(tuple(first["loc"]), tree) or "(top level)"
+    msg = first["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif "input" in first and first["type"] not in {"missing"} and not isinstance(first["input"], (dict, list)):
+        shown = repr(first["input"])
+        if len(shown) < 60:
+            msg = f"{msg} (got {shown})"
+    if len(errors) > 1:
+        msg += f" (+{len(errors) - 1} more)"
+    return field, msg
+
+
+def validate_config(tree: dict[str, Any], source: str = "<config>") -> ExperimentConfig:
+    """``ExperimentConfig`` from a mapping; a bad value raises ``UserError`` naming the source and field."""
+    _reject_nan(tree, source, "")
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        field, msg = format_validation_error(err, tree)
+        raise UserError(msg, path=source, field=field) from None
+
+
+def _reject_nan(tree: Any, source: str, prefix: str) -> None:
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            _reject_nan(value, source, f"{prefix}{key}.")
+    elif isinstance(tree, float) and not math.isfinite(tree):
+        raise UserError(f"must be a finite number (got {tree})", path=source, field=prefix.rstrip("."))
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML config (or the defaults when ``path`` is None), apply ``--set`` overrides, validate."""
+    tree = read_yaml(path) if path is not None else {}
+    tree = apply_overrides(tree, overrides or [])
+    source = str(path) if path is not None else "<defaults>"
+    try:
+        return validate_config(tree, source=source)
+    except UserError as err:
+        overridden = {".".join(parse_override(o)[0]) for o in overrides or []}
+        if err.field and any(err.field == k or err.field.startswith(k + ".") for k in overridden):
+            raise UserError(f"{err.detail} (from --set)", path=err.path, field=err.field) from None
+        raise

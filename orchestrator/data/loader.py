@@ -1,0 +1,112 @@
+"""Torch datasets over a ``DatasetIndex``: (image, caption) training pairs and per-split encoding batches."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from orchestrator.data.index import DatasetIndex
+from orchestrator.data.sampler import CaptionBatchSampler
+
+Preprocess = Callable[[Image.Image], torch.Tensor]
+Tokenizer = Callable[[Sequence[str]], torch.Tensor]
+
+
+class ImageTensorCache:
+    """Preprocessed image tensors, memoised up to ``max_bytes`` (preprocessing is deterministic: no augmentation)."""
+
+    def __init__(self, index: DatasetIndex, preprocess: Preprocess, max_bytes: int = 2 << 30) -> None:
+        self.index = index
+        self.preprocess = preprocess
+        self.max_bytes = max_bytes
+        self._store: dict[int, torch.Tensor] = {}
+        self._bytes = 0
+
+    def __call__(self, image_index: int) -> torch.Tensor:
+        hit = self._store.get(image_index)
+        if hit is not None:
+            return hit
+        tensor = self.preprocess(self.index.load_image(image_index))
+        size = tensor.numel() * tensor.element_size()
+        if self._bytes + size <= self.max_bytes:
+            self._store[image_index] = tensor
+            self._bytes += size
+        return tensor
+
+
+@dataclass
+class PairBatch:
+    """One training batch: ``images`` (B, 3, H, W), ``tokens`` (B, L), ``image_index``/``caption_index`` (B,) int64."""
+
+    images: torch.Tensor
+    tokens: torch.Tensor
+    image_index: torch.Tensor
+    caption_index: torch.Tensor
+
+    def to(self, device: torch.device) -> "PairBatch":
+        return PairBatch(*(t.to(device, non_blocking=True) for t in (self.images, self.tokens,
+                                                                     self.image_index, self.caption_index)))
+
+
+class PairDataset(Dataset):
+    """Item ``c`` = (image tensor of caption ``c``'s image, caption text, image index, caption index)."""
+
+    def __init__(self, index: DatasetIndex, images: ImageTensorCache) -> None:
+        self.index = index
+        self.images = images
+
+    def __len__(self) -> int:
+        return self.index.num_captions
+
+    def __getitem__(self, caption_index: int):
+        image_index = int(self.index.caption_image[caption_index])
+        return self.images(image_index), self.index.captions[caption_index], image_index, int(caption_index)
+
+
+def make_pair_collate(tokenizer: Tokenizer) -> Callable[[list], PairBatch]:
+    def collate(items: list) -> PairBatch:
+        images, texts, img_idx, cap_idx = zip(*items)
+        return PairBatch(
+            images=torch.stack(images),
+            tokens=tokenizer(list(texts)),
+            image_index=torch.as_tensor(img_idx, dtype=torch.long),
+            caption_index=torch.as_tensor(cap_idx, dtype=torch.long),
+        )
+
+    return collate
+
+
+def train_loader(index: DatasetIndex, images: ImageTensorCache, tokenizer: Tokenizer,
+                 sampler: CaptionBatchSampler, num_workers: int = 0) -> DataLoader:
+    return DataLoader(PairDataset(index, images), batch_sampler=sampler, collate_fn=make_pair_collate(tokenizer),
+                      num_workers=num_workers, persistent_workers=num_workers > 0)
+
+
+def iter_image_batches(index: DatasetIndex, images: ImageTensorCache, batch_size: int):
+    """(B, 3, H, W) tensors of the split's images, in index order."""
+    for start in range(0, index.num_images, batch_size):
+        stop = min(start + batch_size, index.num_images)
+        yield torch.stack([images(i) for i in range(start, stop)])
+
+
+def iter_caption_batches(index: DatasetIndex, tokenizer: Tokenizer, batch_size: int):
+    """(B, L) token tensors of the split's captions, in index order."""
+    for start in range(0, index.num_captions, batch_size):
+        yield tokenizer(index.captions[start : start + batch_size])
+
+
+def caption_groups(index: DatasetIndex, image_indices: np.ndarray, max_captions: int | None = None):
+    """Caption indices of each given image, padded: (B, K) int64 and a (B, K) bool mask of real entries."""
+    groups = [index.captions_of(int(i)) for i in image_indices]
+    k = max(len(g) for g in groups) if max_captions is None else max_captions
+    out = np.zeros((len(groups), k), dtype=np.int64)
+    mask = np.zeros((len(groups), k), dtype=bool)
+    for row, g in enumerate(groups):
+        g = g[:k]
+        out[row, : len(g)] = g
+        mask[row, : len(g)] = True
+    return out, mask

@@ -1,0 +1,87 @@
+"""Training batch samplers: deterministic by (seed, epoch), sharded over DDP ranks, drop-last."""
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterator
+
+import numpy as np
+
+
+def unique_image_batches(caption_image: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffled batches of caption indices in which no image appears twice.
+
+    Captions are taken in a random order; one whose image is already in the batch being filled is
+    deferred to the front of the next batch. Batches shorter than ``batch_size`` (at the very end, when
+    too few distinct images are left) are dropped.
+    """
+    queue: deque[int] = deque(rng.permutation(len(caption_image)).tolist())
+    batches: list[np.ndarray] = []
+    while len(queue) >= batch_size:
+        batch: list[int] = []
+        images: set[int] = set()
+        skipped: list[int] = []
+        while queue and len(batch) < batch_size:
+            c = queue.popleft()
+            img = int(caption_image[c])
+            if img in images:
+                skipped.append(c)
+            else:
+                batch.append(c)
+                images.add(img)
+        queue.extendleft(reversed(skipped))
+        if len(batch) < batch_size:
+            break
+        batches.append(np.asarray(batch, dtype=np.int64))
+    return batches
+
+
+def random_batches(num_captions: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffled batches of caption indices (several captions of one image may share a batch)."""
+    perm = rng.permutation(num_captions)
+    n = num_captions // batch_size
+    return [perm[k * batch_size : (k + 1) * batch_size].astype(np.int64) for k in range(n)]
+
+
+class CaptionBatchSampler:
+    """Yields this rank's batches (arrays of caption indices) for one epoch at a time.
+
+    Every rank builds the same global list of batches from ``(seed, epoch)`` and takes every
+    ``world_size``-th one, so ranks see disjoint batches and the same number of them.
+    ``unique_images=True`` keeps two captions of one image out of a batch (for losses without
+    multi-positive support).
+    """
+
+    def __init__(self, caption_image: np.ndarray, batch_size: int, *, seed: int, unique_images: bool = True,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.caption_image = np.asarray(caption_image, dtype=np.int64)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.unique_images = unique_images
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        num_images = int(self.caption_image.max()) + 1 if len(self.caption_image) else 0
+        if unique_images and batch_size > num_images:
+            raise ValueError(f"batch size {batch_size} is larger than the number of training images ({num_images})")
+        if batch_size * world_size > len(self.caption_image):
+            raise ValueError(
+                f"batch size {batch_size} x {world_size} workers is larger than the number of captions "
+                f"({len(self.caption_image)})"
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _global_batches(self) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.unique_images:
+            return unique_image_batches(self.caption_image, self.batch_size, rng)
+        return random_batches(len(self.caption_image), self.batch_size, rng)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        batches = self._global_batches()
+        usable = len(batches) - len(batches) % self.world_size
+        return iter(batches[self.rank : usable : self.world_size])
+
+    def __len__(self) -> int:
+        return len(self._global_batches()) // self.world_size

@@ -1,0 +1,45 @@
+"""Build a dataset split (``train`` / ``val`` / ``test``) from a validated ``DataConfig``."""
+from __future__ import annotations
+
+from typing import Literal
+
+from orchestrator.config import DataConfig
+from orchestrator.data.formats import read_captions_json, read_karpathy
+from orchestrator.data.index import DatasetIndex
+from orchestrator.errors import UserError
+
+SplitRole = Literal["train", "val", "test"]
+
+
+def split_name(cfg: DataConfig, role: SplitRole) -> str:
+    return {"train": cfg.train_split, "val": cfg.val_split, "test": cfg.test_split}[role]
+
+
+def load_split(cfg: DataConfig, role: SplitRole, *, verify: bool = True) -> DatasetIndex:
+    """The ``role`` split of the configured dataset; images are verified (``data.verify_images``) before use."""
+    fmt = cfg.resolved_format
+    name = split_name(cfg, role)
+    if fmt == "synthetic":
+        from orchestrator.data.synthetic import build_synthetic_split
+
+        syn = cfg.synthetic
+        count = {"train": syn.num_train_images, "val": syn.num_val_images, "test": syn.num_test_images}[role]
+        index = build_synthetic_split(
+            name, num_images=count, seed=syn.seed, image_size=syn.image_size,
+            captions_per_image=tuple(syn.captions_per_image),
+        )
+    elif fmt == "captions_json":
+        assert cfg.root is not None
+        path = cfg.root / f"{name}.json"
+        if not path.is_file():
+            raise UserError(f"split file {path.name} not found in data.root", path=str(path), field="data.root")
+        index = read_captions_json(path, name=f"{cfg.root.name}/{name}", clean=cfg.clean_captions)
+    else:
+        assert cfg.annotations is not None and cfg.root is not None
+        index = read_karpathy(cfg.annotations, cfg.root, name, name=f"{cfg.annotations.stem}/{name}",
+                              clean=cfg.clean_captions)
+    if role == "train" and cfg.max_train_images is not None and cfg.max_train_images < index.num_images:
+        index = index.subset_images(range(cfg.max_train_images), name=f"{index.name}[:{cfg.max_train_images}]")
+    if verify:
+        index.verify_images(cfg.verify_images)
+    return index

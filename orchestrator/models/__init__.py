@@ -1,0 +1,1 @@
+"""Student models (open_clip) and the project's model configs."""

@@ -1,0 +1,70 @@
+"""The student dual encoder: an open_clip model with its image transform and tokenizer."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from orchestrator.config import ModelConfig
+from orchestrator.errors import UserError
+from orchestrator.models.registry import register_project_models
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Student:
+    """``model`` maps images (B, 3, H, W) and tokens (B, L) to L2-normalised embeddings (B, D)."""
+
+    model: nn.Module
+    preprocess: Callable
+    tokenizer: Callable
+    embed_dim: int
+
+
+def build_student(cfg: ModelConfig) -> Student:
+    """The open_clip model named by ``cfg`` (random init, or the local checkpoint ``cfg.pretrained``).
+
+    Preprocessing is open_clip's eval transform (resize, centre crop, normalise): like CUSA, no training
+    augmentation, which keeps it deterministic and lets image tensors be cached. open_clip's own
+    ``logit_scale`` is frozen: the loss families own their temperatures.
+    """
+    import open_clip
+
+    register_project_models()
+    pretrained = str(cfg.pretrained) if cfg.pretrained is not None else None
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            cfg.name, pretrained=pretrained, output_dict=True, weights_only=True
+        )
+    except RuntimeError as err:
+        if pretrained is None:
+            raise
+        first = str(err).strip().splitlines()[0][:200]
+        raise UserError(f"checkpoint does not fit model {cfg.name!r}: {first}", path=pretrained,
+                        field="model.pretrained") from None
+    if hasattr(model, "logit_scale") and isinstance(model.logit_scale, nn.Parameter):
+        model.logit_scale.requires_grad_(False)
+    if getattr(model, "logit_bias", None) is not None and isinstance(model.logit_bias, nn.Parameter):
+        model.logit_bias.requires_grad_(False)
+    if cfg.lock_image:
+        model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
+    if cfg.lock_text:
+        model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
+    tokenizer = open_clip.get_tokenizer(cfg.name)
+    embed_dim = int(open_clip.get_model_config(cfg.name)["embed_dim"])
+    return Student(model=model, preprocess=preprocess, tokenizer=tokenizer, embed_dim=embed_dim)
+
+
+def encode_pair(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised (image (B, D), text (B, D)) embeddings in float32 (works through DDP wrappers)."""
+    out = model(images, tokens)
+    return out["image_features"].float(), out["text_features"].float()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model

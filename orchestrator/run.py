@@ -1,0 +1,196 @@
+"""``itr train``: one experiment through Ray Train (``TorchTrainer``, DDP) or in-process, tracked in one MLflow run."""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from orchestrator import tracking
+from orchestrator.config import ExperimentConfig
+from orchestrator.session import LocalSession
+from orchestrator.train_loop import train_loop
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    metrics: dict[str, float]
+    run_id: str | None
+    tracking_uri: str | None
+    best_checkpoint: str | None
+    run_dir: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _score(metrics: dict[str, float], cfg: ExperimentConfig) -> float:
+    """This checkpoint's own value of the selection metric (worst possible when it was not evaluated)."""
+    value = metrics.get(cfg.train.best_metric)
+    if value is None:
+        return -1e30 if cfg.train.best_mode == "max" else 1e30
+    return float(value)
+
+
+class RayTrainSession:
+    """A ``Session`` inside a Ray Train worker: rank/device from Ray, DDP via ``prepare_model``, checkpoints and
+    metrics via ``ray.train.report``. MLflow metrics are logged on rank 0 after each report succeeded, so a
+    restarted worker never logs the same epoch twice."""
+
+    def __init__(self, cfg: ExperimentConfig, sink: tracking.MetricSink | None) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.cfg = cfg
+        self.sink = sink if self.rank == 0 else None
+        self._restored = tempfile.mkdtemp(prefix="itr-restore-")
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+
+    def latest_checkpoint(self) -> Path | None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        return Path(ckpt.to_directory(self._restored))
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, epoch: int) -> None:
+        import ray.train
+
+        payload = {k: float(v) for k, v in metrics.items()}
+        payload["checkpoint/score"] = _score(metrics, self.cfg)
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(payload, checkpoint=checkpoint)
+        if self.sink is not None:
+            self.sink(metrics, epoch)
+
+
+def quiet_worker_logs() -> None:
+    """Our progress at INFO; open_clip's and Ray Train's per-report chatter only from WARNING up."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("orchestrator").setLevel(logging.INFO)
+    for name in ("ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def ray_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train's per-worker entry point: rebuild the config, then run the plain loop."""
+    quiet_worker_logs()
+    cfg = ExperimentConfig.model_validate(loop_config["config"])
+    sink = None
+    if loop_config.get("run_id"):
+        target = tracking.TrackingTarget(**loop_config["target"])
+        sink = tracking.MetricSink(target, loop_config["run_id"])
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    train_loop(cfg, RayTrainSession(cfg, sink))
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Connect to ``RAY_ADDRESS`` when set, else start a local Ray sized to this machine (dashboard off)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=True)
+
+
+def use_gpu(cfg: ExperimentConfig) -> bool:
+    if cfg.scaling.use_gpu == "auto":
+        return torch.cuda.is_available()
+    return bool(cfg.scaling.use_gpu)
+
+
+def _fit_with_ray(cfg: ExperimentConfig, name: str, target: tracking.TrackingTarget | None,
+                  run_id: str | None) -> tuple[dict[str, float], str | None, str]:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    init_ray()
+    gpu = use_gpu(cfg)
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if gpu:
+        resources["GPU"] = 1
+    storage = (Path(cfg.train.output_dir).expanduser().resolve() / "ray").as_posix()
+    loop_config = {"config": cfg.model_dump(mode="json"), "run_id": run_id,
+                   "target": None if target is None else target.__dict__}
+    trainer = TorchTrainer(
+        ray_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="checkpoint/score",
+                                               checkpoint_score_order=cfg.train.best_mode),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    best = None
+    if result.best_checkpoints:
+        pick = max if cfg.train.best_mode == "max" else min
+        best = pick(result.best_checkpoints, key=lambda cm: cm[1].get("checkpoint/score", 0.0))[0].path
+    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    return metrics, best, f"{storage}/{name}"
+
+
+def run_experiment(cfg: ExperimentConfig, *, config_source: str | None = None,
+                   parent_run_id: str | None = None) -> RunResult:
+    """Train ``cfg`` end to end and record it in one MLflow run (FINISHED, or FAILED with the reason)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = f"{cfg.tracking.run_name or cfg.loss.family}-{stamp}-{cfg.config_hash()[:6]}"
+    target = tracking.resolve_target(cfg.tracking) if cfg.tracking.enabled else None
+    run_id = None
+    if target is not None:
+        run_id = tracking.start_run(target, cfg, run_name=name, parent_run_id=parent_run_id,
+                                    extra_tags={"itr.config_source": config_source or "<defaults>"})
+        tracking.log_text_artifact(target, run_id, "config.yaml", cfg.to_yaml())
+        log.info("MLflow run %s in %s (experiment %r)", run_id, target.uri, target.experiment)
+    try:
+        if cfg.scaling.backend == "local":
+            run_dir = Path(cfg.train.output_dir).expanduser().resolve() / name
+            sinks = [tracking.MetricSink(target, run_id)] if run_id else []
+            session = LocalSession(run_dir, best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode,
+                                   sinks=sinks)
+            metrics = train_loop(cfg, session)
+            best_dir = session.best_checkpoint() or session.latest_checkpoint()
+            best = str(best_dir) if best_dir else None
+            run_dir_s = str(run_dir)
+        else:
+            metrics, best, run_dir_s = _fit_with_ray(cfg, name, target, run_id)
+    except BaseException as err:
+        if target is not None and run_id is not None:
+            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+            tracking.end_run(target, run_id, status, reason=f"{err.__class__.__name__}: {err}")
+        raise
+    if target is not None and run_id is not None:
+        tracking.log_text_artifact(target, run_id, "final_metrics.json", tracking.final_metrics_json(metrics))
+        c = tracking.client(target)
+        if best:
+            c.set_tag(run_id, "itr.best_checkpoint", best)
+        c.set_tag(run_id, "itr.run_dir", run_dir_s)
+        tracking.end_run(target, run_id, "FINISHED")
+    return RunResult(metrics=metrics, run_id=run_id, tracking_uri=target.uri if target else None,
+                     best_checkpoint=best, run_dir=run_dir_s)

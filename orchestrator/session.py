@@ -1,0 +1,106 @@
+"""Where the training loop runs: a ``Session`` gives it its rank, device, checkpoints and a ``report`` callable.
+
+``LocalSession`` runs in-process (tests, benchmarks, ``scaling.backend=local``); the Ray Train session lives
+in ``orchestrator.run`` so that this module (and the loop) never import Ray.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from orchestrator.checkpoint import STATE_FILE
+
+log = logging.getLogger(__name__)
+MetricSink = Callable[[dict[str, float], int], None]
+
+
+class Session(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def prepare_model(self, model: nn.Module) -> nn.Module: ...
+
+    def latest_checkpoint(self) -> Path | None: ...
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, epoch: int) -> None: ...
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+class LocalSession:
+    """One process. Checkpoints go to ``run_dir/checkpoints/epoch_NNNN``; the latest and the best are kept.
+
+    ``best_metric``/``best_mode`` pick the best; ``sinks`` receive every report's metrics (e.g. MLflow).
+    """
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, run_dir: Path, *, best_metric: str = "val/rsum", best_mode: str = "max",
+                 sinks: list[MetricSink] | None = None, device: torch.device | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self.sinks = list(sinks or [])
+        self.device = device or default_device()
+        self.history: list[dict[str, float]] = []
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model.to(self.device)
+
+    def _checkpoints(self) -> list[Path]:
+        if not self.ckpt_root.is_dir():
+            return []
+        return sorted(p for p in self.ckpt_root.glob("epoch_*") if (p / STATE_FILE).is_file())
+
+    def latest_checkpoint(self) -> Path | None:
+        found = self._checkpoints()
+        return found[-1] if found else None
+
+    def best_checkpoint(self) -> Path | None:
+        marker = self.ckpt_root / "best.json"
+        if not marker.is_file():
+            return None
+        path = self.ckpt_root / json.loads(marker.read_text())["checkpoint"]
+        return path if path.is_dir() else None
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, epoch: int) -> None:
+        self.history.append(dict(metrics))
+        for sink in self.sinks:
+            sink(metrics, epoch)
+        if checkpoint_dir is None:
+            return
+        self.ckpt_root.mkdir(parents=True, exist_ok=True)
+        dest = self.ckpt_root / f"epoch_{epoch:04d}"
+        tmp = self.ckpt_root / f".epoch_{epoch:04d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(checkpoint_dir, tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+        score = metrics.get(self.best_metric)
+        best = self._best_score()
+        if score is not None and (best is None or (score > best if self.best_mode == "max" else score < best)):
+            marker = self.ckpt_root / "best.json"
+            tmp_marker = marker.with_suffix(".json.tmp")
+            tmp_marker.write_text(json.dumps({"checkpoint": dest.name, "metric": self.best_metric, "value": score}))
+            tmp_marker.replace(marker)
+        keep = {self.latest_checkpoint(), self.best_checkpoint()}
+        for old in self._checkpoints():
+            if old not in keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _best_score(self) -> float | None:
+        marker = self.ckpt_root / "best.json"
+        if not marker.is_file():
+            return None
+        return float(json.loads(marker.read_text())["value"])

@@ -1,0 +1,224 @@
+"""The training procedure, top to bottom. A plain function: call it without Ray (``LocalSession``) or inside a
+Ray Train worker (``orchestrator.run``); everything cluster-specific comes through the ``Session``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from methods import EmbeddingBatch
+from orchestrator.checkpoint import MODEL_FILE, STATE_FILE, atomic_save, load_file
+from orchestrator.config import ExperimentConfig, TrainConfig
+from orchestrator.data.loader import ImageTensorCache, train_loader
+from orchestrator.data.sampler import CaptionBatchSampler
+from orchestrator.data.splits import load_split
+from orchestrator.distributed import gather_with_local_grad
+from orchestrator.errors import UserError
+from orchestrator.evaluation.embed import autocast_context, encode_split, evaluate_embeddings
+from orchestrator.losses import build_loss
+from orchestrator.models.student import build_student, encode_pair, unwrap
+from orchestrator.session import LocalSession, Session
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/Inf: the run stops at once, naming the step and the offending terms."""
+
+    def __init__(self, epoch: int, step: int, terms: list[str]) -> None:
+        self.epoch, self.step, self.terms = epoch, step, terms
+        super().__init__(f"non-finite loss at epoch {epoch}, step {step} (terms: {', '.join(terms)})")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups with the papers' rule (timm ``add_weight_decay``): 1-D params and biases get no decay.
+
+    0-D parameters (temperatures) get no decay either.
+    """
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for module in modules:
+        for name, p in module.named_parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    """Per-step schedule: linear warm-up to ``lr`` over ``warmup_steps``, then cosine down to ``min_lr``."""
+    floor = cfg.min_lr / cfg.lr
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        span = max(1, total_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _load_state(path: Path, model: nn.Module, loss_fn: nn.Module, optimizer, scheduler) -> dict[str, Any]:
+    state = load_file(path / STATE_FILE)
+    try:
+        model.load_state_dict(state["model"])
+        loss_fn.load_state_dict(state["loss"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (KeyError, RuntimeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0][:200]
+        raise UserError(f"checkpoint does not fit this experiment: {first}", path=str(path / STATE_FILE)) from None
+    torch.set_rng_state(state["torch_rng"])
+    return state
+
+
+def _save_checkpoint(directory: Path, *, model: nn.Module, loss_fn: nn.Module, optimizer, scheduler, epoch: int,
+                     global_step: int, best: float | None, cfg: ExperimentConfig) -> None:
+    state = {
+        "model": model.state_dict(),
+        "loss": loss_fn.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "global_step": global_step,
+        "best": best,
+        "torch_rng": torch.get_rng_state(),
+        "config_hash": cfg.config_hash(),
+    }
+    atomic_save(state, directory / STATE_FILE)
+    atomic_save({"model": model.state_dict(), "model_name": cfg.model.name, "config_yaml": cfg.to_yaml(),
+                 "epoch": epoch}, directory / MODEL_FILE)
+
+
+def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | None = None) -> dict[str, float]:
+    """Train the configured student with the configured loss; returns the last reported metrics.
+
+    Per epoch: the rank's batches (no two captions of one image unless the loss takes multi-positives),
+    forward in bf16 autocast on GPU, loss family -> backward -> clip -> AdamW -> per-step cosine; then, every
+    ``eval_every`` epochs and at the end, retrieval metrics on val (rank 0), then a checkpoint + report.
+    Resumes from the session's latest checkpoint when there is one.
+    """
+    cfg = config if isinstance(config, ExperimentConfig) else ExperimentConfig.model_validate(config)
+    if session is None:
+        run_dir = Path(cfg.train.output_dir) / (cfg.tracking.run_name or f"local-{cfg.config_hash()}")
+        session = LocalSession(run_dir, best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode)
+    device = session.device
+    seed_everything(cfg.train.seed + session.rank)
+
+    # --- data
+    train_index = load_split(cfg.data, "train")
+    val_index = load_split(cfg.data, "val") if "val" in cfg.eval.splits else None
+    student = build_student(cfg.model)
+    train_images = ImageTensorCache(train_index, student.preprocess)
+    val_images = ImageTensorCache(val_index, student.preprocess) if val_index is not None else None
+    try:
+        sampler = CaptionBatchSampler(
+            train_index.caption_image, cfg.train.batch_size, seed=cfg.train.seed,
+            unique_images=cfg.train.batch_sampler == "unique_images", rank=session.rank,
+            world_size=session.world_size,
+        )
+    except ValueError as err:
+        raise UserError(str(err), path=train_index.source or train_index.name, field="train.batch_size") from None
+    loader = train_loader(train_index, train_images, student.tokenizer, sampler, cfg.data.loader_workers)
+    steps_per_epoch = len(sampler)
+    if cfg.train.max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
+
+    # --- model, loss, optimiser
+    model = student.model.to(device)
+    loss_fn = build_loss(cfg.loss).to(device)
+    loss_fn.check_inputs(EmbeddingBatch(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1)).available())
+    optimizer = torch.optim.AdamW(param_groups([model, loss_fn], cfg.train.weight_decay), lr=cfg.train.lr,
+                                  betas=tuple(cfg.train.betas))
+    scheduler = cosine_with_warmup(optimizer, cfg.train, steps_per_epoch * cfg.train.epochs)
+
+    start_epoch, global_step, best = 0, 0, None
+    resume_from = session.latest_checkpoint()
+    if resume_from is not None:
+        state = _load_state(resume_from, model, loss_fn, optimizer, scheduler)
+        start_epoch, global_step, best = state["epoch"] + 1, state["global_step"], state["best"]
+        log.info("resumed from %s (epoch %d done)", resume_from, state["epoch"])
+    train_model = session.prepare_model(model)
+    gather = cfg.scaling.gather_global_batch and session.world_size > 1
+
+    metrics: dict[str, float] = {}
+    for epoch in range(start_epoch, cfg.train.epochs):
+        sampler.set_epoch(epoch)
+        train_model.train()
+        sums: dict[str, float] = defaultdict(float)
+        steps, t0 = 0, time.perf_counter()
+        for step, batch in enumerate(loader):
+            if step >= steps_per_epoch:
+                break
+            batch = batch.to(device)
+            with autocast_context(device, cfg.model.precision):
+                image_emb, text_emb = encode_pair(train_model, batch.images, batch.tokens)
+            image_ids = batch.image_index
+            if gather:
+                image_emb, text_emb = gather_with_local_grad(image_emb), gather_with_local_grad(text_emb)
+                image_ids = gather_with_local_grad(image_ids)
+            out = loss_fn(EmbeddingBatch(image_emb=image_emb, text_emb=text_emb, image_ids=image_ids))
+            if not torch.isfinite(out.total):
+                bad = [k for k, v in out.terms.items() if not torch.isfinite(v)] or ["total"]
+                raise NonFiniteLossError(epoch, step, bad)
+            optimizer.zero_grad(set_to_none=True)
+            out.total.backward()
+            if cfg.train.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                               cfg.train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            global_step += 1
+            steps += 1
+            sums["train/loss"] += float(out.total.detach())
+            for name, value in out.terms.items():
+                sums[f"train/{name}"] += float(value)
+            if global_step % cfg.train.log_every_steps == 0:
+                log.info("epoch %d step %d/%d loss %.4f", epoch, step + 1, steps_per_epoch, float(out.total.detach()))
+        metrics = {k: v / max(steps, 1) for k, v in sums.items()}
+        metrics["train/lr"] = scheduler.get_last_lr()[0]
+        metrics["train/epoch_time_s"] = time.perf_counter() - t0
+        metrics["train/steps"] = float(global_step)
+        for name, value in loss_fn.temperatures().items():
+            metrics[f"train/temperature/{name.replace('.value', '')}"] = value
+        metrics["epoch"] = float(epoch)
+
+        last = epoch + 1 == cfg.train.epochs
+        if val_index is not None and session.rank == 0 and ((epoch + 1) % cfg.train.eval_every == 0 or last):
+            emb = encode_split(unwrap(train_model), val_index, val_images, student.tokenizer, device=device,
+                               batch_size=cfg.eval.batch_size, precision=cfg.model.precision)
+            val = evaluate_embeddings(emb, ks=cfg.eval.ks, chunk_size=cfg.eval.chunk_size, device=device)
+            metrics.update({f"val/{k}": v for k, v in val.items()})
+        score = metrics.get(cfg.train.best_metric)
+        if score is not None and (best is None or (score > best if cfg.train.best_mode == "max" else score < best)):
+            best = score
+        if best is not None:
+            metrics[f"best/{cfg.train.best_metric}"] = best
+        log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+
+        with tempfile.TemporaryDirectory(prefix="itr-ckpt-") as tmp:
+            ckpt_dir = None
+            if session.rank == 0:
+                ckpt_dir = Path(tmp)
+                _save_checkpoint(ckpt_dir, model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
+                                 epoch=epoch, global_step=global_step, best=best, cfg=cfg)
+            session.report(metrics, ckpt_dir, epoch)
+    return metrics
