@@ -52,7 +52,7 @@ class Triplet(LossFamily):
     """Bidirectional triplet ranking loss; ``mining``: hardest (VSE++), soft_negative (Triplet-SN) or selhn."""
 
     def __init__(self, margin: float = 0.2, mining: str = "hardest", soft_negative_tau: float = 0.05,
-                 selhn_eps: float = 0.1, multi_positive: bool = True) -> None:
+                 selhn_eps: float = F.SELHN_DEFAULT_EPS, multi_positive: bool = True) -> None:
         super().__init__()
         if mining not in {"hardest", "soft_negative", "selhn"}:
             raise ValueError(f"unknown triplet mining {mining!r}")
@@ -66,10 +66,166 @@ class Triplet(LossFamily):
     def forward(self, batch: EmbeddingBatch) -> LossOutput:
         S = batch.similarity()
         positives = batch.positives() if self.multi_positive else None
-        if self.mining == "hardest":
-            loss = F.triplet_hardest(S, self.margin, positives=positives)
-        elif self.mining == "soft_negative":
-            loss = F.triplet_soft_negative(S, self.margin, tau=self.soft_negative_tau, positives=positives)
-        else:
-            loss = F.triplet_selhn(S, self.margin, eps=self.selhn_eps, positives=positives)
+        loss = _triplet(S, self.margin, self.mining, positives, self.soft_negative_tau, self.selhn_eps)
         return LossOutput(total=loss, terms={f"triplet_{self.mining}": loss.detach()})
+
+
+def _triplet(S: torch.Tensor, margin: float, mining: str, positives, sn_tau: float, eps: float) -> torch.Tensor:
+    if mining == "hardest":
+        return F.triplet_hardest(S, margin, positives=positives)
+    if mining == "soft_negative":
+        return F.triplet_soft_negative(S, margin, tau=sn_tau, positives=positives)
+    if mining == "selhn":
+        return F.triplet_selhn(S, margin, eps=eps, positives=positives)
+    raise ValueError(f"unknown triplet mining {mining!r}")
+
+
+_RELEVANCE_INPUTS = {
+    "exact": frozenset({"relevance"}),
+    "teacher": frozenset({"caption_group_emb", "caption_group_mask", "text_caption_emb"}),
+}
+
+
+class _RelevanceFamily(LossFamily):
+    """Shared by the families that score graded relevance R (rows = images, columns = texts)."""
+
+    def _setup_relevance(self, relevance: str, rescale: bool) -> None:
+        if relevance not in _RELEVANCE_INPUTS:
+            raise ValueError(f"relevance must be 'exact' or 'teacher', not {relevance!r}")
+        self.relevance_source = relevance
+        self.rescale = rescale
+        self.requires = _RELEVANCE_INPUTS[relevance]
+
+    def relevance(self, batch: EmbeddingBatch) -> torch.Tensor:
+        """R: (B, B). Exact relevance from the data (diagonal forced to 1), or RSC from caption embeddings."""
+        if self.relevance_source == "exact":
+            R = batch.relevance.to(batch.image_emb.dtype).clone()
+            R.fill_diagonal_(1.0)
+            return R
+        return F.caption_relevance(batch.caption_group_emb, batch.text_caption_emb, batch.caption_group_mask,
+                                   rescale=self.rescale).to(batch.image_emb.dtype)
+
+
+@register("listwise")
+class Listwise(_RelevanceFamily):
+    """Listwise ITR: (1 − λ)·triplet + λ·S-NDCG with relevance from RSC (spec B.3)."""
+
+    def __init__(self, weight: float = 0.5, tau: float = 0.01, margin: float = 0.2, mining: str = "hardest",
+                 t2i_relevance: str = "transpose", relevance: str = "teacher", rescale: bool = True,
+                 chunk_size: int | None = None, multi_positive: bool = True, soft_negative_tau: float = 0.05,
+                 selhn_eps: float = F.SELHN_DEFAULT_EPS) -> None:
+        super().__init__()
+        if not 0 < weight < 1:
+            raise ValueError(f"listwise weight must be in (0, 1), got {weight}")
+        self.weight, self.tau, self.margin, self.mining = weight, tau, margin, mining
+        self.t2i_relevance, self.chunk_size = t2i_relevance, chunk_size
+        self.multi_positive = self.supports_multi_positive = multi_positive
+        self.soft_negative_tau, self.selhn_eps = soft_negative_tau, selhn_eps
+        self._setup_relevance(relevance, rescale)
+
+    def forward(self, batch: EmbeddingBatch) -> LossOutput:
+        S = batch.similarity()
+        positives = batch.positives() if self.multi_positive else None
+        pair = _triplet(S, self.margin, self.mining, positives, self.soft_negative_tau, self.selhn_eps)
+        R = self.relevance(batch)
+        ndcg = F.smooth_ndcg_loss(S, R, tau=self.tau, t2i_relevance=self.t2i_relevance, chunk_size=self.chunk_size)
+        pair_w, list_w = (1 - self.weight) * pair, self.weight * ndcg
+        return LossOutput(total=pair_w + list_w,
+                          terms={"triplet": pair_w.detach(), "sndcg": list_w.detach(),
+                                 "relevance_mean": R.detach().mean()})
+
+
+@register("bcls")
+class BCLS(_RelevanceFamily):
+    """BCLS: Triplet-SN + λ·Kendall ranking loss with SW-HS (spec A; Triplet-SN/SW-HS are reconstructions)."""
+
+    def __init__(self, margin: float = 0.2, mining: str = "soft_negative", soft_negative_tau: float = 0.05,
+                 kendall_weight: float = 1.0, gap: float = 0.3, surrogate: str = "hinge",
+                 surrogate_temperature: float = 0.1, window: int | None = 16, hard_k: int | None = None,
+                 t2i_relevance: str = "transpose", relevance: str = "teacher", rescale: bool = False,
+                 chunk_size: int | None = None, multi_positive: bool = True,
+                 selhn_eps: float = F.SELHN_DEFAULT_EPS) -> None:
+        super().__init__()
+        self.margin, self.mining, self.soft_negative_tau, self.selhn_eps = margin, mining, soft_negative_tau, selhn_eps
+        self.kendall_weight, self.gap, self.surrogate = kendall_weight, gap, surrogate
+        self.surrogate_temperature, self.window, self.hard_k = surrogate_temperature, window, hard_k
+        self.t2i_relevance, self.chunk_size = t2i_relevance, chunk_size
+        self.multi_positive = self.supports_multi_positive = multi_positive
+        self._setup_relevance(relevance, rescale)
+
+    def forward(self, batch: EmbeddingBatch) -> LossOutput:
+        S = batch.similarity()
+        positives = batch.positives() if self.multi_positive else None
+        binary = _triplet(S, self.margin, self.mining, positives, self.soft_negative_tau, self.selhn_eps)
+        R = self.relevance(batch)
+        kendall = self.kendall_weight * F.kendall_rank_loss(
+            S, R, gap=self.gap, surrogate=self.surrogate, t2i_relevance=self.t2i_relevance, window=self.window,
+            hard_k=self.hard_k, temperature=self.surrogate_temperature, chunk_size=self.chunk_size)
+        return LossOutput(total=binary + kendall,
+                          terms={f"triplet_{self.mining}": binary.detach(), "kendall": kendall.detach()})
+
+
+@register("cusa")
+class CUSA(LossFamily):
+    """CUSA: InfoNCE + α·CSA + β·USA (spec C.2). Teacher similarities are cosines of per-sample teacher features.
+
+    CSA ``each``: i2t target softmax(G^I/τ_s), t2i target softmax(G^T/τ_s), one shared learnable τ_c.
+    ``add``: both directions use (G^I + G^T)/2; ``dot``: sqrt(relu(G^I)·relu(G^T)).
+    USA: KL(softmax(G^I/τ_s) ‖ softmax(S^II/τ_ui)) and the text analogue, on the uni-modal heads.
+    """
+
+    def __init__(self, tau_init: float = 0.05, tau_min: float = 0.01, tau_max: float = 0.10,
+                 tau_learnable: bool = True, reduction: str = "class_mean", alpha: float = 0.1, beta: float = 0.5,
+                 csa_tau: tuple = (0.45, 0.10, 0.99),
+                 usa_image_tau: tuple = (0.45, 0.10, 1.00),
+                 usa_text_tau: tuple = (0.45, 0.10, 1.00),
+                 teacher_tau: float = 1.0, csa_mode: str = "each", multi_positive: bool = True) -> None:
+        super().__init__()
+        if csa_mode not in {"each", "add", "dot"}:
+            raise ValueError(f"unknown csa_mode {csa_mode!r}")
+        self.tau = Temperature(tau_init, tau_min, tau_max, tau_learnable)
+        self.csa_tau = Temperature(*csa_tau)
+        self.usa_image_tau = Temperature(*usa_image_tau)
+        self.usa_text_tau = Temperature(*usa_text_tau)
+        self.reduction, self.alpha, self.beta = reduction, alpha, beta
+        self.teacher_tau, self.csa_mode = teacher_tau, csa_mode
+        self.multi_positive = self.supports_multi_positive = multi_positive
+        needs = set()
+        if alpha > 0 or beta > 0:
+            needs |= {"teacher_image", "teacher_text"}
+        if beta > 0:
+            needs |= {"image_uni", "text_uni"}
+        self.requires = frozenset(needs)
+
+    @staticmethod
+    def _cos(x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.normalize(x, dim=-1)
+        return x @ x.T
+
+    def forward(self, batch: EmbeddingBatch) -> LossOutput:
+        S = batch.similarity()
+        positives = batch.positives() if self.multi_positive else None
+        itr = F.infonce(S, self.tau(), positives=positives, reduction=self.reduction)
+        total, terms = itr, {"infonce": itr.detach()}
+        if self.alpha > 0 or self.beta > 0:
+            G_img, G_txt = self._cos(batch.teacher_image), self._cos(batch.teacher_text)
+        if self.alpha > 0:
+            if self.csa_mode == "each":
+                target_i2t, target_t2i = G_img, G_txt
+            elif self.csa_mode == "add":
+                target_i2t = target_t2i = (G_img + G_txt) / 2
+            else:
+                target_i2t = target_t2i = torch.sqrt(G_img.clamp_min(0) * G_txt.clamp_min(0))
+            tau_c = self.csa_tau()
+            csa = self.alpha * (F.soft_label_kl(S, target_i2t, tau_c, self.teacher_tau)
+                                + F.soft_label_kl(S.T, target_t2i, tau_c, self.teacher_tau)) / 2
+            total = total + csa
+            terms["csa"] = csa.detach()
+        if self.beta > 0:
+            S_ii = batch.image_uni @ batch.image_uni.T
+            S_tt = batch.text_uni @ batch.text_uni.T
+            usa = self.beta * (F.soft_label_kl(S_ii, G_img, self.usa_image_tau(), self.teacher_tau)
+                               + F.soft_label_kl(S_tt, G_txt, self.usa_text_tau(), self.teacher_tau)) / 2
+            total = total + usa
+            terms["usa"] = usa.detach()
+        return LossOutput(total=total, terms=terms)

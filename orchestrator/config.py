@@ -25,6 +25,14 @@ NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
+class FieldError(ValueError):
+    """A cross-field validation error that knows which dotted field to blame."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -56,7 +64,7 @@ class SyntheticData(Section):
     def _range(self) -> "SyntheticData":
         lo, hi = self.captions_per_image
         if lo > hi:
-            raise ValueError("captions_per_image: the minimum is larger than the maximum")
+            raise FieldError("captions_per_image", "the minimum is larger than the maximum")
         return self
 
 
@@ -103,9 +111,10 @@ class DataConfig(Section):
     def _format_inputs(self) -> "DataConfig":
         fmt = self.resolved_format
         if fmt == "captions_json" and self.root is None:
-            raise ValueError("format captions_json needs data.root (a folder with <split>.json)")
+            raise FieldError("root", "format captions_json needs a folder with <split>.json")
         if fmt == "karpathy" and (self.annotations is None or self.root is None):
-            raise ValueError("format karpathy needs data.annotations (the dataset_*.json) and data.root (images)")
+            missing = "annotations" if self.annotations is None else "root"
+            raise FieldError(missing, "format karpathy needs data.annotations (dataset_*.json) and data.root (images)")
         return self
 
 
@@ -118,6 +127,9 @@ class ModelConfig(Section):
     lock_image: bool = False
     lock_text: bool = False
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
+    heads: Literal["auto", "none", "cross", "cross_uni"] = Field(
+        "auto", description="CUSA's LN+Linear projectors: auto = cross_uni for cusa (cross if beta = 0), else none"
+    )
 
     @field_validator("pretrained", mode="before")
     @classmethod
@@ -154,7 +166,7 @@ class TemperatureConfig(Section):
     @model_validator(mode="after")
     def _bounds(self) -> "TemperatureConfig":
         if not self.min <= self.init <= self.max:
-            raise ValueError(f"init {self.init} is outside [min, max] = [{self.min}, {self.max}]")
+            raise FieldError("init", f"{self.init} is outside [min, max] = [{self.min}, {self.max}]")
         return self
 
 
@@ -180,7 +192,7 @@ class TripletLoss(Section):
     margin: PositiveFloat = 0.2
     mining: Literal["hardest", "soft_negative", "selhn"] = "hardest"
     soft_negative_tau: PositiveFloat = Field(0.05, description="Triplet-SN softmax temperature (reconstruction)")
-    selhn_eps: PositiveFloat = Field(0.1, description="SelHN switch gap (reconstruction)")
+    selhn_eps: PositiveFloat = Field(0.01, description="SelHN switch gap (RVSEPP's default epsilon)")
     multi_positive: bool = Field(True, description="treat other captions of the same image as positives")
 
     @property
@@ -188,16 +200,105 @@ class TripletLoss(Section):
         return self.multi_positive
 
 
-LossConfig = Annotated[Union[InfoNCELoss, TripletLoss], Field(discriminator="family")]
+RelevanceSource = Literal["auto", "exact", "teacher"]
+_RELEVANCE_DOC = ("exact: the dataset's own graded relevance (synthetic data); teacher: RSC from the text "
+                  "teacher's caption embeddings; auto: exact when the data has it and no text teacher is set")
+UnitInterval = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
+
+
+class ListwiseLoss(Section):
+    """Listwise ITR: (1 − λ)·triplet + λ·Smooth-NDCG over the in-batch list, relevance from RSC (spec B)."""
+
+    family: Literal["listwise"] = "listwise"
+    weight: UnitInterval = Field(0.5, description="λ (sndcg_weight); missing from the released code: sweep it")
+    tau: PositiveFloat = Field(0.01, description="sigmoid temperature of the smooth rank")
+    margin: PositiveFloat = 0.2
+    mining: Literal["hardest", "soft_negative", "selhn"] = "hardest"
+    t2i_relevance: Literal["transpose", "as_released"] = Field(
+        "transpose", description="as_released: the released code's untransposed t2i relevance and i2t IDCG"
+    )
+    relevance: RelevanceSource = Field("auto", description=_RELEVANCE_DOC)
+    rescale: bool = Field(True, description="RSC's (1 + cos) / 2")
+    chunk_size: PositiveInt | None = None
+    multi_positive: bool = True
+
+    @property
+    def supports_multi_positive(self) -> bool:
+        return self.multi_positive
+
+
+class BCLSLoss(Section):
+    """BCLS: Triplet-SN + λ·Kendall ranking loss on continuous pseudo labels, with SW-HS sampling (spec A).
+
+    Triplet-SN and SW-HS are reconstructions (spec A.8): ``soft_negative_tau`` -> 0 is VSE++; ``window`` None
+    and ``hard_k`` None is the full (released ITM_CLS) Kendall loss.
+    """
+
+    family: Literal["bcls"] = "bcls"
+    margin: PositiveFloat = 0.2
+    mining: Literal["hardest", "soft_negative", "selhn"] = "soft_negative"
+    soft_negative_tau: PositiveFloat = 0.05
+    kendall_weight: NonNegFloat = Field(1.0, description="λ; the released ITM_CLS sums with weight 1")
+    gap: NonNegFloat = Field(0.3, description="pairs count only when their labels differ by more than this")
+    surrogate: Literal["hinge", "tanh", "sigmoid"] = "hinge"
+    surrogate_temperature: PositiveFloat = 0.1
+    window: PositiveInt | None = Field(16, description="SW-HS sliding window (None = all pairs)")
+    hard_k: PositiveInt | None = Field(None, description="SW-HS: keep the k most violated pairs per query")
+    t2i_relevance: Literal["transpose", "as_released"] = "transpose"
+    relevance: RelevanceSource = Field("auto", description=_RELEVANCE_DOC)
+    rescale: bool = Field(False, description="ITM_CLS uses the raw max-cosine (no (1 + cos) / 2)")
+    chunk_size: PositiveInt | None = None
+    multi_positive: bool = True
+
+    @property
+    def supports_multi_positive(self) -> bool:
+        return self.multi_positive
+
+
+class CUSALoss(Section):
+    """CUSA: InfoNCE + α·CSA + β·USA (spec C.2), temperatures and clamps of the released configs.
+
+    ``reduction`` defaults to the released ``class_mean`` InfoNCE (divided by B) because the published α = 0.1
+    and β = 0.5 are relative to it (spec C.7-1); ``sum`` is the textbook form (then scale α, β by 1/B).
+    """
+
+    family: Literal["cusa"] = "cusa"
+    temperature: TemperatureConfig = TemperatureConfig(init=0.05, min=0.01, max=0.10)
+    reduction: Literal["sum", "class_mean"] = "class_mean"
+    alpha: NonNegFloat = Field(0.1, description="CSA weight")
+    beta: NonNegFloat = Field(0.5, description="USA weight")
+    csa_temperature: TemperatureConfig = TemperatureConfig(init=0.45, min=0.10, max=0.99)
+    usa_image_temperature: TemperatureConfig = TemperatureConfig(init=0.45, min=0.10, max=1.00)
+    usa_text_temperature: TemperatureConfig = TemperatureConfig(init=0.45, min=0.10, max=1.00)
+    teacher_temperature: PositiveFloat = Field(1.0, description="τ_s, fixed")
+    csa_mode: Literal["each", "add", "dot"] = "each"
+    multi_positive: bool = True
+
+    @property
+    def supports_multi_positive(self) -> bool:
+        return self.multi_positive
+
+
+LOSS_FAMILIES = ("infonce", "triplet", "listwise", "bcls", "cusa")
+LossConfig = Annotated[Union[InfoNCELoss, TripletLoss, ListwiseLoss, BCLSLoss, CUSALoss], Field(discriminator="family")]
 
 
 # ------------------------------------------------------------------------------------------- teachers
 class TeachersConfig(Section):
-    """Offline teacher encoders for soft labels (used by the soft-label loss families)."""
+    """Offline teacher encoders for soft labels (CUSA's CSA/USA) and caption relevance (Listwise RSC, BCLS).
+
+    A spec names the encoder: ``packaged:all-MiniLM-L6-v2``, ``packaged:all-mpnet-base-v2``,
+    ``sentence-transformers:<name-or-path>`` (text); ``packaged:efficientnet-lite0``, ``timm:<name>[@<weights file>]``,
+    ``open_clip:<name>@<weights file>``, ``file:<features.npz|.npy keyed by image id>`` (image);
+    ``synthetic:attributes`` (either; the synthetic dataset's exact attributes).
+    """
 
     image: str | None = None
     text: str | None = None
     cache_dir: Path = Path(".itr_cache/teachers")
+    batch_size: PositiveInt = 64
+    backend: Literal["local", "ray"] = Field("local", description="ray: a Ray Data actor pool, one model per worker")
+    num_actors: PositiveInt = 1
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -217,6 +318,7 @@ class TrainConfig(Section):
         "unique_images", description="unique_images: never two captions of one image in a batch"
     )
     eval_every: PositiveInt = 1
+    eval_at_start: bool = Field(True, description="evaluate the untrained model first (logged as init/val/...)")
     best_metric: str = "val/rsum"
     best_mode: Literal["max", "min"] = "max"
     output_dir: Path = Path("runs")
@@ -234,7 +336,7 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _lrs(self) -> "TrainConfig":
         if self.min_lr > self.lr:
-            raise ValueError(f"min_lr {self.min_lr} is larger than lr {self.lr}")
+            raise FieldError("min_lr", f"{self.min_lr} is larger than lr {self.lr}")
         return self
 
 
@@ -278,11 +380,50 @@ class ExperimentConfig(Section):
     @model_validator(mode="after")
     def _sampler_fits_loss(self) -> "ExperimentConfig":
         if self.train.batch_sampler == "random" and not self.loss.supports_multi_positive:
-            raise ValueError(
-                "train.batch_sampler=random puts several captions of one image in a batch, "
-                f"but loss {self.loss.family!r} has multi_positive=false"
+            raise FieldError(
+                "train.batch_sampler",
+                f"random puts several captions of one image in a batch, but loss {self.loss.family!r} has "
+                "multi_positive=false",
             )
         return self
+
+    @model_validator(mode="after")
+    def _loss_inputs_available(self) -> "ExperimentConfig":
+        loss = self.loss
+        if isinstance(loss, CUSALoss):
+            for side in ("image", "text"):
+                if getattr(self.teachers, side) is None and (loss.alpha > 0 or loss.beta > 0):
+                    raise FieldError(f"teachers.{side}", "loss family cusa needs a teacher encoder spec here")
+            if loss.beta > 0 and self.model.heads in {"none", "cross"}:
+                raise FieldError("model.heads", "cusa with beta > 0 needs the uni-modal heads (cross_uni or auto)")
+        if isinstance(loss, (ListwiseLoss, BCLSLoss)):
+            source = self.relevance_source
+            if source == "exact" and self.data.resolved_format != "synthetic":
+                raise FieldError("loss.relevance", f"exact relevance needs data that knows it (synthetic), not "
+                                 f"{self.data.resolved_format}; set a text teacher (teachers.text)")
+            if source == "teacher" and self.teachers.text is None:
+                raise FieldError("teachers.text", f"loss family {loss.family} with teacher relevance needs a text teacher")
+        return self
+
+    @property
+    def relevance_source(self) -> str | None:
+        """``exact`` or ``teacher`` for the families that use a relevance matrix, else None."""
+        loss = self.loss
+        if not isinstance(loss, (ListwiseLoss, BCLSLoss)):
+            return None
+        if loss.relevance != "auto":
+            return loss.relevance
+        if self.data.resolved_format == "synthetic" and self.teachers.text is None:
+            return "exact"
+        return "teacher"
+
+    @property
+    def resolved_heads(self) -> str:
+        if self.model.heads != "auto":
+            return self.model.heads
+        if isinstance(self.loss, CUSALoss):
+            return "cross_uni" if self.loss.beta > 0 else "cross"
+        return "none"
 
     def config_hash(self) -> str:
         """sha256 (16 hex) of the resolved config, canonical JSON."""
@@ -364,7 +505,7 @@ def _dotted(loc: tuple[Any, ...], tree: Any) -> str:
     """pydantic error location -> dotted field, dropping union tags (``loss.infonce.x`` -> ``loss.x``)."""
     parts: list[str] = []
     for item in loc:
-        if isinstance(item, str) and item in {"infonce", "triplet"} and parts and parts[-1] == "loss":
+        if isinstance(item, str) and item in LOSS_FAMILIES and parts and parts[-1] == "loss":
             continue
         if isinstance(item, str) and item.startswith("function-"):
             continue
@@ -377,6 +518,10 @@ def format_validation_error(err: ValidationError, tree: Any) -> tuple[str, str]:
     errors = err.errors(include_url=False)
     first = errors[0]
     field = _dotted(tuple(first["loc"]), tree) or "(top level)"
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldError):
+        prefix = _dotted(tuple(first["loc"]), tree)
+        field = f"{prefix}.{cause.field}" if prefix and not cause.field.startswith(prefix) else cause.field
     msg = first["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]

@@ -14,6 +14,7 @@ from torch import nn
 
 from orchestrator import tracking
 from orchestrator.config import ExperimentConfig
+from orchestrator.ray_logs import filter_worker_logs
 from orchestrator.session import LocalSession
 from orchestrator.train_loop import train_loop
 
@@ -110,8 +111,8 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=True)
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True)
+    filter_worker_logs()
 
 
 def use_gpu(cfg: ExperimentConfig) -> bool:

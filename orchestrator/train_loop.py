@@ -26,7 +26,8 @@ from orchestrator.distributed import gather_with_local_grad
 from orchestrator.errors import UserError
 from orchestrator.evaluation.embed import autocast_context, encode_split, evaluate_embeddings
 from orchestrator.losses import build_loss
-from orchestrator.models.student import build_student, encode_pair, unwrap
+from orchestrator.models.student import HEAD_OUTPUTS, build_student, forward_embeddings, unwrap
+from orchestrator.soft_labels import BatchInputs
 from orchestrator.session import LocalSession, Session
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,13 @@ def _save_checkpoint(directory: Path, *, model: nn.Module, loss_fn: nn.Module, o
                  "epoch": epoch}, directory / MODEL_FILE)
 
 
+def load_teacher_features(cfg: ExperimentConfig, index):
+    """Teacher features of ``index`` from the content-addressed cache (extracted on first use)."""
+    from orchestrator.teachers import split_features
+
+    return split_features(cfg.teachers, index)
+
+
 def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | None = None) -> dict[str, float]:
     """Train the configured student with the configured loss; returns the last reported metrics.
 
@@ -126,7 +134,7 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
     # --- data
     train_index = load_split(cfg.data, "train")
     val_index = load_split(cfg.data, "val") if "val" in cfg.eval.splits else None
-    student = build_student(cfg.model)
+    student = build_student(cfg.model, heads=cfg.resolved_heads)
     train_images = ImageTensorCache(train_index, student.preprocess)
     val_images = ImageTensorCache(val_index, student.preprocess) if val_index is not None else None
     try:
@@ -144,8 +152,12 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
 
     # --- model, loss, optimiser
     model = student.model.to(device)
-    loss_fn = build_loss(cfg.loss).to(device)
-    loss_fn.check_inputs(EmbeddingBatch(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1)).available())
+    loss_fn = build_loss(cfg).to(device)
+    model_outputs = HEAD_OUTPUTS[cfg.resolved_heads]
+    needs_teacher = bool(loss_fn.requires - model_outputs - {"relevance"})
+    features = load_teacher_features(cfg, train_index) if needs_teacher else None
+    batch_inputs = BatchInputs(train_index, features, loss_fn.requires - model_outputs)
+    loss_fn.check_inputs(batch_inputs.available | model_outputs)
     optimizer = torch.optim.AdamW(param_groups([model, loss_fn], cfg.train.weight_decay), lr=cfg.train.lr,
                                   betas=tuple(cfg.train.betas))
     scheduler = cosine_with_warmup(optimizer, cfg.train, steps_per_epoch * cfg.train.epochs)
@@ -159,6 +171,16 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
     train_model = session.prepare_model(model)
     gather = cfg.scaling.gather_global_batch and session.world_size > 1
 
+    def validate() -> dict[str, float]:
+        emb = encode_split(unwrap(train_model), val_index, val_images, student.tokenizer, device=device,
+                           batch_size=cfg.eval.batch_size, precision=cfg.model.precision)
+        return evaluate_embeddings(emb, ks=cfg.eval.ks, chunk_size=cfg.eval.chunk_size, device=device)
+
+    initial: dict[str, float] = {}
+    if val_index is not None and session.rank == 0 and start_epoch == 0 and cfg.train.eval_at_start:
+        initial = {f"init/val/{k}": v for k, v in validate().items()}
+        log.info("untrained model: val rsum %.2f", initial["init/val/rsum"])
+
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, cfg.train.epochs):
         sampler.set_epoch(epoch)
@@ -170,12 +192,14 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
                 break
             batch = batch.to(device)
             with autocast_context(device, cfg.model.precision):
-                image_emb, text_emb = encode_pair(train_model, batch.images, batch.tokens)
-            image_ids = batch.image_index
+                emb = forward_embeddings(train_model, batch.images, batch.tokens)
+            image_ids, caption_ids = batch.image_index, batch.caption_index
             if gather:
-                image_emb, text_emb = gather_with_local_grad(image_emb), gather_with_local_grad(text_emb)
-                image_ids = gather_with_local_grad(image_ids)
-            out = loss_fn(EmbeddingBatch(image_emb=image_emb, text_emb=text_emb, image_ids=image_ids))
+                emb = {k: gather_with_local_grad(v) for k, v in emb.items()}
+                image_ids, caption_ids = gather_with_local_grad(image_ids), gather_with_local_grad(caption_ids)
+            extras = batch_inputs(image_ids.cpu().numpy(), caption_ids.cpu().numpy())
+            extras = {k: v.to(device, non_blocking=True) for k, v in extras.items()}
+            out = loss_fn(EmbeddingBatch(image_ids=image_ids, **emb, **extras))
             if not torch.isfinite(out.total):
                 bad = [k for k, v in out.terms.items() if not torch.isfinite(v)] or ["total"]
                 raise NonFiniteLossError(epoch, step, bad)
@@ -203,10 +227,9 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
 
         last = epoch + 1 == cfg.train.epochs
         if val_index is not None and session.rank == 0 and ((epoch + 1) % cfg.train.eval_every == 0 or last):
-            emb = encode_split(unwrap(train_model), val_index, val_images, student.tokenizer, device=device,
-                               batch_size=cfg.eval.batch_size, precision=cfg.model.precision)
-            val = evaluate_embeddings(emb, ks=cfg.eval.ks, chunk_size=cfg.eval.chunk_size, device=device)
-            metrics.update({f"val/{k}": v for k, v in val.items()})
+            metrics.update({f"val/{k}": v for k, v in validate().items()})
+        if epoch == 0:
+            metrics.update(initial)
         score = metrics.get(cfg.train.best_metric)
         if score is not None and (best is None or (score > best if cfg.train.best_mode == "max" else score < best)):
             best = score

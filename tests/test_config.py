@@ -59,7 +59,7 @@ def test_nan_hyperparameter_rejected(tmp_path):
 
 def test_loss_union_field_is_named_without_tag(tmp_path):
     msg = error_of(write(tmp_path, {"loss": {"family": "infonce", "temperature": {"init": 0.5, "min": 0.01, "max": 0.1}}}))
-    assert ":loss.temperature:" in msg and "outside" in msg
+    assert ":loss.temperature.init:" in msg and "outside" in msg
 
 
 def test_unknown_loss_family(tmp_path):
@@ -134,3 +134,22 @@ def test_cli_subprocess_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"error: {path}:model.nmae: unknown key"
+
+
+def test_cross_field_errors_name_the_field(tmp_path):
+    msg = error_of(write(tmp_path, {"loss": {"family": "cusa"}}))
+    assert msg.startswith(f"{tmp_path / 'exp.yaml'}:teachers.image: ")
+    msg = error_of(write(tmp_path, {"train": {"lr": 1e-4, "min_lr": 1e-3}}))
+    assert ":train.min_lr:" in msg
+    msg = error_of(write(tmp_path, {"data": {"format": "karpathy"}}))
+    assert ":data.annotations:" in msg
+    msg = error_of(write(tmp_path, {"loss": {"family": "listwise", "relevance": "teacher"}}))
+    assert ":teachers.text:" in msg
+
+
+def test_relevance_source_and_heads_resolve():
+    cfg = ExperimentConfig.model_validate({"loss": {"family": "bcls"}})
+    assert cfg.relevance_source == "exact" and cfg.resolved_heads == "none"
+    cfg = ExperimentConfig.model_validate({"loss": {"family": "cusa", "beta": 0.0},
+                                           "teachers": {"image": "synthetic:attributes", "text": "synthetic:attributes"}})
+    assert cfg.resolved_heads == "cross" and cfg.relevance_source is None

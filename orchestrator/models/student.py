@@ -10,6 +10,7 @@ from torch import nn
 
 from orchestrator.config import ModelConfig
 from orchestrator.errors import UserError
+from orchestrator.models.heads import HeadedDualEncoder
 from orchestrator.models.registry import register_project_models
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ class Student:
     embed_dim: int
 
 
-def build_student(cfg: ModelConfig) -> Student:
+def build_student(cfg: ModelConfig, heads: str = "none") -> Student:
     """The open_clip model named by ``cfg`` (random init, or the local checkpoint ``cfg.pretrained``).
 
     Preprocessing is open_clip's eval transform (resize, centre crop, normalise): like CUSA, no training
@@ -56,13 +57,24 @@ def build_student(cfg: ModelConfig) -> Student:
         model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
     tokenizer = open_clip.get_tokenizer(cfg.name)
     embed_dim = int(open_clip.get_model_config(cfg.name)["embed_dim"])
+    if heads != "none":
+        model = HeadedDualEncoder(model, embed_dim, uni=heads == "cross_uni")
     return Student(model=model, preprocess=preprocess, tokenizer=tokenizer, embed_dim=embed_dim)
 
 
-def encode_pair(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised (image (B, D), text (B, D)) embeddings in float32 (works through DDP wrappers)."""
+#: Extra embeddings a model may produce beyond the cross-modal pair, by ``heads`` setting.
+HEAD_OUTPUTS = {"none": frozenset(), "cross": frozenset(), "cross_uni": frozenset({"image_uni", "text_uni"})}
+
+
+def forward_embeddings(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """L2-normalised float32 embeddings (works through DDP wrappers): ``image_emb``, ``text_emb`` (B, D) and,
+    with uni-modal heads, ``image_uni``, ``text_uni`` (B, D)."""
     out = model(images, tokens)
-    return out["image_features"].float(), out["text_features"].float()
+    result = {"image_emb": out["image_features"].float(), "text_emb": out["text_features"].float()}
+    for key in ("image_uni", "text_uni"):
+        if key in out:
+            result[key] = out[key].float()
+    return result
 
 
 def unwrap(model: nn.Module) -> nn.Module:
