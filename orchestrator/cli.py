@@ -53,6 +53,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- teachers
+def cmd_teachers(args: argparse.Namespace) -> int:
+    from orchestrator.config import load_config
+    from orchestrator.run import prepare_teacher_features
+
+    cfg = load_config(args.config, args.set)
+    if cfg.teachers.image is None and cfg.teachers.text is None:
+        from orchestrator.errors import UserError as _UE
+
+        raise _UE("no teacher configured (set teachers.image and/or teachers.text)", path=args.config,
+                  field="teachers")
+    if cfg.teachers.backend == "ray":
+        from orchestrator.run import init_ray
+
+        init_ray()
+    found = prepare_teacher_features(cfg, roles=tuple(args.splits))
+    rows = []
+    for role, feats in found.items():
+        for side, stats in feats.stats.items():
+            rows.append({"split": role, "teacher": side, "items": stats.total, "computed": stats.computed,
+                         "reused": stats.reused, "seconds": float(stats.seconds),
+                         "features": str(feats.view_dirs.get(side, ""))})
+    print(format_table(rows, ["split", "teacher", "items", "computed", "reused", "seconds", "features"]))
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
@@ -103,6 +129,48 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- sweep
+def dashboard_hint(uri: str | None) -> str:
+    """How to open the MLflow UI over ``uri`` (plain ``itr ui`` when it is this folder's default store)."""
+    from orchestrator.config import TrackingConfig
+    from orchestrator.tracking import resolve_target
+
+    default = resolve_target(TrackingConfig()).uri
+    command = "itr ui" if uri in (None, default) else f"itr ui --uri {uri}"
+    return f"open the dashboard with: {command}   (serves on http://127.0.0.1:5000)"
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from orchestrator import leaderboard
+    from orchestrator.search_space import load_space
+    from orchestrator.sweep import run_sweep
+
+    space = load_space(args.space, args.set)
+    if args.dry_run:
+        print(f"sweep {args.name or space.name}: {space.num_trials} trial(s) of {', '.join(space.varied)}; "
+              f"metric {space.metric} ({space.mode}); scheduler {space.spec.scheduler.type}; base "
+              f"{space.base_source}")
+        return 0
+    try:
+        result = run_sweep(space, resume=args.resume, name=args.name, verbose=1 if args.verbose else 0,
+                           progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"\nsweep interrupted; continue it with: itr sweep {args.space} --resume"
+              + (f" --name {args.name}" if args.name else ""), file=sys.stderr)
+        raise
+    print()
+    print(f"sweep {result.name}: {len(result.records)} trial(s), metric {space.metric} ({space.mode}), "
+          f"{result.wall_s:.0f} s" + (" (resumed)" if result.resumed else ""))
+    print(leaderboard.format_table(result.table) if result.table else "(no leaderboard: tracking is disabled)")
+    print(f"\nsweep folder: {result.path}")
+    if result.parent_run_id:
+        print(f"MLflow parent run {result.parent_run_id} in {result.tracking_uri} "
+              f"(leaderboard.csv and plots/ are its artifacts)")
+        print(dashboard_hint(result.tracking_uri))
+    finished = sum(1 for r in result.records if r.status in (leaderboard.STATUS_FINISHED, leaderboard.STATUS_STOPPED))
+    return 0 if finished or not result.records else 1
+
+
 # ------------------------------------------------------------------------------------------------- ui
 def ui_command(uri: str, host: str, port: int) -> list[str]:
     """The ``mlflow ui`` argv for ``uri`` (no shell; one worker)."""
@@ -135,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="a.b=value", help="override a config field")
     t.set_defaults(func=cmd_train)
 
+    th = sub.add_parser("teachers", help="extract teacher features of every split into the content-addressed cache")
+    th.add_argument("config", help="experiment YAML with teachers.image / teachers.text")
+    th.add_argument("--set", action="append", default=[], metavar="a.b=value")
+    th.add_argument("--splits", nargs="+", default=["train", "val", "test"], choices=["train", "val", "test"])
+    th.set_defaults(func=cmd_teachers)
+
     e = sub.add_parser("eval", help="retrieval metrics of a checkpoint on a split")
     e.add_argument("--checkpoint", required=True, help="a checkpoint folder or its model.pt")
     e.add_argument("--split", default="val", choices=["train", "val", "test"])
@@ -143,6 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--export-embeddings", metavar="OUT.npz")
     e.add_argument("--json", metavar="OUT.json", help="write the metrics JSON here instead of stdout")
     e.set_defaults(func=cmd_eval)
+
+    w = sub.add_parser("sweep", help="run a Ray Tune search over a search space (search_spaces/*.yaml)")
+    w.add_argument("space", help="search space YAML (see search_spaces/)")
+    w.add_argument("--resume", action="store_true",
+                   help="continue the interrupted sweep of this space (an error if there is none); "
+                        "rerunning without it also continues one that exists")
+    w.add_argument("--name", help="sweep name (default: the space's name or file stem); names the folder "
+                                  "<train.output_dir>/sweeps/<name>")
+    w.add_argument("--set", action="append", default=[], metavar="a.b=value",
+                   help="override a field of the base config (not a swept one)")
+    w.add_argument("--dry-run", action="store_true", help="validate the space and print the plan; run nothing")
+    w.add_argument("--quiet", action="store_true", help="no per-epoch progress lines (itr -v sweep: Tune's tables too)")
+    w.set_defaults(func=cmd_sweep)
 
     u = sub.add_parser("ui", help="serve the MLflow dashboard over the project's tracking store")
     u.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")

@@ -418,6 +418,13 @@ class ExperimentConfig(Section):
         return "teacher"
 
     @property
+    def uses_teachers(self) -> bool:
+        """Whether training needs teacher features (CUSA's soft labels, or teacher relevance for RSC)."""
+        if isinstance(self.loss, CUSALoss):
+            return self.loss.alpha > 0 or self.loss.beta > 0
+        return self.relevance_source == "teacher"
+
+    @property
     def resolved_heads(self) -> str:
         if self.model.heads != "auto":
             return self.model.heads

@@ -122,7 +122,12 @@ def use_gpu(cfg: ExperimentConfig) -> bool:
 
 
 def _fit_with_ray(cfg: ExperimentConfig, name: str, target: tracking.TrackingTarget | None,
-                  run_id: str | None) -> tuple[dict[str, float], str | None, str]:
+                  run_id: str | None, *, callbacks: list | None = None,
+                  storage_path: str | None = None) -> tuple[dict[str, float], str | None, str]:
+    """Fit ``cfg`` in a ``TorchTrainer`` named ``name`` (a rerun with the same name and storage resumes it).
+
+    ``callbacks``: Ray Train callbacks (a sweep passes Tune's ``TuneReportCallback``); ``storage_path``: where the
+    run folder goes (default ``<train.output_dir>/ray``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -131,7 +136,7 @@ def _fit_with_ray(cfg: ExperimentConfig, name: str, target: tracking.TrackingTar
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if gpu:
         resources["GPU"] = 1
-    storage = (Path(cfg.train.output_dir).expanduser().resolve() / "ray").as_posix()
+    storage = storage_path or (Path(cfg.train.output_dir).expanduser().resolve() / "ray").as_posix()
     loop_config = {"config": cfg.model_dump(mode="json"), "run_id": run_id,
                    "target": None if target is None else target.__dict__}
     trainer = TorchTrainer(
@@ -141,6 +146,7 @@ def _fit_with_ray(cfg: ExperimentConfig, name: str, target: tracking.TrackingTar
         run_config=RunConfig(
             name=name,
             storage_path=storage,
+            callbacks=list(callbacks or []),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="checkpoint/score",
                                                checkpoint_score_order=cfg.train.best_mode),
@@ -157,6 +163,33 @@ def _fit_with_ray(cfg: ExperimentConfig, name: str, target: tracking.TrackingTar
     return metrics, best, f"{storage}/{name}"
 
 
+def prepare_teacher_features(cfg: ExperimentConfig, roles=("train", "val", "test")) -> dict[str, Any]:
+    """Extract (or find cached) teacher features for each split ``role`` on the driver, before any worker starts.
+
+    Returns ``{role: SplitTeacherFeatures}``; a role whose split does not exist in the data is skipped.
+    """
+    from orchestrator.data.splits import load_split
+    from orchestrator.errors import UserError
+    from orchestrator.teachers import extract_split, load_teachers
+
+    teachers = load_teachers(cfg.teachers)
+    out = {}
+    for role in roles:
+        try:
+            index = load_split(cfg.data, role)
+        except UserError as err:
+            if role == "train":
+                raise
+            log.info("teachers: skipping split %s (%s)", role, err)
+            continue
+        feats = extract_split(cfg.teachers, index, progress=True, teachers=teachers)
+        for side, stats in feats.stats.items():
+            log.info("teachers: %s %s: %d items, %d computed, %d reused (%.1f s)", index.name, side, stats.total,
+                     stats.computed, stats.reused, stats.seconds)
+        out[role] = feats
+    return out
+
+
 def run_experiment(cfg: ExperimentConfig, *, config_source: str | None = None,
                    parent_run_id: str | None = None) -> RunResult:
     """Train ``cfg`` end to end and record it in one MLflow run (FINISHED, or FAILED with the reason)."""
@@ -170,6 +203,8 @@ def run_experiment(cfg: ExperimentConfig, *, config_source: str | None = None,
         tracking.log_text_artifact(target, run_id, "config.yaml", cfg.to_yaml())
         log.info("MLflow run %s in %s (experiment %r)", run_id, target.uri, target.experiment)
     try:
+        if cfg.uses_teachers:
+            prepare_teacher_features(cfg, roles=("train",))
         if cfg.scaling.backend == "local":
             run_dir = Path(cfg.train.output_dir).expanduser().resolve() / name
             sinks = [tracking.MetricSink(target, run_id)] if run_id else []

@@ -109,11 +109,11 @@ def _save_checkpoint(directory: Path, *, model: nn.Module, loss_fn: nn.Module, o
                  "epoch": epoch}, directory / MODEL_FILE)
 
 
-def load_teacher_features(cfg: ExperimentConfig, index):
-    """Teacher features of ``index`` from the content-addressed cache (extracted on first use)."""
-    from orchestrator.teachers import split_features
+def load_teacher_features(cfg: ExperimentConfig, index, progress: bool = False):
+    """Teacher features of ``index`` from the content-addressed cache (extracted here if the driver did not)."""
+    from orchestrator.teachers import extract_split
 
-    return split_features(cfg.teachers, index)
+    return extract_split(cfg.teachers, index, progress=progress, backend="local")
 
 
 def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | None = None) -> dict[str, float]:

