@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -54,6 +55,7 @@ class LocalSession:
         self.sinks = list(sinks or [])
         self.device = device or default_device()
         self.history: list[dict[str, float]] = []
+        self.progress = sys.stderr.isatty()  # a per-step progress bar on a terminal
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from methods import EmbeddingBatch
 from orchestrator.checkpoint import MODEL_FILE, STATE_FILE, atomic_save, load_file
@@ -187,6 +188,8 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
         train_model.train()
         sums: dict[str, float] = defaultdict(float)
         steps, t0 = 0, time.perf_counter()
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step", leave=False,
+                   disable=not getattr(session, "progress", False) or session.rank != 0)
         for step, batch in enumerate(loader):
             if step >= steps_per_epoch:
                 break
@@ -215,8 +218,11 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
             sums["train/loss"] += float(out.total.detach())
             for name, value in out.terms.items():
                 sums[f"train/{name}"] += float(value)
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(out.total.detach()):.4f}", refresh=False)
             if global_step % cfg.train.log_every_steps == 0:
                 log.info("epoch %d step %d/%d loss %.4f", epoch, step + 1, steps_per_epoch, float(out.total.detach()))
+        bar.close()
         metrics = {k: v / max(steps, 1) for k, v in sums.items()}
         metrics["train/lr"] = scheduler.get_last_lr()[0]
         metrics["train/epoch_time_s"] = time.perf_counter() - t0
