@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup test test-fast test-all demo clean
 
 setup: $(STAMP)
 
@@ -20,11 +20,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test,teachers]"
 	touch $(STAMP)
 
+# `slow` tests (B = 2048 O(B^3) losses on the CPU: ~10 CPU-minutes) run with `make test-all`.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not ray"
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
 
 demo: $(STAMP)
 	$(VENV)/bin/itr train configs/demo.yaml

@@ -1,4 +1,4 @@
-"""Pure-function losses for image-text retrieval (see docs/methods-spec.md, sections A, B, C).
+"""Pure-function losses for image-text retrieval (methods spec ``shared/docs/methods-spec.md``, A-C).
 
 Conventions shared by every function here:
 
@@ -10,19 +10,22 @@ Conventions shared by every function here:
   each direction reads.
 * ``positives`` is an optional (B, B) bool mask, ``positives[i, j]`` True when text j is a
   ground-truth caption of image i (e.g. built from repeated image ids). ``None`` = diagonal.
-* Every loss returns a 0-d tensor on the device / dtype of ``S``, differentiable in ``S``
-  (and in a tensor temperature where one is accepted). Relevance, masks and teacher scores
-  are treated as constants.
+* Every loss returns a 0-d tensor on the device / dtype of ``S``, differentiable in ``S``.
+  The InfoNCE, Triplet-SN and soft-label-KL temperatures may be 0-d tensors that receive a
+  gradient (learnable); the S-NDCG ``tau`` and Kendall ``temperature`` are plain floats.
+  Relevance, masks and teacher scores are treated as constants. No state, no device moves.
 
-The listwise (S-NDCG) and full Kendall losses are O(B^3) in compute. The released code also
-materialises (B, B, B) tensors; here they are evaluated in chunks of queries with custom
-autograd functions whose backward recomputes each chunk, so the extra memory is
-O(chunk_size * B^2) (about 64 MB per buffer by default) with the same values and gradients.
+The listwise (S-NDCG) and all-pairs Kendall losses are O(B^3) in compute. The released code
+materialises several (B, B, B) tensors (plus autograd buffers); here they are evaluated in
+blocks of queries (``chunk_size`` queries, at most 2**24 elements per buffer by default; on CPU
+also cut to ``CPU_TILE_ELEMENTS``) by custom autograd functions that accumulate the analytic
+gradient in the same pass and keep only a (B, B) gradient for backward. Extra memory is
+O(B^2 + block) with the same values and gradients as the naive form (tested in float64).
 """
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +37,7 @@ TensorOrFloat = Union[torch.Tensor, float]
 CHUNK_ELEMENTS = 2**24
 
 #: On CPU the O(B^3) kernels work on blocks of about this many elements (cache-sized).
-CPU_TILE_ELEMENTS = 2**18
+CPU_TILE_ELEMENTS = 2**22
 
 #: Default epsilon of the SelHN rule: ``--epsilon`` default 0.01 of AAA-Zheng/RVSEPP ``train.py``.
 SELHN_DEFAULT_EPS = 0.01
@@ -369,23 +372,34 @@ def caption_relevance(
 # ---------------------------------------------------------------------------------------------
 
 
-def _blocks(Q: int, N: int, chunk: int, device: torch.device) -> Iterator[Tuple[int, int, int, int]]:
-    """Blocks (q0, q1, j0, j1) covering a (Q, N) query x candidate grid for the O(N^3) kernels.
+def _block_shape(Q: int, N: int, chunk: int, device: torch.device) -> Tuple[int, int]:
+    """(queries, candidates j) per block of the O(N^3) kernels; a block holds (c, jt, N) buffers.
 
-    A block materialises (q1 - q0, j1 - j0, N) buffers. Queries go ``chunk`` at a time (the
-    memory bound). On CPU blocks are cut further to about ``CPU_TILE_ELEMENTS`` elements
-    (fewer queries, then row blocks of candidates j) so that each pass stays in cache.
+    Queries go ``chunk`` at a time (the memory bound). On CPU blocks are cut further to about
+    ``CPU_TILE_ELEMENTS`` elements (fewer queries, then row blocks of candidates j): fewer, larger
+    passes would thrash the cache, and a single query's (N, N) slab can be large.
     """
-    c, jt = chunk, N
+    c, jt = max(1, min(chunk, Q)), N
     if device.type == "cpu":
         tile = max(1, int(CPU_TILE_ELEMENTS))
-        c = max(1, min(chunk, tile // max(1, N * N)))
+        c = max(1, min(c, tile // max(1, N * N)))
         if c * N * N > tile:
             jt = max(1, min(N, tile // max(1, N)))
+    return c, jt
+
+
+def _blocks(Q: int, N: int, c: int, jt: int) -> Iterator[Tuple[int, int, int, int]]:
+    """Blocks (q0, q1, j0, j1) covering the (Q, N) query x candidate grid."""
     for q0 in range(0, Q, c):
         q1 = min(Q, q0 + c)
         for j0 in range(0, N, jt):
             yield q0, q1, j0, min(N, j0 + jt)
+
+
+def _views(bufs: Sequence[torch.Tensor], shape: Tuple[int, int, int]) -> List[torch.Tensor]:
+    """Views of the preallocated flat buffers with a block's shape (no allocation per block)."""
+    n = shape[0] * shape[1] * shape[2]
+    return [b[:n].view(shape) for b in bufs]
 
 
 class _SmoothNDCGDirection(torch.autograd.Function):
@@ -395,8 +409,9 @@ class _SmoothNDCGDirection(torch.autograd.Function):
     ``r_qj = 1 + sum_{k != j} sigmoid(clamp((S_qk - S_qj) / tau, -c, c))`` are evaluated block by
     block (see :func:`_blocks`); each block holds every k for its (q, j), so ``dL/dr_qj`` is
     known inside the block and the gradient is accumulated in the same pass:
-    ``dL/dS_qm = (1/tau) [sum_j g_qj s'_qjm - g_qm sum_k s'_qmk]`` with ``s' = sigmoid'(x)``
-    inside the clamp range and 0 outside (as autograd through clamp), ``s'_qjj = 0``.
+    ``dL/dS_qm = (1/tau) [sum_j g_qj s'_qjm - g_qm sum_k s'_qmk]`` with ``s'`` the sigmoid
+    derivative at the clamped argument (``s'_qjj = 0``). Autograd through the clamp would give
+    exactly 0 outside [-c, c] instead of sigmoid'(+-c) <= 2e-22: a negligible difference.
     Only the (Q, N) gradient is kept for backward. Not twice differentiable.
     """
 
@@ -409,11 +424,14 @@ class _SmoothNDCGDirection(torch.autograd.Function):
         dcg = torch.zeros(Q, dtype=S.dtype, device=S.device)
         grad = torch.zeros_like(S) if need_grad else None
         scale = 1.0 / (Q * math.log(2.0))
-        for q0, q1, j0, j1 in _blocks(Q, N, chunk, S.device):
+        c, jt = _block_shape(Q, N, chunk, S.device)
+        bufs = [S.new_empty(c * jt * N) for _ in range(2 if need_grad else 1)]
+        for q0, q1, j0, j1 in _blocks(Q, N, c, jt):
             s = S[q0:q1]
-            x = (s.unsqueeze(1) - s[:, j0:j1].unsqueeze(2)).div_(tau)  # x[q, j, k] = (S_qk - S_qj) / tau
-            outside = x.abs() > clamp if need_grad else None
-            x.clamp_(-clamp, clamp).sigmoid_()
+            views = _views(bufs, (q1 - q0, j1 - j0, N))
+            x = views[0]
+            torch.sub(s.unsqueeze(1), s[:, j0:j1].unsqueeze(2), out=x)  # x[q, j, k] = S_qk - S_qj
+            x.div_(tau).clamp_(-clamp, clamp).sigmoid_()
             x.diagonal(offset=j0, dim1=1, dim2=2).zero_()  # drop k == j
             r1 = x.sum(dim=2).add_(2.0)  # 1 + rank
             log_r1 = torch.log2(r1)
@@ -421,12 +439,13 @@ class _SmoothNDCGDirection(torch.autograd.Function):
             dcg[q0:q1] += (G / log_r1).sum(dim=1)
             if need_grad:
                 g = G * inv_idcg[q0:q1].unsqueeze(1) * scale / (r1 * log_r1 * log_r1)  # dL/dr_qj
-                x.mul_(1.0 - x).masked_fill_(outside, 0.0)  # sigmoid' (0 where clamped)
-                del outside
-                x.diagonal(offset=j0, dim1=1, dim2=2).zero_()
+                # sigmoid' at the clamped argument: s - s^2. Autograd through clamp gives exactly 0
+                # outside [-c, c]; here it is sigmoid'(+-c) <= 2e-22 (0 at +c), a negligible gap
+                # that saves a mask pass over the block.
+                x.sub_(torch.mul(x, x, out=views[1]))
                 grad[q0:q1] += torch.bmm(g.unsqueeze(1), x).squeeze(1)
                 grad[q0:q1, j0:j1] -= g * x.sum(dim=2)
-            del x
+        del bufs
         # A row whose IDCG is 0 (all gains 0) has nothing to rank: NDCG := 1, i.e. loss 0.
         ndcg = torch.where(ok, dcg * inv_idcg, torch.ones_like(dcg))
         loss = (1.0 - ndcg).mean()
@@ -482,9 +501,10 @@ def smooth_ndcg_loss(
 
     Returns ``(L_i2t + L_t2i) / 2``. R carries no gradient; rows with zero IDCG contribute 0.
 
-    Memory: the smooth ranks are computed ``chunk_size`` queries at a time through a custom
-    autograd function that recomputes the chunk in backward, so extra memory is
-    O(chunk_size * B^2) instead of the released code's several (B, B, B) tensors.
+    Memory: the smooth ranks are computed ``chunk_size`` queries at a time by a custom
+    autograd function that accumulates the analytic gradient in the same pass (no recompute,
+    nothing of size B^3 kept), so extra memory is O(B^2 + chunk_size * B^2) instead of the
+    released code's several (B, B, B) tensors. Not twice differentiable.
 
     Args:
         S: (B, B) similarities, rows = images, columns = texts.
@@ -542,41 +562,44 @@ class _KendallAllPairs(torch.autograd.Function):
         Q, N = S.shape
         need_grad = bool(ctx.needs_input_grad[0])
         num = torch.zeros((), dtype=torch.float64, device=S.device)
-        cnt = torch.zeros((), dtype=torch.int64, device=S.device)
+        cnt = torch.zeros((), dtype=torch.float64, device=S.device)
         grad = torch.zeros_like(S) if need_grad else None
-        for q0, q1, j0, j1 in _blocks(Q, N, chunk, S.device):
+        c, jt = _block_shape(Q, N, chunk, S.device)
+        bufs = [S.new_empty(c * jt * N) for _ in range(3)]
+        for q0, q1, j0, j1 in _blocks(Q, N, c, jt):
             s, r = S[q0:q1], R[q0:q1]
-            m = (r[:, j0:j1].unsqueeze(2) - r.unsqueeze(1)) > gap  # m[q, j, k]: R_qj - R_qk > gap
-            x = s.unsqueeze(1) - s[:, j0:j1].unsqueeze(2)  # x[q, j, k] = S_qk - S_qj
-            cnt += m.sum()
-            w = None
+            mf, x, w = _views(bufs, (q1 - q0, j1 - j0, N))
+            # Valid-pair mask as a float {0, 1}: fl(R_qj - R_qk) - gap > 0 <=> fl(R_qj - R_qk) > gap
+            # (IEEE subtraction is exact in sign), so it equals the bool mask of the spec; float
+            # masks avoid bool masked_fill / where, which are much slower on CPU.
+            torch.sub(r[:, j0:j1].unsqueeze(2), r.unsqueeze(1), out=mf)  # R_qj - R_qk
+            mf.sub_(gap).sign_().clamp_(min=0.0)
+            cnt += mf.sum(dim=2).sum(dtype=torch.float64)  # row sums <= N are exact
+            torch.sub(s.unsqueeze(1), s[:, j0:j1].unsqueeze(2), out=x)  # x[q, j, k] = S_qk - S_qj
             if surrogate == "hinge":
+                pen = x.relu_().mul_(mf)
                 if need_grad:
-                    w = ((x > 0) & m).to(S.dtype)
-                pen = x.relu_()
+                    torch.sign(pen, out=w)  # relu' = 1[x > 0], on valid pairs only
             elif surrogate == "tanh":
                 t = x.div_(temperature).tanh_()
-                pen = (t + 1.0).div_(2.0)
                 if need_grad:
-                    w = t.mul_(t).neg_().add_(1.0).div_(2.0 * temperature)
+                    torch.mul(t, t, out=w).neg_().add_(1.0).mul_(mf).div_(2.0 * temperature)
+                pen = t.add_(1.0).div_(2.0).mul_(mf)
             else:
                 sg = x.div_(temperature).sigmoid_()
-                pen = sg.clone()
                 if need_grad:
-                    w = sg.mul_(1.0 - sg).div_(temperature)
-            num += pen.masked_fill_(~m, 0.0).sum(dtype=torch.float64)
-            del pen
+                    torch.mul(sg, sg, out=w).neg_().add_(sg).mul_(mf).div_(temperature)  # (s - s^2)
+                pen = sg.mul_(mf)
+            num += pen.sum()
             if need_grad:
-                assert w is not None
-                if surrogate != "hinge":
-                    w.masked_fill_(~m, 0.0)
                 grad[q0:q1] += w.sum(dim=1)
                 grad[q0:q1, j0:j1] -= w.sum(dim=2)
-            del m, x, w
+        del bufs
         if need_grad:
             ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(cnt)
-        return num.to(S.dtype), cnt
+        cnt_i = cnt.round().to(torch.int64)
+        ctx.mark_non_differentiable(cnt_i)
+        return num.to(S.dtype), cnt_i
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -725,10 +748,12 @@ def kendall_rank_loss(
 
     Returns ``(L_i2t + L_t2i) / 2``; R carries no gradient.
 
-    Memory: all-pairs is evaluated in query chunks by a custom autograd function (backward
-    recomputes the chunk): O(chunk_size * B^2) extra memory. With a window, the (chunk, B, w)
-    pair tensors are built by gathering/unfolding the relevance-sorted rows, in query chunks
-    (checkpointed when there is more than one chunk). Hard mining keeps O(B * hard_k) pairs.
+    Memory: all-pairs is evaluated in query chunks by a custom autograd function that
+    accumulates the analytic gradient in the same pass: O(B^2 + chunk_size * B^2) extra memory.
+    With a window, the (chunk, B, w) pair tensors are built by unfolding the relevance-sorted
+    rows, in query chunks (``torch.utils.checkpoint`` per chunk when there is more than one), so
+    compute and memory are O(B^2 w). Hard mining selects pairs without grad (chunked) and then
+    differentiates only the kept O(B * hard_k) pairs.
 
     Args:
         S: (B, B) similarities, rows = images, columns = texts.
