@@ -182,3 +182,28 @@ def end_run(target: TrackingTarget, run_id: str, status: str = "FINISHED", reaso
 
 def final_metrics_json(metrics: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in metrics.items() if not k.startswith("checkpoint/")}, indent=2, sort_keys=True)
+
+
+# ------------------------------------------------------------------------------ nested runs (sweeps)
+def child_runs(target: TrackingTarget, parent_run_id: str, tags: dict[str, str] | None = None) -> list:
+    """The runs nested under ``parent_run_id`` (tag ``mlflow.parentRunId``), optionally with equal ``tags``."""
+    c = client(target)
+    exp_id = c.get_run(parent_run_id).info.experiment_id
+    clauses = [f"tags.`mlflow.parentRunId` = '{parent_run_id}'"]
+    for key, value in (tags or {}).items():
+        clauses.append(f"tags.`{key}` = '{value}'")
+    runs, token = [], None
+    while True:
+        page = c.search_runs([exp_id], filter_string=" and ".join(clauses), max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def reopen_run(target: TrackingTarget, run_id: str) -> None:
+    """Mark a terminated run RUNNING again (a resumed trial or sweep continues in its old run)."""
+    c = client(target)
+    c.update_run(run_id, status="RUNNING")
+    if "itr.failure" in c.get_run(run_id).data.tags:
+        c.delete_tag(run_id, "itr.failure")

@@ -1,0 +1,596 @@
+"""Search-space files (``search_spaces/*.yaml``): read, validate against the experiment config, turn into Tune.
+
+A space file::
+
+    name: smoke                        # optional; default: the file's stem. Names the sweep folder.
+    base: ../configs/tiny.yaml         # a config path (absolute, or relative to the space file, the cwd or
+                                       # the repo root, first that exists) or an inline mapping
+    overrides: [train.epochs=2]        # optional dotted overrides of the base (list of a.b=c, or a mapping)
+    space:                             # dotted config path -> one distribution
+      loss.family: {grid: [infonce, triplet]}
+      train.lr: {loguniform: [1.0e-4, 1.0e-2]}
+      train.warmup_steps: {randint: [0, 20]}      # both bounds inclusive
+      loss.margin: {uniform: [0.1, 0.3]}
+      train.batch_size: {choice: [32, 64]}
+    seeds: [0, 1]                      # optional: every trial once per seed (a grid over train.seed)
+    num_samples: 1                     # Tune's: the grid is repeated, random distributions re-sampled
+    metric: val/rsum                   # a val/ retrieval metric (recall.py's names) or train/loss
+    mode: max                          # default: min for loss/medr/meanr, max otherwise
+    scheduler: {type: asha, grace_period: 1, reduction_factor: 2, max_t: 3}   # or {type: fifo}
+    max_concurrent_trials: 2
+    resources: {cpu: 1, gpu: 0}        # per trial (per Train worker when a trial needs several workers/GPUs)
+    max_failures: 0                    # Tune retries of a failed trial (from its last checkpoint)
+
+Everything is checked before a trial starts: unknown keys, unknown dotted paths, a distribution whose values the
+field rejects (each distribution's values -- or, for continuous ones, a few samples -- are substituted into the
+base config and validated, then the combinations), a metric no trial reports. Errors are ``UserError``s naming the
+space file and the line of the offending key. YAML is read with the safe loader only.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.config import (ExperimentConfig, apply_overrides, parse_override, read_yaml, validate_config)
+from orchestrator.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DIST_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+#: metrics every trial reports besides the val/ retrieval metrics
+TRAIN_METRICS = ("train/loss",)
+#: combinations of grid/choice values (and samples of continuous distributions) validated at most
+MAX_COMBINATIONS = 512
+#: config fields holding paths that must not depend on a worker's cwd
+PATH_FIELDS = ("data.root", "data.annotations", "model.pretrained", "teachers.cache_dir", "train.output_dir",
+               "tracking.artifact_dir")
+_SAMPLE_FRACTIONS = (0.0, 0.37, 1.0)
+
+
+# ------------------------------------------------------------------------------------------ the model
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Distribution(_Strict):
+    """Exactly one of grid / choice / uniform / loguniform / randint."""
+
+    grid: list[Any] | None = None
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "Distribution":
+        given = [k for k in DIST_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(DIST_KINDS)} (got {', '.join(given) or 'none'})")
+        kind = given[0]
+        value = getattr(self, kind)
+        if kind in ("grid", "choice"):
+            if not value:
+                raise ValueError(f"{kind} needs at least one value")
+        else:
+            lo, hi = value
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise ValueError(f"{kind} bounds must be finite")
+            if kind == "randint" and lo > hi:
+                raise ValueError(f"randint [{lo}, {hi}]: the lower bound is larger than the upper one")
+            if kind != "randint" and not lo < hi:
+                raise ValueError(f"{kind} [{lo}, {hi}]: the lower bound must be below the upper one")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in DIST_KINDS if getattr(self, k) is not None)
+
+    @property
+    def args(self) -> Any:
+        return getattr(self, self.kind)
+
+    @property
+    def categorical(self) -> bool:
+        return self.kind in ("grid", "choice")
+
+    def sample_values(self) -> list[Any]:
+        """The values a trial may get (grid/choice) or representative samples (bounds and an interior point)."""
+        kind, args = self.kind, self.args
+        if kind in ("grid", "choice"):
+            return list(args)
+        lo, hi = args
+        if kind == "randint":
+            return sorted({lo, hi})
+        if kind == "uniform":
+            return [lo + f * (hi - lo) for f in _SAMPLE_FRACTIONS]
+        return [math.exp(math.log(lo) + f * (math.log(hi) - math.log(lo))) for f in _SAMPLE_FRACTIONS]
+
+    def to_tune(self):
+        from ray import tune
+
+        kind, args = self.kind, self.args
+        if kind == "grid":
+            return tune.grid_search(list(args))
+        if kind == "choice":
+            return tune.choice(list(args))
+        if kind == "uniform":
+            return tune.uniform(*args)
+        if kind == "loguniform":
+            return tune.loguniform(*args)
+        return tune.randint(args[0], args[1] + 1)  # Tune's upper bound is exclusive; ours is inclusive
+
+    def describe(self) -> str:
+        return f"{self.kind}: {json.dumps(self.args)}"
+
+
+class FifoScheduler(_Strict):
+    type: Literal["fifo"] = "fifo"
+
+
+class AshaScheduler(_Strict):
+    """Asynchronous successive halving on ``training_iteration`` (one report per epoch)."""
+
+    type: Literal["asha"]
+    grace_period: Annotated[int, Field(ge=1)] = 1
+    reduction_factor: Annotated[float, Field(gt=1)] = 2.0
+    max_t: Annotated[int, Field(ge=1)] | None = Field(None, description="default: the trials' train.epochs")
+
+    @model_validator(mode="after")
+    def _grace(self) -> "AshaScheduler":
+        if self.max_t is not None and self.grace_period > self.max_t:
+            raise ValueError(f"grace_period {self.grace_period} is larger than max_t {self.max_t}")
+        return self
+
+
+SchedulerSpec = Annotated[Union[FifoScheduler, AshaScheduler], Field(discriminator="type")]
+
+
+class Resources(_Strict):
+    cpu: Annotated[float, Field(gt=0)] = 1.0
+    gpu: Annotated[float, Field(ge=0)] = 0.0
+
+
+class SpaceSpec(_Strict):
+    name: str | None = None
+    description: str | None = None
+    base: str | dict[str, Any]
+    overrides: list[str] | dict[str, Any] = []
+    space: dict[str, Distribution]
+    metric: str = "val/rsum"
+    mode: Literal["max", "min"] | None = None
+    scheduler: SchedulerSpec = FifoScheduler()
+    num_samples: Annotated[int, Field(ge=1)] = 1
+    seeds: list[Annotated[int, Field(ge=0)]] | None = None
+    max_concurrent_trials: Annotated[int, Field(ge=1)] | None = None
+    resources: Resources = Resources()
+    max_failures: Annotated[int, Field(ge=0)] = 0
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+            raise ValueError("use letters, digits, '_', '-' and '.' (it names a folder)")
+        return v
+
+    @field_validator("space")
+    @classmethod
+    def _non_empty(cls, v: dict[str, Distribution]) -> dict[str, Distribution]:
+        if not v:
+            raise ValueError("give at least one dotted config path to vary")
+        for key in v:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+", key):
+                raise ValueError(f"{key!r} is not a dotted config path (section.field)")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("give at least one seed (or leave seeds out)")
+            if len(set(v)) != len(v):
+                raise ValueError("seeds repeat")
+        return v
+
+
+# --------------------------------------------------------------------------------- YAML with lines
+class LineMap:
+    """Line numbers (1-based) of the keys of a YAML document, looked up by key path."""
+
+    def __init__(self, root: yaml.Node | None) -> None:
+        self.root = root
+
+    def line(self, path: tuple[Any, ...] | list[Any]) -> int | None:
+        """The line of the deepest key (or item) of ``path`` found in the document."""
+        node, found = self.root, None
+        for part in path:
+            if isinstance(node, yaml.MappingNode):
+                for key_node, value_node in node.value:
+                    if isinstance(key_node, yaml.ScalarNode) and key_node.value == str(part):
+                        found, node = key_node.start_mark.line + 1, value_node
+                        break
+                else:
+                    return found
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+                node = node.value[part]
+                found = node.start_mark.line + 1
+            else:
+                return found
+        return found
+
+
+def duplicate_keys(node: yaml.Node | None, path: tuple[str, ...] = ()) -> tuple[tuple[str, ...], int] | None:
+    """The first key that appears twice in one mapping (``safe_load`` would silently keep the last)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            if key in seen:
+                return path + (key,), key_node.start_mark.line + 1
+            seen.add(key)
+            found = duplicate_keys(value_node, path + (key,))
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found = duplicate_keys(item, path + (str(i),))
+            if found:
+                return found
+    return None
+
+
+def read_space_yaml(path: Path) -> tuple[dict[str, Any], LineMap, str]:
+    """(mapping, line map, text) of a space file; safe loader only; UserError naming the file otherwise."""
+    if not path.is_file():
+        raise UserError("search space file not found", path=str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError("not a UTF-8 text file", path=str(path)) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise UserError(f"not valid YAML ({getattr(err, 'problem', err)})", path=where) from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise UserError(f"the top level must be a mapping, not {type(tree).__name__}", path=str(path))
+    dup = duplicate_keys(node)
+    if dup:
+        raise UserError(f"{'.'.join(dup[0])}: key given twice", path=f"{path}:{dup[1]}")
+    return tree, LineMap(node), text
+
+
+# -------------------------------------------------------------------------------------------- helpers
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def get_dotted(tree: dict[str, Any], dotted: str, default: Any = None) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def plain(value: Any) -> Any:
+    """numpy scalars (what Tune samples) -> Python scalars."""
+    if hasattr(value, "item") and not isinstance(value, (list, dict, str)):
+        try:
+            return value.item()
+        except (TypeError, ValueError):
+            return value
+    return value
+
+
+def trial_tree(base_tree: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """The base config mapping with a trial's dotted values set."""
+    tree = copy.deepcopy(base_tree)
+    for dotted, value in params.items():
+        set_dotted(tree, dotted, plain(value))
+    return tree
+
+
+def trial_config(base_tree: dict[str, Any], params: dict[str, Any], source: str = "<trial>") -> ExperimentConfig:
+    return validate_config(trial_tree(base_tree, params), source=source)
+
+
+def metric_names(cfg: ExperimentConfig) -> list[str]:
+    """Every metric name a trial of ``cfg`` reports per epoch that a sweep may select on."""
+    names = list(TRAIN_METRICS)
+    if "val" in cfg.eval.splits:
+        ks = [int(k) for k in cfg.eval.ks]
+        names += [f"val/i2t_r{k}" for k in ks] + [f"val/t2i_r{k}" for k in ks]
+        names += ["val/rsum", "val/i2t_medr", "val/t2i_medr", "val/i2t_meanr", "val/t2i_meanr"]
+    return names
+
+
+def default_mode(metric: str) -> str:
+    return "min" if any(s in metric for s in ("loss", "medr", "meanr")) else "max"
+
+
+def _absolute_paths(tree: dict[str, Any], cfg: ExperimentConfig) -> dict[str, Any]:
+    """Path fields made absolute (against the driver's cwd, the config convention), so trials anywhere agree."""
+    tree = copy.deepcopy(tree)
+    for dotted in PATH_FIELDS:
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value is None:
+            continue
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            path = (Path.cwd() / path).resolve()
+        set_dotted(tree, dotted, str(path))
+    return tree
+
+
+# ------------------------------------------------------------------------------------------- loading
+@dataclass
+class SearchSpace:
+    """A validated space file, ready for Tune."""
+
+    path: Path
+    spec: SpaceSpec
+    text: str
+    base_tree: dict[str, Any]           # sparse mapping: base + overrides + --set, path fields absolute
+    base_config: ExperimentConfig
+    base_source: str
+    metric: str
+    mode: str
+    cli_overrides: list[str] = field(default_factory=list)
+    lines: LineMap | None = None
+
+    def where(self, *key_path: Any) -> str:
+        """``file:line`` of a key of the space file (for errors found after loading)."""
+        line = self.lines.line(key_path) if self.lines is not None else None
+        return f"{self.path}:{line}" if line else str(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name or self.path.stem
+
+    @property
+    def distributions(self) -> dict[str, Distribution]:
+        """The space with ``seeds`` as a grid over ``train.seed``."""
+        dists = dict(self.spec.space)
+        if self.spec.seeds:
+            dists["train.seed"] = Distribution(grid=list(self.spec.seeds))
+        return dists
+
+    @property
+    def varied(self) -> list[str]:
+        return list(self.distributions)
+
+    def param_space(self) -> dict[str, Any]:
+        return {k: d.to_tune() for k, d in self.distributions.items()}
+
+    @property
+    def num_trials(self) -> int:
+        grid = 1
+        for d in self.distributions.values():
+            if d.kind == "grid":
+                grid *= len(d.args)
+        return grid * self.spec.num_samples
+
+    def max_epochs(self) -> int:
+        dist = self.distributions.get("train.epochs")
+        if dist is not None:
+            return int(max(dist.sample_values()))
+        return self.base_config.train.epochs
+
+    def max_t(self) -> int:
+        sched = self.spec.scheduler
+        return (sched.max_t if isinstance(sched, AshaScheduler) and sched.max_t else self.max_epochs())
+
+    def settings(self) -> dict[str, str]:
+        """The search settings as flat MLflow params."""
+        sched = self.spec.scheduler.model_dump()
+        if isinstance(self.spec.scheduler, AshaScheduler):
+            sched["max_t"] = self.max_t()
+        out = {"sweep.name": self.name, "sweep.metric": self.metric, "sweep.mode": self.mode,
+               "sweep.scheduler": sched.pop("type"), "sweep.num_samples": str(self.spec.num_samples),
+               "sweep.num_trials": str(self.num_trials),
+               "sweep.seeds": json.dumps(self.spec.seeds) if self.spec.seeds else "none",
+               "sweep.max_concurrent_trials": str(self.spec.max_concurrent_trials),
+               "sweep.resources": json.dumps(self.spec.resources.model_dump()),
+               "sweep.max_failures": str(self.spec.max_failures),
+               "sweep.base": self.base_source}
+        out.update({f"sweep.scheduler.{k}": str(v) for k, v in sched.items()})
+        out.update({f"space.{k}": d.describe() for k, d in self.spec.space.items()})
+        if self.cli_overrides:
+            out["sweep.cli_overrides"] = json.dumps(self.cli_overrides)
+        return out
+
+    def fingerprint(self) -> str:
+        """A hash of what decides the trials (base, space, settings); a resumed sweep must match it."""
+        blob = json.dumps({"base": self.base_tree, "space": {k: d.model_dump() for k, d in self.distributions.items()},
+                           "settings": self.settings()}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _find_base_file(ref: str, space_path: Path) -> Path | None:
+    p = Path(ref).expanduser()
+    candidates = [p] if p.is_absolute() else [space_path.parent / p, Path.cwd() / p, REPO_ROOT / p]
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    return None
+
+
+def _override_items(overrides: list[str] | dict[str, Any]) -> list[tuple[str, str, tuple[Any, ...]]]:
+    """(dotted key, a.b=c text, yaml path for its line) for each override of the space file."""
+    items = []
+    if isinstance(overrides, dict):
+        for key, value in overrides.items():
+            items.append((str(key), f"{key}={json.dumps(value)}", ("overrides", key)))
+    else:
+        for i, text in enumerate(overrides):
+            key = text.split("=", 1)[0].strip()
+            items.append((key, text, ("overrides", i)))
+    return items
+
+
+def _blame(field: str | None, keys: list[str]) -> str | None:
+    """The swept/overridden key responsible for an error on ``field`` (longest matching prefix either way)."""
+    if not field:
+        return None
+    best = None
+    for key in keys:
+        if field == key or field.startswith(key + ".") or key.startswith(field + "."):
+            if best is None or len(key) > len(best):
+                best = key
+    if best is None and field.startswith("loss.") and "loss.family" in keys:
+        best = "loss.family"
+    return best
+
+
+def load_space(path: str | Path, cli_overrides: list[str] | None = None) -> SearchSpace:
+    """Read and fully validate a space file; every error is a UserError naming the file and the key's line."""
+    path = Path(path)
+    tree, lines, text = read_space_yaml(path)
+    shown = str(path)
+
+    def fail(message: str, key_path: tuple[Any, ...] | list[Any] = ()) -> UserError:
+        line = lines.line(tuple(key_path)) if key_path else None
+        return UserError(message, path=f"{shown}:{line}" if line else shown)
+
+    # --- the file's own structure
+    try:
+        spec = SpaceSpec.model_validate(tree)
+    except ValidationError as err:
+        first = err.errors(include_url=False)[0]
+        loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged-"))))
+        loc = tuple(p for p in loc if p not in ("fifo", "asha") or loc[:1] != ("scheduler",))
+        msg = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            msg = "unknown key" + (" (a distribution is one of " + ", ".join(DIST_KINDS) + ")"
+                                   if len(loc) == 3 and loc[0] == "space" else "")
+        elif first["type"] == "missing":
+            msg = "required key missing"
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        more = len(err.errors()) - 1
+        raise fail(f"{dotted}: {msg}" + (f" (+{more} more)" if more else ""), loc) from None
+
+    # --- the base config (+ the file's overrides, + --set)
+    if isinstance(spec.base, dict):
+        base_tree, base_source = copy.deepcopy(spec.base), f"{shown} (inline base)"
+    else:
+        base_file = _find_base_file(spec.base, path)
+        if base_file is None:
+            raise fail(f"base: config file {spec.base!r} not found (relative to the space file, the current "
+                       f"folder or the repo root)", ("base",))
+        base_tree, base_source = read_yaml(base_file), str(base_file)
+    overrides = _override_items(spec.overrides)
+    for key, text_, ypath in overrides:
+        try:
+            parse_override(text_)
+        except UserError as err:
+            raise fail(f"overrides: {err.detail}", ypath) from None
+        base_tree = apply_overrides(base_tree, [text_])
+    cli_overrides = list(cli_overrides or [])
+    cli_keys = {".".join(parse_override(o)[0]) for o in cli_overrides}
+    swept = set(spec.space) | ({"train.seed"} if spec.seeds else set())
+    for key in sorted(cli_keys & swept):
+        raise UserError(f"--set {key}: this field is swept by the space file; change the space instead",
+                        path=shown)
+    base_tree = apply_overrides(base_tree, cli_overrides)
+    if spec.seeds and "train.seed" in spec.space:
+        raise fail("seeds: train.seed is also in space; give the seeds in one place", ("seeds",))
+    try:
+        base_cfg = validate_config(base_tree, source=base_source)
+    except UserError as err:
+        key = _blame(err.field, [k for k, _, _ in overrides])
+        if err.field in cli_keys or _blame(err.field, sorted(cli_keys)):
+            raise UserError(f"{err.field}: {err.detail} (from --set)", path=shown) from None
+        if key is not None:
+            ypath = next(p for k, _, p in overrides if k == key)
+            raise fail(f"overrides: {err.field}: {err.detail}", ypath) from None
+        if isinstance(spec.base, dict):
+            raise fail(f"base.{err.field}: {err.detail}", ("base", *(err.field or "").split("."))) from None
+        raise
+
+    # --- each distribution alone, then the combinations
+    dists = dict(spec.space)
+    if spec.seeds:
+        dists["train.seed"] = Distribution(grid=list(spec.seeds))
+
+    def key_path(key: str) -> tuple[Any, ...]:
+        return ("seeds",) if key == "train.seed" and spec.seeds else ("space", key)
+
+    families = dists["loss.family"].sample_values() if "loss.family" in dists else [None]
+
+    def check_alone(key: str, value: Any) -> None:
+        """Valid with at least one swept loss family (a loss field belongs to some families only)."""
+        first: UserError | None = None
+        for family in (families if key.startswith("loss.") and key != "loss.family" else [None]):
+            params = {key: value} if family is None else {"loss.family": family, key: value}
+            try:
+                trial_config(base_tree, params, source=shown)
+                return
+            except UserError as err:
+                first = first or err
+        assert first is not None
+        raise first
+
+    for key, dist in dists.items():
+        for value in dist.sample_values():
+            try:
+                check_alone(key, value)
+            except UserError as err:
+                if err.detail == "unknown key" and err.field == key:
+                    family = families if families != [None] else [get_dotted(base_tree, "loss.family", "infonce")]
+                    where = (f" (no field of loss family {', '.join(map(str, family))})"
+                             if key.startswith("loss.") else "")
+                    raise fail(f"space.{key}: unknown config path{where}", key_path(key)) from None
+                shown_value = f"{value:.4g}" if isinstance(value, float) else repr(value)
+                what = f"{dist.kind} {'value' if dist.categorical else 'sample'} {shown_value}"
+                where = "" if err.field and (err.field == key or key.startswith(err.field + ".")) \
+                    else f" ({err.field})"
+                raise fail(f"space.{key}: {what} does not fit{where}: {err.detail}", key_path(key)) from None
+    keys = list(dists)
+    combos = itertools.product(*(dists[k].sample_values() for k in keys))
+    for combo in itertools.islice(combos, MAX_COMBINATIONS):
+        params = dict(zip(keys, combo))
+        try:
+            trial_config(base_tree, params, source=shown)
+        except UserError as err:
+            culprit = _blame(err.field, keys)
+            shown_combo = ", ".join(f"{k}={v!r}" for k, v in params.items())
+            ypath = key_path(culprit) if culprit else ("space",)
+            raise fail(f"space: the combination {shown_combo} is invalid: {err.field}: {err.detail}", ypath) from None
+
+    # --- the metric
+    allowed = metric_names(base_cfg)
+    if spec.metric not in allowed:
+        hint = "" if "val" in base_cfg.eval.splits or not spec.metric.startswith("val/") else \
+            " (the base config does not evaluate on val: eval.splits)"
+        raise fail(f"metric: {spec.metric!r} is not reported by any trial{hint}; choose one of {', '.join(allowed)}",
+                   ("metric",))
+    mode = spec.mode or default_mode(spec.metric)
+
+    base_tree = _absolute_paths(base_tree, base_cfg)
+    return SearchSpace(path=path.resolve(), spec=spec, text=text, base_tree=base_tree, base_config=base_cfg,
+                       base_source=base_source, metric=spec.metric, mode=mode, cli_overrides=cli_overrides,
+                       lines=lines)
