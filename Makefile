@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast test-all demo clean
+.PHONY: setup test test-fast test-all demo demo-train clean
 
 setup: $(STAMP)
 
@@ -30,8 +30,13 @@ test-fast: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q
 
+# The main job: a 4-trial ablation over loss families (search_spaces/smoke.yaml) on the built-in synthetic data.
 demo: $(STAMP)
+	$(VENV)/bin/itr sweep search_spaces/smoke.yaml
+
+# One experiment through Ray Train, recorded in MLflow.
+demo-train: $(STAMP)
 	$(VENV)/bin/itr train configs/demo.yaml
 
 clean:
-	rm -rf runs mlflow.db mlartifacts .pytest_cache
+	rm -rf runs mlflow.db mlartifacts .pytest_cache .itr_cache
