@@ -37,7 +37,6 @@ import math
 import os
 import re
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -613,15 +612,15 @@ def run_sweep(space: SearchSpace, *, resume: bool = False, name: str | None = No
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"      # metric names are checked by load_space;
     # an epoch without evaluation (train.eval_every > 1) simply has no val/ value, which ASHA skips.
     state = _read_state(path)
-    train_trials = _any_train_trials(space)
-    init_ray()
-    check_fits_cluster(space)
     restorable = tune.Tuner.can_restore(str(path))
     if resume and not restorable and state is None:
         raise UserError(f"nothing to resume: no sweep at {path}", path=str(space.path))
     if state is not None and state.get("fingerprint") != space.fingerprint():
         raise UserError(f"the space or its base config changed since sweep {name!r} started ({path}); "
                         f"resume it unchanged, or start a new one with --name", path=str(space.path))
+    train_trials = _any_train_trials(space)
+    init_ray()
+    check_fits_cluster(space)
 
     target = tracking.resolve_target(space.base_config.tracking) if space.base_config.tracking.enabled else None
     parent: str | None = None
@@ -659,6 +658,14 @@ def run_sweep(space: SearchSpace, *, resume: bool = False, name: str | None = No
             if restorable:
                 tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
                                            resume_errored=True)
+                # the restored run config carries the first driver's callback (same parent run); use this one's
+                # settings (progress lines) where Tune lets us
+                local = getattr(tuner, "_local_tuner", None)
+                if local is not None and callbacks:
+                    run_config = local.get_run_config()
+                    run_config.callbacks = [cb for cb in (run_config.callbacks or [])
+                                            if not isinstance(cb, SweepTracker)] + callbacks
+                    run_config.verbose = verbose
             else:
                 scheduler = None
                 sched = space.spec.scheduler
