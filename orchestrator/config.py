@@ -477,15 +477,21 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     tree = copy.deepcopy(tree)
     for text in overrides:
         parts, value = parse_override(text)
-        node = tree
-        for part in parts[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {}
-                node[part] = child
-            node = child
-        node[parts[-1]] = value
+        set_dotted(tree, ".".join(parts), value)
     return tree
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``tree[a][b]... = value`` for ``dotted`` = ``a.b...``, creating (or replacing non-dict) sections."""
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

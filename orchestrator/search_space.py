@@ -41,7 +41,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from orchestrator.config import (ExperimentConfig, apply_overrides, parse_override, read_yaml, validate_config)
+from orchestrator.config import (ExperimentConfig, apply_overrides, parse_override, read_yaml, set_dotted,
+                                 validate_config)
 from orchestrator.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -274,18 +275,6 @@ def read_space_yaml(path: Path) -> tuple[dict[str, Any], LineMap, str]:
 
 
 # -------------------------------------------------------------------------------------------- helpers
-def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    node = tree
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-    node[parts[-1]] = value
-
-
 def get_dotted(tree: dict[str, Any], dotted: str, default: Any = None) -> Any:
     node: Any = tree
     for part in dotted.split("."):
