@@ -199,18 +199,22 @@ def make_plots(records: Sequence[TrialRecord], varied: Sequence[str], metric: st
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     drawn = 0
-    for r in rank(records, mode):
+    ordered = rank(records, mode)
+    ordered = [r for r in ordered if r.status != STATUS_STOPPED] + [r for r in ordered if r.status == STATUS_STOPPED]
+    for r in ordered:   # stopped-early trials last, so their short curves stay visible
         if not r.curve:
             continue
         epochs = [e for e, _ in r.curve]
         values = [v for _, v in r.curve]
-        style = "--" if r.status == STATUS_STOPPED else "-"
-        marker = "x" if r.status in (STATUS_FAILED, STATUS_KILLED) else "o"
-        ax.plot(epochs, values, linestyle=style, marker=marker, markersize=4, label=_label(r, varied))
+        stopped = r.status == STATUS_STOPPED
+        marker = "x" if r.status in (STATUS_FAILED, STATUS_KILLED) else ("D" if stopped else "o")
+        note = {STATUS_STOPPED: " (stopped early)", STATUS_FAILED: " (failed)", STATUS_KILLED: " (killed)"}
+        ax.plot(epochs, values, linestyle="--" if stopped else "-", marker=marker, markersize=6 if stopped else 4,
+                zorder=3 if stopped else 2, label=_label(r, varied) + note.get(r.status, ""))
         drawn += 1
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
-    ax.set_title(f"learning curves ({metric}; dashed: stopped early)", fontsize=10)
+    ax.set_title(f"learning curves ({metric}; dashed, diamonds: stopped early)", fontsize=10)
     ax.grid(alpha=0.3)
     if drawn:
         ax.xaxis.get_major_locator().set_params(integer=True)

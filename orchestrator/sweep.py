@@ -135,11 +135,7 @@ def _trial_main(config: dict[str, Any], base_tree: dict[str, Any] | None = None,
     """The Tune function trainable: rebuild the trial's config, run the loop inline or through Ray Train."""
     from ray import tune
 
-    from orchestrator.run import quiet_worker_logs
-
-    quiet_worker_logs()
-    logging.getLogger("orchestrator").setLevel(logging.WARNING)   # the driver prints one line per epoch
-    logging.getLogger().addFilter(_drop_known_noise)
+    _quiet_trial_logs()
     assert base_tree is not None and ctx is not None
     cpu, gpu = ctx["cpu"], ctx["gpu"]
     cfg = build_trial_config(base_tree, config, cpu, gpu)
@@ -166,6 +162,16 @@ def _trial_main(config: dict[str, Any], base_tree: dict[str, Any] | None = None,
 
         torch.set_num_threads(max(1, int(cpu)))
     fn(cfg, TuneSession(cfg))
+
+
+def _quiet_trial_logs() -> None:
+    """As ``orchestrator.run.quiet_worker_logs`` (not imported: it pulls torch and open_clip into trials that may
+    not need them), and quieter: the driver prints one line per epoch."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.WARNING)
+    for name in ("orchestrator", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger().addFilter(_drop_known_noise)
 
 
 def _drop_known_noise(record: logging.LogRecord) -> bool:
