@@ -329,10 +329,11 @@ class SweepTracker(Callback):
 
     def __init__(self, target: tracking.TrackingTarget, parent_run_id: str, sweep_name: str,
                  base_tree: dict[str, Any], varied: list[str], cpu: float, gpu: float, metric: str = "val/rsum",
-                 progress: bool = True) -> None:
+                 progress: bool = True, fresh: bool = False) -> None:
         self.target, self.parent_run_id, self.sweep_name = target, parent_run_id, sweep_name
         self.base_tree, self.varied, self.cpu, self.gpu = base_tree, varied, cpu, gpu
         self.metric, self.progress = metric, progress
+        self.fresh = fresh   # a new parent run: no child can exist yet, skip the lookup
         self._runs: dict[str, str] = {}
         self._logged: dict[str, set[int]] = {}
         self._planned: dict[str, int] = {}
@@ -341,7 +342,7 @@ class SweepTracker(Callback):
 
     def __reduce__(self):  # pickled into tuner.pkl: only the settings, never run state
         return (_make_tracker, (self.target, self.parent_run_id, self.sweep_name, self.base_tree, self.varied,
-                                self.cpu, self.gpu, self.metric, self.progress))
+                                self.cpu, self.gpu, self.metric, self.progress, False))
 
     def _say(self, trial, text: str, *args) -> None:
         if self.progress:
@@ -357,8 +358,9 @@ class SweepTracker(Callback):
         params = {k: trial.config[k] for k in self.varied if k in trial.config}
         cfg = build_trial_config(self.base_tree, trial.config, self.cpu, self.gpu)
         self._planned[tid] = cfg.train.epochs
-        existing = [r for r in tracking.child_runs(self.target, self.parent_run_id, {"itr.trial_id": tid})
-                    if r.data.tags.get("itr.superseded") != "true"]
+        existing = [] if self.fresh else [
+            r for r in tracking.child_runs(self.target, self.parent_run_id, {"itr.trial_id": tid})
+            if r.data.tags.get("itr.superseded") != "true"]
         if existing:
             run_id = existing[0].info.run_id
             for extra in existing[1:]:  # never expected; keep one
@@ -369,14 +371,27 @@ class SweepTracker(Callback):
         else:
             shown = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in params.items())
             varied = json.dumps({k: _jsonable(v) for k, v in params.items()})
-            run_id = tracking.start_run(
-                self.target, cfg, run_name=f"{self.sweep_name} {tid} {shown}".strip(),
-                parent_run_id=self.parent_run_id,
-                extra_tags={"itr.trial_id": tid, "itr.trial_name": _trial_name(trial), "itr.sweep": self.sweep_name,
-                            "itr.varied": varied, "itr.kind": "trial"})
+            run_id = self._start_child(cfg, f"{self.sweep_name} {tid} {shown}".strip(), {
+                "itr.trial_id": tid, "itr.trial_name": _trial_name(trial), "itr.sweep": self.sweep_name,
+                "itr.varied": varied, "itr.kind": "trial"})
             self._logged[tid] = set()
         self._runs[tid] = run_id
         return run_id
+
+    def _start_child(self, cfg: ExperimentConfig, run_name: str, extra_tags: dict[str, str]) -> str:
+        """``tracking.start_run`` with the provenance tags (git, versions, device) looked up once per sweep."""
+        if not hasattr(self, "_provenance"):
+            self._provenance = tracking.run_tags(cfg)
+            self._experiment_id = tracking.ensure_experiment(self.target)
+        tags = dict(self._provenance)
+        tags.update({"itr.config_hash": cfg.config_hash(), "itr.loss_family": cfg.loss.family,
+                     "itr.model": cfg.model.name, "mlflow.runName": run_name,
+                     "mlflow.parentRunId": self.parent_run_id})
+        tags.update(cfg.tracking.tags)
+        tags.update(extra_tags)
+        run = tracking.client(self.target).create_run(self._experiment_id, run_name=run_name, tags=tags)
+        tracking.log_params(self.target, run.info.run_id, cfg.flat_params())
+        return run.info.run_id
 
     # -- Tune's hooks
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -630,6 +645,7 @@ def run_sweep(space: SearchSpace, *, resume: bool = False, name: str | None = No
 
     target = tracking.resolve_target(space.base_config.tracking) if space.base_config.tracking.enabled else None
     parent: str | None = None
+    fresh_parent = False
     if target is not None:
         if state and state.get("parent_run_id") and _run_exists(target, state["parent_run_id"]):
             parent = state["parent_run_id"]
@@ -640,6 +656,7 @@ def run_sweep(space: SearchSpace, *, resume: bool = False, name: str | None = No
                 _kill_running_children(target, parent, "KILLED", "superseded: the sweep restarted from scratch")
         else:
             parent = _start_parent(space, target, name, path)
+            fresh_parent = not restorable
     _write_state(path, {"name": name, "parent_run_id": parent, "tracking_uri": target.uri if target else None,
                         "experiment": target.experiment if target else None, "fingerprint": space.fingerprint(),
                         "space_file": str(space.path), "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -656,7 +673,7 @@ def run_sweep(space: SearchSpace, *, resume: bool = False, name: str | None = No
     callbacks = []
     if target is not None and parent is not None:
         callbacks.append(SweepTracker(target, parent, name, space.base_tree, space.varied, res.cpu, res.gpu,
-                                      space.metric, progress))
+                                      space.metric, progress, fresh_parent))
 
     interrupted = False
     try:
