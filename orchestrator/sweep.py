@@ -612,6 +612,17 @@ def check_fits_cluster(space: SearchSpace) -> None:
             raise UserError(problems[0], path=space.where("resources"))
 
 
+def prepare_shared_features(cfg: ExperimentConfig) -> None:
+    """Fill the caches every trial reads — teacher features and locked-tower outputs of the base config — once, on
+    the driver, so concurrent trials do not all compute them at the start."""
+    from orchestrator.models.tower_cache import prepare_tower_features
+    from orchestrator.run import prepare_teacher_features
+
+    if cfg.teachers.image is not None or cfg.teachers.text is not None:
+        prepare_teacher_features(cfg, roles=("train",))
+    prepare_tower_features(cfg)
+
+
 def run_sweep(space: SearchSpace, *, resume: bool = False, name: str | None = None,
               trial_fn: TrialFn | None = None, verbose: int = 0, progress: bool = True,
               plots: bool = True) -> SweepResult:
@@ -642,6 +653,8 @@ def run_sweep(space: SearchSpace, *, resume: bool = False, name: str | None = No
     train_trials = _any_train_trials(space)
     init_ray()
     check_fits_cluster(space)
+    if trial_fn is None:
+        prepare_shared_features(space.base_config)
 
     target = tracking.resolve_target(space.base_config.tracking) if space.base_config.tracking.enabled else None
     parent: str | None = None

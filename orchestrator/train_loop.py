@@ -20,14 +20,16 @@ from tqdm.auto import tqdm
 from methods import EmbeddingBatch
 from orchestrator.checkpoint import MODEL_FILE, STATE_FILE, atomic_save, load_file
 from orchestrator.config import ExperimentConfig, TrainConfig
-from orchestrator.data.loader import ImageTensorCache, train_loader
+from orchestrator.data.loader import FeatureRows, ImageTensorCache, TextInput, train_loader
 from orchestrator.data.sampler import CaptionBatchSampler
 from orchestrator.data.splits import load_split
 from orchestrator.distributed import gather_with_local_grad
 from orchestrator.errors import UserError
 from orchestrator.evaluation.embed import autocast_context, encode_split, evaluate_embeddings
 from orchestrator.losses import build_loss
+from orchestrator.models.locked_towers import wrap_locked_towers
 from orchestrator.models.student import HEAD_OUTPUTS, build_student, forward_embeddings, unwrap
+from orchestrator.models.tower_cache import cached_sides, experiment_tower_features
 from orchestrator.soft_labels import BatchInputs
 from orchestrator.session import LocalSession, Session
 
@@ -40,6 +42,9 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, epoch: int, step: int, terms: list[str]) -> None:
         self.epoch, self.step, self.terms = epoch, step, terms
         super().__init__(f"non-finite loss at epoch {epoch}, step {step} (terms: {', '.join(terms)})")
+
+    def __reduce__(self):  # picklable with its fields: Ray and Tune ship it between processes
+        return (type(self), (self.epoch, self.step, self.terms))
 
 
 def seed_everything(seed: int) -> None:
@@ -136,8 +141,17 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
     train_index = load_split(cfg.data, "train")
     val_index = load_split(cfg.data, "val") if "val" in cfg.eval.splits else None
     student = build_student(cfg.model, heads=cfg.resolved_heads)
-    train_images = ImageTensorCache(train_index, student.preprocess)
-    val_images = ImageTensorCache(val_index, student.preprocess) if val_index is not None else None
+    cached = cached_sides(student.model, cfg.model.cache_locked_towers)
+
+    def model_inputs(index):
+        """(image input, text input) of a split: pixels/tokens, or a locked tower's cached outputs."""
+        feats = experiment_tower_features(cfg, student, index, cached, device=device.type) if cached else None
+        images = FeatureRows(feats.image) if "image" in cached else ImageTensorCache(index, student.preprocess)
+        text = TextInput(features=feats.text) if "text" in cached else TextInput(tokenizer=student.tokenizer)
+        return images, text
+
+    train_images, train_text = model_inputs(train_index)
+    val_images, val_text = model_inputs(val_index) if val_index is not None else (None, None)
     try:
         sampler = CaptionBatchSampler(
             train_index.caption_image, cfg.train.batch_size, seed=cfg.train.seed,
@@ -146,7 +160,7 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
         )
     except ValueError as err:
         raise UserError(str(err), path=train_index.source or train_index.name, field="train.batch_size") from None
-    loader = train_loader(train_index, train_images, student.tokenizer, sampler, cfg.data.loader_workers)
+    loader = train_loader(train_index, train_images, train_text, sampler, cfg.data.loader_workers)
     steps_per_epoch = len(sampler)
     if cfg.train.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
@@ -169,11 +183,12 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
         state = _load_state(resume_from, model, loss_fn, optimizer, scheduler)
         start_epoch, global_step, best = state["epoch"] + 1, state["global_step"], state["best"]
         log.info("resumed from %s (epoch %d done)", resume_from, state["epoch"])
-    train_model = session.prepare_model(model)
+    train_model = session.prepare_model(wrap_locked_towers(model, image_from_features="image" in cached,
+                                                           text_from_features="text" in cached))
     gather = cfg.scaling.gather_global_batch and session.world_size > 1
 
     def validate() -> dict[str, float]:
-        emb = encode_split(unwrap(train_model), val_index, val_images, student.tokenizer, device=device,
+        emb = encode_split(unwrap(train_model), val_index, val_images, val_text, device=device,
                            batch_size=cfg.eval.batch_size, precision=cfg.model.precision)
         return evaluate_embeddings(emb, ks=cfg.eval.ks, chunk_size=cfg.eval.chunk_size, device=device)
 

@@ -38,9 +38,40 @@ class ImageTensorCache:
         return tensor
 
 
+class FeatureRows:
+    """Rows of a cached (N, F) feature array as float32 tensors: ``rows(i) -> (F,)``, ``rows([i, j]) -> (2, F)``.
+
+    Stands in for ``ImageTensorCache`` (images) or for the tokenizer (captions) when a locked tower's outputs are
+    cached (``orchestrator.models.tower_cache``).
+    """
+
+    def __init__(self, features: np.ndarray) -> None:
+        self.features = features
+
+    def __call__(self, rows) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.features[rows], dtype=np.float32))
+
+
+class TextInput:
+    """The text side of a batch: (caption strings, caption indices) -> (B, L) tokens of the strings, or the (B, F)
+    cached text-tower features of the indices."""
+
+    def __init__(self, tokenizer: Tokenizer | None = None, features: np.ndarray | None = None) -> None:
+        if (tokenizer is None) == (features is None):
+            raise ValueError("give a tokenizer or cached features")
+        self.tokenizer = tokenizer
+        self.rows = FeatureRows(features) if features is not None else None
+
+    def __call__(self, texts: Sequence[str], indices: Sequence[int]) -> torch.Tensor:
+        if self.rows is not None:
+            return self.rows(list(indices))
+        return self.tokenizer(list(texts))
+
+
 @dataclass
 class PairBatch:
-    """One training batch: ``images`` (B, 3, H, W), ``tokens`` (B, L), ``image_index``/``caption_index`` (B,) int64."""
+    """One training batch: ``images`` (B, 3, H, W) pixels or (B, F) cached image-tower features, ``tokens`` (B, L)
+    token ids or (B, F) cached text-tower features, ``image_index``/``caption_index`` (B,) int64."""
 
     images: torch.Tensor
     tokens: torch.Tensor
@@ -53,9 +84,9 @@ class PairBatch:
 
 
 class PairDataset(Dataset):
-    """Item ``c`` = (image tensor of caption ``c``'s image, caption text, image index, caption index)."""
+    """Item ``c`` = (image input of caption ``c``'s image, caption text, image index, caption index)."""
 
-    def __init__(self, index: DatasetIndex, images: ImageTensorCache) -> None:
+    def __init__(self, index: DatasetIndex, images: Callable[[int], torch.Tensor]) -> None:
         self.index = index
         self.images = images
 
@@ -67,12 +98,16 @@ class PairDataset(Dataset):
         return self.images(image_index), self.index.captions[caption_index], image_index, int(caption_index)
 
 
-def make_pair_collate(tokenizer: Tokenizer) -> Callable[[list], PairBatch]:
+def make_pair_collate(text: TextInput | Tokenizer) -> Callable[[list], PairBatch]:
+    """Collate (image, caption, image index, caption index) items; ``text``: a ``TextInput`` or a tokenizer."""
+    if not isinstance(text, TextInput):
+        text = TextInput(tokenizer=text)
+
     def collate(items: list) -> PairBatch:
         images, texts, img_idx, cap_idx = zip(*items)
         return PairBatch(
             images=torch.stack(images),
-            tokens=tokenizer(list(texts)),
+            tokens=text(texts, cap_idx),
             image_index=torch.as_tensor(img_idx, dtype=torch.long),
             caption_index=torch.as_tensor(cap_idx, dtype=torch.long),
         )
@@ -80,23 +115,30 @@ def make_pair_collate(tokenizer: Tokenizer) -> Callable[[list], PairBatch]:
     return collate
 
 
-def train_loader(index: DatasetIndex, images: ImageTensorCache, tokenizer: Tokenizer,
+def train_loader(index: DatasetIndex, images: Callable[[int], torch.Tensor], text: TextInput | Tokenizer,
                  sampler: CaptionBatchSampler, num_workers: int = 0) -> DataLoader:
-    return DataLoader(PairDataset(index, images), batch_sampler=sampler, collate_fn=make_pair_collate(tokenizer),
+    """Batches of ``sampler``; ``images``: an ``ImageTensorCache`` or ``FeatureRows``; ``text``: see
+    ``make_pair_collate``."""
+    return DataLoader(PairDataset(index, images), batch_sampler=sampler, collate_fn=make_pair_collate(text),
                       num_workers=num_workers, persistent_workers=num_workers > 0)
 
 
-def iter_image_batches(index: DatasetIndex, images: ImageTensorCache, batch_size: int):
-    """(B, 3, H, W) tensors of the split's images, in index order."""
+def iter_image_batches(index: DatasetIndex, images: Callable[[int], torch.Tensor], batch_size: int):
+    """(B, 3, H, W) tensors (or (B, F) cached features, ``images`` = ``FeatureRows``) of the split's images, in
+    index order."""
     for start in range(0, index.num_images, batch_size):
         stop = min(start + batch_size, index.num_images)
         yield torch.stack([images(i) for i in range(start, stop)])
 
 
-def iter_caption_batches(index: DatasetIndex, tokenizer: Tokenizer, batch_size: int):
-    """(B, L) token tensors of the split's captions, in index order."""
+def iter_caption_batches(index: DatasetIndex, text: TextInput | Tokenizer, batch_size: int):
+    """(B, L) token tensors (or (B, F) cached features, ``text`` = ``TextInput(features=...)``) of the split's
+    captions, in index order."""
+    if not isinstance(text, TextInput):
+        text = TextInput(tokenizer=text)
     for start in range(0, index.num_captions, batch_size):
-        yield tokenizer(index.captions[start : start + batch_size])
+        stop = min(start + batch_size, index.num_captions)
+        yield text(index.captions[start:stop], range(start, stop))
 
 
 def caption_groups(index: DatasetIndex, image_indices: np.ndarray, max_captions: int | None = None):

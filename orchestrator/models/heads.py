@@ -57,8 +57,11 @@ class HeadedDualEncoder(nn.Module):
         return F.normalize(out, dim=-1) if normalize else out
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        img = self.base.encode_image(images, normalize=False)
-        txt = self.base.encode_text(tokens, normalize=False)
+        return self.project(self.base.encode_image(images, normalize=False),
+                            self.base.encode_text(tokens, normalize=False))
+
+    def project(self, img: torch.Tensor, txt: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The heads on the base towers' unnormalised outputs ``img``/``txt`` (B, D): ``forward``'s dict."""
         out = {"image_features": F.normalize(self.cross_image(img), dim=-1),
                "text_features": F.normalize(self.cross_text(txt), dim=-1)}
         if self.uni:

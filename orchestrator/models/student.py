@@ -56,7 +56,7 @@ def build_student(cfg: ModelConfig, heads: str = "none") -> Student:
     if getattr(model, "logit_bias", None) is not None and isinstance(model.logit_bias, nn.Parameter):
         model.logit_bias.requires_grad_(False)
     if cfg.lock_image:
-        model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
+        lock_image_tower(model)
     if cfg.lock_text:
         model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
     tokenizer = open_clip.get_tokenizer(cfg.name)
@@ -64,6 +64,24 @@ def build_student(cfg: ModelConfig, heads: str = "none") -> Student:
     if heads != "none":
         model = HeadedDualEncoder(model, embed_dim, uni=heads == "cross_uni")
     return Student(model=model, preprocess=preprocess, tokenizer=tokenizer, embed_dim=embed_dim)
+
+
+def lock_image_tower(model: nn.Module) -> None:
+    """Freeze the whole image tower (trunk) and its BatchNorm statistics (LiT).
+
+    open_clip's ``freeze_bn_stats`` swaps timm's ``BatchNormAct2d`` (BatchNorm + activation in one module, as in
+    EfficientNet) for a plain ``FrozenBatchNorm2d`` and so silently drops every activation of the trunk (its
+    features blow up to ~1e14). timm trunks are therefore frozen with timm's own ``freeze_batch_norm_2d``, which
+    keeps the activations.
+    """
+    trunk = getattr(model.visual, "trunk", None)
+    if trunk is None:
+        model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
+        return
+    from timm.layers import freeze_batch_norm_2d
+
+    model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=False)
+    model.visual.trunk = freeze_batch_norm_2d(trunk)
 
 
 def load_packaged_towers(model: nn.Module, towers: dict[str, str]) -> None:
