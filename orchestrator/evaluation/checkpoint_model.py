@@ -1,0 +1,55 @@
+"""Load a trained student from a checkpoint (its embedded config, or a given one) for evaluation."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from orchestrator.config import ExperimentConfig
+from orchestrator.errors import UserError
+
+__all__ = ["LoadedModel", "load_checkpoint_model"]
+
+
+@dataclass
+class LoadedModel:
+    """``student``: the model (on the CPU, eval-ready), its preprocess and tokenizer; ``cfg`` the config used."""
+
+    cfg: ExperimentConfig
+    student: object  # orchestrator.models.student.Student
+    path: Path
+
+
+def load_checkpoint_model(checkpoint: Path | str, *, config: str | None = None, overrides: Sequence[str] = (),
+                          experiment: ExperimentConfig | None = None) -> LoadedModel:
+    """The student stored in ``checkpoint`` (a checkpoint folder or its ``model.pt``).
+
+    The architecture comes from ``experiment`` when given, else from the YAML ``config``, else from the
+    checkpoint's embedded config (``overrides``, ``a.b=value``, apply to the last two); a state dict that does
+    not fit is a ``UserError`` naming the file.
+    """
+    from orchestrator.checkpoint import load_file, model_file
+    from orchestrator.config import apply_overrides, load_config, validate_config
+    from orchestrator.models.student import build_student
+
+    path = model_file(Path(checkpoint))
+    ckpt = load_file(path)
+    if "model" not in ckpt or "config_yaml" not in ckpt:
+        raise UserError("not a model checkpoint of this project (no model/config_yaml)", path=str(path))
+    if experiment is not None:
+        cfg = experiment
+    elif config:
+        cfg = load_config(config, list(overrides))
+    else:
+        import yaml
+
+        tree = apply_overrides(yaml.safe_load(ckpt["config_yaml"]), list(overrides))
+        cfg = validate_config(tree, source=f"{path} (embedded config)")
+    student = build_student(cfg.model, heads=cfg.resolved_heads)
+    try:
+        student.model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0][:200]
+        raise UserError(f"checkpoint does not fit model {cfg.model.name!r}: {first}", path=str(path)) from None
+    student.model.eval()
+    return LoadedModel(cfg=cfg, student=student, path=path)
