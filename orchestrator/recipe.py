@@ -1,0 +1,409 @@
+"""Recipe files (``recipes/*.yaml``): one or more runs (an experiment or a sweep) plus their reference table.
+
+A recipe::
+
+    name: cusa-vitb32-coco            # optional; default: the file's stem. Tags the MLflow runs (repro/recipe).
+    description: ...
+    provenance: {measured_at: ..., commit: ...}   # optional, free text: where a measured reference came from
+    inputs:                           # paths the user supplies (data, weights); every one is checked up front
+      coco_images:
+        field: data.root              # the config field it fills
+        env: ITR_COCO_IMAGES          # an environment variable that supplies it (or --input coco_images=PATH)
+        default: /data/coco/images    # optional; relative paths are relative to the recipe file
+        kind: dir                     # dir | file | any
+        template: "{path}"            # e.g. "file:{path}" for a precomputed-features teacher
+        runs: [cusa]                  # optional: only these runs need it (default: all)
+        help: the COCO 2014 images folder
+    runs:                             # run name -> exactly one of config (an experiment) / space (a sweep)
+      cusa:
+        config: ../configs/x.yaml     # a path (relative to the recipe, the cwd or the repo root) or a mapping
+        overrides: [loss.alpha=0.1]
+        evaluate: [test]              # splits scored on the best checkpoint -> test/... metrics; or
+                                      # [{split: test, eccv: true, folds: 5}] -> test/eccv_r1/i2t, test/folds/rsum
+        reference:
+          test/rsum: {value: 429.7, tolerance: 3.0, source: "CUSA App. Table 8, row ViT-B/32 +CUSA, COCO 5K"}
+          test/i2t_r1: {relative_to: baseline, tolerance: 0, source: ...}   # another run's measured value
+          eccv/i2t_map_at_r: {value: 29.6, tolerance: 1, source: ..., enforce: false}  # shown, never judged
+
+A reference row passes when the measured value is no worse than the reference by more than ``tolerance``
+(``direction: higher`` -- the default for recalls and RSUM; ``lower`` for ranks and losses; ``both`` = within
+±tolerance). Everything is validated before a run starts: errors are ``UserError``s naming the file, the line
+and the key. YAML is read with the safe loader only.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.config import ExperimentConfig, apply_overrides, parse_override, read_yaml, validate_config
+from orchestrator.errors import UserError
+from orchestrator.search_space import LineMap, SearchSpace, default_mode, duplicate_keys, load_space, metric_names
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NAME_RE = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+#: tag keys on the MLflow runs a reproduction touches
+TAG_RECIPE, TAG_RUN, TAG_STATUS = "repro/recipe", "repro/run", "repro/status"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputSpec(_Strict):
+    """A path the user supplies: ``--input NAME=PATH``, else ``$env``, else ``default``."""
+
+    field: str
+    help: str
+    env: str | None = None
+    default: str | None = None
+    kind: Literal["dir", "file", "any"] = "any"
+    template: str = "{path}"
+    runs: list[str] | None = None
+
+    @field_validator("template")
+    @classmethod
+    def _has_path(cls, v: str) -> str:
+        if "{path}" not in v:
+            raise ValueError("the template must contain {path}")
+        return v
+
+
+class ReferenceSpec(_Strict):
+    """One row of the reference table: a published (or measured) value, or another run's measured value."""
+
+    value: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    relative_to: str | None = None
+    tolerance: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    direction: Literal["higher", "lower", "both"] | None = None
+    source: str
+    enforce: bool = True
+
+    @model_validator(mode="after")
+    def _one_reference(self) -> "ReferenceSpec":
+        if (self.value is None) == (self.relative_to is None):
+            raise ValueError("give exactly one of value / relative_to")
+        return self
+
+
+class EvaluateSpec(_Strict):
+    """A split scored on the run's best checkpoint after training: recall always, ``eccv`` (ECCV Caption, CxC,
+    COCO 1K/5K on the COCO 5K test images) and ``folds`` (averaged over N image folds) when asked."""
+
+    split: Literal["val", "test"]
+    eccv: bool = False
+    folds: Annotated[int, Field(ge=2)] | None = None
+
+
+class RunSpec(_Strict):
+    config: str | dict[str, Any] | None = None
+    space: str | None = None
+    overrides: list[str] = []
+    evaluate: list[Literal["val", "test"] | EvaluateSpec] = []
+    description: str | None = None
+    reference: dict[str, ReferenceSpec] = {}
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "RunSpec":
+        if (self.config is None) == (self.space is None):
+            raise ValueError("give exactly one of config (an experiment) / space (a sweep)")
+        if self.space is not None and self.evaluate:
+            raise ValueError("evaluate applies to experiments (a sweep reports its trials' val metrics)")
+        self.evaluate = [EvaluateSpec(split=e) if isinstance(e, str) else e for e in self.evaluate]
+        return self
+
+
+class RecipeSpec(_Strict):
+    name: str | None = None
+    description: str
+    provenance: dict[str, str] | None = None
+    inputs: dict[str, InputSpec] = {}
+    runs: dict[str, RunSpec]
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(NAME_RE, v):
+            raise ValueError("use letters, digits, '_', '-' and '.'")
+        return v
+
+    @field_validator("runs")
+    @classmethod
+    def _runs(cls, v: dict[str, RunSpec]) -> dict[str, RunSpec]:
+        if not v:
+            raise ValueError("give at least one run")
+        if not any(ref.enforce for run in v.values() for ref in run.reference.values()):
+            raise ValueError("no run has an enforced reference row: nothing to compare")
+        for key in v:
+            if not re.fullmatch(NAME_RE, key):
+                raise ValueError(f"run name {key!r}: use letters, digits, '_', '-' and '.'")
+        return v
+
+
+# ---------------------------------------------------------------------------------------- loaded form
+@dataclass
+class Reference:
+    """A reference row, resolved: ``direction`` filled in from the metric's name when the recipe left it out."""
+
+    run: str
+    metric: str
+    value: float | None
+    relative_to: str | None
+    tolerance: float
+    direction: str
+    source: str
+    enforce: bool
+
+
+@dataclass
+class RecipeRun:
+    """One run of a recipe, validated: ``config`` for an experiment, ``space`` for a sweep."""
+
+    name: str
+    config: ExperimentConfig | None
+    space: SearchSpace | None
+    evaluate: list[EvaluateSpec]
+    references: list[Reference]
+    line: str                                     # "file:line" of the run's key, for messages
+
+    @property
+    def kind(self) -> str:
+        return "sweep" if self.space is not None else "experiment"
+
+    @property
+    def tracking_config(self):
+        return (self.space.base_config if self.space is not None else self.config).tracking
+
+
+@dataclass
+class Recipe:
+    path: Path
+    spec: RecipeSpec
+    runs: list[RecipeRun]                         # in execution order (a relative_to run before its user)
+    inputs: dict[str, str] = field(default_factory=dict)   # name -> resolved value (template applied)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name or self.path.stem
+
+    @property
+    def references(self) -> list[Reference]:
+        return [r for run in self.runs for r in run.references]
+
+
+# --------------------------------------------------------------------------------------------- loading
+def _read(path: Path) -> tuple[dict[str, Any], LineMap]:
+    if not path.is_file():
+        raise UserError("recipe file not found", path=str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        tree = yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise UserError("not a UTF-8 text file", path=str(path)) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise UserError(f"not valid YAML ({getattr(err, 'problem', err)})", path=where) from None
+    if not isinstance(tree, dict):
+        raise UserError("the top level must be a mapping", path=str(path))
+    dup = duplicate_keys(node)
+    if dup:
+        raise UserError("key given twice", path=f"{path}:{dup[1]}", field=".".join(dup[0]))
+    return tree, LineMap(node)
+
+
+def _find_file(ref: str, recipe: Path) -> Path | None:
+    p = Path(ref).expanduser()
+    for c in ([p] if p.is_absolute() else [recipe.parent / p, Path.cwd() / p, REPO_ROOT / p]):
+        if c.is_file():
+            return c.resolve()
+    return None
+
+
+def _parse_assignments(items: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for text in items:
+        name, sep, value = text.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise UserError(f"{text!r} is not of the form NAME=VALUE", path=what)
+        out[name.strip()] = value.strip()
+    return out
+
+
+def resolve_inputs(spec: RecipeSpec, path: Path, given: dict[str, str], runs: set[str],
+                   where) -> dict[str, str]:
+    """Each needed input's value (template applied); a missing one is a UserError naming the path it looked for."""
+    for name in given:
+        if name not in spec.inputs:
+            known = ", ".join(spec.inputs) or "none"
+            raise UserError(f"--input {name}: the recipe has no such input (inputs: {known})", path=str(path))
+    out = {}
+    for name, inp in spec.inputs.items():
+        if inp.runs is not None and not runs & set(inp.runs):
+            continue
+        how = " or ".join(filter(None, [f"set {inp.env}" if inp.env else None, f"pass --input {name}=PATH"]))
+        env_value = os.environ.get(inp.env) if inp.env else None
+        raw, base = ((given[name], Path.cwd()) if name in given else (env_value, Path.cwd()) if env_value
+                     else (inp.default, path.parent))       # a default is relative to the recipe file
+        if not raw:
+            raise UserError(f"not supplied: {inp.help}; {how}", path=where("inputs", name), field=f"inputs.{name}")
+        p = Path(raw).expanduser()
+        p = (p if p.is_absolute() else base / p).resolve()
+        ok = {"dir": p.is_dir(), "file": p.is_file(), "any": p.exists()}[inp.kind]
+        if not ok:
+            what = {"dir": "folder", "file": "file", "any": "path"}[inp.kind]
+            raise UserError(f"{what} {p} does not exist ({inp.help}); {how}", path=where("inputs", name),
+                            field=f"inputs.{name}")
+        out[name] = inp.template.format(path=str(p))
+    return out
+
+
+def _override(dotted: str, value: Any) -> str:
+    return f"{dotted}={json.dumps(value)}"
+
+
+def _experiment_config(run: RunSpec, name: str, recipe: Path, overrides: list[str], where) -> ExperimentConfig:
+    if isinstance(run.config, dict):
+        tree, source = copy.deepcopy(run.config), f"{recipe} (runs.{name}.config)"
+    else:
+        found = _find_file(str(run.config), recipe)
+        if found is None:
+            raise UserError(f"config file {run.config!r} not found (relative to the recipe, the current folder or "
+                            f"the repo root)", path=where("runs", name, "config"), field=f"runs.{name}.config")
+        tree, source = read_yaml(found), str(found)
+    try:
+        tree = apply_overrides(tree, overrides)
+        return validate_config(tree, source=source)
+    except UserError as err:
+        raise UserError(f"{err.field + ': ' if err.field else ''}{err.detail}", path=where("runs", name),
+                        field=f"runs.{name}") from None
+
+
+ECCV_METRICS = ("eccv_r1", "eccv_map_at_r", "eccv_rprecision") + tuple(
+    f"{p}_r{k}" for p in ("coco_1k", "coco_5k", "cxc") for k in (1, 5, 10))
+
+
+def _allowed_metrics(cfg: ExperimentConfig, evaluate: list[EvaluateSpec], sweep_metric: str | None) -> set[str]:
+    val = [m for m in metric_names(cfg) if m.startswith("val/")]
+    recall = [m[len("val/"):] for m in val]
+    allowed = set(metric_names(cfg)) | {f"init/{m}" for m in val}
+    for e in evaluate:
+        allowed |= {f"{e.split}/{m}" for m in recall}
+        if e.folds:
+            allowed |= {f"{e.split}/folds/{m}" for m in recall}
+        if e.eccv:
+            allowed |= {f"{e.split}/{m}/{d}" for m in ECCV_METRICS for d in ("i2t", "t2i")}
+    allowed.add(f"best/{sweep_metric or cfg.train.best_metric}")
+    return allowed
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, inputs: list[str] | None = None,
+                runs: list[str] | None = None) -> Recipe:
+    """Read and fully validate a recipe (inputs present, every run's config valid, every metric reportable).
+
+    ``overrides``: ``a.b=c`` applied to every run; ``inputs``: ``NAME=PATH``; ``runs``: run only these (and the
+    runs their ``relative_to`` references need)."""
+    path = Path(path)
+    tree, lines = _read(path)
+
+    def where(*key_path: Any) -> str:
+        line = lines.line(key_path)
+        return f"{path}:{line}" if line else str(path)
+
+    try:
+        spec = RecipeSpec.model_validate(tree)
+    except ValidationError as err:
+        first = err.errors(include_url=False)[0]
+        loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        msg = first["msg"].removeprefix("Value error, ")
+        msg = {"extra_forbidden": "unknown key", "missing": "required key missing"}.get(first["type"], msg)
+        more = len(err.errors()) - 1
+        raise UserError(msg + (f" (+{more} more)" if more else ""), path=where(*loc),
+                        field=".".join(map(str, loc)) or None) from None
+
+    # --- which runs: the selected ones plus what their relative_to rows need
+    for name in runs or []:
+        if name not in spec.runs:
+            raise UserError(f"--run {name}: no such run (runs: {', '.join(spec.runs)})", path=str(path))
+    for name, run in spec.runs.items():
+        for metric, ref in run.reference.items():
+            if ref.relative_to is not None and (ref.relative_to not in spec.runs or ref.relative_to == name):
+                raise UserError(f"relative_to {ref.relative_to!r} is not another run of this recipe",
+                                path=where("runs", name, "reference", metric),
+                                field=f"runs.{name}.reference.{metric}")
+    order = _execution_order(spec, set(runs or spec.runs))
+
+    # --- inputs, then each run's config (recipe config -> inputs -> run overrides -> --set -> repro tags)
+    given = _parse_assignments(list(inputs or []), "--input")
+    values = resolve_inputs(spec, path, given, set(order), where)
+    cli = list(overrides or [])
+    for text in cli:
+        parse_override(text)
+    recipe_name = spec.name or path.stem
+    loaded: list[RecipeRun] = []
+    for name in order:
+        run = spec.runs[name]
+        fills = [_override(spec.inputs[i].field, v) for i, v in values.items()
+                 if spec.inputs[i].runs is None or name in spec.inputs[i].runs]
+        for text in run.overrides:
+            try:
+                parse_override(text)
+            except UserError as err:
+                raise UserError(err.detail, path=where("runs", name, "overrides"),
+                                field=f"runs.{name}.overrides") from None
+        all_overrides = fills + list(run.overrides) + cli
+        tags = [_override(f"tracking.tags.{TAG_RECIPE}", recipe_name), _override(f"tracking.tags.{TAG_RUN}", name)]
+        config, space = None, None
+        if run.space is not None:
+            found = _find_file(run.space, path)
+            if found is None:
+                raise UserError(f"search space {run.space!r} not found", path=where("runs", name, "space"),
+                                field=f"runs.{name}.space")
+            space = load_space(found, all_overrides + tags)
+            allowed = _allowed_metrics(space.base_config, [], space.metric)
+        else:
+            config = _experiment_config(run, name, path, all_overrides + tags, where)
+            allowed = _allowed_metrics(config, list(run.evaluate), None)
+        references = []
+        for metric, ref in run.reference.items():
+            if ref.enforce and metric not in allowed:
+                raise UserError(f"{metric!r} is not reported by this run; choose one of {', '.join(sorted(allowed))} "
+                                f"(or mark the row enforce: false)", path=where("runs", name, "reference", metric),
+                                field=f"runs.{name}.reference")
+            direction = ref.direction or ("higher" if default_mode(metric) == "max" else "lower")
+            references.append(Reference(run=name, metric=metric, value=ref.value, relative_to=ref.relative_to,
+                                        tolerance=ref.tolerance, direction=direction, source=ref.source,
+                                        enforce=ref.enforce))
+        loaded.append(RecipeRun(name=name, config=config, space=space, evaluate=list(run.evaluate),
+                                references=references, line=where("runs", name)))
+    return Recipe(path=path.resolve(), spec=spec, runs=loaded, inputs=values)
+
+
+def _execution_order(spec: RecipeSpec, selected: set[str]) -> list[str]:
+    """The selected runs and their relative_to dependencies, each after the runs it compares with."""
+    order: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        if name in visiting:
+            raise UserError(f"runs.{name}: relative_to references form a cycle")
+        visiting.add(name)
+        for ref in spec.runs[name].reference.values():
+            if ref.relative_to is not None:
+                visit(ref.relative_to)
+        order.append(name)
+
+    for name in spec.runs:
+        if name in selected:
+            visit(name)
+    return order
