@@ -81,51 +81,30 @@ def cmd_teachers(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
+    from orchestrator.evaluation.suite import EvalOptions, evaluate_checkpoint, evaluate_embeddings_file
 
-    from orchestrator.checkpoint import load_file, model_file
-    from orchestrator.config import apply_overrides, load_config, validate_config
-    from orchestrator.data.loader import ImageTensorCache
-    from orchestrator.data.splits import load_split
-    from orchestrator.evaluation.embed import encode_split, evaluate_embeddings
-    from orchestrator.models.student import build_student
-    from orchestrator.session import default_device
-
-    path = model_file(Path(args.checkpoint))
-    ckpt = load_file(path)
-    if "model" not in ckpt or "config_yaml" not in ckpt:
-        raise UserError("not a model checkpoint of this project (no model/config_yaml)", path=str(path))
-    if args.config:
-        cfg = load_config(args.config, args.set)
+    opts = EvalOptions(
+        split=args.split or ("test" if args.eccv else "val"), folds=args.folds, eccv=args.eccv, eccv_k=args.eccv_k,
+        graded=args.graded, relevance=args.relevance, relevance_aggregation=args.relevance_agg,
+        kendall_candidates=args.kendall_candidates,
+        image_folder=Path(args.image_folder) if args.image_folder else None,
+        sts=Path(args.sts) if args.sts else None, report_dir=Path(args.report_dir) if args.report_dir else None,
+        export_embeddings=Path(args.export_embeddings) if args.export_embeddings else None,
+    )
+    if args.embeddings:
+        result = evaluate_embeddings_file(Path(args.embeddings), opts)
+        source = {"embeddings": str(args.embeddings)}
     else:
-        import yaml
+        from orchestrator.checkpoint import model_file
 
-        tree = apply_overrides(yaml.safe_load(ckpt["config_yaml"]), args.set)
-        cfg = validate_config(tree, source=f"{path} (embedded config)")
-    student = build_student(cfg.model)
-    try:
-        student.model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0][:200]
-        raise UserError(f"checkpoint does not fit model {cfg.model.name!r}: {first}", path=str(path)) from None
-    device = default_device()
-    model = student.model.to(device)
-    index = load_split(cfg.data, args.split)
-    emb = encode_split(model, index, ImageTensorCache(index, student.preprocess), student.tokenizer, device=device,
-                       batch_size=cfg.eval.batch_size, precision=cfg.model.precision)
-    metrics = evaluate_embeddings(emb, ks=cfg.eval.ks, chunk_size=cfg.eval.chunk_size, device=device)
-    if args.export_embeddings:
-        out = Path(args.export_embeddings)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        emb.save_npz(out)
-        log.info("embeddings written to %s", out)
-    print(metrics_table(metrics))
-    payload = {"checkpoint": str(path), "split": args.split, "dataset": index.name, "metrics": metrics}
+        result = evaluate_checkpoint(Path(args.checkpoint), opts, config=args.config, overrides=args.set)
+        source = {"checkpoint": str(model_file(Path(args.checkpoint)))}
+    print(metrics_table(result.metrics))
+    payload = {**source, "split": opts.split, "dataset": result.dataset, "metrics": result.metrics}
     if args.json:
         Path(args.json).write_text(json.dumps(payload, indent=2))
     else:
         print(json.dumps(payload))
-    del torch
     return 0
 
 
@@ -171,6 +150,39 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if finished or not result.records else 1
 
 
+# ------------------------------------------------------------------------------------------ reproduce
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """Exit 0 when every metric is within tolerance of its reference, 1 on a regression (or a crashed run)."""
+    from orchestrator.recipe import load_recipe
+    from orchestrator.reproduce import REPORT_COLUMNS, report_rows, reproduce
+
+    recipe = load_recipe(args.recipe, args.set, args.input, args.run)
+    if args.dry_run:
+        print(f"recipe {recipe.name}: runs {', '.join(f'{r.name} ({r.kind})' for r in recipe.runs)}")
+        for name, value in recipe.inputs.items():
+            print(f"  input {name} = {value}")
+        rows = [{"run": r.run, "metric": r.metric, "reference": r.relative_to or r.value, "tolerance": r.tolerance,
+                 "direction": r.direction, "enforced": r.enforce, "source": r.source} for r in recipe.references]
+        print(format_table(rows, ["run", "metric", "reference", "tolerance", "direction", "enforced", "source"]))
+        return 0
+    report = reproduce(recipe, against_last_pass=args.against_last_pass)
+    print()
+    print(f"recipe {recipe.name} ({recipe.path}), against {report.against}")
+    print(format_table(report_rows(report.rows), REPORT_COLUMNS))
+    for note in report.notes:
+        print(f"note: {note}")
+    for name, outcome in report.outcomes.items():
+        where = f"MLflow run {outcome.run_id} in {outcome.target.uri}" if outcome.run_id and outcome.target else ""
+        print(f"run {name}: {'FAILED: ' + outcome.error if outcome.error else 'finished'} "
+              f"({outcome.wall_s:.0f} s) {where}".rstrip())
+    regressed = sorted({f"{r.run} {r.metric}" for r in report.regressed})
+    if report.passed:
+        print(f"PASS: {len(report.rows)} metric(s) within tolerance")
+        return 0
+    print("REGRESSED: " + (", ".join(regressed) or "a run failed"))
+    return 1
+
+
 # ------------------------------------------------------------------------------------------------- ui
 def ui_command(uri: str, host: str, port: int) -> list[str]:
     """The ``mlflow ui`` argv for ``uri`` (no shell; one worker)."""
@@ -210,10 +222,26 @@ def build_parser() -> argparse.ArgumentParser:
     th.set_defaults(func=cmd_teachers)
 
     e = sub.add_parser("eval", help="retrieval metrics of a checkpoint on a split")
-    e.add_argument("--checkpoint", required=True, help="a checkpoint folder or its model.pt")
-    e.add_argument("--split", default="val", choices=["train", "val", "test"])
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a checkpoint folder or its model.pt")
+    src.add_argument("--embeddings", metavar="EMB.npz",
+                     help="evaluate exported embeddings instead (recall, --folds, --eccv, --report-dir)")
+    e.add_argument("--split", choices=["train", "val", "test"], help="default val (test with --eccv)")
     e.add_argument("--config", help="use this config instead of the one stored in the checkpoint")
     e.add_argument("--set", action="append", default=[], metavar="a.b=value")
+    e.add_argument("--folds", type=int, metavar="N", help="also average over N image folds (COCO 1K: 5)")
+    e.add_argument("--eccv", action="store_true",
+                   help="ECCV Caption / CxC / COCO 1K+5K metrics (COCO 5K test split by COCO id; eccv-caption)")
+    e.add_argument("--eccv-k", type=int, default=100, metavar="K", help="ranked list length for --eccv (>= 50)")
+    e.add_argument("--graded", action="store_true", help="NDCG@10/25/all and Kendall's tau on graded relevance")
+    e.add_argument("--relevance", choices=["auto", "exact", "teacher"], default="auto",
+                   help="--graded relevance: the data's exact one, or the text teacher's caption similarity")
+    e.add_argument("--relevance-agg", choices=["max", "mean"], help="default: eval.relevance_aggregation")
+    e.add_argument("--kendall-candidates", type=int, metavar="N",
+                   help="Kendall's tau over N random candidates per direction (a fast estimate on big galleries)")
+    e.add_argument("--image-folder", metavar="DIR|LIST", help="image->image R@1 (class = subfolder, or a list file)")
+    e.add_argument("--sts", metavar="PAIRS.tsv", help="STS Spearman on sentence pairs with gold scores")
+    e.add_argument("--report-dir", metavar="DIR", help="write recall curves, t-SNE, case study and metrics.json")
     e.add_argument("--export-embeddings", metavar="OUT.npz")
     e.add_argument("--json", metavar="OUT.json", help="write the metrics JSON here instead of stdout")
     e.set_defaults(func=cmd_eval)
@@ -230,6 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--dry-run", action="store_true", help="validate the space and print the plan; run nothing")
     w.add_argument("--quiet", action="store_true", help="no per-epoch progress lines (itr -v sweep: Tune's tables too)")
     w.set_defaults(func=cmd_sweep)
+
+    r = sub.add_parser("reproduce", help="run a recipe (recipes/*.yaml) and compare it with its reference table; "
+                                         "exit 1 on a regression")
+    r.add_argument("recipe", help="recipe YAML (see recipes/)")
+    r.add_argument("--set", action="append", default=[], metavar="a.b=value", help="override a field of every run")
+    r.add_argument("--input", action="append", default=[], metavar="NAME=PATH",
+                   help="supply one of the recipe's inputs (data, weights); default: its env variable")
+    r.add_argument("--run", action="append", default=[], metavar="NAME", help="run only this run of the recipe")
+    r.add_argument("--against-last-pass", action="store_true",
+                   help="compare with the last passing reproduction of this recipe in MLflow instead of the paper")
+    r.add_argument("--dry-run", action="store_true", help="validate the recipe and its inputs; run nothing")
+    r.set_defaults(func=cmd_reproduce)
 
     u = sub.add_parser("ui", help="serve the MLflow dashboard over the project's tracking store")
     u.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")

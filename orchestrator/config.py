@@ -124,8 +124,11 @@ class ModelConfig(Section):
 
     name: str = "ViT-B-32"
     pretrained: Path | None = Field(None, description="a local open_clip checkpoint; none = random init")
-    lock_image: bool = False
-    lock_text: bool = False
+    lock_image: bool = Field(False, description="freeze the image tower (LiT; open_clip lock_image_tower)")
+    lock_text: bool = Field(False, description="freeze the text tower (open_clip lock_text_tower)")
+    cache_locked_towers: bool = Field(
+        True, description="compute a locked tower's frozen outputs once per split (cached under "
+                          "teachers.cache_dir) so an epoch runs only the trainable projection")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
     heads: Literal["auto", "none", "cross", "cross_uni"] = Field(
         "auto", description="CUSA's LN+Linear projectors: auto = cross_uni for cusa (cross if beta = 0), else none"
@@ -347,7 +350,9 @@ class ScalingConfig(Section):
     num_workers: PositiveInt = 1
     use_gpu: bool | Literal["auto"] = "auto"
     cpus_per_worker: PositiveFloat = 1.0
-    max_failures: NonNegInt = 1
+    max_failures: NonNegInt = Field(
+        2, description="restarts of the worker group from the latest checkpoint after a worker dies (a non-finite "
+                       "loss or bad input fails at once)")
     gather_global_batch: bool = Field(False, description="losses see the batch of all ranks (all-gather)")
 
 
@@ -356,6 +361,9 @@ class EvalConfig(Section):
     batch_size: PositiveInt = 256
     chunk_size: PositiveInt = 1024
     ks: tuple[PositiveInt, ...] = (1, 5, 10)
+    reports: bool = Field(True, description="log report figures (recall curves, t-SNE, case study) at the end of a run")
+    relevance_aggregation: Literal["max", "mean"] = Field(
+        "max", description="itr eval --graded: caption-caption relevance aggregated over an image's captions")
 
 
 class TrackingConfig(Section):

@@ -13,7 +13,10 @@ import torch
 from torch import nn
 
 from orchestrator import tracking
+from orchestrator.checkpoint import os_error_in
 from orchestrator.config import ExperimentConfig
+from orchestrator.errors import UserError
+from orchestrator.models.tower_cache import prepare_tower_features
 from orchestrator.ray_logs import filter_worker_logs
 from orchestrator.session import LocalSession
 from orchestrator.train_loop import train_loop
@@ -41,10 +44,10 @@ def _score(metrics: dict[str, float], cfg: ExperimentConfig) -> float:
 
 class RayTrainSession:
     """A ``Session`` inside a Ray Train worker: rank/device from Ray, DDP via ``prepare_model``, checkpoints and
-    metrics via ``ray.train.report``. MLflow metrics are logged on rank 0 after each report succeeded, so a
-    restarted worker never logs the same epoch twice."""
+    metrics via ``ray.train.report``. MLflow gets the metrics from the Train controller once it committed the
+    report (``orchestrator.ray_train_hooks``), so a killed and restarted worker never loses or repeats an epoch."""
 
-    def __init__(self, cfg: ExperimentConfig, sink: tracking.MetricSink | None) -> None:
+    def __init__(self, cfg: ExperimentConfig) -> None:
         import ray.train
         import ray.train.torch
 
@@ -53,7 +56,6 @@ class RayTrainSession:
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.cfg = cfg
-        self.sink = sink if self.rank == 0 else None
         self._restored = tempfile.mkdtemp(prefix="itr-restore-")
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
@@ -75,9 +77,23 @@ class RayTrainSession:
         payload = {k: float(v) for k, v in metrics.items()}
         payload["checkpoint/score"] = _score(metrics, self.cfg)
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(payload, checkpoint=checkpoint)
-        if self.sink is not None:
-            self.sink(metrics, epoch)
+        try:
+            ray.train.report(payload, checkpoint=checkpoint)
+        except Exception as err:  # copying the checkpoint to the run's storage failed: disk full, permissions
+            os_error = os_error_in(err)
+            if os_error is None:
+                raise
+            raise UserError(f"cannot write checkpoint ({os_error.strerror or os_error})",
+                            path=str(os_error.filename2 or os_error.filename or self._run_folder())) from None
+
+    def _run_folder(self) -> str:
+        """This run's folder in the Ray Train storage (where its checkpoints go)."""
+        import ray.train
+
+        try:
+            return ray.train.get_context().get_storage().experiment_fs_path
+        except Exception:  # a DeveloperAPI: fall back to the storage root
+            return ray_storage(self.cfg)
 
 
 def quiet_worker_logs() -> None:
@@ -90,15 +106,20 @@ def quiet_worker_logs() -> None:
 
 
 def ray_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train's per-worker entry point: rebuild the config, then run the plain loop."""
+    """Ray Train's per-worker entry point: rebuild the config, then run the plain loop.
+
+    A non-finite loss or bad input (``UserError``, e.g. a checkpoint that cannot be written) is raised as a
+    ``FatalWorkerError``, which stops the run without the retries a restart could not help."""
+    from orchestrator.ray_train_hooks import FatalWorkerError
+    from orchestrator.train_loop import NonFiniteLossError
+
     quiet_worker_logs()
     cfg = ExperimentConfig.model_validate(loop_config["config"])
-    sink = None
-    if loop_config.get("run_id"):
-        target = tracking.TrackingTarget(**loop_config["target"])
-        sink = tracking.MetricSink(target, loop_config["run_id"])
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    train_loop(cfg, RayTrainSession(cfg, sink))
+    try:
+        train_loop(cfg, RayTrainSession(cfg))
+    except (NonFiniteLossError, UserError) as err:
+        raise FatalWorkerError.wrap(err) from None
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -121,22 +142,36 @@ def use_gpu(cfg: ExperimentConfig) -> bool:
     return bool(cfg.scaling.use_gpu)
 
 
+def ray_storage(cfg: ExperimentConfig) -> str:
+    """Where ``itr train`` keeps its Ray Train runs: ``<train.output_dir>/ray`` (absolute)."""
+    return (Path(cfg.train.output_dir).expanduser().resolve() / "ray").as_posix()
+
+
 def _fit_with_ray(cfg: ExperimentConfig, name: str, target: tracking.TrackingTarget | None,
                   run_id: str | None, *, callbacks: list | None = None,
                   storage_path: str | None = None) -> tuple[dict[str, float], str | None, str]:
     """Fit ``cfg`` in a ``TorchTrainer`` named ``name`` (a rerun with the same name and storage resumes it).
 
     ``callbacks``: Ray Train callbacks (a sweep passes Tune's ``TuneReportCallback``); ``storage_path``: where the
-    run folder goes (default ``<train.output_dir>/ray``)."""
+    run folder goes (default ``<train.output_dir>/ray``).
+
+    Fault tolerance: a dead worker (any error but the fatal ones) restarts the worker group from the latest
+    checkpoint, up to ``scaling.max_failures`` times; a non-finite loss or a ``UserError`` in a worker fails the
+    run at once and is raised here as the original error. With ``run_id``, each committed report is logged to
+    MLflow by the Train controller (``orchestrator.ray_train_hooks.TrainControllerHooks``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from orchestrator.ray_train_hooks import TrainControllerHooks, fatal_error_of
 
     init_ray()
     gpu = use_gpu(cfg)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if gpu:
         resources["GPU"] = 1
-    storage = storage_path or (Path(cfg.train.output_dir).expanduser().resolve() / "ray").as_posix()
+    storage = storage_path or ray_storage(cfg)
+    hooks = TrainControllerHooks(target if run_id else None, run_id, spill_dir=f"{storage}/{name}",
+                                 last_epoch=cfg.train.epochs - 1, max_failures=cfg.scaling.max_failures)
     loop_config = {"config": cfg.model_dump(mode="json"), "run_id": run_id,
                    "target": None if target is None else target.__dict__}
     trainer = TorchTrainer(
@@ -146,15 +181,21 @@ def _fit_with_ray(cfg: ExperimentConfig, name: str, target: tracking.TrackingTar
         run_config=RunConfig(
             name=name,
             storage_path=storage,
-            callbacks=list(callbacks or []),
+            callbacks=[hooks, *(callbacks or [])],
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="checkpoint/score",
                                                checkpoint_score_order=cfg.train.best_mode),
         ),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    try:
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    except Exception as err:
+        fatal = fatal_error_of(err)
+        if fatal is not None:
+            raise fatal.rebuild() from None
+        raise
     best = None
     if result.best_checkpoints:
         pick = max if cfg.train.best_mode == "max" else min
@@ -190,6 +231,12 @@ def prepare_teacher_features(cfg: ExperimentConfig, roles=("train", "val", "test
     return out
 
 
+def _adopt_unsent(logger: tracking.RunLogger, run_dir: Path) -> None:
+    """Queue on ``logger`` what the Train controller could not send to MLflow (``run_dir/mlflow-unsent-*.json``)."""
+    for path in sorted(run_dir.glob(f"{tracking.UNSENT_PREFIX}{logger.run_id}-*.json")):
+        log.info("sending on %d tracking call(s) the Train controller left in %s", logger.adopt(path), path)
+
+
 def run_experiment(cfg: ExperimentConfig, *, config_source: str | None = None,
                    parent_run_id: str | None = None) -> RunResult:
     """Train ``cfg`` end to end and record it in one MLflow run (FINISHED, or FAILED with the reason)."""
@@ -197,17 +244,22 @@ def run_experiment(cfg: ExperimentConfig, *, config_source: str | None = None,
     name = f"{cfg.tracking.run_name or cfg.loss.family}-{stamp}-{cfg.config_hash()[:6]}"
     target = tracking.resolve_target(cfg.tracking) if cfg.tracking.enabled else None
     run_id = None
+    local = cfg.scaling.backend == "local"
+    planned_dir = Path(cfg.train.output_dir).expanduser().resolve() / name if local else Path(ray_storage(cfg)) / name
+    logger: tracking.RunLogger | None = None  # buffered: a tracking outage never fails or stalls the run
     if target is not None:
         run_id = tracking.start_run(target, cfg, run_name=name, parent_run_id=parent_run_id,
                                     extra_tags={"itr.config_source": config_source or "<defaults>"})
-        tracking.log_text_artifact(target, run_id, "config.yaml", cfg.to_yaml())
+        logger = tracking.RunLogger(target, run_id, spill_dir=planned_dir)
+        logger.log_text("config.yaml", cfg.to_yaml())
         log.info("MLflow run %s in %s (experiment %r)", run_id, target.uri, target.experiment)
     try:
         if cfg.uses_teachers:
             prepare_teacher_features(cfg, roles=("train",))
-        if cfg.scaling.backend == "local":
-            run_dir = Path(cfg.train.output_dir).expanduser().resolve() / name
-            sinks = [tracking.MetricSink(target, run_id)] if run_id else []
+        prepare_tower_features(cfg)  # locked towers' outputs, computed once (no-op unless a tower is locked)
+        if local:
+            run_dir = planned_dir
+            sinks = [logger] if logger is not None else []
             session = LocalSession(run_dir, best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode,
                                    sinks=sinks)
             metrics = train_loop(cfg, session)
@@ -217,16 +269,22 @@ def run_experiment(cfg: ExperimentConfig, *, config_source: str | None = None,
         else:
             metrics, best, run_dir_s = _fit_with_ray(cfg, name, target, run_id)
     except BaseException as err:
-        if target is not None and run_id is not None:
+        if logger is not None:
+            _adopt_unsent(logger, planned_dir)
             status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-            tracking.end_run(target, run_id, status, reason=f"{err.__class__.__name__}: {err}")
+            logger.end_run(status, reason=f"{err.__class__.__name__}: {err}")
+            logger.close(min(10.0, tracking.flush_timeout_s()) if status == "KILLED" else None)  # Ctrl-C: brief
         raise
-    if target is not None and run_id is not None:
-        tracking.log_text_artifact(target, run_id, "final_metrics.json", tracking.final_metrics_json(metrics))
-        c = tracking.client(target)
+    if logger is not None:
+        _adopt_unsent(logger, planned_dir)
+        logger.log_text("final_metrics.json", tracking.final_metrics_json(metrics))
+        from orchestrator.evaluation.reports import publish_run_reports  # best effort: a failure only warns
+
+        publish_run_reports(cfg, best, lambda files: logger.log_artifacts(files, "reports"))
         if best:
-            c.set_tag(run_id, "itr.best_checkpoint", best)
-        c.set_tag(run_id, "itr.run_dir", run_dir_s)
-        tracking.end_run(target, run_id, "FINISHED")
+            logger.set_tag("itr.best_checkpoint", best)
+        logger.set_tag("itr.run_dir", run_dir_s)
+        logger.end_run("FINISHED")
+        logger.close()
     return RunResult(metrics=metrics, run_id=run_id, tracking_uri=target.uri if target else None,
                      best_checkpoint=best, run_dir=run_dir_s)

@@ -15,7 +15,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from orchestrator.checkpoint import STATE_FILE
+from orchestrator.checkpoint import STATE_FILE, publish_dir
 
 log = logging.getLogger(__name__)
 MetricSink = Callable[[dict[str, float], int], None]
@@ -82,13 +82,8 @@ class LocalSession:
             sink(metrics, epoch)
         if checkpoint_dir is None:
             return
-        self.ckpt_root.mkdir(parents=True, exist_ok=True)
         dest = self.ckpt_root / f"epoch_{epoch:04d}"
-        tmp = self.ckpt_root / f".epoch_{epoch:04d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(checkpoint_dir, tmp)
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
+        publish_dir(checkpoint_dir, dest)  # atomic; a full disk is a one-line UserError, nothing partial left
         score = metrics.get(self.best_metric)
         best = self._best_score()
         if score is not None and (best is None or (score > best if self.best_mode == "max" else score < best)):

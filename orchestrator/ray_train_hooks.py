@@ -1,0 +1,129 @@
+"""What runs inside the Ray Train controller for ``itr train``: MLflow logging of each committed report, and an
+immediate stop on worker errors that a restart from the last checkpoint cannot fix.
+
+Why the controller: it outlives its workers. Ray Train calls ``after_report`` only once a report (and its
+checkpoint) is committed, and a worker group that dies is restarted from the latest committed checkpoint -- so
+logging there gives each epoch exactly once in MLflow, whatever worker is killed when. Logging on a worker
+instead would lose the epochs still queued when it dies, and could log an epoch twice when it dies between its
+report and the controller's commit.
+
+Why stop at once: Ray Train V2 retries every worker error up to ``FailureConfig.max_failures``; a non-finite loss
+or a full disk would only repeat. A worker raises :class:`FatalWorkerError` for those; ``after_exception`` re-raises
+it, which Ray treats as a controller error and does not retry.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray.train import UserCallback
+
+from orchestrator import tracking
+from orchestrator.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class FatalWorkerError(RuntimeError):
+    """A worker error a restart cannot fix: ``kind`` (the original class name), ``message``, and the ``fields``
+    needed to rebuild it on the driver (:meth:`rebuild`). Picklable, unlike some of the errors it carries."""
+
+    def __init__(self, kind: str, message: str, fields: dict[str, Any] | None = None) -> None:
+        self.kind, self.message, self.fields = kind, message, dict(fields or {})
+        super().__init__(f"{kind}: {message}")
+
+    def __reduce__(self):
+        return (type(self), (self.kind, self.message, self.fields))
+
+    @classmethod
+    def wrap(cls, err: BaseException) -> "FatalWorkerError":
+        fields: dict[str, Any] = {}
+        if isinstance(err, UserError):
+            fields = {"detail": err.detail, "path": err.path, "field": err.field}
+        elif all(hasattr(err, a) for a in ("epoch", "step", "terms")):  # NonFiniteLossError
+            fields = {"epoch": err.epoch, "step": err.step, "terms": list(err.terms)}
+        return cls(err.__class__.__name__, str(err), fields)
+
+    def rebuild(self) -> Exception:
+        """The original error as the driver should raise it (a ``UserError`` keeps exit code 2)."""
+        if self.kind == "UserError" or "detail" in self.fields:
+            return UserError(self.fields.get("detail", self.message), path=self.fields.get("path"),
+                             field=self.fields.get("field"))
+        if self.kind == "NonFiniteLossError":
+            from orchestrator.train_loop import NonFiniteLossError
+
+            return NonFiniteLossError(self.fields["epoch"], self.fields["step"], self.fields["terms"])
+        return self
+
+
+def fatal_error_of(err: BaseException) -> FatalWorkerError | None:
+    """The :class:`FatalWorkerError` behind a failed ``TorchTrainer.fit`` (Ray wraps it in a ``ControllerError``)."""
+    seen: set[int] = set()
+    stack: list[Any] = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, FatalWorkerError):
+            return e
+        stack.extend([getattr(e, "controller_failure", None), getattr(e, "cause", None), e.__cause__, e.__context__])
+    return None
+
+
+class TrainControllerHooks(UserCallback):
+    """A Ray Train ``UserCallback`` (it runs in the controller process).
+
+    - ``after_report``: queues rank 0's metrics at step = epoch on a :class:`tracking.RunLogger` (when ``target``
+      and ``run_id`` are given); after the last epoch (``last_epoch``) waits for them to reach the store (bounded;
+      what is left goes to ``<spill_dir>/mlflow-unsent-*.json``, which the driver sends on).
+    - ``after_exception``: a :class:`FatalWorkerError` from any rank is re-raised (no retry); other errors are
+      counted, and when they exceed ``max_failures`` (the run is about to end) the queue is flushed too.
+    """
+
+    def __init__(self, target: tracking.TrackingTarget | None, run_id: str | None, *, spill_dir: str,
+                 last_epoch: int, max_failures: int) -> None:
+        self.target = target
+        self.run_id = run_id
+        self.spill_dir = spill_dir
+        self.last_epoch = last_epoch
+        self.max_failures = max_failures
+        self._failures = 0
+        self._logger: tracking.RunLogger | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_logger"] = None
+        return state
+
+    @property
+    def logger(self) -> tracking.RunLogger | None:
+        if self._logger is None and self.target is not None and self.run_id:
+            from pathlib import Path
+
+            self._logger = tracking.RunLogger(self.target, self.run_id, spill_dir=Path(self.spill_dir))
+        return self._logger
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        logger = self.logger
+        if logger is None or not metrics:
+            return
+        rank0 = metrics[0]
+        step = int(rank0["epoch"]) if "epoch" in rank0 else None
+        if step is None:
+            return
+        logger.log_metrics(rank0, step)
+        if step >= self.last_epoch:
+            logger.close()
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        fatal = [worker_exceptions[r] for r in sorted(worker_exceptions)
+                 if isinstance(worker_exceptions[r], FatalWorkerError)]
+        if not fatal:
+            self._failures += 1
+            log.warning("worker error %d of %d allowed: %s", self._failures, self.max_failures,
+                        "; ".join(f"rank {r}: {e.__class__.__name__}" for r, e in sorted(worker_exceptions.items())))
+        if (fatal or self._failures > self.max_failures) and self.logger is not None:
+            self.logger.close()
+        if fatal:
+            raise fatal[0]
