@@ -387,7 +387,7 @@ class SweepTracker(Callback):
         tags.update({"itr.config_hash": cfg.config_hash(), "itr.loss_family": cfg.loss.family,
                      "itr.model": cfg.model.name, "mlflow.runName": run_name,
                      "mlflow.parentRunId": self.parent_run_id})
-        tags.update(cfg.tracking.tags)
+        tags.update(tracking.redact(cfg.tracking.tags))
         tags.update(extra_tags)
         run = tracking.client(self.target).create_run(self._experiment_id, run_name=run_name, tags=tags)
         tracking.log_params(self.target, run.info.run_id, cfg.flat_params())

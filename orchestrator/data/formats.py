@@ -117,6 +117,7 @@ def read_karpathy(annotations: Path, image_root: Path, split: str, *, name: str,
     caption_ids: list[str] = []
     caption_image: list[int] = []
     seen: set[str] = set()
+    seen_captions: set[str] = set()
     for k, img in enumerate(tree["images"]):
         where = f"images[{k}]"
         if not isinstance(img, dict):
@@ -141,7 +142,11 @@ def read_karpathy(annotations: Path, image_root: Path, split: str, *, name: str,
             if not isinstance(sent, dict) or "raw" not in sent:
                 raise UserError("missing field", path=str(annotations), field=f"{swhere}.raw")
             captions.append(_caption_text(sent["raw"], annotations, f"{swhere}.raw", clean))
-            caption_ids.append(str(sent.get("sentid", f"{image_id}#{s}")))
+            caption_id = str(sent.get("sentid", f"{image_id}#{s}"))
+            if caption_id in seen_captions:
+                raise UserError(f"duplicate sentid {caption_id!r}", path=str(annotations), field=f"{swhere}.sentid")
+            seen_captions.add(caption_id)
+            caption_ids.append(caption_id)
             caption_image.append(idx)
     if not image_ids:
         raise UserError(f"no images in split {split!r} (split values {list(wanted)})", path=str(annotations))
