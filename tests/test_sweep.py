@@ -421,8 +421,9 @@ def test_failed_trial_is_failed_with_reason_and_sigterm_kills_the_rest(tmp_path,
 @pytest.mark.ray
 def test_sigkilled_driver_resumes_without_duplicates(tmp_path):
     _shutdown_inprocess_ray()
-    base = sweep_base(tmp_path, epochs=2, max_steps_per_epoch=16)
-    base["data"]["synthetic"]["num_train_images"] = 640      # epochs long enough to kill one half-way
+    base = sweep_base(tmp_path, epochs=2, max_steps_per_epoch=40)
+    # epochs long enough to kill one half-way, even on a quiet machine (the kill waits 2.2 s for Tune's snapshot)
+    base["data"]["synthetic"]["num_train_images"] = 1600
     path = space_doc(tmp_path, "killed", {"train.lr": {"grid": [1e-3, 5e-4, 2e-4, 1e-4]}}, base=base,
                      max_concurrent_trials=2, resources={"cpu": 1})
     tag = uuid.uuid4().hex
