@@ -280,18 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_error_in_chain(err: BaseException) -> UserError | None:
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [err]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, UserError):
-            return e
-        stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
-        stack.extend(x for x in getattr(e, "args", ()) if isinstance(x, BaseException))
-    return None
+    from orchestrator.errors import find_in_chain
+
+    return find_in_chain(err, UserError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -58,17 +58,9 @@ class FatalWorkerError(RuntimeError):
 
 def fatal_error_of(err: BaseException) -> FatalWorkerError | None:
     """The :class:`FatalWorkerError` behind a failed ``TorchTrainer.fit`` (Ray wraps it in a ``ControllerError``)."""
-    seen: set[int] = set()
-    stack: list[Any] = [err]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, FatalWorkerError):
-            return e
-        stack.extend([getattr(e, "controller_failure", None), getattr(e, "cause", None), e.__cause__, e.__context__])
-    return None
+    from orchestrator.errors import find_in_chain
+
+    return find_in_chain(err, FatalWorkerError, links=("controller_failure", "cause"))
 
 
 class TrainControllerHooks(UserCallback):

@@ -27,6 +27,7 @@ from orchestrator.config import validate_config
 from orchestrator.errors import UserError
 from tests.conftest import tiny_tree
 from tests.mlflow_server import free_port, mlflow_server
+from tests.test_sweep import wait_for
 
 ITR = str(Path(sys.executable).with_name("itr"))
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
@@ -86,20 +87,6 @@ def kill_session(sid: int, timeout: float = 20.0) -> None:
                 pass
         time.sleep(0.3)
     assert not session_pids(sid), f"processes of session {sid} survived SIGKILL"
-
-
-def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None,
-             log: Path | None = None, poll: float = 0.5):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            tail = log.read_text()[-4000:] if log is not None and log.is_file() else ""
-            raise AssertionError(f"itr exited ({proc.returncode}) before {what}:\n{tail}")
-        time.sleep(poll)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def start_itr(args: list[str], cwd: Path, log: Path, **env) -> subprocess.Popen:

@@ -146,7 +146,7 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
             return value
         if proc is not None and proc.poll() is not None:
             tail = log.read_text()[-4000:] if log is not None and log.is_file() else ""
-            raise AssertionError(f"the sweep exited ({proc.returncode}) before {what}:\n{tail}")
+            raise AssertionError(f"the process exited ({proc.returncode}) before {what}:\n{tail}")
         time.sleep(poll)
     raise AssertionError(f"timed out waiting for {what}")
 
