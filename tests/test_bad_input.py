@@ -335,6 +335,8 @@ KARPATHY_CASES = {
                   ["dataset.json:images[0].sentences[0].raw", "empty"]),
     "duplicate_cocoid": (lambda t: t["images"][1].update(cocoid=1), ["dataset.json:images[1]", "duplicate image id"]),
     "image_entry_not_object": (lambda t: t["images"].insert(0, "x"), ["dataset.json:images[0]", "not an object"]),
+    "duplicate_sentid": (lambda t: t["images"][1]["sentences"][0].update(sentid=10),
+                         ["dataset.json:images[1].sentences[0].sentid", "duplicate sentid"]),
 }
 
 
