@@ -422,7 +422,7 @@ def test_failed_trial_is_failed_with_reason_and_sigterm_kills_the_rest(tmp_path,
 def test_sigkilled_driver_resumes_without_duplicates(tmp_path):
     _shutdown_inprocess_ray()
     base = sweep_base(tmp_path, epochs=2, max_steps_per_epoch=40)
-    # epochs long enough to kill one half-way, even on a quiet machine (the kill waits 2.2 s for Tune's snapshot)
+    # epochs long enough (several seconds) that a 2 s snapshot (TUNE_GLOBAL_CHECKPOINT_S) catches a trial half-way
     base["data"]["synthetic"]["num_train_images"] = 1600
     path = space_doc(tmp_path, "killed", {"train.lr": {"grid": [1e-3, 5e-4, 2e-4, 1e-4]}}, base=base,
                      max_concurrent_trials=2, resources={"cpu": 1})
@@ -436,16 +436,32 @@ def test_sigkilled_driver_resumes_without_duplicates(tmp_path):
                                 text=True, start_new_session=True)
         pgids.append(proc.pid)
 
-        def one_finished_one_not():
-            _, kids = runs_of(tmp_path)
-            done = [k for k in kids if k.info.status == "FINISHED"]
-            partial = {k.data.tags["itr.trial_id"] for k in kids
-                       if k.info.status == "RUNNING" and len(epoch_steps(tmp_path, k.info.run_id)) == 1}
-            return (done, partial) if done and partial and len(done) < 4 else None
+        def snapshot_trials() -> dict[str, tuple[str, int]] | None:
+            """trial id -> (status, training_iteration) in Tune's last synced experiment snapshot: what a
+            resume reads. Tune writes it in place, so a half-written file reads as None."""
+            try:
+                snapshot = json.loads(next(sweep_folder.glob("experiment_state-*.json")).read_text())
+            except (StopIteration, OSError, ValueError):
+                return None
+            trials = {}
+            for trial_json, meta in snapshot["trial_data"]:
+                trial = json.loads(trial_json)
+                trials[trial["trial_id"]] = (trial["status"],
+                                             json.loads(meta)["last_result"].get("training_iteration", 0))
+            return trials
 
-        finished_before, _ = wait_for(one_finished_one_not, 240, "a finished and a half-run trial",
-                                                   proc, tmp_path / "first_driver.log", poll=0.3)
-        time.sleep(2.2)  # let Tune snapshot the experiment state (TUNE_GLOBAL_CHECKPOINT_S=2)
+        def one_finished_one_half_run():
+            # Poll the snapshot itself, not MLflow: the two concurrent trials run in lock-step, so "one finished
+            # in MLflow, the other after epoch 0" is often gone by the next snapshot.
+            trials = snapshot_trials()
+            if not trials:
+                return None
+            done = [t for t, (status, _) in trials.items() if status == "TERMINATED"]
+            half = [t for t, (status, it) in trials.items() if status != "TERMINATED" and it == 1]
+            return trials if done and half and len(done) < 4 else None
+
+        wait_for(one_finished_one_half_run, 300, "a snapshot with a finished and a half-run trial",
+                 proc, tmp_path / "first_driver.log", poll=0.1)
         os.killpg(proc.pid, signal.SIGKILL)
         killed_at = time.time()
         proc.wait(10)
@@ -453,13 +469,12 @@ def test_sigkilled_driver_resumes_without_duplicates(tmp_path):
         kill_tagged(tag, tuple(pgids))  # the orphans: raylet, gcs_server, DashboardAgent, RuntimeEnvAgent, workers
         _, kids = runs_of(tmp_path)
         assert sum(k.info.status == "FINISHED" for k in kids) < 4, "the sweep finished before the kill"
-        # finished (in MLflow) at least 2.5 s before the kill, so in Tune's snapshot too: must not run again
-        finished_ids = {k.data.tags["itr.trial_id"] for k in finished_before}
-        # what Tune's last snapshot says: trials part-way (a checkpoint after epoch 0) must resume from it
-        snapshot = json.loads(next(sweep_folder.glob("experiment_state-*.json")).read_text())
-        half_run = {json.loads(meta)["last_result"].get("trial_id") for _, meta in snapshot["trial_data"]
-                    if json.loads(meta)["last_result"].get("training_iteration") == 1}
-        assert half_run, "no trial was half-way at the kill (epochs too short for this machine?)"
+        # the snapshot the resume reads (it may have been rewritten between the poll and the kill)
+        trials = snapshot_trials()
+        assert trials, "no readable experiment snapshot after the kill"
+        finished_ids = {t for t, (status, _) in trials.items() if status == "TERMINATED"}  # must not run again
+        half_run = {t for t, (status, it) in trials.items() if status != "TERMINATED" and it == 1}  # resume from ckpt
+        assert finished_ids and half_run, trials
         history_before = {k.data.tags["itr.trial_id"]: [(m.step, m.timestamp) for m in
                           mlflow_client(tmp_path).get_metric_history(k.info.run_id, "epoch")]
                           for k in kids if k.data.tags["itr.trial_id"] in finished_ids}
