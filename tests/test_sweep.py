@@ -437,18 +437,23 @@ def test_sigkilled_driver_resumes_without_duplicates(tmp_path):
         pgids.append(proc.pid)
 
         def snapshot_trials() -> dict[str, tuple[str, int]] | None:
-            """trial id -> (status, training_iteration) in Tune's last synced experiment snapshot: what a
-            resume reads. Tune writes it in place, so a half-written file reads as None."""
+            """trial id -> (status, training_iteration of its registered checkpoint) in Tune's last synced experiment
+            snapshot: what a resume reads. Tune registers a checkpoint after the result that carried it (a separate
+            save step), so the checkpoint, not ``last_result``, says where a trial resumes. Tune writes the file in
+            place, so a half-written one reads as None."""
+            from ray import cloudpickle
+
             try:
                 snapshot = json.loads(next(sweep_folder.glob("experiment_state-*.json")).read_text())
-            except (StopIteration, OSError, ValueError):
+                trials = {}
+                for trial_json, meta in snapshot["trial_data"]:
+                    trial, meta = json.loads(trial_json), json.loads(meta)
+                    manager = cloudpickle.loads(bytes.fromhex(meta["checkpoint_manager"]["value"]))
+                    latest = manager.latest_checkpoint_result
+                    trials[trial["trial_id"]] = (trial["status"], latest.metrics["training_iteration"] if latest else 0)
+                return trials
+            except (StopIteration, OSError, ValueError, KeyError, EOFError):
                 return None
-            trials = {}
-            for trial_json, meta in snapshot["trial_data"]:
-                trial = json.loads(trial_json)
-                trials[trial["trial_id"]] = (trial["status"],
-                                             json.loads(meta)["last_result"].get("training_iteration", 0))
-            return trials
 
         def one_finished_one_half_run():
             # Poll the snapshot itself, not MLflow: the two concurrent trials run in lock-step, so "one finished
@@ -473,7 +478,9 @@ def test_sigkilled_driver_resumes_without_duplicates(tmp_path):
         trials = snapshot_trials()
         assert trials, "no readable experiment snapshot after the kill"
         finished_ids = {t for t, (status, _) in trials.items() if status == "TERMINATED"}  # must not run again
-        half_run = {t for t, (status, it) in trials.items() if status != "TERMINATED" and it == 1}  # resume from ckpt
+        # resume from their epoch-0 checkpoint; the others (none, or a result whose save Tune had not
+        # registered yet) start again, and MLflow must still get each epoch once
+        half_run = {t for t, (status, it) in trials.items() if status != "TERMINATED" and it == 1}
         assert finished_ids and half_run, trials
         history_before = {k.data.tags["itr.trial_id"]: [(m.step, m.timestamp) for m in
                           mlflow_client(tmp_path).get_metric_history(k.info.run_id, "epoch")]
