@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import UserError
 
@@ -37,13 +37,20 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _absolute(value: Path) -> Path:
+    """A path against the current folder (the config convention), so Ray workers with another cwd agree."""
+    path = Path(value).expanduser()
+    return (path if path.is_absolute() else Path.cwd() / path).resolve()
+
+
+#: a path field made absolute at validation (need not exist yet)
+AbsolutePath = Annotated[Path, AfterValidator(_absolute)]
+
+
 def _existing_path(value: Path | None, what: str) -> Path | None:
     if value is None:
         return None
-    path = Path(value).expanduser()
-    if not path.is_absolute():
-        path = Path.cwd() / path
-    path = path.resolve()
+    path = _absolute(value)
     if not path.exists():
         raise ValueError(f"{what} does not exist: {path}")
     return path
@@ -298,7 +305,7 @@ class TeachersConfig(Section):
 
     image: str | None = None
     text: str | None = None
-    cache_dir: Path = Path(".itr_cache/teachers")
+    cache_dir: AbsolutePath = Field(Path(".itr_cache/teachers"), validate_default=True)
     batch_size: PositiveInt = 64
     backend: Literal["local", "ray"] = Field("local", description="ray: a Ray Data actor pool, one model per worker")
     num_actors: PositiveInt = 1
@@ -324,7 +331,7 @@ class TrainConfig(Section):
     eval_at_start: bool = Field(True, description="evaluate the untrained model first (logged as init/val/...)")
     best_metric: str = "val/rsum"
     best_mode: Literal["max", "min"] = "max"
-    output_dir: Path = Path("runs")
+    output_dir: AbsolutePath = Field(Path("runs"), validate_default=True)
     resume: bool = True
     log_every_steps: PositiveInt = 50
     max_steps_per_epoch: PositiveInt | None = Field(None, description="cap on steps per epoch (smoke runs)")
@@ -369,7 +376,7 @@ class EvalConfig(Section):
 class TrackingConfig(Section):
     enabled: bool = True
     uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or ./mlflow.db")
-    artifact_dir: Path | None = Field(None, description="artifact folder for a local store; default ./mlartifacts")
+    artifact_dir: AbsolutePath | None = Field(None, description="artifact folder for a local store; default ./mlartifacts")
     experiment: str = "itr"
     run_name: str | None = None
     tags: dict[str, str] = {}
@@ -379,8 +386,9 @@ class ExperimentConfig(Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     loss: LossConfig = InfoNCELoss()
-    teachers: TeachersConfig = TeachersConfig()
-    train: TrainConfig = TrainConfig()
+    # built per config, not once at import: their relative path defaults resolve against the cwd of the moment
+    teachers: TeachersConfig = Field(default_factory=TeachersConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = ScalingConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()

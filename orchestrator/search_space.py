@@ -321,17 +321,13 @@ def default_mode(metric: str) -> str:
 
 
 def _absolute_paths(tree: dict[str, Any], cfg: ExperimentConfig) -> dict[str, Any]:
-    """Path fields made absolute (against the driver's cwd, the config convention), so trials anywhere agree."""
+    """Path fields as the driver's validation resolved them (absolute, against its cwd), so trials anywhere agree."""
     tree = copy.deepcopy(tree)
     for dotted in PATH_FIELDS:
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
-        if value is None:
-            continue
-        path = Path(value).expanduser()
-        if not path.is_absolute():
-            path = (Path.cwd() / path).resolve()
-        set_dotted(tree, dotted, str(path))
+        if value is not None:
+            set_dotted(tree, dotted, str(value))
     return tree
 
 

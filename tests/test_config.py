@@ -100,6 +100,21 @@ def test_overrides_parse_yaml_values(tmp_path):
     assert cfg.loss.family == "triplet" and cfg.loss.margin == 0.3
 
 
+def test_relative_paths_resolve_against_the_launch_folder_not_the_workers(tmp_path, monkeypatch):
+    """Ray workers run in another cwd: the cache the driver fills before they start must be the one they read."""
+    launch, worker = tmp_path / "launch", tmp_path / "worker"
+    launch.mkdir(), worker.mkdir()
+    monkeypatch.chdir(launch)
+    cfg = load_config(write(tmp_path, {"tracking": {"artifact_dir": "art"}}), ["train.output_dir=out"])
+    assert cfg.teachers.cache_dir == launch / ".itr_cache" / "teachers"          # a default, resolved too
+    assert cfg.train.output_dir == launch / "out" and cfg.tracking.artifact_dir == launch / "art"
+    monkeypatch.chdir(worker)                                                   # what a Ray Train worker does
+    again = ExperimentConfig.model_validate(cfg.model_dump(mode="json"))
+    assert (again.teachers.cache_dir, again.train.output_dir, again.tracking.artifact_dir) == \
+        (cfg.teachers.cache_dir, cfg.train.output_dir, cfg.tracking.artifact_dir)
+    assert ExperimentConfig().teachers.cache_dir == worker / ".itr_cache" / "teachers"
+
+
 def test_auto_format_from_root(coco_mini, tmp_path):
     cfg = load_config(write(tmp_path, {}), [f"data.root={coco_mini}"])
     assert cfg.data.resolved_format == "captions_json"

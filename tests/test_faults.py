@@ -204,7 +204,7 @@ def test_sigkilled_train_worker_resumes_and_matches_an_undisturbed_run(tmp_path)
 
 
 # ------------------------------------------------------------------- (b) tracking server outage
-def test_mlflow_server_down_30s_mid_run_loses_nothing(tmp_path):
+def test_mlflow_server_down_30s_mid_run_loses_nothing(tmp_path, monkeypatch):
     """A run against a real ``mlflow server``; after epoch 0 reached it, the server is stopped for 30 s and
     restarted on the same port and store. Training goes on meanwhile (epochs finish during the outage), the
     queued metrics, tags and artifacts arrive after it, and the run ends FINISHED with every epoch once.
@@ -246,6 +246,7 @@ def test_mlflow_server_down_30s_mid_run_loses_nothing(tmp_path):
         rid = run.info.run_id
         for key in ("epoch", "train/loss", "train/lr", "train/temperature/tau", "val/rsum", "val/t2i_r5"):
             assert steps(client, rid, key) == list(range(epochs)), key
+        monkeypatch.chdir(tmp_path)                   # relative path defaults resolve where itr ran
         cfg = validate_config(tree)
         assert run.data.params == tracking.redact(cfg.flat_params())
         assert run.data.tags["itr.run_dir"] and run.data.tags["itr.config_hash"] == cfg.config_hash()
