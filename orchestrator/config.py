@@ -376,7 +376,7 @@ class EvalConfig(Section):
 class TrackingConfig(Section):
     enabled: bool = True
     uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or ./mlflow.db")
-    artifact_dir: AbsolutePath | None = Field(None, description="artifact folder for a local store; default ./mlartifacts")
+    artifact_dir: AbsolutePath | None = Field(None, description="artifact folder for a local store; default: mlartifacts beside the SQLite file")
     experiment: str = "itr"
     run_name: str | None = None
     tags: dict[str, str] = {}

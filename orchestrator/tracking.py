@@ -39,13 +39,20 @@ class TrackingTarget:
 
 
 def resolve_target(cfg: TrackingConfig, base_dir: Path | None = None) -> TrackingTarget:
+    """The tracking store and, for a local one, its artifact folder: ``tracking.artifact_dir``, else
+    ``mlartifacts`` next to the SQLite file (``base_dir``, default the cwd, for ``file:`` stores and the default
+    ``<base_dir>/mlflow.db``), so a store's artifacts never land in whatever folder a command ran from."""
     base = Path(base_dir or Path.cwd()).resolve()
     uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI")
     artifact_root = None
     if not uri:
         uri = f"sqlite:///{base / 'mlflow.db'}"
     if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
-        artifacts = Path(cfg.artifact_dir).expanduser() if cfg.artifact_dir else base / "mlartifacts"
+        if cfg.artifact_dir:
+            artifacts = Path(cfg.artifact_dir).expanduser()
+        else:
+            db = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+            artifacts = ((base / db).parent if db and db != ":memory:" else base) / "mlartifacts"
         artifact_root = (artifacts if artifacts.is_absolute() else base / artifacts).resolve().as_uri()
     return TrackingTarget(uri=uri, artifact_root=artifact_root, experiment=cfg.experiment)
 
