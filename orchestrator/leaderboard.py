@@ -197,31 +197,69 @@ def make_plots(records: Sequence[TrialRecord], varied: Sequence[str], metric: st
         plt.close(fig)
         paths.append(path)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    drawn = 0
-    ordered = rank(records, mode)
-    ordered = [r for r in ordered if r.status != STATUS_STOPPED] + [r for r in ordered if r.status == STATUS_STOPPED]
-    for r in ordered:   # stopped-early trials last, so their short curves stay visible
-        if not r.curve:
-            continue
-        epochs = [e for e, _ in r.curve]
-        values = [v for _, v in r.curve]
+    paths.append(learning_curves_figure(records, varied, metric, mode, out_dir / "learning_curves.png"))
+    return paths
+
+
+def curve_styles(records: Sequence[TrialRecord], varied: Sequence[str], mode: str
+                 ) -> list[tuple[TrialRecord, int, str | None]]:
+    """(trial, colour index, legend label or None) in drawing order for ``learning_curves_figure``.
+
+    A colour per setting (the varied parameters other than the seed), numbered in leaderboard order of each
+    setting's best trial; a setting's first finished curve carries its label (with its trial count), the others
+    none; stopped-early, failed and killed trials are labelled each and drawn last so their short curves show."""
+    setting = [k for k in varied if k.split(".")[-1] != "seed"] or list(varied)
+    count_word = "seeds" if len(setting) < len(varied) else "trials"
+    ranked = [r for r in rank(records, mode) if r.curve]
+    groups: dict[str, list[TrialRecord]] = {}
+    for r in ranked:
+        groups.setdefault(_label(r, setting), []).append(r)
+    index = {g: i for i, g in enumerate(groups)}
+    note = {STATUS_STOPPED: " (stopped early)", STATUS_FAILED: " (failed)", STATUS_KILLED: " (killed)"}
+    ordered = [r for r in ranked if r.status != STATUS_STOPPED] + [r for r in ranked if r.status == STATUS_STOPPED]
+    out: list[tuple[TrialRecord, int, str | None]] = []
+    labelled: set[str] = set()
+    for r in ordered:
+        group = _label(r, setting)
+        if r.status in note:
+            label: str | None = f"{_label(r, varied)}{note[r.status]}"
+        elif group not in labelled:
+            n = len(groups[group])
+            label = group + (f" ({n} {count_word})" if n > 1 else "")
+            labelled.add(group)
+        else:
+            label = None
+        out.append((r, index[group], label))
+    return out
+
+
+def learning_curves_figure(records: Sequence[TrialRecord], varied: Sequence[str], metric: str, mode: str,
+                           path: Path) -> Path:
+    """``metric`` per epoch of every trial, styled by ``curve_styles``: one colour per setting, so the seeds of
+    one setting read as a band; dashed with diamonds: stopped early; x: failed / killed. The legend sits right of
+    the axes."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    styles = curve_styles(records, varied, mode)
+    cmap = plt.get_cmap("tab10" if len({c for _, c, _ in styles}) <= 10 else "tab20")
+    fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=100)
+    for r, colour, label in styles:
         stopped = r.status == STATUS_STOPPED
         marker = "x" if r.status in (STATUS_FAILED, STATUS_KILLED) else ("D" if stopped else "o")
-        note = {STATUS_STOPPED: " (stopped early)", STATUS_FAILED: " (failed)", STATUS_KILLED: " (killed)"}
-        ax.plot(epochs, values, linestyle="--" if stopped else "-", marker=marker, markersize=6 if stopped else 4,
-                zorder=3 if stopped else 2, label=_label(r, varied) + note.get(r.status, ""))
-        drawn += 1
+        ax.plot([e for e, _ in r.curve], [v for _, v in r.curve], color=cmap(colour % cmap.N),
+                linestyle="--" if stopped else "-", marker=marker, markersize=6 if stopped else 3,
+                linewidth=1.2, alpha=0.85, zorder=3 if stopped else 2, label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
-    ax.set_title(f"learning curves ({metric}; dashed, diamonds: stopped early)", fontsize=10)
+    ax.set_title(f"learning curves ({metric}; one colour per setting; dashed, diamonds: stopped early)", fontsize=10)
     ax.grid(alpha=0.3)
-    if drawn:
+    if styles:
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.legend(fontsize=7, loc="best", ncol=1 if drawn <= 10 else 2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
-    path = out_dir / "learning_curves.png"
     fig.savefig(path)
     plt.close(fig)
-    paths.append(path)
-    return paths
+    return path

@@ -409,7 +409,8 @@ class SweepTracker(Callback):
             c.set_tag(run_id, "itr.hostname", str(result.get("hostname", "")))
             self._located.add(tid)
         value = result.get(self.metric)
-        self._say(trial, "epoch %d/%s: %s %s", step + 1, self._planned.get(tid, "?"), self.metric,
+        # the epoch index as MLflow steps, itr train and the leaderboard's "best epoch" count it (from 0)
+        self._say(trial, "epoch %d (%d of %s): %s %s", step, step + 1, self._planned.get(tid, "?"), self.metric,
                   "-" if value is None else f"{value:.4g}")
         if step in self._logged.setdefault(tid, set()):
             return
@@ -641,6 +642,8 @@ def run_sweep(space: SearchSpace, *, resume: bool = False, name: str | None = No
         raise UserError(f"sweep name {name!r}: use letters, digits, '_', '-' and '.' (it names a folder)")
     path = sweep_dir(space, name)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")       # stack-notes §3: snapshot often, resume closer
+    # ...on purpose: Tune's "snapshotting has been triggered multiple times" warning would repeat every few seconds
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"      # metric names are checked by load_space;
     # an epoch without evaluation (train.eval_every > 1) simply has no val/ value, which ASHA skips.
     state = _read_state(path)

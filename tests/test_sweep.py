@@ -326,6 +326,24 @@ def test_leaderboard_table_csv_and_plots(tmp_path):
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
 
 
+def test_learning_curves_colour_a_setting_across_its_seeds_and_label_it_once():
+    TR, FIN, STOP = leaderboard.TrialRecord, leaderboard.STATUS_FINISHED, leaderboard.STATUS_STOPPED
+    recs = [TR(f"t{f}{s}", {"loss.family": fam, "train.seed": s}, [(0, base + s), (1, base + 2 * s)], 2, FIN)
+            for f, (fam, base) in enumerate([("infonce", 100.0), ("cusa", 200.0)]) for s in range(3)]
+    recs.append(TR("tx", {"loss.family": "cusa", "train.seed": 3}, [(0, 1.0)], 1, STOP))
+    recs.append(TR("ty", {"loss.family": "bcls", "train.seed": 0}, [], 0, leaderboard.STATUS_FAILED))  # no curve
+    styles = leaderboard.curve_styles(recs, ["loss.family", "train.seed"], "max")
+    colour = {r.trial_id: c for r, c, _ in styles}
+    assert [r.trial_id for r, _, _ in styles][-1] == "tx" and "ty" not in colour  # stopped last; no curve, no line
+    assert {colour[f"t1{s}"] for s in range(3)} == {colour["tx"]} == {0}           # cusa leads the leaderboard
+    assert {colour[f"t0{s}"] for s in range(3)} == {1}
+    labels = [label for _, _, label in styles if label]
+    assert labels == ["family=cusa (4 seeds)", "family=infonce (3 seeds)", "family=cusa, seed=3 (stopped early)"]
+    # no seed varied: every trial is its own setting
+    one = leaderboard.curve_styles(recs[:2], ["train.seed"], "max")
+    assert [label for _, _, label in one] == ["seed=1", "seed=0"] and [c for _, c, _ in one] == [0, 1]
+
+
 # ----------------------------------------------------------------------------------------- Ray sweeps
 @pytest.mark.ray
 def test_asha_sweep_end_to_end_is_tracked_as_parent_and_children(tmp_path):
