@@ -1,0 +1,32 @@
+"""The GPU benchmark must not fail on the lent machine, where device time is scarce: run it whole on the CPU at a
+toy size (every variant, the Ray Train one included, and the evaluation timing) and check it measured each."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.ray
+def test_gpu_throughput_script_measures_every_variant_on_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_throughput.py"), "--device", "cpu",
+                           "--model", "itr-tiny-vit", "--batch-sizes", "8", "--steps", "1", "--warmup", "1",
+                           "--eval-size", "40", "200", "16", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    variants = {row["variant"]: row for row in result["rows"]}
+    assert set(variants) == {"bare", "ours/infonce", "ours/cusa", "ours/listwise", "ours/bcls", "ray/infonce"}
+    for name, row in variants.items():
+        assert math.isfinite(row["pairs_per_s"]) and row["pairs_per_s"] > 0, (name, row["note"])
+        assert math.isfinite(row["ratio_to_bare"]), name
+    assert result["evaluation"]["images"] == 40 and result["evaluation"]["seconds"] > 0
