@@ -30,6 +30,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -182,8 +183,6 @@ def _ray_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    import tempfile
-
     device = ray.train.torch.get_device()
     step = our_step("infonce", config["model"], config["batch"], device)
     seconds, peak = time_steps(step, device, config["warmup"], config["steps"])
@@ -209,8 +208,6 @@ def ray_infonce(model_name: str, batch: int, device: Any, warmup: int, steps: in
                      **({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(2, os.cpu_count() or 2)}))
         if gpu and ray.cluster_resources().get("GPU", 0) < 1:
             return "Ray sees no GPU"
-        import tempfile
-
         trainer = TorchTrainer(
             _ray_worker,
             train_loop_config={"model": model_name, "batch": batch, "warmup": warmup, "steps": steps},
