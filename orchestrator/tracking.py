@@ -39,9 +39,10 @@ class TrackingTarget:
 
 
 def resolve_target(cfg: TrackingConfig, base_dir: Path | None = None) -> TrackingTarget:
-    """The tracking store and, for a local one, its artifact folder: ``tracking.artifact_dir``, else
-    ``mlartifacts`` next to the SQLite file (``base_dir``, default the cwd, for ``file:`` stores and the default
-    ``<base_dir>/mlflow.db``), so a store's artifacts never land in whatever folder a command ran from."""
+    """The tracking store (``tracking.uri``, else $MLFLOW_TRACKING_URI, else ``<base_dir>/mlflow.db``; base_dir
+    defaults to the cwd) and, for a local store, its artifact folder: ``tracking.artifact_dir``, else
+    ``mlartifacts`` beside the SQLite file (beside ``base_dir`` for ``file:`` stores), so a store's artifacts
+    never land in whatever folder a command happened to run from."""
     base = Path(base_dir or Path.cwd()).resolve()
     uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI")
     artifact_root = None

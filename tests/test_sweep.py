@@ -473,14 +473,18 @@ def test_sigkilled_driver_resumes_without_duplicates(tmp_path):
             except (StopIteration, OSError, ValueError, KeyError, EOFError):
                 return None
 
+        def finished_and_half_run(trials: dict[str, tuple[str, int]]) -> tuple[set[str], set[str]]:
+            """Trials that must not run again, and trials that must resume from their epoch-0 checkpoint."""
+            return ({t for t, (status, _) in trials.items() if status == "TERMINATED"},
+                    {t for t, (status, it) in trials.items() if status != "TERMINATED" and it == 1})
+
         def one_finished_one_half_run():
             # Poll the snapshot itself, not MLflow: the two concurrent trials run in lock-step, so "one finished
             # in MLflow, the other after epoch 0" is often gone by the next snapshot.
             trials = snapshot_trials()
             if not trials:
                 return None
-            done = [t for t, (status, _) in trials.items() if status == "TERMINATED"]
-            half = [t for t, (status, it) in trials.items() if status != "TERMINATED" and it == 1]
+            done, half = finished_and_half_run(trials)
             return trials if done and half and len(done) < 4 else None
 
         wait_for(one_finished_one_half_run, 300, "a snapshot with a finished and a half-run trial",
@@ -495,10 +499,9 @@ def test_sigkilled_driver_resumes_without_duplicates(tmp_path):
         # the snapshot the resume reads (it may have been rewritten between the poll and the kill)
         trials = snapshot_trials()
         assert trials, "no readable experiment snapshot after the kill"
-        finished_ids = {t for t, (status, _) in trials.items() if status == "TERMINATED"}  # must not run again
-        # resume from their epoch-0 checkpoint; the others (none, or a result whose save Tune had not
-        # registered yet) start again, and MLflow must still get each epoch once
-        half_run = {t for t, (status, it) in trials.items() if status != "TERMINATED" and it == 1}
+        # the others (none yet, or a result whose save Tune had not registered) start again, and MLflow must
+        # still get each epoch once
+        finished_ids, half_run = finished_and_half_run(trials)
         assert finished_ids and half_run, trials
         history_before = {k.data.tags["itr.trial_id"]: [(m.step, m.timestamp) for m in
                           mlflow_client(tmp_path).get_metric_history(k.info.run_id, "epoch")]
