@@ -1,11 +1,14 @@
 """Forward + backward time and peak extra memory of every loss family, for batch sizes 128 … 4096.
 
-Each (family, B) runs in a fresh subprocess so its peak memory is its own: on CUDA
-``torch.cuda.max_memory_allocated`` above the inputs, on CPU the growth of the process's max RSS over the
-inputs. Inputs are random L2-normalised embeddings (D = 512), teacher features and caption groups (K = 5).
+On CPU each (family, B) runs in a fresh subprocess so its peak memory is its own (the growth of the
+process's max RSS over the inputs); on CUDA all run in one process, peak = ``torch.cuda.max_memory_allocated``
+above the inputs, reset per measurement. Inputs are random L2-normalised embeddings (D = 512), teacher features and caption groups (K = 5).
 
     python benchmarks/losses.py                      # CPU, default sizes
     python benchmarks/losses.py --device cuda --sizes 128 512 1024 2048 4096
+
+On CUDA ``listwise`` and ``bcls_full`` run the fused Triton kernels (``kernel="auto"``) and the
+``*_torch`` rows the blocked torch form, side by side.
 """
 from __future__ import annotations
 
@@ -33,9 +36,15 @@ FAMILIES = {
     "bcls_swhs": {"_family": "bcls", "relevance": "teacher"},
     "bcls_full": {"_family": "bcls", "relevance": "teacher", "window": None},
     "cusa": {},
+    # the O(B³) families again with the blocked torch form forced: on CUDA the default ("auto") is the
+    # fused Triton kernels, so these rows are the side-by-side comparison. On CPU "auto" is already torch.
+    "listwise_torch": {"_family": "listwise", "relevance": "teacher", "kernel": "torch"},
+    "bcls_full_torch": {"_family": "bcls", "relevance": "teacher", "window": None, "kernel": "torch"},
 }
 #: O(B³) work: skipped on CPU above this batch size (minutes per step).
-CUBIC = {"listwise", "bcls_full"}
+CUBIC = {"listwise", "bcls_full", "listwise_torch", "bcls_full_torch"}
+#: Rows that only differ from another row on a GPU.
+GPU_ONLY = {"listwise_torch", "bcls_full_torch"}
 CPU_CUBIC_MAX_B = 1024
 
 
@@ -87,11 +96,32 @@ def run_one(family: str, B: int, device: str, repeats: int, D: int = 512) -> dic
     return {"family": family, "B": B, "ms": 1000 * statistics.median(times), "peak_mib": max(peak, 0) / 2**20}
 
 
+def measure(family: str, B: int, device: str, repeats: int) -> dict:
+    """One table cell. CUDA: in this process (max_memory_allocated is reset per measurement, and a start-up per
+    cell would cost seconds of scarce device time). CPU: a fresh subprocess, so max RSS is this cell's own."""
+    if device.startswith("cuda"):
+        import torch
+
+        try:
+            return run_one(family, B, device, repeats)
+        except Exception as err:  # an OOM at B = 4096 is a result, not a crash
+            return {"family": family, "B": B, "ms": None, "peak_mib": None, "note": f"{type(err).__name__}: {err}"[:60]}
+        finally:
+            torch.cuda.empty_cache()
+    proc = subprocess.run([sys.executable, __file__, "--device", device, "--repeats", str(repeats),
+                           "--one", family, str(B)], capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {"family": family, "B": B, "ms": None, "peak_mib": None, "note": last[:60]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512, 1024, 2048, 4096])
-    p.add_argument("--families", nargs="+", default=list(FAMILIES))
+    p.add_argument("--families", nargs="+", default=None,
+                   help="default: all (on CPU without the *_torch rows, which equal their auto rows there)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--one", nargs=2, metavar=("FAMILY", "B"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -99,19 +129,15 @@ def main() -> None:
         print(json.dumps(run_one(args.one[0], int(args.one[1]), args.device, args.repeats)))
         return
 
+    if args.families is None:
+        args.families = [f for f in FAMILIES if args.device.startswith("cuda") or f not in GPU_ONLY]
     rows = []
     for family in args.families:
         for B in args.sizes:
             if args.device == "cpu" and family in CUBIC and B > CPU_CUBIC_MAX_B:
                 rows.append({"family": family, "B": B, "ms": None, "peak_mib": None, "note": "skipped (O(B^3) on CPU)"})
                 continue
-            proc = subprocess.run([sys.executable, __file__, "--device", args.device, "--repeats", str(args.repeats),
-                                   "--one", family, str(B)], capture_output=True, text=True, cwd=REPO)
-            if proc.returncode != 0:
-                last = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                rows.append({"family": family, "B": B, "ms": None, "peak_mib": None, "note": last[:60]})
-            else:
-                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            rows.append(measure(family, B, args.device, args.repeats))
             r = rows[-1]
             print(f"{r['family']:<11} B={r['B']:<5} " + (f"{r['ms']:9.1f} ms {r['peak_mib']:9.1f} MiB" if r["ms"] is not None
                                                          else r.get("note", "")), file=sys.stderr, flush=True)

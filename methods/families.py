@@ -106,6 +106,12 @@ class _RelevanceFamily(LossFamily):
                                    rescale=self.rescale).to(batch.image_emb.dtype)
 
 
+def _checked_kernel(kernel: str) -> str:
+    if kernel not in F.KERNELS:
+        raise ValueError(f"kernel must be one of {F.KERNELS}, got {kernel!r}")
+    return kernel
+
+
 @register("listwise")
 class Listwise(_RelevanceFamily):
     """Listwise ITR: (1 − λ)·triplet + λ·S-NDCG with relevance from RSC (spec B.3)."""
@@ -113,12 +119,13 @@ class Listwise(_RelevanceFamily):
     def __init__(self, weight: float = 0.5, tau: float = 0.01, margin: float = 0.2, mining: str = "hardest",
                  t2i_relevance: str = "transpose", relevance: str = "teacher", rescale: bool = True,
                  chunk_size: int | None = None, multi_positive: bool = True, soft_negative_tau: float = 0.05,
-                 selhn_eps: float = F.SELHN_DEFAULT_EPS) -> None:
+                 selhn_eps: float = F.SELHN_DEFAULT_EPS, kernel: str = "auto") -> None:
         super().__init__()
         if not 0 < weight < 1:
             raise ValueError(f"listwise weight must be in (0, 1), got {weight}")
         self.weight, self.tau, self.margin, self.mining = weight, tau, margin, mining
         self.t2i_relevance, self.chunk_size = t2i_relevance, chunk_size
+        self.kernel = _checked_kernel(kernel)
         self.multi_positive = self.supports_multi_positive = multi_positive
         self.soft_negative_tau, self.selhn_eps = soft_negative_tau, selhn_eps
         self._setup_relevance(relevance, rescale)
@@ -128,7 +135,8 @@ class Listwise(_RelevanceFamily):
         positives = batch.positives() if self.multi_positive else None
         pair = _triplet(S, self.margin, self.mining, positives, self.soft_negative_tau, self.selhn_eps)
         R = self.relevance(batch)
-        ndcg = F.smooth_ndcg_loss(S, R, tau=self.tau, t2i_relevance=self.t2i_relevance, chunk_size=self.chunk_size)
+        ndcg = F.smooth_ndcg_loss(S, R, tau=self.tau, t2i_relevance=self.t2i_relevance, chunk_size=self.chunk_size,
+                                  kernel=self.kernel)
         pair_w, list_w = (1 - self.weight) * pair, self.weight * ndcg
         return LossOutput(total=pair_w + list_w,
                           terms={"triplet": pair_w.detach(), "sndcg": list_w.detach(),
@@ -144,12 +152,13 @@ class BCLS(_RelevanceFamily):
                  surrogate_temperature: float = 0.1, window: int | None = 16, hard_k: int | None = None,
                  t2i_relevance: str = "transpose", relevance: str = "teacher", rescale: bool = False,
                  chunk_size: int | None = None, multi_positive: bool = True,
-                 selhn_eps: float = F.SELHN_DEFAULT_EPS) -> None:
+                 selhn_eps: float = F.SELHN_DEFAULT_EPS, kernel: str = "auto") -> None:
         super().__init__()
         self.margin, self.mining, self.soft_negative_tau, self.selhn_eps = margin, mining, soft_negative_tau, selhn_eps
         self.kendall_weight, self.gap, self.surrogate = kendall_weight, gap, surrogate
         self.surrogate_temperature, self.window, self.hard_k = surrogate_temperature, window, hard_k
         self.t2i_relevance, self.chunk_size = t2i_relevance, chunk_size
+        self.kernel = _checked_kernel(kernel)
         self.multi_positive = self.supports_multi_positive = multi_positive
         self._setup_relevance(relevance, rescale)
 
@@ -160,7 +169,7 @@ class BCLS(_RelevanceFamily):
         R = self.relevance(batch)
         kendall = self.kendall_weight * F.kendall_rank_loss(
             S, R, gap=self.gap, surrogate=self.surrogate, t2i_relevance=self.t2i_relevance, window=self.window,
-            hard_k=self.hard_k, temperature=self.surrogate_temperature, chunk_size=self.chunk_size)
+            hard_k=self.hard_k, temperature=self.surrogate_temperature, chunk_size=self.chunk_size, kernel=self.kernel)
         return LossOutput(total=binary + kendall,
                           terms={f"triplet_{self.mining}": binary.detach(), "kendall": kendall.detach()})
 

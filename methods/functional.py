@@ -20,16 +20,23 @@ materialises several (B, B, B) tensors (plus autograd buffers); here they are ev
 blocks of queries (``chunk_size`` queries, at most 2**24 elements per buffer by default; on CPU
 also cut to ``CPU_TILE_ELEMENTS``) by custom autograd functions that accumulate the analytic
 gradient in the same pass and keep only a (B, B) gradient for backward. Extra memory is
-O(B^2 + block) with the same values and gradients as the naive form (tested in float64).
+O(B^2 + block) with the same values and gradients as the naive form (tested in float64). On CUDA
+(``kernel="auto"``) both run as fused Triton kernels instead (:mod:`methods.kernels`): the same
+maths without writing any block, so memory traffic is O(B^2) as well.
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from methods import kernels as _kernels
+
+log = logging.getLogger(__name__)
 
 TensorOrFloat = Union[torch.Tensor, float]
 
@@ -47,6 +54,11 @@ SNDCG_EXPONENT_CLAMP = 50.0
 
 _SURROGATES = ("hinge", "tanh", "sigmoid")
 _T2I_OPTIONS = ("transpose", "as_released")
+#: Implementations of the O(B^3) losses: ``auto`` = the fused Triton kernels for float32/16 CUDA
+#: tensors when triton imports (``methods.kernels``), else the blocked torch form.
+KERNELS = ("auto", "torch", "triton")
+
+_triton_failed = False  # set when a Triton kernel failed to build in "auto" mode: torch from then on
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,6 +95,35 @@ def _resolve_chunk(chunk_size: Optional[int], per_query_elements: int, num_queri
         if chunk < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     return max(1, min(chunk, max(1, num_queries)))
+
+
+def _check_kernel(kernel: str) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+
+
+def _use_triton(S: torch.Tensor, kernel: str) -> bool:
+    """Whether the O(B^3) losses run the fused Triton kernels on S (see :data:`KERNELS`)."""
+    if kernel == "torch":
+        return False
+    if kernel == "triton":
+        if not _kernels.supported(S):
+            raise ValueError(
+                "kernel='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1 on the CPU); "
+                f"got a {S.device.type} tensor, triton {'available' if _kernels.AVAILABLE else 'not installed'}"
+            )
+        return True
+    return S.is_cuda and S.dtype != torch.float64 and _kernels.AVAILABLE and not _triton_failed
+
+
+def _auto_fallback(kernel: str, err: Exception) -> None:
+    """In "auto" mode a Triton build failure falls back to torch (once, with a warning); else re-raise."""
+    global _triton_failed
+    if kernel != "auto" or isinstance(err, torch.cuda.OutOfMemoryError):
+        raise err
+    _triton_failed = True
+    log.warning("Triton kernel failed (%s: %s); using the blocked torch form of the O(B^3) losses from now on",
+                type(err).__name__, err)
 
 
 def _float(x: TensorOrFloat, name: str) -> float:
@@ -460,6 +501,38 @@ class _SmoothNDCGDirection(torch.autograd.Function):
         return grad * g_loss, None, None, None, None, None
 
 
+class _SmoothNDCGDirectionTriton(torch.autograd.Function):
+    """:class:`_SmoothNDCGDirection` with the fused kernels of :mod:`methods.kernels`.
+
+    Forward: one kernel for the (Q, N) smooth ranks, then O(N^2) torch for DCG and ``g = dL/dr``;
+    backward: one kernel for ``dL/dS`` from S and g (saved, both (Q, N)). Ranks, DCG and g are kept
+    in float32 for float16 / bfloat16 S (a bfloat16 rank of 4096 would be off by 16).
+    """
+
+    @staticmethod
+    def forward(ctx, S, gains, idcg, tau, clamp):  # type: ignore[override]
+        Q = S.shape[0]
+        r1 = _kernels.sndcg_ranks(S, tau, clamp)  # 1 + rank, float32 (float64 for float64 S)
+        gains, idcg = gains.to(r1.dtype), idcg.to(r1.dtype)
+        ok = idcg != 0
+        inv_idcg = torch.where(ok, 1.0 / torch.where(ok, idcg, torch.ones_like(idcg)), torch.zeros_like(idcg))
+        log_r1 = torch.log2(r1)
+        dcg = (gains / log_r1).sum(dim=1)
+        ndcg = torch.where(ok, dcg * inv_idcg, torch.ones_like(dcg))
+        if ctx.needs_input_grad[0]:
+            g = gains * inv_idcg.unsqueeze(1) / (Q * math.log(2.0)) / (r1 * log_r1 * log_r1)  # dL/dr_qj
+            ctx.save_for_backward(S, g)
+            ctx.tau, ctx.clamp = tau, clamp
+        return (1.0 - ndcg).mean().to(S.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_loss):  # type: ignore[override]
+        S, g = ctx.saved_tensors
+        grad = _kernels.sndcg_rank_grad(S, g, ctx.tau, ctx.clamp).to(S.dtype)
+        return grad * g_loss, None, None, None, None
+
+
 def _ideal_dcg(R: torch.Tensor) -> torch.Tensor:
     """(Q,) IDCG per row of R with rank*_qj = 1 + #{k : R_qk > R_qj} (ties share a rank). No grad."""
     with torch.no_grad():
@@ -472,10 +545,15 @@ def _ideal_dcg(R: torch.Tensor) -> torch.Tensor:
 
 
 def _ndcg_direction(
-    Sq: torch.Tensor, gains: torch.Tensor, idcg: torch.Tensor, tau: float, chunk: int
+    Sq: torch.Tensor, gains: torch.Tensor, idcg: torch.Tensor, tau: float, chunk: int, kernel: str = "torch"
 ) -> torch.Tensor:
     """mean_q (1 - DCG_q / IDCG_q) for query rows Sq (Q, N), gains (Q, N), idcg (Q,)."""
-    return _SmoothNDCGDirection.apply(Sq, gains, idcg, tau, chunk, SNDCG_EXPONENT_CLAMP)
+    if _use_triton(Sq, kernel):
+        try:
+            return _SmoothNDCGDirectionTriton.apply(Sq, gains, idcg, tau, SNDCG_EXPONENT_CLAMP)
+        except Exception as err:  # a kernel that fails to build: see _auto_fallback
+            _auto_fallback(kernel, err)
+    return _SmoothNDCGDirection.apply(Sq, gains.to(Sq.dtype), idcg.to(Sq.dtype), tau, chunk, SNDCG_EXPONENT_CLAMP)
 
 
 def smooth_ndcg_loss(
@@ -484,6 +562,7 @@ def smooth_ndcg_loss(
     tau: float = 0.01,
     t2i_relevance: str = "transpose",
     chunk_size: Optional[int] = None,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """Listwise Smooth-NDCG loss over the whole in-batch list (spec B.3).
 
@@ -512,6 +591,8 @@ def smooth_ndcg_loss(
         tau: sigmoid temperature (float; not learnable).
         t2i_relevance: ``"transpose"`` or ``"as_released"``.
         chunk_size: queries per chunk; default ``max(1, 2**24 // B**2)``.
+        kernel: ``"auto"`` (fused Triton kernels on CUDA float32/16, :mod:`methods.kernels`; O(B^2)
+            memory traffic), ``"torch"`` (the blocked form) or ``"triton"`` (force the kernels).
 
     Returns:
         0-d tensor.
@@ -519,18 +600,21 @@ def smooth_ndcg_loss(
     B = _check_square(S)
     _check_same_shape(S, R, "R")
     _check_t2i(t2i_relevance)
+    _check_kernel(kernel)
     tau_f = _float(tau, "tau")
     chunk = _resolve_chunk(chunk_size, B * B, B)
-    Rc = R.detach().to(device=S.device, dtype=S.dtype)
+    # relevance, gains and IDCG in at least float32 (the Triton path keeps half-precision S's ranks in float32)
+    rel_dtype = S.dtype if S.dtype in (torch.float32, torch.float64) else torch.float32
+    Rc = R.detach().to(device=S.device, dtype=rel_dtype)
     gains = torch.pow(2.0, Rc) - 1.0
     idcg = _ideal_dcg(Rc)
-    l_i2t = _ndcg_direction(S, gains, idcg, tau_f, chunk)
+    l_i2t = _ndcg_direction(S, gains, idcg, tau_f, chunk, kernel)
     St = S.t().contiguous()
     if t2i_relevance == "transpose":
         Rt = Rc.t().contiguous()
-        l_t2i = _ndcg_direction(St, gains.t().contiguous(), _ideal_dcg(Rt), tau_f, chunk)
+        l_t2i = _ndcg_direction(St, gains.t().contiguous(), _ideal_dcg(Rt), tau_f, chunk, kernel)
     else:
-        l_t2i = _ndcg_direction(St, gains, idcg, tau_f, chunk)
+        l_t2i = _ndcg_direction(St, gains, idcg, tau_f, chunk, kernel)
     return (l_i2t + l_t2i) / 2
 
 
@@ -608,6 +692,38 @@ class _KendallAllPairs(torch.autograd.Function):
         return grad * g_num, None, None, None, None, None
 
 
+class _KendallAllPairsTriton(torch.autograd.Function):
+    """:class:`_KendallAllPairs` with the fused kernel of :mod:`methods.kernels` (one pass, O(N^2) memory)."""
+
+    @staticmethod
+    def forward(ctx, S, R, gap, surrogate, temperature):  # type: ignore[override]
+        need_grad = bool(ctx.needs_input_grad[0])
+        num, cnt, grad = _kernels.kendall_all_pairs(S, R, gap, surrogate, temperature, need_grad)
+        if need_grad:
+            ctx.save_for_backward(grad.to(S.dtype))
+        cnt_i = cnt.sum(dtype=torch.float64).round().to(torch.int64)  # per-(q, m) counts <= N are exact
+        ctx.mark_non_differentiable(cnt_i)
+        return num.sum(dtype=torch.float64).to(S.dtype), cnt_i
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_num, g_cnt):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * g_num, None, None, None, None
+
+
+def _kendall_all_pairs(
+    Sq: torch.Tensor, Rq: torch.Tensor, gap: float, surrogate: str, temperature: float, chunk: int, kernel: str
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(sum of penalties, number of valid pairs) over all pairs of every query row."""
+    if _use_triton(Sq, kernel):
+        try:
+            return _KendallAllPairsTriton.apply(Sq, Rq, gap, surrogate, temperature)
+        except Exception as err:  # a kernel that fails to build: see _auto_fallback
+            _auto_fallback(kernel, err)
+    return _KendallAllPairs.apply(Sq, Rq, gap, surrogate, temperature, chunk)
+
+
 def _window_pairs(
     Ss: torch.Tensor, Rs: torch.Tensor, window: int, gap: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -644,6 +760,7 @@ def _kendall_direction(
     window: Optional[int],
     hard_k: Optional[int],
     chunk_size: Optional[int],
+    kernel: str = "torch",
 ) -> torch.Tensor:
     """Kendall loss for one direction: query rows Sq (Q, N) with mask relevance rows Rq (Q, N)."""
     Q, N = Sq.shape
@@ -664,7 +781,7 @@ def _kendall_direction(
 
     if not use_hard:
         if w is None:
-            num, cnt = _KendallAllPairs.apply(Sq, Rq, gap, surrogate, temperature, chunk)
+            num, cnt = _kendall_all_pairs(Sq, Rq, gap, surrogate, temperature, chunk, kernel)
         else:
             nums, cnts = [], []
             n_chunks = (Q + chunk - 1) // chunk
@@ -727,6 +844,7 @@ def kendall_rank_loss(
     hard_k: Optional[int] = None,
     temperature: float = 0.1,
     chunk_size: Optional[int] = None,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """Kendall-style pairwise ranking loss with label gap, optional SW-HS (spec A.3, A.4, A.8).
 
@@ -765,6 +883,8 @@ def kendall_rank_loss(
         hard_k: pairs kept per query (>= 1), or None for all.
         temperature: temperature of the tanh / sigmoid surrogates (float).
         chunk_size: queries per chunk; default so one buffer holds <= 2**24 elements.
+        kernel: all-pairs form only (no window, no hard_k): ``"auto"`` (fused Triton kernel on CUDA
+            float32/16, :mod:`methods.kernels`), ``"torch"`` (blocked) or ``"triton"`` (force it).
 
     Returns:
         0-d tensor.
@@ -772,6 +892,7 @@ def kendall_rank_loss(
     B = _check_square(S)
     _check_same_shape(S, R, "R")
     _check_t2i(t2i_relevance)
+    _check_kernel(kernel)
     if surrogate not in _SURROGATES:
         raise ValueError(f"surrogate must be one of {_SURROGATES}, got {surrogate!r}")
     gap_f = float(gap)
@@ -784,10 +905,10 @@ def kendall_rank_loss(
         raise ValueError(f"hard_k must be >= 1 or None, got {hard_k}")
     del B
     Rc = R.detach().to(device=S.device, dtype=S.dtype)
-    l_i2t = _kendall_direction(S, Rc, gap_f, surrogate, temp_f, window, hard_k, chunk_size)
+    l_i2t = _kendall_direction(S, Rc, gap_f, surrogate, temp_f, window, hard_k, chunk_size, kernel)
     St = S.t().contiguous()
     Rt = Rc.t().contiguous() if t2i_relevance == "transpose" else Rc
-    l_t2i = _kendall_direction(St, Rt, gap_f, surrogate, temp_f, window, hard_k, chunk_size)
+    l_t2i = _kendall_direction(St, Rt, gap_f, surrogate, temp_f, window, hard_k, chunk_size, kernel)
     return (l_i2t + l_t2i) / 2
 
 
@@ -801,4 +922,5 @@ __all__ = [
     "smooth_ndcg_loss",
     "kendall_rank_loss",
     "SELHN_DEFAULT_EPS",
+    "KERNELS",
 ]

@@ -216,6 +216,11 @@ _RELEVANCE_DOC = ("exact: the dataset's own graded relevance (synthetic data); t
 UnitInterval = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
 
 
+LossKernel = Literal["auto", "torch", "triton"]
+_KERNEL_DOC = ("O(B³) loss implementation: auto = fused Triton kernels on CUDA float32/16 (methods/kernels.py), "
+               "else the blocked torch form; torch / triton force one")
+
+
 class ListwiseLoss(Section):
     """Listwise ITR: (1 − λ)·triplet + λ·Smooth-NDCG over the in-batch list, relevance from RSC (spec B)."""
 
@@ -230,6 +235,7 @@ class ListwiseLoss(Section):
     relevance: RelevanceSource = Field("auto", description=_RELEVANCE_DOC)
     rescale: bool = Field(True, description="RSC's (1 + cos) / 2")
     chunk_size: PositiveInt | None = None
+    kernel: LossKernel = Field("auto", description=_KERNEL_DOC)
     multi_positive: bool = True
 
     @property
@@ -258,6 +264,7 @@ class BCLSLoss(Section):
     relevance: RelevanceSource = Field("auto", description=_RELEVANCE_DOC)
     rescale: bool = Field(False, description="ITM_CLS uses the raw max-cosine (no (1 + cos) / 2)")
     chunk_size: PositiveInt | None = None
+    kernel: LossKernel = Field("auto", description=_KERNEL_DOC + " (all-pairs Kendall only: window None, no hard_k)")
     multi_positive: bool = True
 
     @property

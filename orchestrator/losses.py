@@ -25,14 +25,14 @@ def build_loss(cfg: ExperimentConfig) -> nn.Module:
     if isinstance(loss, ListwiseLoss):
         return methods.build("listwise", weight=loss.weight, tau=loss.tau, margin=loss.margin, mining=loss.mining,
                              t2i_relevance=loss.t2i_relevance, relevance=cfg.relevance_source, rescale=loss.rescale,
-                             chunk_size=loss.chunk_size, multi_positive=loss.multi_positive)
+                             chunk_size=loss.chunk_size, kernel=loss.kernel, multi_positive=loss.multi_positive)
     if isinstance(loss, BCLSLoss):
         return methods.build("bcls", margin=loss.margin, mining=loss.mining,
                              soft_negative_tau=loss.soft_negative_tau, kendall_weight=loss.kendall_weight,
                              gap=loss.gap, surrogate=loss.surrogate, surrogate_temperature=loss.surrogate_temperature,
                              window=loss.window, hard_k=loss.hard_k, t2i_relevance=loss.t2i_relevance,
                              relevance=cfg.relevance_source, rescale=loss.rescale, chunk_size=loss.chunk_size,
-                             multi_positive=loss.multi_positive)
+                             kernel=loss.kernel, multi_positive=loss.multi_positive)
     if isinstance(loss, CUSALoss):
         t = loss.temperature
         return methods.build("cusa", tau_init=t.init, tau_min=t.min, tau_max=t.max, tau_learnable=t.learnable,

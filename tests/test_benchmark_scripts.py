@@ -30,3 +30,16 @@ def test_gpu_throughput_script_measures_every_variant_on_cpu(tmp_path):
         assert math.isfinite(row["pairs_per_s"]) and row["pairs_per_s"] > 0, (name, row["note"])
         assert math.isfinite(row["ratio_to_bare"]), name
     assert result["evaluation"]["images"] == 40 and result["evaluation"]["seconds"] > 0
+
+
+def test_losses_benchmark_measures_every_family_it_names(tmp_path):
+    """Every row of the table is a measurement (the *_torch rows included), at a toy size on the CPU."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    families = ["listwise", "bcls_full", "listwise_torch", "bcls_full_torch", "cusa"]
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "losses.py"), "--sizes", "24", "--repeats", "1",
+                           "--families", *families], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "B=" not in line]
+    assert [r.split(" | ")[0][2:] for r in rows] == families
+    assert all(" ms / " in r for r in rows), proc.stdout
