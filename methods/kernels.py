@@ -185,6 +185,7 @@ def kendall_all_pairs(
     num = torch.empty_like(Sc)
     cnt = torch.empty_like(Sc)
     grad = torch.empty_like(Sc) if need_grad else num  # placeholder pointer when unused
-    _kendall_kernel[_grid(Q, N)](Sc, Rc, num, cnt, grad, N, gap, 1.0 / temperature, SURROGATE=SURROGATE_CODES[surrogate],
-                                 NEED_GRAD=need_grad, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
+    _kendall_kernel[_grid(Q, N)](Sc, Rc, num, cnt, grad, N, gap, 1.0 / temperature,
+                                 SURROGATE=SURROGATE_CODES[surrogate], NEED_GRAD=need_grad, BLOCK_J=BLOCK_J,
+                                 BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
     return num, cnt, (grad if need_grad else None)

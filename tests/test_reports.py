@@ -44,8 +44,33 @@ def test_run_logs_report_figures_to_mlflow(trained_run):
     assert client.get_run(result.run_id).info.status == "FINISHED"
     logged = {Path(a.path).name for a in client.list_artifacts(result.run_id, "reports")}
     assert logged == REPORT_FILES
+    best = Path(result.best_checkpoint)
     for name in REPORT_FILES:
-        assert_png(Path(client.download_artifacts(result.run_id, f"reports/{name}", str(tmp))))
+        path = Path(client.download_artifacts(result.run_id, f"reports/{name}", str(tmp)))
+        assert_png(path)
+        # every figure says what it shows: the split and the checkpoint with its epoch (1 epoch: epoch 0)
+        with Image.open(path) as img:
+            expected = f"val split · best checkpoint {best.parent.name}/{best.name} (epoch 0 = 1 of 1)"
+            assert img.info["Description"] == expected
+
+
+def test_report_source_reads_the_checkpoint_epoch(trained_run, tmp_path):
+    import shutil
+
+    import torch
+
+    from orchestrator.evaluation.checkpoint_model import load_checkpoint_model
+
+    _, result, _ = trained_run
+    copy = tmp_path / "run" / "best"
+    shutil.copytree(result.best_checkpoint, copy)
+    state = torch.load(copy / "model.pt", weights_only=True)
+    torch.save({**state, "epoch": 7}, copy / "model.pt")
+    loaded = load_checkpoint_model(copy)
+    assert loaded.epoch == 7
+    source = reports.report_source("test", loaded.path, loaded.epoch, 20)
+    assert source == "test split · checkpoint run/best (epoch 7 = 8 of 20)"
+    assert reports.report_source("val") == "val split"
 
 
 def test_itr_eval_writes_reports_and_every_metric(trained_run, tmp_path):
@@ -60,6 +85,8 @@ def test_itr_eval_writes_reports_and_every_metric(trained_run, tmp_path):
     assert {p.name for p in out.iterdir()} == REPORT_FILES | {"metrics.json"}
     for name in REPORT_FILES:
         assert_png(out / name)
+        with Image.open(out / name) as img:
+            assert img.info["Description"].startswith("val split · checkpoint "), name
     for key in ("rsum", "i2t_ndcg10", "t2i_ndcg25", "i2t_ndcg_all", "t2i_kendall_tau", "image_r1", "sts_spearman"):
         assert np.isfinite(metrics[key]), key
     assert 0 <= metrics["image_r1"] <= 100 and -100 <= metrics["sts_spearman"] <= 100

@@ -13,11 +13,13 @@ __all__ = ["LoadedModel", "load_checkpoint_model"]
 
 @dataclass
 class LoadedModel:
-    """``student``: the model (on the CPU, eval-ready), its preprocess and tokenizer; ``cfg`` the config used."""
+    """``student``: the model (on the CPU, eval-ready), its preprocess and tokenizer; ``cfg`` the config used;
+    ``path`` the model file."""
 
     cfg: ExperimentConfig
     student: object  # orchestrator.models.student.Student
     path: Path
+    epoch: int | None = None  # the (0-based) epoch the checkpoint was saved after, when it says
 
 
 def load_checkpoint_model(checkpoint: Path | str, *, config: str | None = None, overrides: Sequence[str] = (),
@@ -52,4 +54,5 @@ def load_checkpoint_model(checkpoint: Path | str, *, config: str | None = None, 
         first = str(err).strip().splitlines()[0][:200]
         raise UserError(f"checkpoint does not fit model {cfg.model.name!r}: {first}", path=str(path)) from None
     student.model.eval()
-    return LoadedModel(cfg=cfg, student=student, path=path)
+    epoch = ckpt.get("epoch")
+    return LoadedModel(cfg=cfg, student=student, path=path, epoch=int(epoch) if isinstance(epoch, int) else None)

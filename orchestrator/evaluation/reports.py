@@ -7,7 +7,8 @@ training run logs to MLflow (under ``reports/``) at its end.
 * ``case_study.png``: a few fixed text queries (the first caption of evenly spaced images, so the same queries
   in every run on a split), each with its top-5 images, the ground truth framed in green (CUSA's Figure 5 view).
 
-matplotlib draws on its Agg canvas (no display; pyplot is not used).
+Each figure names what it shows (``source``: the checkpoint and its epoch, the split) in a footer and in the
+PNG's ``Description`` text chunk. matplotlib draws on its Agg canvas (no display; pyplot is not used).
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ from orchestrator.evaluation.recall import ranks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["case_study_figure", "generate_run_reports", "publish_run_reports", "recall_curve_figure", "tsne_figure",
-           "write_reports"]
+__all__ = ["case_study_figure", "generate_run_reports", "publish_run_reports", "recall_curve_figure",
+           "report_source", "tsne_figure", "write_reports"]
 
 GT_COLOUR = "#1a9850"
 OTHER_COLOUR = "#bdbdbd"
@@ -40,7 +41,33 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
-def recall_curve_figure(i2t_ranks: np.ndarray, t2i_ranks: np.ndarray, path: Path, max_k: int = 100) -> Path:
+def _save(fig, path: Path, source: str | None) -> Path:
+    """Write ``fig`` to ``path``; ``source`` (what the figure shows) as a footer and the PNG's Description."""
+    if source:
+        # a figure-level x label: the constrained layout keeps room for it under the axes
+        fig.supxlabel(source, x=0.01, ha="left", fontsize=7, color="0.35")
+    fig.savefig(path, metadata={"Description": source} if source else None)
+    return path
+
+
+def report_source(split: str, checkpoint: Path | str | None = None, epoch: int | None = None,
+                  epochs: int | None = None, label: str = "checkpoint") -> str:
+    """The figures' footer, e.g. ``val split · checkpoint run/best (epoch 3 = 4 of 20)``.
+
+    Epochs are 0-based, as in MLflow and the leaderboard; the checkpoint is named by its last two path parts."""
+    parts = [f"{split} split"]
+    if checkpoint is not None:
+        where = Path(checkpoint)
+        where = where.parent if where.suffix == ".pt" else where
+        text = f"{label} {where.parent.name}/{where.name}"
+        if epoch is not None:
+            text += f" (epoch {epoch} = {epoch + 1}" + (f" of {epochs})" if epochs else ")")
+        parts.append(text)
+    return " · ".join(parts)
+
+
+def recall_curve_figure(i2t_ranks: np.ndarray, t2i_ranks: np.ndarray, path: Path, max_k: int = 100,
+                        source: str | None = None) -> Path:
     """Recall@K (%) against K (log scale) for both directions, from 1-based ranks (N,) and (M,)."""
     fig = _figure(6.4, 4.2)
     ax = fig.add_subplot()
@@ -61,8 +88,7 @@ def recall_curve_figure(i2t_ranks: np.ndarray, t2i_ranks: np.ndarray, path: Path
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title(f"Recall@K ({len(i2t_ranks)} images, {len(t2i_ranks)} captions)")
-    fig.savefig(path)
-    return path
+    return _save(fig, path, source)
 
 
 def _spread(n: int, count: int) -> np.ndarray:
@@ -71,7 +97,7 @@ def _spread(n: int, count: int) -> np.ndarray:
 
 
 def tsne_figure(emb: SplitEmbeddings, path: Path, max_images: int = 200, captions_per_image: int = 1,
-                seed: int = 0, max_iter: int = 500) -> Path:
+                seed: int = 0, max_iter: int = 500, source: str | None = None) -> Path:
     """t-SNE of up to ``max_images`` images (evenly spaced) and up to ``captions_per_image`` captions each;
     a thin line joins each image to its captions. About 2 s for 400 points on 2 CPU cores."""
     from sklearn.manifold import TSNE
@@ -100,12 +126,11 @@ def tsne_figure(emb: SplitEmbeddings, path: Path, max_images: int = 200, caption
     ax.set_yticks([])
     ax.legend(loc="best", fontsize=8)
     ax.set_title("t-SNE of image and caption embeddings (lines join an image to its captions)", fontsize=9)
-    fig.savefig(path)
-    return path
+    return _save(fig, path, source)
 
 
 def case_study_figure(emb: SplitEmbeddings, index: DatasetIndex, path: Path, num_queries: int = 4,
-                      top: int = 5) -> Path:
+                      top: int = 5, source: str | None = None) -> Path:
     """For ``num_queries`` fixed caption queries: the caption and its ``top`` images, ground truth in green."""
     owners = np.asarray(emb.text_image)
     query_images = _spread(index.num_images, num_queries)
@@ -138,21 +163,21 @@ def case_study_figure(emb: SplitEmbeddings, index: DatasetIndex, path: Path, num
             ax.set_title(f"#{col + 1}  {float(best.values[row, col]):.2f}" + ("  GT" if hit else ""), fontsize=8,
                          color=GT_COLOUR if hit else "black")
     fig.suptitle("Text queries and their top images (green frame: the query's own image)", fontsize=10)
-    fig.savefig(path)
-    return path
+    return _save(fig, path, source)
 
 
 def write_reports(emb: SplitEmbeddings, out_dir: Path, *, index: DatasetIndex | None = None,
-                  metrics: dict[str, float] | None = None, chunk_size: int = 1024) -> list[Path]:
+                  metrics: dict[str, float] | None = None, chunk_size: int = 1024,
+                  source: str | None = None) -> list[Path]:
     """Write the report figures (the case study only with ``index``) and, given ``metrics``, ``metrics.json``
-    into ``out_dir``; returns the files written."""
+    into ``out_dir``; ``source`` (see :func:`report_source`) labels every figure. Returns the files written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     i2t, t2i = ranks(emb.image_emb, emb.text_emb, emb.text_image, chunk_size=chunk_size)
-    files = [recall_curve_figure(i2t, t2i, out_dir / "recall_curves.png"),
-             tsne_figure(emb, out_dir / "tsne.png")]
+    files = [recall_curve_figure(i2t, t2i, out_dir / "recall_curves.png", source=source),
+             tsne_figure(emb, out_dir / "tsne.png", source=source)]
     if index is not None:
-        files.append(case_study_figure(emb, index, out_dir / "case_study.png"))
+        files.append(case_study_figure(emb, index, out_dir / "case_study.png", source=source))
     if metrics is not None:
         path = out_dir / "metrics.json"
         path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
@@ -174,7 +199,8 @@ def generate_run_reports(cfg, checkpoint: Path | str, out_dir: Path) -> list[Pat
     index = load_split(cfg.data, "val", verify=False)
     emb = encode_split(model, index, ImageTensorCache(index, loaded.student.preprocess), loaded.student.tokenizer,
                        device=device, batch_size=cfg.eval.batch_size, precision=cfg.model.precision)
-    return write_reports(emb, out_dir, index=index, chunk_size=cfg.eval.chunk_size)
+    source = report_source("val", loaded.path, loaded.epoch, cfg.train.epochs, label="best checkpoint")
+    return write_reports(emb, out_dir, index=index, chunk_size=cfg.eval.chunk_size, source=source)
 
 
 def publish_run_reports(cfg, checkpoint: Path | str | None, log_files: Callable[[list[Path]], None]) -> list[str]:

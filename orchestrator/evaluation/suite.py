@@ -110,8 +110,8 @@ def _relevance(cfg, index, opts: EvalOptions, device: torch.device):
     return CaptionRelevance(feats.text, index.caption_image, index.num_images, agg, device), f"teacher-{agg}"
 
 
-def _write_outputs(emb: SplitEmbeddings, opts: EvalOptions, metrics: dict[str, float], index, chunk_size: int
-                   ) -> list[Path]:
+def _write_outputs(emb: SplitEmbeddings, opts: EvalOptions, metrics: dict[str, float], index, chunk_size: int,
+                   source: str | None = None) -> list[Path]:
     """Embeddings export and report folder, each written in a temporary place first, then moved."""
     files: list[Path] = []
     if opts.export_embeddings:
@@ -127,7 +127,8 @@ def _write_outputs(emb: SplitEmbeddings, opts: EvalOptions, metrics: dict[str, f
         target = Path(opts.report_dir)
         target.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".itr-report-", dir=target) as tmp:
-            for f in write_reports(emb, Path(tmp), index=index, metrics=metrics, chunk_size=chunk_size):
+            for f in write_reports(emb, Path(tmp), index=index, metrics=metrics, chunk_size=chunk_size,
+                                   source=source):
                 dest = target / f.name
                 shutil.move(str(f), dest)
                 files.append(dest)
@@ -179,7 +180,10 @@ def evaluate_checkpoint(checkpoint: Path | str, opts: EvalOptions, *, config: st
         a = encode_texts(model, pairs.first, student.tokenizer, device=device, batch_size=cfg.eval.batch_size)
         b = encode_texts(model, pairs.second, student.tokenizer, device=device, batch_size=cfg.eval.batch_size)
         metrics["sts_spearman"] = sts_spearman(a, b, pairs.scores)
-    files = _write_outputs(emb, opts, metrics, index, cfg.eval.chunk_size)
+    from orchestrator.evaluation.reports import report_source
+
+    source = report_source(opts.split, loaded.path, loaded.epoch, cfg.train.epochs)
+    files = _write_outputs(emb, opts, metrics, index, cfg.eval.chunk_size, source)
     return EvalResult(metrics=metrics, dataset=index.name, report_files=files)
 
 
@@ -197,5 +201,6 @@ def evaluate_embeddings_file(path: Path | str, opts: EvalOptions) -> EvalResult:
     emb = SplitEmbeddings.load_npz(path)
     device = default_device()
     metrics = _recall_and_protocols(emb, opts, opts.ks or (1, 5, 10), 1024, device, str(path))
-    files = _write_outputs(emb, EvalOptions(report_dir=opts.report_dir), metrics, None, 1024)
+    files = _write_outputs(emb, EvalOptions(report_dir=opts.report_dir), metrics, None, 1024,
+                           f"embeddings {Path(path).name}")
     return EvalResult(metrics=metrics, dataset=str(path), report_files=files)
