@@ -235,3 +235,14 @@ def test_half_precision_scores_keep_float32_ranks(kernel_device):
     v16 = fn.smooth_ndcg_loss(S.to(kernel_device), R, 0.05, kernel="triton")
     v32 = fn.smooth_ndcg_loss(S.float(), R, 0.05, kernel="torch")
     assert v16.dtype == torch.bfloat16 and abs(float(v16) - float(v32)) <= 2 * 2**-9  # 2 bf16 ulps at 0.23
+
+
+def test_no_grad_and_non_contiguous_scores(kernel_device):
+    """Validation calls the losses under no_grad; S may be a transposed view."""
+    B = 10
+    S, R = rand_S(B, 97).t(), rand_R(B, 97)
+    assert not S.is_contiguous()
+    with torch.no_grad():
+        for f in (lambda k: fn.smooth_ndcg_loss(S.to(kernel_device), R, 0.05, kernel=k),
+                  lambda k: fn.kendall_rank_loss(S.to(kernel_device), R, 0.3, "sigmoid", kernel=k)):
+            assert float(f("triton")) == pytest.approx(float(f("torch")), rel=1e-12, abs=1e-12)
