@@ -43,3 +43,19 @@ def test_losses_benchmark_measures_every_family_it_names(tmp_path):
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "B=" not in line]
     assert [r.split(" | ")[0][2:] for r in rows] == families
     assert all(" ms / " in r for r in rows), proc.stdout
+
+
+def test_kernel_tiles_benchmark_times_every_tile_in_the_interpreter(tmp_path):
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernel_tiles.py"), "--device", "cpu",
+                           "--sizes", "12", "--repeats", "1", "--tiles", "8x16x1", "16x8x2"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| s") or line.startswith("| k")]
+    assert [r.split(" | ")[:2] for r in rows] == [["| sndcg", "8x16x1"], ["| sndcg", "16x8x2"],
+                                                  ["| kendall", "8x16x1"], ["| kendall", "16x8x2"]]
+    assert all(r.endswith(" ms |") for r in rows), proc.stdout
+    bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernel_tiles.py"), "--tiles", "24x16x4"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "powers of two" in bad.stderr
