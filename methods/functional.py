@@ -510,7 +510,7 @@ class _SmoothNDCGDirectionTriton(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, S, gains, idcg, tau, clamp):  # type: ignore[override]
+    def forward(ctx, S, gains, idcg, tau, clamp, kernel):  # type: ignore[override]
         Q = S.shape[0]
         r1 = _kernels.sndcg_ranks(S, tau, clamp)  # 1 + rank, float32 (float64 for float64 S)
         gains, idcg = gains.to(r1.dtype), idcg.to(r1.dtype)
@@ -522,15 +522,34 @@ class _SmoothNDCGDirectionTriton(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             g = gains * inv_idcg.unsqueeze(1) / (Q * math.log(2.0)) / (r1 * log_r1 * log_r1)  # dL/dr_qj
             ctx.save_for_backward(S, g)
-            ctx.tau, ctx.clamp = tau, clamp
+            ctx.tau, ctx.clamp, ctx.kernel = tau, clamp, kernel
         return (1.0 - ndcg).mean().to(S.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_loss):  # type: ignore[override]
         S, g = ctx.saved_tensors
-        grad = _kernels.sndcg_rank_grad(S, g, ctx.tau, ctx.clamp).to(S.dtype)
-        return grad * g_loss, None, None, None, None
+        try:
+            grad = _kernels.sndcg_rank_grad(S, g, ctx.tau, ctx.clamp)
+        except Exception as err:  # the gradient kernel failed to build: see _auto_fallback
+            _auto_fallback(ctx.kernel, err)
+            grad = _sndcg_rank_grad_blocked(S.to(g.dtype), g, ctx.tau, ctx.clamp)
+        return grad.to(S.dtype) * g_loss, None, None, None, None, None
+
+
+def _sndcg_rank_grad_blocked(S: torch.Tensor, g: torch.Tensor, tau: float, clamp: float) -> torch.Tensor:
+    """Torch form of the Triton gradient kernel: ``(1/tau) sum_k s'_qmk (g_qk - g_qm)``, S, g: (Q, N).
+
+    ``s'`` = sigmoid' at ``clamp((S_qk - S_qm) / tau)``; queries in blocks of at most 2**24 elements.
+    """
+    Q, N = S.shape
+    out = torch.empty_like(S)
+    chunk = _default_chunk(N * N)
+    for q0 in range(0, Q, chunk):
+        s, gq = S[q0 : q0 + chunk], g[q0 : q0 + chunk]
+        x = ((s.unsqueeze(1) - s.unsqueeze(2)) / tau).clamp_(-clamp, clamp).sigmoid_()  # [q, m, k]
+        out[q0 : q0 + chunk] = ((x - x * x) * (gq.unsqueeze(1) - gq.unsqueeze(2))).sum(dim=2) / tau
+    return out
 
 
 def _ideal_dcg(R: torch.Tensor) -> torch.Tensor:
@@ -550,7 +569,7 @@ def _ndcg_direction(
     """mean_q (1 - DCG_q / IDCG_q) for query rows Sq (Q, N), gains (Q, N), idcg (Q,)."""
     if _use_triton(Sq, kernel):
         try:
-            return _SmoothNDCGDirectionTriton.apply(Sq, gains, idcg, tau, SNDCG_EXPONENT_CLAMP)
+            return _SmoothNDCGDirectionTriton.apply(Sq, gains, idcg, tau, SNDCG_EXPONENT_CLAMP, kernel)
         except Exception as err:  # a kernel that fails to build: see _auto_fallback
             _auto_fallback(kernel, err)
     return _SmoothNDCGDirection.apply(Sq, gains.to(Sq.dtype), idcg.to(Sq.dtype), tau, chunk, SNDCG_EXPONENT_CLAMP)

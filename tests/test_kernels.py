@@ -229,7 +229,7 @@ def test_half_precision_scores_keep_float32_ranks(kernel_device):
     S, R = rand_S(B, 95).to(torch.bfloat16), rand_R(B, 95).float()
     gains, idcg = torch.pow(2.0, R) - 1.0, fn._ideal_dcg(R)
     one = fn._SmoothNDCGDirectionTriton.apply(S.to(kernel_device), gains.to(kernel_device),
-                                              idcg.to(kernel_device), 0.05, 50.0)
+                                              idcg.to(kernel_device), 0.05, 50.0, "triton")
     ref = fn._SmoothNDCGDirection.apply(S.float(), gains, idcg, 0.05, B, 50.0)
     assert one.dtype == torch.bfloat16 and float(one) == float(ref.to(torch.bfloat16))
     v16 = fn.smooth_ndcg_loss(S.to(kernel_device), R, 0.05, kernel="triton")
@@ -246,3 +246,27 @@ def test_no_grad_and_non_contiguous_scores(kernel_device):
         for f in (lambda k: fn.smooth_ndcg_loss(S.to(kernel_device), R, 0.05, kernel=k),
                   lambda k: fn.kendall_rank_loss(S.to(kernel_device), R, 0.3, "sigmoid", kernel=k)):
             assert float(f("triton")) == pytest.approx(float(f("torch")), rel=1e-12, abs=1e-12)
+
+
+def test_gradient_kernel_failure_falls_back_to_the_same_formula_in_torch(kernel_device, monkeypatch, caplog):
+    """'auto': a gradient kernel that fails to build is replaced by its torch form, with the same gradient.
+
+    This also checks the folded gradient formula of the kernel (one sum over k) written out in plain torch
+    against the naive loops' autograd gradient."""
+    B = 9
+    S, R = rand_S(B, 98), rand_R(B, 98)
+
+    def broken(*a, **k):
+        raise RuntimeError("gradient kernel: out of shared memory")
+
+    monkeypatch.setattr(fn, "_triton_failed", False)
+    monkeypatch.setattr(fn, "_use_triton", lambda S, kernel: True)  # as on a GPU
+    monkeypatch.setattr(kernels, "sndcg_rank_grad", broken)
+    with caplog.at_level(logging.WARNING, logger="methods.functional"):
+        v, g = value_and_grad(lambda x: fn.smooth_ndcg_loss(x.to(kernel_device), R, 0.1, kernel="auto"), S)
+    assert "out of shared memory" in caplog.text and fn._triton_failed
+    v_ref, g_ref = value_and_grad(lambda x: naive_sndcg(x, R, 0.1), S)
+    assert v == pytest.approx(v_ref, rel=1e-10, abs=1e-10)
+    torch.testing.assert_close(g, g_ref, **GRAD_TOL)
+    with pytest.raises(RuntimeError, match="out of shared memory"):
+        value_and_grad(lambda x: fn.smooth_ndcg_loss(x.to(kernel_device), R, 0.1, kernel="triton"), S)
