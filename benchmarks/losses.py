@@ -2,7 +2,8 @@
 
 On CPU each (family, B) runs in a fresh subprocess so its peak memory is its own (the growth of the
 process's max RSS over the inputs); on CUDA all run in one process, peak = ``torch.cuda.max_memory_allocated``
-above the inputs, reset per measurement. Inputs are random L2-normalised embeddings (D = 512), teacher features and caption groups (K = 5).
+above the inputs, reset per measurement. Inputs are random L2-normalised embeddings (D = 512), teacher
+features and caption groups (K = 5).
 
     python benchmarks/losses.py                      # CPU, default sizes
     python benchmarks/losses.py --device cuda --sizes 128 512 1024 2048 4096

@@ -106,12 +106,6 @@ class _RelevanceFamily(LossFamily):
                                    rescale=self.rescale).to(batch.image_emb.dtype)
 
 
-def _checked_kernel(kernel: str) -> str:
-    if kernel not in F.KERNELS:
-        raise ValueError(f"kernel must be one of {F.KERNELS}, got {kernel!r}")
-    return kernel
-
-
 @register("listwise")
 class Listwise(_RelevanceFamily):
     """Listwise ITR: (1 − λ)·triplet + λ·S-NDCG with relevance from RSC (spec B.3)."""
@@ -125,7 +119,8 @@ class Listwise(_RelevanceFamily):
             raise ValueError(f"listwise weight must be in (0, 1), got {weight}")
         self.weight, self.tau, self.margin, self.mining = weight, tau, margin, mining
         self.t2i_relevance, self.chunk_size = t2i_relevance, chunk_size
-        self.kernel = _checked_kernel(kernel)
+        F.check_kernel(kernel)  # at construction, not at the first step
+        self.kernel = kernel
         self.multi_positive = self.supports_multi_positive = multi_positive
         self.soft_negative_tau, self.selhn_eps = soft_negative_tau, selhn_eps
         self._setup_relevance(relevance, rescale)
@@ -158,7 +153,8 @@ class BCLS(_RelevanceFamily):
         self.kendall_weight, self.gap, self.surrogate = kendall_weight, gap, surrogate
         self.surrogate_temperature, self.window, self.hard_k = surrogate_temperature, window, hard_k
         self.t2i_relevance, self.chunk_size = t2i_relevance, chunk_size
-        self.kernel = _checked_kernel(kernel)
+        F.check_kernel(kernel)  # at construction, not at the first step
+        self.kernel = kernel
         self.multi_positive = self.supports_multi_positive = multi_positive
         self._setup_relevance(relevance, rescale)
 

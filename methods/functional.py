@@ -97,7 +97,8 @@ def _resolve_chunk(chunk_size: Optional[int], per_query_elements: int, num_queri
     return max(1, min(chunk, max(1, num_queries)))
 
 
-def _check_kernel(kernel: str) -> None:
+def check_kernel(kernel: str) -> None:
+    """ValueError unless ``kernel`` is one of :data:`KERNELS`."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
@@ -619,7 +620,7 @@ def smooth_ndcg_loss(
     B = _check_square(S)
     _check_same_shape(S, R, "R")
     _check_t2i(t2i_relevance)
-    _check_kernel(kernel)
+    check_kernel(kernel)
     tau_f = _float(tau, "tau")
     chunk = _resolve_chunk(chunk_size, B * B, B)
     # relevance, gains and IDCG in at least float32 (the Triton path keeps half-precision S's ranks in float32)
@@ -911,7 +912,7 @@ def kendall_rank_loss(
     B = _check_square(S)
     _check_same_shape(S, R, "R")
     _check_t2i(t2i_relevance)
-    _check_kernel(kernel)
+    check_kernel(kernel)
     if surrogate not in _SURROGATES:
         raise ValueError(f"surrogate must be one of {_SURROGATES}, got {surrogate!r}")
     gap_f = float(gap)

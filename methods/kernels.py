@@ -22,13 +22,10 @@ in the CPU interpreter tests.
 """
 from __future__ import annotations
 
-import logging
 import os
 from typing import Tuple
 
 import torch
-
-log = logging.getLogger(__name__)
 
 try:  # pragma: no cover - exercised wherever triton is installed
     import triton
@@ -52,6 +49,11 @@ NUM_WARPS = 4
 if AVAILABLE:
 
     @triton.jit
+    def _clamped_sigmoid(x, clamp):
+        """sigmoid(clamp(x, -clamp, clamp)): the released Listwise code's clamped exponent."""
+        return tl.sigmoid(tl.minimum(tl.maximum(x, -clamp), clamp))
+
+    @triton.jit
     def _sndcg_rank_kernel(S, R1, N, inv_tau, clamp, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
         q = tl.program_id(0)
         offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
@@ -63,9 +65,7 @@ if AVAILABLE:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             in_k = offs_k < N
             s_k = tl.load(row + offs_k, mask=in_k, other=0.0)
-            x = (s_k[None, :] - s_j[:, None]) * inv_tau
-            x = tl.minimum(tl.maximum(x, -clamp), clamp)
-            sg = tl.sigmoid(x)
+            sg = _clamped_sigmoid((s_k[None, :] - s_j[:, None]) * inv_tau, clamp)
             keep = in_k[None, :] & (offs_k[None, :] != offs_j[:, None])
             acc += tl.sum(tl.where(keep, sg, 0.0), axis=1)
         tl.store(R1 + q * N + offs_j, acc + 2.0, mask=in_j)
@@ -83,9 +83,7 @@ if AVAILABLE:
             in_k = offs_k < N
             s_k = tl.load(S + q * N + offs_k, mask=in_k, other=0.0)
             g_k = tl.load(G + q * N + offs_k, mask=in_k, other=0.0)
-            x = (s_k[None, :] - s_m[:, None]) * inv_tau
-            x = tl.minimum(tl.maximum(x, -clamp), clamp)
-            sg = tl.sigmoid(x)
+            sg = _clamped_sigmoid((s_k[None, :] - s_m[:, None]) * inv_tau, clamp)
             term = (sg - sg * sg) * (g_k[None, :] - g_m[:, None])
             acc += tl.sum(tl.where(in_k[None, :], term, 0.0), axis=1)
         tl.store(OUT + q * N + offs_m, acc * inv_tau, mask=in_m)
@@ -153,7 +151,7 @@ def _compute_dtype(S: torch.Tensor) -> torch.dtype:
 
 
 def sndcg_ranks(S: torch.Tensor, tau: float, clamp: float) -> torch.Tensor:
-    """(Q, N) ``1 + smooth rank + 1`` of every candidate; S: (Q, N) query rows. No autograd."""
+    """(Q, N) ``1 + smooth rank`` (= 2 + the sigmoid sum) of every candidate; S: (Q, N) query rows. No autograd."""
     Sc = S.detach().to(_compute_dtype(S)).contiguous()
     Q, N = Sc.shape
     r1 = torch.empty_like(Sc)

@@ -12,6 +12,7 @@ import logging
 import pytest
 import torch
 
+import methods
 import methods.functional as fn
 from methods import kernels
 from tests.test_functional import (
@@ -221,6 +222,8 @@ def test_config_kernel_reaches_the_loss(family, window, monkeypatch):
         cfg = ExperimentConfig.model_validate({"loss": {"family": family, "kernel": kernel, **extra}})
         assert torch.isfinite(build_loss(cfg).double()(make_batch()).total)
     assert seen == ["auto", "torch"]
+    with pytest.raises(ValueError, match="kernel must be one of"):  # the family itself, before any step
+        methods.build(family, kernel="cuda")
 
 
 def test_half_precision_scores_keep_float32_ranks(kernel_device):

@@ -83,10 +83,19 @@ def test_itr_eval_writes_reports_and_every_metric(trained_run, tmp_path):
     metrics = json.loads(js.read_text())["metrics"]
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert {p.name for p in out.iterdir()} == REPORT_FILES | {"metrics.json"}
+    best = Path(result.best_checkpoint)
     for name in REPORT_FILES:
         assert_png(out / name)
         with Image.open(out / name) as img:
-            assert img.info["Description"].startswith("val split · checkpoint "), name
+            expected = f"val split · checkpoint {best.parent.name}/{best.name} (epoch 0 = 1 of 1)"
+            assert img.info["Description"] == expected, name
+    # reports of exported embeddings (no model, no images: no case study) name the file they come from
+    out_emb = tmp_path / "report_emb"
+    assert main(["eval", "--embeddings", str(emb_file), "--report-dir", str(out_emb)]) == 0
+    assert {p.name for p in out_emb.iterdir()} == {"recall_curves.png", "tsne.png", "metrics.json"}
+    for name in ("recall_curves.png", "tsne.png"):
+        with Image.open(out_emb / name) as img:
+            assert img.info["Description"] == "embeddings emb.npz", name
     for key in ("rsum", "i2t_ndcg10", "t2i_ndcg25", "i2t_ndcg_all", "t2i_kendall_tau", "image_r1", "sts_spearman"):
         assert np.isfinite(metrics[key]), key
     assert 0 <= metrics["image_r1"] <= 100 and -100 <= metrics["sts_spearman"] <= 100
