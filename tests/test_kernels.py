@@ -185,6 +185,8 @@ def test_cuda_kernels_match_the_torch_form_in_less_memory(B):
     g = torch.Generator(device="cuda").manual_seed(B)
     S = (torch.rand(B, B, device="cuda", generator=g) * 2 - 1) * 0.4
     R = torch.rand(B, B, device="cuda", generator=g)
+    # the default picks the kernels for float32 / bfloat16 CUDA scores, the torch form for float64
+    assert fn._use_triton(S, "auto") and fn._use_triton(S.bfloat16(), "auto") and not fn._use_triton(S.double(), "auto")
     for name, f in (("sndcg", lambda x, k: fn.smooth_ndcg_loss(x, R, 0.01, kernel=k)),
                     ("kendall", lambda x, k: fn.kendall_rank_loss(x, R, 0.3, "hinge", kernel=k)),
                     ("kendall_sigmoid", lambda x, k: fn.kendall_rank_loss(x, R, 0.3, "sigmoid", kernel=k))):
