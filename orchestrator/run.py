@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -12,10 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestrator import tracking
+from orchestrator import preflight, tracking
 from orchestrator.checkpoint import os_error_in
 from orchestrator.config import ExperimentConfig
 from orchestrator.errors import UserError
+from orchestrator.interrupts import keep_python_handlers
 from orchestrator.models.tower_cache import prepare_tower_features
 from orchestrator.ray_logs import filter_worker_logs
 from orchestrator.session import LocalSession
@@ -108,8 +111,9 @@ def quiet_worker_logs() -> None:
 def ray_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's per-worker entry point: rebuild the config, then run the plain loop.
 
-    A non-finite loss or bad input (``UserError``, e.g. a checkpoint that cannot be written) is raised as a
-    ``FatalWorkerError``, which stops the run without the retries a restart could not help."""
+    A non-finite loss or val embeddings, or bad input (``UserError``, e.g. a checkpoint that cannot be written)
+    is raised as a ``FatalWorkerError``, which stops the run without the retries a restart could not help."""
+    from orchestrator.evaluation.embed import NonFiniteEmbeddingsError
     from orchestrator.ray_train_hooks import FatalWorkerError
     from orchestrator.train_loop import NonFiniteLossError
 
@@ -118,7 +122,7 @@ def ray_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     try:
         train_loop(cfg, RayTrainSession(cfg))
-    except (NonFiniteLossError, UserError) as err:
+    except (NonFiniteLossError, NonFiniteEmbeddingsError, UserError) as err:
         raise FatalWorkerError.wrap(err) from None
 
 
@@ -129,10 +133,11 @@ def init_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True)
+    with keep_python_handlers(signal.SIGTERM):  # ours (SIGTERM -> KILLED), not Ray's sys.exit(1); its atexit stays
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=True)
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True)
     filter_worker_logs()
 
 
@@ -188,9 +193,12 @@ def _fit_with_ray(cfg: ExperimentConfig, name: str, target: tracking.TrackingTar
         ),
     )
     try:
-        result = trainer.fit()
+        with keep_python_handlers(signal.SIGINT, signal.SIGTERM):
+            result = trainer.fit()
         if result.error is not None:
             raise result.error
+    except SystemExit as err:  # Ray Train's own SIGINT handler aborts the controller, then calls sys.exit
+        raise KeyboardInterrupt(f"Ray Train run {name} aborted") from err
     except Exception as err:
         fatal = fatal_error_of(err)
         if fatal is not None:
@@ -237,15 +245,38 @@ def _adopt_unsent(logger: tracking.RunLogger, run_dir: Path) -> None:
         log.info("sending on %d tracking call(s) the Train controller left in %s", logger.adopt(path), path)
 
 
+def new_run_folder(root: Path, base: str) -> tuple[str, Path]:
+    """A run name ``<base>-<6 hex>`` and its folder under ``root``, created here and only here (exclusive mkdir,
+    retried on a clash), so two runs of one config started in the same second never share a folder."""
+    root.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        name = f"{base}-{secrets.token_hex(3)}"
+        try:
+            (root / name).mkdir()
+        except FileExistsError:
+            continue
+        return name, root / name
+    raise RuntimeError(f"no free run folder name {base}-<hex> in {root}")  # pragma: no cover - 100 clashes
+
+
 def run_experiment(cfg: ExperimentConfig, *, config_source: str | None = None,
                    parent_run_id: str | None = None) -> RunResult:
-    """Train ``cfg`` end to end and record it in one MLflow run (FINISHED, or FAILED with the reason)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    name = f"{cfg.tracking.run_name or cfg.loss.family}-{stamp}-{cfg.config_hash()[:6]}"
+    """Train ``cfg`` end to end and record it in one MLflow run (FINISHED, FAILED with the reason, or KILLED when
+    interrupted: Ctrl-C, SIGTERM).
+
+    Before the run exists: every check that can fail (:func:`orchestrator.preflight.check_experiment`: tracking
+    store, output folder, data), then teacher and locked-tower features, so bad input leaves no MLflow run and
+    no run folder. The run folder is new for every call (:func:`new_run_folder`)."""
     target = tracking.resolve_target(cfg.tracking) if cfg.tracking.enabled else None
+    preflight.check_experiment(cfg, target.uri if target else None, source=config_source)
+    if cfg.uses_teachers:
+        prepare_teacher_features(cfg, roles=("train",))
+    prepare_tower_features(cfg)  # locked towers' outputs, computed once (no-op unless a tower is locked)
     run_id = None
     local = cfg.scaling.backend == "local"
-    planned_dir = Path(cfg.train.output_dir).expanduser().resolve() / name if local else Path(ray_storage(cfg)) / name
+    root = Path(cfg.train.output_dir).expanduser().resolve() if local else Path(ray_storage(cfg))
+    name, planned_dir = new_run_folder(root, f"{cfg.tracking.run_name or cfg.loss.family}-"
+                                             f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.config_hash()[:6]}")
     logger: tracking.RunLogger | None = None  # buffered: a tracking outage never fails or stalls the run
     if target is not None:
         run_id = tracking.start_run(target, cfg, run_name=name, parent_run_id=parent_run_id,
@@ -254,9 +285,6 @@ def run_experiment(cfg: ExperimentConfig, *, config_source: str | None = None,
         logger.log_text("config.yaml", cfg.to_yaml())
         log.info("MLflow run %s in %s (experiment %r)", run_id, target.uri, target.experiment)
     try:
-        if cfg.uses_teachers:
-            prepare_teacher_features(cfg, roles=("train",))
-        prepare_tower_features(cfg)  # locked towers' outputs, computed once (no-op unless a tower is locked)
         if local:
             run_dir = planned_dir
             sinks = [logger] if logger is not None else []

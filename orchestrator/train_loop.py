@@ -98,7 +98,8 @@ def _load_state(path: Path, model: nn.Module, loss_fn: nn.Module, optimizer, sch
 
 
 def _save_checkpoint(directory: Path, *, model: nn.Module, loss_fn: nn.Module, optimizer, scheduler, epoch: int,
-                     global_step: int, best: float | None, cfg: ExperimentConfig) -> None:
+                     global_step: int, best: float | None, cfg: ExperimentConfig,
+                     initial: dict[str, float] | None = None) -> None:
     state = {
         "model": model.state_dict(),
         "loss": loss_fn.state_dict(),
@@ -107,6 +108,7 @@ def _save_checkpoint(directory: Path, *, model: nn.Module, loss_fn: nn.Module, o
         "epoch": epoch,
         "global_step": global_step,
         "best": best,
+        "initial": dict(initial or {}),  # init/val/...: the last report repeats them, also after a resume
         "torch_rng": torch.get_rng_state(),
         "config_hash": cfg.config_hash(),
     }
@@ -178,21 +180,23 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
     scheduler = cosine_with_warmup(optimizer, cfg.train, steps_per_epoch * cfg.train.epochs)
 
     start_epoch, global_step, best = 0, 0, None
+    initial: dict[str, float] = {}
     resume_from = session.latest_checkpoint()
     if resume_from is not None:
         state = _load_state(resume_from, model, loss_fn, optimizer, scheduler)
         start_epoch, global_step, best = state["epoch"] + 1, state["global_step"], state["best"]
+        initial = dict(state.get("initial") or {})
         log.info("resumed from %s (epoch %d done)", resume_from, state["epoch"])
     train_model = session.prepare_model(wrap_locked_towers(model, image_from_features="image" in cached,
                                                            text_from_features="text" in cached))
     gather = cfg.scaling.gather_global_batch and session.world_size > 1
 
     def validate() -> dict[str, float]:
+        # a model gone NaN/Inf raises NonFiniteEmbeddingsError here: the run fails, it never records RSUM 600
         emb = encode_split(unwrap(train_model), val_index, val_images, val_text, device=device,
-                           batch_size=cfg.eval.batch_size, precision=cfg.model.precision)
+                           batch_size=cfg.eval.batch_size, precision=cfg.model.precision, split="val")
         return evaluate_embeddings(emb, ks=cfg.eval.ks, chunk_size=cfg.eval.chunk_size, device=device)
 
-    initial: dict[str, float] = {}
     if val_index is not None and session.rank == 0 and start_epoch == 0 and cfg.train.eval_at_start:
         initial = {f"init/val/{k}": v for k, v in validate().items()}
         log.info("untrained model: val rsum %.2f", initial["init/val/rsum"])
@@ -249,7 +253,7 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
         last = epoch + 1 == cfg.train.epochs
         if val_index is not None and session.rank == 0 and ((epoch + 1) % cfg.train.eval_every == 0 or last):
             metrics.update({f"val/{k}": v for k, v in validate().items()})
-        if epoch == 0:
+        if epoch == 0 or last:  # the last report holds every metric of the run (what a recipe measures)
             metrics.update(initial)
         score = metrics.get(cfg.train.best_metric)
         if score is not None and (best is None or (score > best if cfg.train.best_mode == "max" else score < best)):
@@ -263,6 +267,6 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
             if session.rank == 0:
                 ckpt_dir = Path(tmp)
                 _save_checkpoint(ckpt_dir, model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
-                                 epoch=epoch, global_step=global_step, best=best, cfg=cfg)
+                                 epoch=epoch, global_step=global_step, best=best, cfg=cfg, initial=initial)
             session.report(metrics, ckpt_dir, epoch)
     return metrics

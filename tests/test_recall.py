@@ -2,7 +2,7 @@
 
 Reference values come from a naive, independent pure-Python loop over a float64 numpy
 similarity matrix. Integer-valued embeddings make every similarity exact in all dtypes (and
-produce many exact ties), so the comparisons with the reference are exact, not approximate.
+produce many exact ties, which count against the model), so the comparisons with the reference are exact, not approximate.
 """
 from __future__ import annotations
 
@@ -28,18 +28,19 @@ CHUNK_SIZES = [1, 3, 7, 10_000]
 
 # ----------------------------------------------------------------------------- reference
 def naive_ranks(img: np.ndarray, txt: np.ndarray, text_image: np.ndarray) -> tuple[list[int], list[int]]:
-    """Pure-Python ranks over a float64 similarity matrix; ties optimistic (strictly greater)."""
+    """Pure-Python ranks over a float64 similarity matrix; ties count against the model: rank = 1 + the
+    number of negatives scoring >= the best positive (tied positives cost nothing)."""
     sim = (np.asarray(img, dtype=np.float64) @ np.asarray(txt, dtype=np.float64).T).tolist()
     owners = [int(x) for x in text_image]
     n, m = len(sim), len(owners)
     i2t = []
     for i in range(n):
         best = max(sim[i][j] for j in range(m) if owners[j] == i)
-        i2t.append(1 + sum(1 for j in range(m) if sim[i][j] > best))
+        i2t.append(1 + sum(1 for j in range(m) if owners[j] != i and sim[i][j] >= best))
     t2i = []
     for j in range(m):
         target = sim[owners[j]][j]
-        t2i.append(1 + sum(1 for i in range(n) if sim[i][j] > target))
+        t2i.append(1 + sum(1 for i in range(n) if i != owners[j] and sim[i][j] >= target))
     return i2t, t2i
 
 
@@ -126,7 +127,7 @@ def test_integer_problem_really_has_ties():
     assert tied_with_other_image.sum() >= 10
 
 
-def test_explicit_tie_case_is_optimistic():
+def test_explicit_tie_case_is_pessimistic():
     # 3 images, 5 captions (captions not grouped by image). Similarity matrix (rows = images):
     #            c0   c1   c2   c3   c4        owners: c0->1, c1->0, c2->2, c3->0, c4->1
     #   img0  [  1,   1,   1,   0,   2 ]
@@ -137,22 +138,22 @@ def test_explicit_tie_case_is_optimistic():
         [[1.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 1.0, 0.0], [0.0, 1.0, 0.0], [2.0, 1.0, 1.0]]
     )
     owners = torch.tensor([1, 0, 2, 0, 1])
-    # i2t: img0 gt {c1: 1, c3: 0} -> best 1, strictly greater: c4 (2) -> rank 2 (c0, c2 tie at 1).
-    #      img1 gt {c0: 1, c4: 1} -> best 1, nothing greater -> rank 1 (c2, c3 tie).
-    #      img2 gt {c2: 0}        -> best 0, greater: c0, c1, c4 -> rank 4 (c3 ties at 0).
-    # t2i: c0 (img1, 1): all three images tie at 1 -> rank 1.
-    #      c1 (img0, 1): img2 ties, img1 lower -> rank 1.
+    # i2t (negatives >= the best positive count): img0 gt {c1: 1, c3: 0} -> best 1; c0, c2 (1), c4 (2) -> rank 4.
+    #      img1 gt {c0: 1, c4: 1} -> best 1 (tied positives are free); c2, c3 (1) -> rank 3.
+    #      img2 gt {c2: 0}        -> best 0; c0, c1, c3, c4 -> rank 5.
+    # t2i: c0 (img1, 1): img0 and img2 tie at 1 -> rank 3.
+    #      c1 (img0, 1): img2 ties -> rank 2.
     #      c2 (img2, 0): img0 and img1 are 1 -> rank 3.
-    #      c3 (img0, 0): img1 is 1 -> rank 2 (img2 ties).
-    #      c4 (img1, 1): img0 is 2 -> rank 2 (img2 ties).
+    #      c3 (img0, 0): img1 is 1, img2 ties -> rank 3.
+    #      c4 (img1, 1): img0 is 2, img2 ties -> rank 3.
     for chunk_size in (1, 2, 100):
         i2t, t2i = ranks(img, txt, owners, chunk_size=chunk_size)
-        assert i2t.tolist() == [2, 1, 4]
-        assert t2i.tolist() == [1, 1, 3, 2, 2]
-    assert naive_ranks(img.numpy(), txt.numpy(), owners.numpy()) == ([2, 1, 4], [1, 1, 3, 2, 2])
-    # identical embeddings everywhere: every rank is 1
+        assert i2t.tolist() == [4, 3, 5]
+        assert t2i.tolist() == [3, 2, 3, 3, 3]
+    assert naive_ranks(img.numpy(), txt.numpy(), owners.numpy()) == ([4, 3, 5], [3, 2, 3, 3, 3])
+    # identical embeddings everywhere: every target is behind all its negatives
     i2t, t2i = ranks(torch.ones(4, 3), torch.ones(9, 3), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0]), chunk_size=2)
-    assert i2t.tolist() == [1] * 4 and t2i.tolist() == [1] * 9
+    assert i2t.tolist() == [7, 8, 8, 8] and t2i.tolist() == [4] * 9
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -1,7 +1,7 @@
 """Retrieval evaluation: recall protocols (COCO 5K / 1K folds / Flickr30K 1K), ECCV Caption via the reference
 package, graded relevance (NDCG, Kendall's tau), uni-modal image retrieval and STS, and report figures.
 
-See :mod:`orchestrator.evaluation.recall` for the recall definitions (1-based ranks, optimistic ties),
+See :mod:`orchestrator.evaluation.recall` for the recall definitions (1-based ranks, ties counted against the model),
 :mod:`.eccv`, :mod:`.graded`, :mod:`.unimodal` and :mod:`.reports`; :mod:`.suite` runs them for ``itr eval``.
 ``eccv_metrics`` needs the ``eccv-caption`` package (imported when called).
 """

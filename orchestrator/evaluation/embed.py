@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,7 +12,24 @@ from torch import nn
 
 from orchestrator.data.index import DatasetIndex
 from orchestrator.data.loader import ImageTensorCache, Tokenizer, iter_caption_batches, iter_image_batches
-from orchestrator.evaluation.recall import retrieval_metrics
+from orchestrator.evaluation.recall import non_finite_rows, retrieval_metrics
+
+
+class NonFiniteEmbeddingsError(ValueError):
+    """A split's embeddings hold NaN or Inf (a diverged model): an error, never a score (a NaN would rank first)."""
+
+
+def non_finite_message(image_emb: torch.Tensor, text_emb: torch.Tensor, split: str | None = None) -> str | None:
+    """``"val split: 12 of 201 image embeddings are not finite"`` (and / or the caption count), or ``None``
+    when every row is finite."""
+    parts = []
+    for name, emb in (("image", image_emb), ("caption", text_emb)):
+        bad = non_finite_rows(emb)
+        if bad:
+            parts.append(f"{bad} of {emb.shape[0]} {name} embeddings")
+    if not parts:
+        return None
+    return f"{split + ' split: ' if split else ''}{' and '.join(parts)} are not finite"
 
 
 @dataclass
@@ -33,29 +52,66 @@ class SplitEmbeddings:
     @classmethod
     def load_npz(cls, path) -> "SplitEmbeddings":
         """Embeddings written by :meth:`save_npz` (or by hand with the same keys; an optional ``caption_ids``
-        (M,) array is kept); ``UserError`` naming the file for a missing key or an unknown image id."""
+        (M,) array is kept); ``UserError`` naming the file and the array for a missing key, an object array,
+        a wrong shape or dtype, non-finite values or an unknown image id."""
         from orchestrator.errors import UserError
 
+        where = str(path)
         try:
             data = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as err:
-            raise UserError(f"not a readable npz file ({err})", path=str(path)) from None
+            raise UserError(f"not a readable npz file ({err})", path=where) from None
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise UserError("not an npz archive (a single .npy array?)", path=where)
         missing = {"image_emb", "text_emb", "image_ids", "text_image_ids"} - set(data.files)
         if missing:
-            raise UserError(f"missing arrays {sorted(missing)}", path=str(path))
-        image_ids = [str(x) for x in data["image_ids"].tolist()]
+            raise UserError(f"missing arrays {sorted(missing)}", path=where)
+        arrays = {key: _npz_array(data, key, where) for key in data.files
+                  if key in {"image_emb", "text_emb", "image_ids", "text_image_ids", "caption_ids"}}
+        for key in ("image_emb", "text_emb"):
+            arr = arrays[key]
+            if arr.ndim != 2 or arr.dtype.kind not in "fiu":
+                raise UserError(f"expected a 2-D numeric array, got {arr.ndim}-D {arr.dtype}", path=where, field=key)
+        for key in ("image_ids", "text_image_ids", "caption_ids"):
+            if key in arrays and arrays[key].ndim != 1:
+                raise UserError(f"expected a 1-D array, got shape {arrays[key].shape}", path=where, field=key)
+        if arrays["image_emb"].shape[1] != arrays["text_emb"].shape[1]:
+            raise UserError(f"{arrays['text_emb'].shape[1]} columns, but image_emb has "
+                            f"{arrays['image_emb'].shape[1]}", path=where, field="text_emb")
+        image_ids = [str(x) for x in arrays["image_ids"].tolist()]
         lookup = {x: i for i, x in enumerate(image_ids)}
-        owners = [str(x) for x in data["text_image_ids"].tolist()]
+        owners = [str(x) for x in arrays["text_image_ids"].tolist()]
         unknown = next((x for x in owners if x not in lookup), None)
         if unknown is not None:
-            raise UserError(f"text_image_ids names image {unknown!r}, which is not in image_ids", path=str(path))
-        image_emb = torch.from_numpy(np.asarray(data["image_emb"], dtype=np.float32))
-        text_emb = torch.from_numpy(np.asarray(data["text_emb"], dtype=np.float32))
+            raise UserError(f"text_image_ids names image {unknown!r}, which is not in image_ids", path=where)
+        image_emb = torch.from_numpy(np.asarray(arrays["image_emb"], dtype=np.float32))
+        text_emb = torch.from_numpy(np.asarray(arrays["text_emb"], dtype=np.float32))
         if image_emb.shape[0] != len(image_ids) or text_emb.shape[0] != len(owners):
-            raise UserError("image_emb / text_emb rows do not match image_ids / text_image_ids", path=str(path))
-        caption_ids = [str(x) for x in data["caption_ids"].tolist()] if "caption_ids" in data.files else None
+            raise UserError("image_emb / text_emb rows do not match image_ids / text_image_ids", path=where)
+        for key, emb in (("image_emb", image_emb), ("text_emb", text_emb)):
+            bad = non_finite_rows(emb)
+            if bad:
+                raise UserError(f"{bad} of {emb.shape[0]} rows are not finite (NaN or Inf)", path=where, field=key)
+        caption_ids = [str(x) for x in arrays["caption_ids"].tolist()] if "caption_ids" in arrays else None
+        if caption_ids is not None and len(caption_ids) != len(owners):
+            raise UserError(f"{len(caption_ids)} ids for {len(owners)} captions", path=where, field="caption_ids")
         return cls(image_emb, text_emb, np.asarray([lookup[x] for x in owners], dtype=np.int64), image_ids,
                    caption_ids)
+
+
+def _npz_array(data, key: str, where: str) -> np.ndarray:
+    """``data[key]``; an object array (it would need pickle) or an unreadable member is a ``UserError``."""
+    from orchestrator.errors import UserError
+
+    try:
+        return data[key]
+    except ValueError as err:
+        if "allow_pickle" in str(err):
+            raise UserError("an object array (pickled Python objects) is refused; save numbers and strings",
+                            path=where, field=key) from None
+        raise UserError(f"unreadable array ({err})", path=where, field=key) from None
+    except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:  # a truncated / corrupt member
+        raise UserError(f"unreadable array ({err.__class__.__name__}: {err})", path=where, field=key) from None
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -67,8 +123,12 @@ def autocast_context(device: torch.device, precision: str):
 
 @torch.no_grad()
 def encode_split(model: nn.Module, index: DatasetIndex, images: ImageTensorCache, tokenizer: Tokenizer, *,
-                 device: torch.device, batch_size: int = 256, precision: str = "auto") -> SplitEmbeddings:
-    """Embeddings of every image and caption of ``index`` (the model is put in eval mode, then restored)."""
+                 device: torch.device, batch_size: int = 256, precision: str = "auto",
+                 split: str | None = None) -> SplitEmbeddings:
+    """Embeddings of every image and caption of ``index`` (the model is put in eval mode, then restored).
+
+    Raises :class:`NonFiniteEmbeddingsError` (naming ``split``, default the index's name, and the counts) when
+    any embedding holds NaN or Inf."""
     was_training = model.training
     model.eval()
     try:
@@ -79,7 +139,11 @@ def encode_split(model: nn.Module, index: DatasetIndex, images: ImageTensorCache
                    for t in iter_caption_batches(index, tokenizer, batch_size)]
     finally:
         model.train(was_training)
-    return SplitEmbeddings(torch.cat(img), torch.cat(txt), index.caption_image.copy(), list(index.image_ids),
+    image_emb, text_emb = torch.cat(img), torch.cat(txt)
+    problem = non_finite_message(image_emb, text_emb, split or index.name)
+    if problem:
+        raise NonFiniteEmbeddingsError(problem)
+    return SplitEmbeddings(image_emb, text_emb, index.caption_image.copy(), list(index.image_ids),
                            None if index.caption_ids is None else list(index.caption_ids))
 
 

@@ -3,13 +3,19 @@
 Similarity is the dot product of the embeddings (they are assumed L2-normalised, so this
 is the cosine similarity). The full N x M similarity matrix is never materialised: it is
 computed once, ``chunk_size`` image rows at a time, and the rank of a query's target is
-obtained without sorting as ``1 + count(similarities strictly greater than the target's)``
+obtained without sorting as ``1 + count(negatives scoring >= the target)``
 (row counts give image->text ranks, column counts accumulated over chunks text->image ranks).
 
-Tie convention (optimistic): a candidate whose similarity *equals* the target's does not
-push the target down, i.e. ``rank = 1 + #{candidates with strictly greater similarity}``.
-For image-to-text the target is the image's best-scoring ground-truth caption, so other
-ground-truth captions never count against it (they are at most equal to the target).
+Tie convention (pessimistic): a *negative* candidate whose similarity equals the target's
+counts against it, i.e. ``rank = 1 + #{negatives with similarity >= the target's}``. Why: with
+ties in favour, a collapsed model (constant, all-zero embeddings) would rank every target
+first and score RSUM 600; with ties against it scores 0. Real-valued embeddings of a trained
+model practically never tie, so published numbers do not move. For image-to-text the target
+is the image's best-scoring ground-truth caption; other ground-truth captions are not
+negatives, so tied positives (e.g. duplicate captions of one image) cost nothing.
+
+Embeddings must be finite (a NaN compares false with everything and would rank first):
+``ValueError`` otherwise.
 
 Ranks are 1-based. Recalls are percentages in [0, 100].
 """
@@ -20,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["ranks", "recall_from_ranks", "retrieval_metrics", "fold_metrics"]
+__all__ = ["ranks", "recall_from_ranks", "retrieval_metrics", "fold_metrics", "non_finite_rows"]
 
 
 def _as_index_tensor(text_image: torch.Tensor | np.ndarray | Sequence[int], device: torch.device) -> torch.Tensor:
@@ -67,7 +73,16 @@ def _check_inputs(
     if bool((counts == 0).any()):
         missing = torch.nonzero(counts == 0).flatten()[:5].tolist()
         raise ValueError(f"every image needs at least one caption; images without captions include {missing}")
+    for name, emb in (("image", image_emb), ("caption", text_emb)):
+        bad = non_finite_rows(emb)
+        if bad:
+            raise ValueError(f"{bad} of {emb.shape[0]} {name} embeddings are not finite")
     return image_emb, text_emb, ti
+
+
+def non_finite_rows(emb: torch.Tensor) -> int:
+    """How many rows of the (R, D) ``emb`` hold a NaN or an infinity."""
+    return int((~torch.isfinite(emb)).any(dim=1).sum()) if emb.numel() else 0
 
 
 def _chunk_sims(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -82,12 +97,12 @@ _FLOAT_COUNT_LIMIT = 2**24
 _TARGET_BLOCK = 256
 
 
-def _count_greater(sims: torch.Tensor, thresh: torch.Tensor, dim: int, buf: torch.Tensor | None) -> torch.Tensor:
-    """Number of entries of ``sims`` strictly greater than ``thresh`` (broadcast), reduced over ``dim``; int64."""
+def _count_at_least(sims: torch.Tensor, thresh: torch.Tensor, dim: int, buf: torch.Tensor | None) -> torch.Tensor:
+    """Number of entries of ``sims`` greater than or equal to ``thresh`` (broadcast), reduced over ``dim``; int64."""
     if buf is None or sims.shape[dim] >= _FLOAT_COUNT_LIMIT:
-        return (sims > thresh).sum(dim=dim, dtype=torch.long)
+        return (sims >= thresh).sum(dim=dim, dtype=torch.long)
     out = buf[: sims.shape[0]]
-    torch.gt(sims, thresh, out=out)
+    torch.ge(sims, thresh, out=out)
     return out.sum(dim=dim).to(torch.long)
 
 
@@ -131,7 +146,8 @@ def _t2i_direct(
         sel = idx[start : start + chunk_size]
         sims = _chunk_sims(text_emb[sel], image_emb)  # (c, N)
         target = sims.gather(1, ti[sel, None])  # (c, 1)
-        out[start : start + sel.numel()] = _count_greater(sims, target, 1, buf) + 1
+        # the count includes the caption's own image (equal to itself): that is the "+ 1"
+        out[start : start + sel.numel()] = _count_at_least(sims, target, 1, buf)
     return out
 
 
@@ -157,13 +173,17 @@ def ranks(
         ``(i2t_ranks, t2i_ranks)``, np.int64 arrays of shapes (N,) and (M,).
         ``i2t_ranks[i]`` is the rank among all M captions of image i's best-scoring
         ground-truth caption; ``t2i_ranks[j]`` is the rank among all N images of caption
-        j's image. Ties are optimistic: rank = 1 + number of candidates with a strictly
-        greater similarity (so equal-scoring candidates never push the target down).
+        j's image. Ties count against the model: rank = 1 + number of negatives scoring
+        >= the target (tied ground-truth captions of the same image cost nothing).
+
+    Raises:
+        ValueError: bad shapes or indices, or non-finite embeddings.
 
     How: one pass over image chunks computes each (chunk, M) block of the similarity matrix
     once, in the embeddings' dtype on their device; counts are accumulated in int64. Image ->
     text: the target is the max over the image's captions (``scatter_reduce`` amax) and the
-    rank is ``1 + count(row > target)``. Text -> image: the column counts ``count(col > t_j)``
+    rank is ``1 + count(row >= target) - #(own captions equal to the target)``. Text -> image:
+    the column counts ``count(col >= t_j)`` (own image included, hence no ``+ 1``)
     are accumulated over chunks using targets ``t_j`` precomputed on the diagonal blocks; each
     ``t_j`` is then checked to be bitwise equal to the value the pass itself produced, and any
     caption where it is not (different BLAS kernels can round differently) is re-ranked from its
@@ -191,11 +211,13 @@ def ranks(
         t2i_seen[cols] = own
         best = torch.full((end - start,), float("-inf"), dtype=sims.dtype, device=device)
         best = best.scatter_reduce(0, rows, own, reduce="amax", include_self=True)  # (c,)
-        i2t[start:end] = _count_greater(sims, best[:, None], 1, buf) + 1
-        t2i_count += _count_greater(sims, t2i_target[None, :], 0, buf)
+        tied_pos = torch.zeros(end - start, dtype=torch.long, device=device)
+        tied_pos = tied_pos.scatter_add(0, rows, (own == best[rows]).to(torch.long))  # >= 1: the best itself
+        i2t[start:end] = _count_at_least(sims, best[:, None], 1, buf) - tied_pos + 1
+        t2i_count += _count_at_least(sims, t2i_target[None, :], 0, buf)
         del sims
     del buf
-    t2i = t2i_count + 1
+    t2i = t2i_count  # the own image is among those counted (its value equals the target)
     redo = torch.nonzero(t2i_seen != t2i_target).flatten()  # NaNs land here too
     if redo.numel():
         t2i[redo] = _t2i_direct(image_emb, text_emb, ti, redo, chunk_size)
@@ -256,7 +278,7 @@ def retrieval_metrics(
         chunk_size: query rows processed at once (see :func:`ranks`).
 
     Returns:
-        See :func:`recall_from_ranks`. Ties are optimistic (see :func:`ranks`).
+        See :func:`recall_from_ranks`. Ties count against the model (see :func:`ranks`).
     """
     i2t, t2i = ranks(image_emb, text_emb, text_image, chunk_size=chunk_size)
     return recall_from_ranks(i2t, t2i, ks)

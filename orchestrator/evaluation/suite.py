@@ -21,7 +21,7 @@ from typing import Literal, Sequence
 import torch
 
 from orchestrator.errors import UserError
-from orchestrator.evaluation.embed import SplitEmbeddings, evaluate_embeddings
+from orchestrator.evaluation.embed import NonFiniteEmbeddingsError, SplitEmbeddings, evaluate_embeddings
 from orchestrator.evaluation.recall import fold_metrics
 
 log = logging.getLogger(__name__)
@@ -157,8 +157,12 @@ def evaluate_checkpoint(checkpoint: Path | str, opts: EvalOptions, *, config: st
         raise UserError(f"{index.num_images} images cannot be split into {opts.folds} equal folds", field="--folds")
     relevance = _relevance(cfg, index, opts, device) if opts.graded else None
     model = student.model.to(device)
-    emb = encode_split(model, index, ImageTensorCache(index, student.preprocess), student.tokenizer, device=device,
-                       batch_size=cfg.eval.batch_size, precision=cfg.model.precision)
+    try:
+        emb = encode_split(model, index, ImageTensorCache(index, student.preprocess), student.tokenizer,
+                           device=device, batch_size=cfg.eval.batch_size, precision=cfg.model.precision,
+                           split=opts.split)
+    except NonFiniteEmbeddingsError as err:  # a diverged model: bad input, named by its file
+        raise UserError(f"{err} (the model outputs NaN/Inf)", path=str(loaded.path)) from None
     ks = opts.ks or tuple(cfg.eval.ks)
     metrics = _recall_and_protocols(emb, opts, ks, cfg.eval.chunk_size, device, index.source or index.name)
     if relevance is not None:

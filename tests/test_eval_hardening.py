@@ -1,0 +1,227 @@
+"""Evaluation hardening: ties count against the model, non-finite embeddings are errors, outputs never overwrite
+inputs (refused before anything runs), unwritable outputs are found before the evaluation, exported npz files are
+checked array by array, and a tiny val split warns.
+
+References are independent: naive float64 loops, ``scipy.stats.rankdata(method="max")``, hand-computed cases.
+The CLI is called in-process (``orchestrator.cli.main``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import rankdata
+
+from orchestrator.config import validate_config
+from orchestrator.evaluation.recall import fold_metrics, ranks, retrieval_metrics
+from orchestrator.session import LocalSession
+from orchestrator.train_loop import train_loop
+from tests.conftest import tiny_tree
+from tests.test_bad_input import assert_one_line_error, run_cli, snapshot
+
+
+# ------------------------------------------------------------------------------------------------ references
+def naive_ranks_pessimistic(img: np.ndarray, txt: np.ndarray, owners: np.ndarray) -> tuple[list[int], list[int]]:
+    """rank = 1 + #negatives scoring >= the best positive, in float64 Python loops."""
+    sim = (np.asarray(img, np.float64) @ np.asarray(txt, np.float64).T).tolist()
+    own = [int(x) for x in owners]
+    n, m = len(sim), len(own)
+    best = [max(sim[i][c] for c in range(m) if own[c] == i) for i in range(n)]
+    i2t = [1 + sum(1 for j in range(m) if own[j] != i and sim[i][j] >= best[i]) for i in range(n)]
+    t2i = [1 + sum(1 for i in range(n) if i != own[j] and sim[i][j] >= sim[own[j]][j]) for j in range(m)]
+    return i2t, t2i
+
+
+def naive_ranks_optimistic(sim: np.ndarray, owners: np.ndarray) -> tuple[list[int], list[int]]:
+    """The old convention (ties in favour): rank = 1 + #candidates scoring strictly above the best positive."""
+    s = np.asarray(sim, np.float64).tolist()
+    own = [int(x) for x in owners]
+    n, m = len(s), len(own)
+    best = [max(s[i][c] for c in range(m) if own[c] == i) for i in range(n)]
+    i2t = [1 + sum(1 for j in range(m) if s[i][j] > best[i]) for i in range(n)]
+    t2i = [1 + sum(1 for i in range(n) if s[i][j] > s[own[j]][j]) for j in range(m)]
+    return i2t, t2i
+
+
+def rankdata_ranks(img: np.ndarray, txt: np.ndarray, owners: np.ndarray) -> tuple[list[int], list[int]]:
+    """Sort-based reference: scipy's "max" rank of the best positive among itself and the negatives."""
+    sim = np.asarray(img, np.float64) @ np.asarray(txt, np.float64).T
+    i2t = []
+    for i in range(sim.shape[0]):
+        pos, neg = sim[i, owners == i], sim[i, owners != i]
+        i2t.append(int(rankdata(-np.r_[pos.max(), neg], method="max")[0]))
+    t2i = [int(rankdata(-sim[:, j], method="max")[owners[j]]) for j in range(sim.shape[1])]
+    return i2t, t2i
+
+
+def metrics_from(i2t: list[int], t2i: list[int], ks=(1, 5, 10)) -> dict[str, float]:
+    out = {f"i2t_r{k}": 100.0 * sum(r <= k for r in i2t) / len(i2t) for k in ks}
+    out.update({f"t2i_r{k}": 100.0 * sum(r <= k for r in t2i) / len(t2i) for k in ks})
+    out["rsum"] = sum(out.values())
+    return out
+
+
+def tied_problem(seed: int, counts: list[int]):
+    rng = np.random.default_rng(seed)
+    owners = np.repeat(np.arange(len(counts)), counts)[rng.permutation(sum(counts))]
+    img = rng.integers(-1, 2, size=(len(counts), 3)).astype(np.float64)  # few distinct values: many ties
+    txt = rng.integers(-1, 2, size=(len(owners), 3)).astype(np.float64)
+    txt[1] = txt[0] if owners[1] == owners[0] else txt[1]
+    return img, txt, owners
+
+
+COUNTS = [1, 3, 2, 5, 1, 4, 2, 2, 6, 1, 3, 2]
+
+
+# ------------------------------------------------------------------------------------------------ case 2: ties
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("chunk_size", [1, 5, 1000])
+def test_ties_count_against_the_model_like_naive_loops_and_rankdata(seed, chunk_size):
+    img, txt, owners = tied_problem(seed, COUNTS * 2)
+    sim = img @ txt.T
+    # the inputs really tie: many targets share their score with a negative
+    targets = sim[owners, np.arange(len(owners))]
+    assert ((sim == targets[None, :]).sum(axis=0) > 1).sum() >= 10
+    want = naive_ranks_pessimistic(img, txt, owners)
+    assert rankdata_ranks(img, txt, owners) == want
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        i2t, t2i = ranks(torch.from_numpy(img).to(dtype), torch.from_numpy(txt).to(dtype), owners, chunk_size)
+        assert (i2t.tolist(), t2i.tolist()) == want, dtype
+    # and it is not the old convention on these inputs
+    assert naive_ranks_optimistic(sim, owners) != want
+
+
+@pytest.mark.parametrize("kind", ["zeros", "constant"])
+def test_degenerate_embeddings_score_zero(kind):
+    n, per = 24, 3  # i2t: 69 negatives per image, t2i: 23 (11 in a fold of 12): nothing within the top 10
+    owners = np.repeat(np.arange(n), per)
+    fill = 0.0 if kind == "zeros" else 0.25
+    img, txt = torch.full((n, 8), fill), torch.full((n * per, 8), fill)
+    got = retrieval_metrics(img, txt, owners, chunk_size=7)
+    assert got["rsum"] == 0.0
+    assert got["i2t_medr"] == n * per - per + 1 and got["t2i_medr"] == n
+    assert fold_metrics(img, txt, owners, num_folds=2)["rsum"] == 0.0
+    # chance level for comparison: random embeddings score well above 0, so the collapsed model is below chance
+    g = torch.Generator().manual_seed(0)
+    rand = retrieval_metrics(torch.randn(n, 8, generator=g), torch.randn(n * per, 8, generator=g), owners)
+    assert rand["rsum"] > got["rsum"]
+
+
+def test_tied_positives_cost_nothing():
+    # duplicate captions of one image (identical embeddings) tie with each other, never with a negative
+    img = torch.eye(4)
+    owners = np.array([0, 0, 1, 2, 2, 2, 3])
+    txt = img[owners].clone()
+    got = retrieval_metrics(img, txt, owners)
+    assert got["rsum"] == 600.0
+    i2t, t2i = ranks(img, txt, owners, chunk_size=1)
+    assert i2t.tolist() == [1, 1, 1, 1] and t2i.tolist() == [1] * 7
+
+
+def test_non_finite_embeddings_are_refused_by_ranks():
+    img, txt = torch.randn(4, 3), torch.randn(6, 3)
+    owners = np.array([0, 1, 2, 3, 0, 1])
+    for bad in (float("nan"), float("inf")):
+        broken = img.clone()
+        broken[1, 2] = bad
+        with pytest.raises(ValueError, match="1 of 4 image embeddings are not finite"):
+            ranks(broken, txt, owners)
+    with pytest.raises(ValueError, match="6 of 6 caption embeddings are not finite"):
+        retrieval_metrics(img, torch.full((6, 3), float("nan")), owners)
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint folder of a tiny model trained one short epoch on synthetic data."""
+    tmp = tmp_path_factory.mktemp("ckpt")
+    cfg = validate_config(tiny_tree(tmp, train={"epochs": 1, "max_steps_per_epoch": 2},
+                                    data={"synthetic": {"num_train_images": 32, "num_val_images": 24,
+                                                        "num_test_images": 8, "image_size": 32, "seed": 0}}))
+    session = LocalSession(tmp / "run", best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode)
+    train_loop(cfg, session)
+    return session.latest_checkpoint()
+
+
+def copy_checkpoint(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    return dest
+
+
+# ------------------------------------------------------------------------------------------------ case 2: NaN
+def test_eval_of_a_nan_checkpoint_is_an_error_naming_split_and_count(checkpoint, tmp_path):
+    ckpt = copy_checkpoint(checkpoint, tmp_path / "nan_ckpt")
+    state = torch.load(ckpt / "model.pt", weights_only=True)
+    state["model"] = {k: (torch.full_like(v, float("nan")) if v.is_floating_point() else v)
+                      for k, v in state["model"].items()}
+    torch.save(state, ckpt / "model.pt")
+    out = tmp_path / "m.json"
+    rc, lines, stdout = run_cli(["eval", "--checkpoint", str(ckpt), "--json", str(out)], tmp_path)
+    assert_one_line_error(rc, lines, f"{ckpt / 'model.pt'}: val split: 24 of 24 image embeddings",
+                          "caption embeddings are not finite")
+    assert not out.exists() and stdout == ""
+
+
+def test_npz_with_nan_rows_is_an_error_naming_the_array(tmp_path):
+    path = tmp_path / "emb.npz"
+    img = np.eye(3, dtype=np.float32)
+    img[2, 0] = np.nan
+    np.savez(path, image_emb=img, text_emb=np.eye(3, dtype=np.float32), image_ids=np.array(["a", "b", "c"]),
+             text_image_ids=np.array(["a", "b", "c"]))
+    rc, lines, _ = run_cli(["eval", "--embeddings", str(path)], tmp_path)
+    assert_one_line_error(rc, lines, f"{path}:image_emb: 1 of 3 rows are not finite")
+
+
+def test_training_whose_model_goes_nan_fails_instead_of_scoring(tmp_path):
+    from orchestrator.evaluation.embed import NonFiniteEmbeddingsError
+
+    # one AdamW step at lr 1e30 blows the weights up; the loss of that step was still finite
+    cfg = validate_config(tiny_tree(tmp_path, train={"epochs": 1, "max_steps_per_epoch": 1, "lr": 1e30,
+                                                     "min_lr": 0.0, "warmup_steps": 0, "weight_decay": 0.0,
+                                                     "eval_at_start": False},
+                                    data={"synthetic": {"num_train_images": 16, "num_val_images": 8,
+                                                        "num_test_images": 8, "image_size": 32, "seed": 0}}))
+    session = LocalSession(tmp_path / "run", best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode)
+    with pytest.raises(NonFiniteEmbeddingsError, match=r"val split: \d+ of 8 image embeddings"):
+        train_loop(cfg, session)
+    assert session.history == [] and session.best_checkpoint() is None
+
+
+# ------------------------------------------------------------------------------------------------ case 2: real model
+def test_trained_coco_mini_model_metrics_do_not_move(coco_mini, tmp_path):
+    """Real-valued embeddings of a trained model do not tie: the new convention gives the old numbers."""
+    tree = tiny_tree(tmp_path, train={"epochs": 1, "max_steps_per_epoch": 4, "batch_size": 32,
+                                      "eval_at_start": False})
+    tree["data"] = {"root": str(coco_mini)}
+    cfg = validate_config(tree)
+    session = LocalSession(tmp_path / "run", best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode)
+    train_loop(cfg, session)
+    emb_file, js = tmp_path / "emb.npz", tmp_path / "m.json"
+    rc, lines, _ = run_cli(["eval", "--checkpoint", str(session.latest_checkpoint()), "--export-embeddings",
+                            str(emb_file), "--json", str(js)], tmp_path)
+    assert rc == 0, lines
+    got = json.loads(js.read_text())["metrics"]
+    data = np.load(emb_file)
+    lookup = {x: i for i, x in enumerate(data["image_ids"].tolist())}
+    owners = np.array([lookup[x] for x in data["text_image_ids"].tolist()])
+    assert len(lookup) == 201 and len(owners) > 201  # the whole coco-mini val split, several captions an image
+    # the float32 similarities the evaluation compares (one chunk: 201 images < eval.chunk_size), exact in float64
+    sim = (torch.from_numpy(data["image_emb"]) @ torch.from_numpy(data["text_emb"]).T).double().numpy()
+    # no ties at all: no target shares its score with any negative (the two conventions differ only there)
+    targets_t2i = sim[owners, np.arange(len(owners))]
+    ties_t2i = (sim == targets_t2i[None, :]).sum() - len(owners)
+    best_i2t = np.array([sim[i, owners == i].max() for i in range(sim.shape[0])])
+    negative = owners[None, :] != np.arange(sim.shape[0])[:, None]
+    ties_i2t = ((sim == best_i2t[:, None]) & negative).sum()
+    assert ties_t2i == 0 and ties_i2t == 0
+    want = metrics_from(*naive_ranks_optimistic(sim, owners))
+    assert 0 < want["rsum"] < 600  # a real, imperfect score
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, abs=1e-9), key
+    assert session.history[-1]["val/rsum"] == pytest.approx(want["rsum"], abs=1e-6)  # training's eval too
