@@ -79,6 +79,15 @@ def cmd_teachers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_features(args: argparse.Namespace) -> int:
+    """Convert a pickled ``.npy`` feature dict into an ``.npz (ids, features)`` without running code from it."""
+    from orchestrator.teachers.feature_files import convert_features
+
+    n, dim = convert_features(Path(args.input), Path(args.output))
+    print(f"wrote {n} teacher features (D={dim}) to {args.output}; use it as teachers.image: file:{args.output}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
     from orchestrator.evaluation.suite import EvalOptions, evaluate_checkpoint, evaluate_embeddings_file
@@ -220,6 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     th.add_argument("--set", action="append", default=[], metavar="a.b=value")
     th.add_argument("--splits", nargs="+", default=["train", "val", "test"], choices=["train", "val", "test"])
     th.set_defaults(func=cmd_teachers)
+
+    cf = sub.add_parser("convert-features", help="convert a pickled .npy dict {image_id: array} (CUSA's Unicom "
+                                                 "features) into an .npz (ids, features) for teachers.image: file:")
+    cf.add_argument("input", metavar="IN.npy", help="the pickled dict; read with an unpickler that accepts only "
+                                                    "numpy arrays, dicts, lists, str and int")
+    cf.add_argument("output", metavar="OUT.npz", help="written atomically; must differ from IN")
+    cf.set_defaults(func=cmd_convert_features)
 
     e = sub.add_parser("eval", help="retrieval metrics of a checkpoint on a split")
     src = e.add_mutually_exclusive_group(required=True)

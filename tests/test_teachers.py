@@ -316,6 +316,9 @@ def _index_with_ids(tmp_path: Path) -> DatasetIndex:
 
 
 def test_file_teacher_reads_npz_and_cusa_pickled_dict(tmp_path):
+    """An .npz loads as is; a CUSA pickled .npy dict is refused unread, and loads once converted."""
+    from orchestrator.teachers.feature_files import convert_features
+
     index = _index_with_ids(tmp_path)
     rng = np.random.default_rng(0)
     ids = list(index.image_ids)[::-1] + ["unused-id"]
@@ -323,9 +326,13 @@ def test_file_teacher_reads_npz_and_cusa_pickled_dict(tmp_path):
     np.savez(tmp_path / "feats.npz", ids=np.asarray(ids), features=raw)
     cusa = {image_id: raw[k][None, :] for k, image_id in enumerate(ids)}  # (1, D) entries, as Unicom's
     np.save(tmp_path / "val_unicom.npy", cusa, allow_pickle=True)
+    with pytest.raises(UserError, match="holds a pickle, which is not loaded.*itr convert-features"):
+        extract_split(TeachersConfig(image=f"file:{tmp_path / 'val_unicom.npy'}", cache_dir=tmp_path / "cache"),
+                      index, progress=False)
+    assert convert_features(tmp_path / "val_unicom.npy", tmp_path / "val_unicom.npz") == (len(ids), 7)
     expected = raw[[ids.index(i) for i in index.image_ids]]
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
-    for name in ("feats.npz", "val_unicom.npy"):
+    for name in ("feats.npz", "val_unicom.npz"):
         cfg = TeachersConfig(image=f"file:{tmp_path / name}", cache_dir=tmp_path / "cache")
         feats = extract_split(cfg, index, progress=False)
         assert isinstance(feats.image, np.memmap)
@@ -346,11 +353,13 @@ def test_file_teacher_missing_id_names_the_file_and_the_id(tmp_path):
 
 def test_file_teacher_rejects_mixed_dimensions_and_bad_files(tmp_path):
     index = _index_with_ids(tmp_path)
+    from orchestrator.teachers.feature_files import convert_features
+
     mixed = {i: np.ones((1, 4 if k else 5), np.float32) for k, i in enumerate(index.image_ids)}
     np.save(tmp_path / "mixed.npy", mixed, allow_pickle=True)
     with pytest.raises(UserError, match="dimension"):
-        extract_split(TeachersConfig(image=f"file:{tmp_path / 'mixed.npy'}", cache_dir=tmp_path / "c"), index,
-                      progress=False)
+        convert_features(tmp_path / "mixed.npy", tmp_path / "mixed.npz")
+    assert not (tmp_path / "mixed.npz").exists()
     np.savez(tmp_path / "noids.npz", features=np.ones((4, 3), np.float32))
     with pytest.raises(UserError, match="'ids' and 'features'"):
         extract_split(TeachersConfig(image=f"file:{tmp_path / 'noids.npz'}", cache_dir=tmp_path / "c"), index,

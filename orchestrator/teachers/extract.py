@@ -31,6 +31,8 @@ from orchestrator.errors import UserError
 from orchestrator.teachers.cache import (
     ShardStore,
     ViewMismatch,
+    count_nonfinite_rows,
+    ensure_cache_dir,
     expected_rows,
     items_digest,
     open_view,
@@ -119,7 +121,9 @@ class TeacherSet:
 
 
 def load_teachers(cfg: TeachersConfig, device: str | None = None) -> TeacherSet:
-    """Build the encoders named by ``cfg.image`` / ``cfg.text`` (``UserError`` for a bad spec)."""
+    """Build the encoders named by ``cfg.image`` / ``cfg.text`` (``UserError`` for a bad spec, or for a
+    ``cfg.cache_dir`` that cannot be written: checked first, before any model loads)."""
+    ensure_cache_dir(cfg.cache_dir)
     image = text = None
     if cfg.image:
         image = build_image_teacher(cfg.image, cfg.cache_dir, device, batch_size=cfg.batch_size)
@@ -138,8 +142,8 @@ def item_keys(modality: str, index: DatasetIndex, memo: FileHashMemo | None = No
 
     memo = memo or FileHashMemo()
     keys: list[bytes] = []
-    bar = tqdm(total=index.num_images, desc=f"hashing {index.name} images", unit="img", disable=not progress,
-               leave=False)
+    bar = tqdm(total=index.num_images, desc=f"hashing {index.name} images", unit="img",
+               disable=None if progress else True, leave=False)  # None: only on a terminal
     for i in range(index.num_images):
         if index.image_paths is not None:
             path = index.image_paths[i]
@@ -258,7 +262,7 @@ def _encode_into_store(encoder: TeacherEncoder, index: DatasetIndex, missing: np
         raise UserError(f"unknown teachers backend {backend!r} (local or ray)", field="teachers.backend")
 
     bar = tqdm(total=len(missing), desc=f"{encoder.modality} teacher {encoder.spec}", unit="item",
-               disable=not progress)
+               disable=None if progress else True)  # None: only on a terminal
     buf_keys: list[bytes] = []
     buf_feats: list[np.ndarray] = []
 
@@ -278,6 +282,11 @@ def _encode_into_store(encoder: TeacherEncoder, index: DatasetIndex, missing: np
             feats = np.asarray(feats, dtype=np.float32)
             if feats.ndim != 2 or feats.shape[0] != len(pos):
                 raise RuntimeError(f"teacher {encoder.spec} returned {feats.shape} for {len(pos)} items")
+            n_bad, _ = count_nonfinite_rows(feats)
+            if n_bad:  # never let a broken teacher poison the shared cache
+                raise UserError(f"teacher {encoder.spec} returned {n_bad} of {len(feats)} features that are not "
+                                f"finite (NaN or inf) for {index.name}; that batch was not cached",
+                                field=f"teachers.{encoder.modality}")
             buf_keys.extend(keys[int(p)] for p in pos)
             buf_feats.append(feats)
             while len(buf_keys) >= shard_size:
@@ -300,7 +309,7 @@ def extract_split(teachers_cfg: TeachersConfig, index: DatasetIndex, *, progress
     Args:
         teachers_cfg: ``teachers`` config (specs, ``cache_dir``, ``batch_size``, ``backend``, ``num_actors``).
         index: the split.
-        progress: show tqdm bars.
+        progress: show tqdm bars (on a terminal only: never in a captured or logged stderr).
         backend: ``"local"`` or ``"ray"`` (a Ray Data actor pool); default ``teachers_cfg.backend``.
         device: ``"cpu"``, ``"cuda"``, ...; default CUDA when available.
         shard_size: items per cache shard (the unit a killed run resumes from).
@@ -314,6 +323,7 @@ def extract_split(teachers_cfg: TeachersConfig, index: DatasetIndex, *, progress
     if teachers is None:
         teachers = load_teachers(teachers_cfg, device)
     else:
+        ensure_cache_dir(teachers_cfg.cache_dir)
         for side in ("image", "text"):
             encoder, spec = getattr(teachers, side), getattr(teachers_cfg, side)
             if (encoder.spec if encoder is not None else None) != spec:
