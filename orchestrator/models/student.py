@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -43,12 +44,10 @@ def build_student(cfg: ModelConfig, heads: str = "none") -> Student:
             cfg.name, pretrained=pretrained, output_dict=True, weights_only=True,
             pretrained_text=pretrained is None,
         )
-    except RuntimeError as err:
+    except Exception as err:  # torch.load's refusals and state-dict mismatches come in many types
         if pretrained is None:
             raise
-        first = str(err).strip().splitlines()[0][:200]
-        raise UserError(f"checkpoint does not fit model {cfg.name!r}: {first}", path=pretrained,
-                        field="model.pretrained") from None
+        raise pretrained_error(pretrained, cfg.name, err) from None
     if pretrained is None and cfg.name in PACKAGED_TOWERS:
         load_packaged_towers(model, PACKAGED_TOWERS[cfg.name])
     if hasattr(model, "logit_scale") and isinstance(model.logit_scale, nn.Parameter):
@@ -64,6 +63,77 @@ def build_student(cfg: ModelConfig, heads: str = "none") -> Student:
     if heads != "none":
         model = HeadedDualEncoder(model, embed_dim, uni=heads == "cross_uni")
     return Student(model=model, preprocess=preprocess, tokenizer=tokenizer, embed_dim=embed_dim)
+
+
+def pretrained_error(path: str, model_name: str, err: BaseException) -> UserError:
+    """The one-line error for ``model.pretrained`` = ``path`` after open_clip failed to load it with ``err``.
+
+    The file is read again (only on this failure path) to tell a file that is not weights at all (random bytes, a
+    pickle of arbitrary objects, which ``torch.load(weights_only=True)`` refuses) from weights of another model.
+    """
+    refusal = weights_refusal(Path(path))
+    if refusal is not None:
+        return UserError(f"not a weights file ({refusal})", path=path, field="model.pretrained")
+    first = (str(err).strip().splitlines() or [err.__class__.__name__])[0][:200]
+    return UserError(f"checkpoint does not fit model {model_name!r}: {first}", path=path, field="model.pretrained")
+
+
+def check_pretrained(cfg: ModelConfig) -> None:
+    """Fail with a one-line ``UserError`` when ``cfg.pretrained`` is not a weights file, before anything is built
+    or written. Cheap: zip-format checkpoints are memory-mapped, so the tensors are not read."""
+    if cfg.pretrained is None:
+        return
+    refusal = weights_refusal(Path(cfg.pretrained), mmap=True)
+    if refusal is not None:
+        raise UserError(f"not a weights file ({refusal})", path=str(cfg.pretrained), field="model.pretrained")
+
+
+def weights_refusal(path: Path, *, mmap: bool = False) -> str | None:
+    """Why ``path`` is not a state dict of tensors as open_clip reads it (``None`` when it is one).
+
+    ``mmap``: memory-map the tensors of a zip-format file instead of reading them (a legacy-format file, which
+    cannot be mapped, is then read whole)."""
+    if path.suffix in (".npz", ".npy"):
+        return None  # big_vision weights: open_clip's own loader judges them
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path), device="cpu")
+        else:
+            obj = None
+            if mmap:
+                try:
+                    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except Exception:  # noqa: BLE001 - not a zip file (legacy, or not weights): read it plainly below
+                    obj = None
+            if obj is None:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every unpickling failure is the answer here
+        how = "safetensors refused it" if path.suffix == ".safetensors" else "torch.load weights_only=True refused it"
+        return f"{how}: {load_failure_reason(err)}"
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj:
+        return f"it holds {'an empty dict' if obj == {} else 'a ' + type(obj).__name__}, not a state dict"
+    return None
+
+
+def load_failure_reason(err: BaseException) -> str:
+    """A short, one-line reason from a ``torch.load`` error: the unpickler's own complaint, without torch's advice
+    (which suggests ``weights_only=False``, i.e. running the file's code)."""
+    text = str(err)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+        text = text.split("Check the documentation of torch.load", 1)[0]
+        text = text.split(" Please use ", 1)[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = lines[0] if lines else ""
+    if isinstance(err, EOFError):
+        reason = reason or "the file ends too early (empty or truncated)"
+    reason = reason.replace("\x1b[0m", "").replace("\x1b[1m", "")[:160]
+    return f"{err.__class__.__name__}: {reason}" if reason else err.__class__.__name__
 
 
 def lock_image_tower(model: nn.Module) -> None:
