@@ -93,6 +93,12 @@ class DataConfig(Section):
     verify_images: Literal["none", "exists", "header", "full"] = "header"
     max_train_images: PositiveInt | None = Field(None, description="use only the first N training images")
     loader_workers: NonNegInt = 0
+    leakage: Literal["warn", "error"] = Field(
+        "warn", description="an image (same id or file) or caption id of the train split also in val/test: log a "
+                            "WARNING, or refuse the data (exit 2)")
+    allow_outside_root: bool = Field(
+        False, description="accept image paths that leave the dataset root (absolute, or '..' after lexical "
+                           "normalisation); symlinks inside the root are not followed by this check")
 
     @field_validator("root")
     @classmethod

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from methods import EmbeddingBatch
 from orchestrator.checkpoint import MODEL_FILE, STATE_FILE, atomic_save, load_file
 from orchestrator.config import ExperimentConfig, TrainConfig
+from orchestrator.data.leakage import check_leakage
 from orchestrator.data.loader import FeatureRows, ImageTensorCache, TextInput, train_loader
 from orchestrator.data.sampler import CaptionBatchSampler
 from orchestrator.data.splits import load_split
@@ -142,6 +143,8 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
     # --- data
     train_index = load_split(cfg.data, "train")
     val_index = load_split(cfg.data, "val") if "val" in cfg.eval.splits else None
+    if session.rank == 0:  # train vs val/test: a WARNING, or UserError with data.leakage: error
+        check_leakage(cfg.data, {"train": train_index, **({"val": val_index} if val_index is not None else {})})
     student = build_student(cfg.model, heads=cfg.resolved_heads)
     cached = cached_sides(student.model, cfg.model.cache_locked_towers)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -43,20 +44,48 @@ def _caption_text(value: Any, path: Path, where: str, clean: bool) -> str:
     return text
 
 
-def read_captions_json(path: Path, *, name: str, clean: bool = True) -> DatasetIndex:
+_PARENT = os.pardir + os.sep
+
+
+def escapes_root(relative: str) -> bool:
+    """Whether ``relative`` leaves the folder it is relative to: absolute, or ``..`` after lexical normalisation.
+
+    Lexical only (``os.path.normpath``, no ``resolve``): a symlink inside the root that points outside is not seen.
+    """
+    norm = os.path.normpath(relative)
+    return os.path.isabs(norm) or norm == os.pardir or norm.startswith(_PARENT)
+
+
+def _outside_root(relative: str, root: Path, path: Path, where: str) -> UserError:
+    return UserError(f"image path {relative!r} is outside the dataset root {root} (data.allow_outside_root: true "
+                     "allows it)", path=str(path), field=where)
+
+
+def _image_id(value: Any, what: str, path: Path, where: str) -> str:
+    """An id (``image_id``, ``cocoid``, ``sentid``) as text: an integer or a non-empty string, nothing coerced."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+        kind = "null" if value is None else type(value).__name__
+        raise UserError(f"{what} must be an integer or a non-empty string, not {kind}", path=str(path), field=where)
+    return str(value)
+
+
+def read_captions_json(path: Path, *, name: str, clean: bool = True,
+                       allow_outside_root: bool = False) -> DatasetIndex:
     """A ``captions_json`` split: a JSON list of ``{image, caption, image_id}``, image paths relative to the file.
 
-    Records of one ``image_id`` must name the same image file; an image may have any number of captions.
+    Records of one ``image_id`` must name the same image file; an image may have any number of captions. An image
+    path that leaves the file's folder (absolute, or ``..`` after normalisation) is refused unless
+    ``allow_outside_root``.
     """
     records = _read_json(path)
     if not isinstance(records, list):
         raise UserError(f"expected a JSON list of records, got {type(records).__name__}", path=str(path))
     if not records:
         raise UserError("no records", path=str(path))
-    base = path.parent
+    base = path.parent.resolve()  # once; records are normalised lexically against it
     image_index: dict[str, int] = {}
     image_ids: list[str] = []
-    image_paths: list[Path] = []
+    image_files: list[str] = []  # normalised, relative to ``base`` unless allowed outside
     captions: list[str] = []
     caption_image: list[int] = []
     for k, rec in enumerate(records):
@@ -65,23 +94,25 @@ def read_captions_json(path: Path, *, name: str, clean: bool = True) -> DatasetI
         for key in ("image", "caption", "image_id"):
             if key not in rec:
                 raise UserError("missing field", path=str(path), field=f"[{k}].{key}")
-        image_id = rec["image_id"]
-        if isinstance(image_id, bool) or not isinstance(image_id, (str, int)) or str(image_id) == "":
-            raise UserError("image_id must be a non-empty string or integer", path=str(path), field=f"[{k}].image_id")
-        image_id = str(image_id)
+        image_id = _image_id(rec["image_id"], "image_id", path, f"[{k}].image_id")
         if not isinstance(rec["image"], str) or not rec["image"]:
             raise UserError("image must be a non-empty path", path=str(path), field=f"[{k}].image")
-        image_path = (base / rec["image"]).resolve()
+        image_file = os.path.normpath(rec["image"])
+        if escapes_root(image_file):
+            if not allow_outside_root:
+                raise _outside_root(rec["image"], base, path, f"[{k}].image")
+            image_file = os.path.normpath(os.path.join(base, image_file))
         text = _caption_text(rec["caption"], path, f"[{k}].caption", clean)
         idx = image_index.get(image_id)
         if idx is None:
             idx = len(image_ids)
             image_index[image_id] = idx
             image_ids.append(image_id)
-            image_paths.append(image_path)
-        elif image_paths[idx] != image_path:
+            image_files.append(image_file)
+        elif image_files[idx] != image_file:
             raise UserError(
-                f"image_id {image_id!r} names two files ({image_paths[idx].name}, {image_path.name})",
+                f"image_id {image_id!r} names two files ({os.path.basename(image_files[idx])}, "
+                f"{os.path.basename(image_file)})",
                 path=str(path),
                 field=f"[{k}].image",
             )
@@ -92,7 +123,7 @@ def read_captions_json(path: Path, *, name: str, clean: bool = True) -> DatasetI
         image_ids=image_ids,
         captions=captions,
         caption_image=np.asarray(caption_image, dtype=np.int64),
-        image_paths=image_paths,
+        image_paths=[base / f for f in image_files],
         source=str(path),
     )
 
@@ -101,18 +132,21 @@ def read_captions_json(path: Path, *, name: str, clean: bool = True) -> DatasetI
 KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 
 
-def read_karpathy(annotations: Path, image_root: Path, split: str, *, name: str, clean: bool = True) -> DatasetIndex:
+def read_karpathy(annotations: Path, image_root: Path, split: str, *, name: str, clean: bool = True,
+                  allow_outside_root: bool = False) -> DatasetIndex:
     """A split of ``dataset_coco.json`` / ``dataset_flickr30k.json``: train = train + restval.
 
-    Image ids are COCO ids (``cocoid``) where present, else the file stem; caption ids are ``sentid``.
-    Image files are ``image_root/filepath/filename`` (COCO) or ``image_root/filename`` (Flickr30K).
+    Image ids are COCO ids (``cocoid``) where present, else the file stem; caption ids are ``sentid``; both must
+    be integers or non-empty strings. Image files are ``image_root/filepath/filename`` (COCO) or
+    ``image_root/filename`` (Flickr30K); one that leaves ``image_root`` is refused unless ``allow_outside_root``.
     """
     tree = _read_json(annotations)
     if not isinstance(tree, dict) or not isinstance(tree.get("images"), list):
         raise UserError("expected an object with an 'images' list (Karpathy format)", path=str(annotations))
     wanted = KARPATHY_SPLITS.get(split, (split,))
+    root = Path(image_root).resolve()  # once; records are normalised lexically against it
     image_ids: list[str] = []
-    image_paths: list[Path] = []
+    image_files: list[str] = []
     captions: list[str] = []
     caption_ids: list[str] = []
     caption_image: list[int] = []
@@ -127,7 +161,11 @@ def read_karpathy(annotations: Path, image_root: Path, split: str, *, name: str,
         for key in ("filename", "sentences"):
             if key not in img:
                 raise UserError("missing field", path=str(annotations), field=f"{where}.{key}")
-        image_id = str(img.get("cocoid", Path(str(img["filename"])).stem))
+        image_file = _karpathy_file(img, root, annotations, where, allow_outside_root)
+        if "cocoid" in img:
+            image_id = _image_id(img["cocoid"], "cocoid", annotations, f"{where}.cocoid")
+        else:
+            image_id = Path(img["filename"]).stem
         if image_id in seen:
             raise UserError(f"duplicate image id {image_id!r}", path=str(annotations), field=where)
         seen.add(image_id)
@@ -136,13 +174,16 @@ def read_karpathy(annotations: Path, image_root: Path, split: str, *, name: str,
             raise UserError("no sentences", path=str(annotations), field=f"{where}.sentences")
         idx = len(image_ids)
         image_ids.append(image_id)
-        image_paths.append((image_root / str(img.get("filepath", "")) / str(img["filename"])).resolve())
+        image_files.append(image_file)
         for s, sent in enumerate(sentences):
             swhere = f"{where}.sentences[{s}]"
             if not isinstance(sent, dict) or "raw" not in sent:
                 raise UserError("missing field", path=str(annotations), field=f"{swhere}.raw")
             captions.append(_caption_text(sent["raw"], annotations, f"{swhere}.raw", clean))
-            caption_id = str(sent.get("sentid", f"{image_id}#{s}"))
+            if "sentid" in sent:
+                caption_id = _image_id(sent["sentid"], "sentid", annotations, f"{swhere}.sentid")
+            else:
+                caption_id = f"{image_id}#{s}"
             if caption_id in seen_captions:
                 raise UserError(f"duplicate sentid {caption_id!r}", path=str(annotations), field=f"{swhere}.sentid")
             seen_captions.add(caption_id)
@@ -155,7 +196,24 @@ def read_karpathy(annotations: Path, image_root: Path, split: str, *, name: str,
         image_ids=image_ids,
         captions=captions,
         caption_image=np.asarray(caption_image, dtype=np.int64),
-        image_paths=image_paths,
+        image_paths=[root / f for f in image_files],
         caption_ids=caption_ids,
         source=str(annotations),
     )
+
+
+def _karpathy_file(img: dict, root: Path, annotations: Path, where: str, allow_outside_root: bool) -> str:
+    """``filepath/filename`` of a Karpathy image entry, normalised lexically (relative to ``root`` when inside)."""
+    filename, filepath = img["filename"], img.get("filepath", "")
+    if not isinstance(filename, str) or not filename:
+        raise UserError("filename must be a non-empty string", path=str(annotations), field=f"{where}.filename")
+    if not isinstance(filepath, str):
+        raise UserError("filepath must be a string", path=str(annotations), field=f"{where}.filepath")
+    joined = os.path.join(filepath, filename)
+    image_file = os.path.normpath(joined)
+    if not escapes_root(image_file):
+        return image_file
+    if not allow_outside_root:
+        blame = "filepath" if filepath and escapes_root(filepath) else "filename"
+        raise _outside_root(joined, root, annotations, f"{where}.{blame}")
+    return os.path.normpath(os.path.join(root, image_file))

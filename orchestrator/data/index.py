@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from orchestrator.data.images import check_image_file, open_failure, to_rgb
 from orchestrator.errors import UserError
 
 #: Renders image ``i`` of a generated dataset (no file on disk).
@@ -75,28 +76,34 @@ class DatasetIndex:
         return np.bincount(self.caption_image, minlength=self.num_images)
 
     def load_image(self, image_index: int) -> Image.Image:
-        """The RGB image ``image_index``; a file that cannot be read raises ``UserError`` naming it."""
+        """The 8-bit RGB image ``image_index`` (wide modes scaled by range: ``data.images.to_rgb``); a file that
+        cannot be read raises ``UserError`` naming it."""
         if self.renderer is not None:
             return self.renderer(image_index)
         assert self.image_paths is not None
         path = self.image_paths[image_index]
         try:
             with Image.open(path) as img:
-                return img.convert("RGB")
-        except (OSError, ValueError) as err:
+                return to_rgb(img)
+        except OSError as err:
+            if isinstance(err.errno, int):  # the file itself: missing, a symlink loop, no permission
+                raise UserError(open_failure(err), path=str(path)) from None
+            raise UserError(f"cannot read image ({err.__class__.__name__}: {err})", path=str(path)) from None
+        except ValueError as err:
             raise UserError(f"cannot read image ({err.__class__.__name__}: {err})", path=str(path)) from None
 
     def verify_images(self, mode: str = "header") -> None:
         """Fail before training on the first missing or unreadable image, naming the file.
 
-        ``mode``: ``"exists"`` checks the files exist; ``"header"`` also parses each image header
-        (cheap; catches non-images); ``"full"`` decodes every image (catches truncated files); ``"none"``.
+        ``mode``: ``"exists"`` checks the files exist (a symlink loop is named as one); ``"header"`` also parses
+        each image header (cheap; catches non-images); ``"full"`` decodes every image (catches truncated files); ``"none"``.
         """
         if self.image_paths is None or mode == "none":
             return
         for path in self.image_paths:
-            if not path.is_file():
-                raise UserError("image file not found", path=str(path))
+            problem = check_image_file(path)
+            if problem is not None:
+                raise UserError(problem, path=str(path))
             if mode == "exists":
                 continue
             try:

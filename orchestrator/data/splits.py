@@ -33,11 +33,12 @@ def load_split(cfg: DataConfig, role: SplitRole, *, verify: bool = True) -> Data
         path = cfg.root / f"{name}.json"
         if not path.is_file():
             raise UserError(f"split file {path.name} not found in data.root", path=str(path), field="data.root")
-        index = read_captions_json(path, name=f"{cfg.root.name}/{name}", clean=cfg.clean_captions)
+        index = read_captions_json(path, name=f"{cfg.root.name}/{name}", clean=cfg.clean_captions,
+                                   allow_outside_root=cfg.allow_outside_root)
     else:
         assert cfg.annotations is not None and cfg.root is not None
         index = read_karpathy(cfg.annotations, cfg.root, name, name=f"{cfg.annotations.stem}/{name}",
-                              clean=cfg.clean_captions)
+                              clean=cfg.clean_captions, allow_outside_root=cfg.allow_outside_root)
     if role == "train" and cfg.max_train_images is not None and cfg.max_train_images < index.num_images:
         index = index.subset_images(range(cfg.max_train_images), name=f"{index.name}[:{cfg.max_train_images}]")
     if verify:
