@@ -6,7 +6,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -21,13 +21,21 @@ def atomic_save(obj: Any, path: Path) -> None:
 
     Any OS error (disk full, permission, read-only file system) raises a ``UserError`` naming ``path``; the temp
     file is removed and an existing ``path`` is left as it was."""
+    atomic_write(path, lambda fh: torch.save(obj, fh), what="checkpoint")
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None], *, what: str = "file") -> None:
+    """``write(fh)`` into a temp file beside ``path``, fsync, then rename (any file format: npz, JSON, ...).
+
+    Any OS error raises a ``UserError`` naming ``path`` ("cannot write <what> (reason)"); on every failure the temp
+    file is removed and an existing ``path`` is left as it was."""
     path = Path(path)
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -37,7 +45,7 @@ def atomic_save(obj: Any, path: Path) -> None:
         os_error = os_error_in(err)
         if os_error is None:
             raise
-        raise UserError(f"cannot write checkpoint ({os_error.strerror or os_error})", path=str(path)) from None
+        raise UserError(f"cannot write {what} ({os_error.strerror or os_error})", path=str(path)) from None
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):

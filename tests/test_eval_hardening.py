@@ -137,33 +137,54 @@ def test_non_finite_embeddings_are_refused_by_ranks():
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
+VAL_RECORDS = [{"image": f"img/v{i}.jpg", "caption": f"caption {c} of image {i}", "image_id": f"v{i}"}
+               for i in range(12) for c in range(2)]
+
+
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A checkpoint folder of a tiny model trained one short epoch on synthetic data."""
-    tmp = tmp_path_factory.mktemp("ckpt")
-    cfg = validate_config(tiny_tree(tmp, train={"epochs": 1, "max_steps_per_epoch": 2},
-                                    data={"synthetic": {"num_train_images": 32, "num_val_images": 24,
-                                                        "num_test_images": 8, "image_size": 32, "seed": 0}}))
-    session = LocalSession(tmp / "run", best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode)
-    train_loop(cfg, session)
-    return session.latest_checkpoint()
+def data_ckpt(tmp_path_factory) -> dict[str, Path]:
+    """A captions_json dataset (12 val images, 2 captions each), a teacher cache file, and a checkpoint folder of an
+    untrained tiny model whose embedded config points at them. Read-only for the tests (they copy what they break)."""
+    from orchestrator.checkpoint import MODEL_FILE, STATE_FILE, atomic_save
+    from orchestrator.models.student import build_student
+    from tests.test_bad_input import data_tree, write_image
+
+    tmp = tmp_path_factory.mktemp("evaldata")
+    data = tmp / "data"
+    for rec in VAL_RECORDS:
+        write_image(data / rec["image"])
+    (data / "val.json").write_text(json.dumps(VAL_RECORDS))
+    (data / "train.json").write_text(json.dumps(VAL_RECORDS[:4]))
+    cache = tmp / "cache"
+    (cache / "some-view").mkdir(parents=True)
+    (cache / "some-view" / "text.npy").write_bytes(b"cached features")
+    tree = data_tree(tmp)
+    tree["model"] = {"name": "itr-tiny-vit"}
+    tree["teachers"] = {"cache_dir": str(cache)}
+    tree["data"]["leakage"] = "warn"
+    cfg = validate_config(tree)
+    student = build_student(cfg.model, heads=cfg.resolved_heads)
+    ckpt = tmp / "ckpt"
+    atomic_save({"model": student.model.state_dict(), "config_yaml": cfg.to_yaml(), "epoch": 0}, ckpt / MODEL_FILE)
+    atomic_save({"epoch": 0}, ckpt / STATE_FILE)
+    return {"root": tmp, "data": data, "cache": cache, "ckpt": ckpt}
 
 
-def copy_checkpoint(src: Path, dest: Path) -> Path:
-    shutil.copytree(src, dest)
-    return dest
+def contents(folder: Path) -> dict[str, bytes]:
+    """Every file below ``folder`` with its bytes (to show that nothing was written or overwritten)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # ------------------------------------------------------------------------------------------------ case 2: NaN
-def test_eval_of_a_nan_checkpoint_is_an_error_naming_split_and_count(checkpoint, tmp_path):
-    ckpt = copy_checkpoint(checkpoint, tmp_path / "nan_ckpt")
+def test_eval_of_a_nan_checkpoint_is_an_error_naming_split_and_count(data_ckpt, tmp_path):
+    ckpt = shutil.copytree(data_ckpt["ckpt"], tmp_path / "nan_ckpt")
     state = torch.load(ckpt / "model.pt", weights_only=True)
     state["model"] = {k: (torch.full_like(v, float("nan")) if v.is_floating_point() else v)
                       for k, v in state["model"].items()}
     torch.save(state, ckpt / "model.pt")
     out = tmp_path / "m.json"
     rc, lines, stdout = run_cli(["eval", "--checkpoint", str(ckpt), "--json", str(out)], tmp_path)
-    assert_one_line_error(rc, lines, f"{ckpt / 'model.pt'}: val split: 24 of 24 image embeddings",
+    assert_one_line_error(rc, lines, f"{ckpt / 'model.pt'}: val split: 12 of 12 image embeddings and 24 of 24 "
                           "caption embeddings are not finite")
     assert not out.exists() and stdout == ""
 
@@ -225,3 +246,129 @@ def test_trained_coco_mini_model_metrics_do_not_move(coco_mini, tmp_path):
     for key, value in want.items():
         assert got[key] == pytest.approx(value, abs=1e-9), key
     assert session.history[-1]["val/rsum"] == pytest.approx(want["rsum"], abs=1e-6)  # training's eval too
+
+
+# ------------------------------------------------------------------------------------------------ case 3: outputs
+def refused(data_ckpt, tmp_path, argv: list[str], *needles: str) -> None:
+    """``itr eval`` with ``argv`` exits 2 with one line, and no file under the fixture or tmp_path changed."""
+    before, before_tmp = contents(data_ckpt["root"]), contents(tmp_path)
+    rc, lines, stdout = run_cli(["eval", *argv], tmp_path)
+    assert_one_line_error(rc, lines, *needles)
+    assert stdout == ""
+    assert contents(data_ckpt["root"]) == before
+    assert contents(tmp_path) == before_tmp
+
+
+@pytest.mark.parametrize("target, flag, needle", [
+    ("ckpt/model.pt", "--export-embeddings", "is an input of this command (the checkpoint)"),
+    ("ckpt/state.pt", "--json", "would overwrite a file of the checkpoint folder"),
+    ("data/val.json", "--json", "is an input of this command (the val split's annotations)"),
+    ("data/train.json", "--export-embeddings", "would overwrite a file of the dataset (data.root)"),
+    ("data/img/v3.jpg", "--json", "is an input of this command (a dataset image)"),
+    ("cache/some-view/text.npy", "--export-embeddings", "would overwrite a file of the teacher cache"),
+])
+def test_an_output_that_is_an_input_is_refused_before_anything_runs(data_ckpt, tmp_path, target, flag, needle):
+    out = data_ckpt["root"] / target
+    refused(data_ckpt, tmp_path, ["--checkpoint", str(data_ckpt["ckpt"]), flag, str(out)], f"{out}:{flag}: ", needle)
+
+
+def test_links_to_inputs_and_colliding_outputs_are_refused(data_ckpt, tmp_path):
+    val = data_ckpt["data"] / "val.json"
+    ckpt = str(data_ckpt["ckpt"])
+    (tmp_path / "link.json").symlink_to(val)
+    refused(data_ckpt, tmp_path, ["--checkpoint", ckpt, "--json", str(tmp_path / "link.json")], "link.json:--json: ",
+            "is an input")
+    os.link(data_ckpt["ckpt"] / "model.pt", tmp_path / "hard.pt")  # same file, another name (samefile)
+    refused(data_ckpt, tmp_path, ["--checkpoint", ckpt, "--export-embeddings", str(tmp_path / "hard.pt")],
+            "hard.pt:--export-embeddings: is an input of this command (the checkpoint)")
+    os.unlink(tmp_path / "hard.pt")
+    refused(data_ckpt, tmp_path, ["--checkpoint", ckpt, "--json", str(tmp_path / "x"), "--export-embeddings",
+                                  str(tmp_path / "x")], "x:--export-embeddings: is also the output of --json")
+    refused(data_ckpt, tmp_path, ["--checkpoint", ckpt, "--report-dir", str(tmp_path / "r"), "--json",
+                                  str(tmp_path / "r" / "metrics.json")], "metrics.json:--report-dir: is also the output of --json")
+
+
+def test_embeddings_input_is_not_overwritten(tmp_path):
+    emb = tmp_path / "emb.npz"
+    np.savez(emb, image_emb=np.eye(3, dtype=np.float32), text_emb=np.eye(3, dtype=np.float32),
+             image_ids=np.array(["a", "b", "c"]), text_image_ids=np.array(["a", "b", "c"]))
+    before = emb.read_bytes()
+    rc, lines, _ = run_cli(["eval", "--embeddings", str(emb), "--json", str(emb)], tmp_path)
+    assert_one_line_error(rc, lines, f"{emb}:--json: is an input of this command (--embeddings)")
+    assert emb.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["emb.npz"]
+
+
+def test_export_to_a_folder_is_refused_and_leaves_no_temp_file(data_ckpt, tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    refused(data_ckpt, tmp_path, ["--checkpoint", str(data_ckpt["ckpt"]), "--export-embeddings", str(target)],
+            f"{target}:--export-embeddings: is a folder")
+    assert list(target.iterdir()) == []
+
+
+def test_a_good_eval_writes_exactly_its_outputs(data_ckpt, tmp_path):
+    before = contents(data_ckpt["root"])
+    emb, js = tmp_path / "deep" / "emb.npz", tmp_path / "m.json"
+    rc, lines, _ = run_cli(["eval", "--checkpoint", str(data_ckpt["ckpt"]), "--export-embeddings", str(emb),
+                            "--json", str(js)], tmp_path)
+    assert rc == 0, lines
+    assert sorted(contents(tmp_path)) == ["deep/emb.npz", "m.json"]  # no temp files, no write-check files
+    assert contents(data_ckpt["root"]) == before
+    assert json.loads(js.read_text())["metrics"]["rsum"] >= 0
+    assert np.load(emb)["image_emb"].shape[0] == 12
+
+
+def test_atomic_write_removes_its_temp_file_on_every_failure(tmp_path):
+    import errno
+
+    from orchestrator.checkpoint import atomic_write
+    from orchestrator.errors import UserError
+
+    target = tmp_path / "emb.npz"
+    target.write_bytes(b"old")
+
+    def disk_full(fh):
+        fh.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def bug(fh):
+        fh.write(b"partial")
+        raise RuntimeError("not an OS error")
+
+    with pytest.raises(UserError, match="cannot write embeddings .No space left on device."):
+        atomic_write(target, disk_full, what="embeddings")
+    with pytest.raises(RuntimeError):
+        atomic_write(target, bug)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["emb.npz"]
+    atomic_write(target, lambda fh: fh.write(b"new"))
+    assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["emb.npz"]
+
+
+# ------------------------------------------------------------------------------------------------ case 12g
+def test_unwritable_outputs_fail_before_the_evaluation(data_ckpt, tmp_path, monkeypatch):
+    from orchestrator.evaluation import embed
+
+    encoded = []
+    original = embed.encode_split
+    monkeypatch.setattr(embed, "encode_split", lambda *a, **k: encoded.append(1) or original(*a, **k))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    ok = tmp_path / "ok.npz"
+    for flag, target in (("--json", blocker / "m.json"), ("--export-embeddings", blocker / "sub" / "e.npz"),
+                         ("--report-dir", blocker)):
+        argv = ["--checkpoint", str(data_ckpt["ckpt"]), "--export-embeddings" if flag != "--export-embeddings"
+                else "--json", str(ok), flag, str(target)]
+        refused(data_ckpt, tmp_path, argv, f":{flag}: ")
+    assert encoded == []  # refused before the model ran
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to a read-only folder")
+def test_read_only_folder_fails_before_the_evaluation(data_ckpt, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        refused(data_ckpt, tmp_path, ["--checkpoint", str(data_ckpt["ckpt"]), "--json", str(locked / "m.json")],
+                "m.json:--json: cannot write here")
+    finally:
+        locked.chmod(0o700)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -22,6 +22,7 @@ import torch
 
 from orchestrator.errors import UserError
 from orchestrator.evaluation.embed import NonFiniteEmbeddingsError, SplitEmbeddings, evaluate_embeddings
+from orchestrator.evaluation.outputs import EvalInputs, check_outputs, planned_outputs
 from orchestrator.evaluation.recall import fold_metrics
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class EvalOptions:
     sts: Path | None = None
     report_dir: Path | None = None
     export_embeddings: Path | None = None
+    json_out: Path | None = None  # written by the CLI; named here so that it is checked before anything runs
 
 
 @dataclass
@@ -71,6 +73,38 @@ def _check_inputs(opts: EvalOptions):
     images = load_labelled_images(opts.image_folder) if opts.image_folder else None
     pairs = load_sentence_pairs(opts.sts) if opts.sts else None
     return images, pairs
+
+
+def _guard_outputs(opts: EvalOptions, inputs: EvalInputs, bulk_inputs: Sequence[Path] = ()) -> None:
+    """Refuse, before anything runs, an output that is an input or cannot be written (:mod:`.outputs`)."""
+    if opts.image_folder is not None:
+        (inputs.add_tree if Path(opts.image_folder).is_dir() else inputs.add_file)(opts.image_folder,
+                                                                                  "--image-folder")
+    inputs.add_file(opts.sts, "--sts")
+    outputs = planned_outputs(json_path=opts.json_out, export_embeddings=opts.export_embeddings,
+                              report_dir=opts.report_dir)
+    if outputs:
+        check_outputs(outputs, inputs, bulk_inputs=bulk_inputs, report_dir=opts.report_dir)
+
+
+def _checkpoint_inputs(checkpoint: Path, model_path: Path, cfg, index, split: str,
+                       config: str | None) -> EvalInputs:
+    """The files ``itr eval --checkpoint`` reads: the checkpoint (its whole folder when one was given), the
+    config, the split's annotations, the dataset root and the teacher cache."""
+    from orchestrator.checkpoint import STATE_FILE
+
+    inputs = EvalInputs([], [])
+    inputs.add_file(model_path, "the checkpoint")
+    if Path(checkpoint).is_dir():
+        inputs.add_tree(checkpoint, "the checkpoint folder")
+    elif (model_path.parent / STATE_FILE).is_file():
+        inputs.add_file(model_path.parent / STATE_FILE, "the checkpoint's training state")
+    inputs.add_file(config, "--config")
+    inputs.add_file(index.source, f"the {split} split's annotations")
+    inputs.add_file(cfg.data.annotations, "data.annotations")
+    inputs.add_tree(cfg.data.root, "the dataset (data.root)")
+    inputs.add_tree(cfg.teachers.cache_dir, "the teacher cache (teachers.cache_dir)")
+    return inputs
 
 
 def _recall_and_protocols(emb: SplitEmbeddings, opts: EvalOptions, ks: Sequence[int], chunk_size: int,
@@ -113,13 +147,12 @@ def _relevance(cfg, index, opts: EvalOptions, device: torch.device):
 def _write_outputs(emb: SplitEmbeddings, opts: EvalOptions, metrics: dict[str, float], index, chunk_size: int,
                    source: str | None = None) -> list[Path]:
     """Embeddings export and report folder, each written in a temporary place first, then moved."""
+    from orchestrator.checkpoint import atomic_write
+
     files: list[Path] = []
     if opts.export_embeddings:
         out = Path(opts.export_embeddings)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp.npz")
-        emb.save_npz(tmp)
-        tmp.replace(out)
+        atomic_write(out, emb.save_npz, what="embeddings")  # temp file beside it, removed on any failure
         log.info("embeddings written to %s", out)
     if opts.report_dir:
         from orchestrator.evaluation.reports import write_reports
@@ -150,6 +183,8 @@ def evaluate_checkpoint(checkpoint: Path | str, opts: EvalOptions, *, config: st
     cfg, student = loaded.cfg, loaded.student
     device = default_device()
     index = load_split(cfg.data, opts.split)
+    _guard_outputs(opts, _checkpoint_inputs(Path(checkpoint), loaded.path, cfg, index, opts.split, config),
+                   bulk_inputs=[*(index.image_paths or []), *(images.paths if images is not None else [])])
     if opts.eccv and index.caption_ids is None:
         raise UserError("ECCV Caption needs COCO caption ids; this data has none (use the Karpathy format)",
                         path=index.source or index.name)
@@ -202,6 +237,9 @@ def evaluate_embeddings_file(path: Path | str, opts: EvalOptions) -> EvalResult:
         raise UserError(f"{needs_model[0]} needs --checkpoint (a model and its data), not --embeddings",
                         field=needs_model[0])
     _check_inputs(opts)
+    inputs = EvalInputs([], [])
+    inputs.add_file(path, "--embeddings")
+    _guard_outputs(replace(opts, export_embeddings=None), inputs)  # this mode exports nothing
     emb = SplitEmbeddings.load_npz(path)
     device = default_device()
     metrics = _recall_and_protocols(emb, opts, opts.ks or (1, 5, 10), 1024, device, str(path))
