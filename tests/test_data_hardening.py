@@ -306,3 +306,25 @@ def test_pretrained_of_another_architecture_still_does_not_fit(tmp_path):
     loaded = build_student(ModelConfig(name="itr-tiny-vit", pretrained=path))
     for key, value in tiny.model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[key], value), key
+
+
+class PixelMean:
+    """A stand-in teacher (not the code under test): one feature, the mean of the RGB pixels it is given."""
+
+    def to(self, device: str) -> "PixelMean":
+        return self
+
+    def load(self) -> "PixelMean":
+        return self
+
+    def encode(self, items) -> np.ndarray:
+        return np.array([[np.asarray(item, dtype=np.float64).mean()] for item in items])
+
+
+def test_ray_teacher_actor_decodes_16bit_files_by_range(tmp_path):
+    from orchestrator.teachers.ray_backend import EncoderActor
+
+    path = tmp_path / "g16.png"
+    Image.fromarray(RAMP.astype(np.uint16)).save(path)
+    out = EncoderActor(PixelMean(), "cpu")({"pos": np.array([0]), "path": np.array([str(path)])})
+    assert out["feature"][0, 0] == pytest.approx((RAMP >> 8).mean())

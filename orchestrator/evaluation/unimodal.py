@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from orchestrator.data.images import to_rgb
 from orchestrator.errors import UserError
 from orchestrator.evaluation.topk import chunked_topk
 
@@ -233,8 +234,8 @@ def encode_image_files(model: nn.Module, paths: Sequence[Path], preprocess: Call
             for p in paths[start : start + batch_size]:
                 try:
                     with Image.open(p) as img:
-                        batch.append(preprocess(img.convert("RGB")))
-                except OSError as err:
+                        batch.append(preprocess(to_rgb(img)))  # 16-bit images scaled by range
+                except (OSError, ValueError) as err:
                     raise UserError(f"cannot read image ({err})", path=str(p)) from None
             emb = model.encode_image(torch.stack(batch).to(device), normalize=True, **_uni_kwargs(model))
             out.append(emb.float().cpu())

@@ -66,6 +66,8 @@ class EncoderActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from PIL import Image
 
+        from orchestrator.data.images import to_rgb
+
         pos = np.asarray(batch["pos"], dtype=np.int64)
         if "text" in batch:
             items: list[Any] = [str(t) for t in batch["text"].tolist()]
@@ -73,7 +75,7 @@ class EncoderActor:
             items = []
             for path in batch["path"].tolist():
                 with Image.open(path) as img:
-                    items.append(img.convert("RGB"))
+                    items.append(to_rgb(img))  # 16-bit images scaled by range, as DatasetIndex.load_image does
         elif "pixels" in batch:
             items = [Image.frombytes("RGB", (int(w), int(h)), bytes(px))
                      for px, w, h in zip(batch["pixels"].tolist(), batch["w"].tolist(), batch["h"].tolist())]
