@@ -99,6 +99,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         image_folder=Path(args.image_folder) if args.image_folder else None,
         sts=Path(args.sts) if args.sts else None, report_dir=Path(args.report_dir) if args.report_dir else None,
         export_embeddings=Path(args.export_embeddings) if args.export_embeddings else None,
+        json_out=Path(args.json) if args.json else None,
     )
     if args.embeddings:
         result = evaluate_embeddings_file(Path(args.embeddings), opts)
@@ -111,7 +112,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(metrics_table(result.metrics))
     payload = {**source, "split": opts.split, "dataset": result.dataset, "metrics": result.metrics}
     if args.json:
-        Path(args.json).write_text(json.dumps(payload, indent=2))
+        from orchestrator.checkpoint import atomic_write
+
+        text = json.dumps(payload, indent=2).encode()
+        atomic_write(Path(args.json), lambda fh: fh.write(text), what="metrics JSON")
     else:
         print(json.dumps(payload))
     return 0
