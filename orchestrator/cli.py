@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from orchestrator.errors import UserError
+from orchestrator.ui_server import ui_command  # the argv ``itr ui`` runs (re-exported for tests)
 
 log = logging.getLogger("orchestrator")
 
@@ -197,23 +198,21 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- ui
-def ui_command(uri: str, host: str, port: int) -> list[str]:
-    """The ``mlflow ui`` argv for ``uri`` (no shell; one worker)."""
-    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
-            "--workers", "1"]
-
-
 def cmd_ui(args: argparse.Namespace) -> int:
+    """Serve the MLflow UI until it exits or ``itr ui`` gets SIGTERM/SIGINT (forwarded; the server is waited for)."""
     from orchestrator.config import TrackingConfig
+    from orchestrator.preflight import check_tracking_uri
     from orchestrator.tracking import resolve_target
+    from orchestrator.ui_server import check_port, serve
 
+    check_port(args.port)
     target = resolve_target(TrackingConfig(uri=args.uri))
+    check_tracking_uri(target.uri, field="--uri" if args.uri else "MLFLOW_TRACKING_URI")
     argv = ui_command(target.uri, args.host, args.port)
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     print(f"MLflow UI for {target.uri} on http://{args.host}:{args.port} (Ctrl-C stops it)")
     sys.stdout.flush()
-    os.execvpe(argv[0], argv, env)
-    return 0  # pragma: no cover
+    return serve(argv, env)
 
 
 # --------------------------------------------------------------------------------------------- parser
@@ -309,12 +308,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    from orchestrator.interrupts import SIGTERM_EXIT_CODE, Terminated, interruption_in, sigterm_as_interrupt
+
     try:
-        return int(args.func(args) or 0)
+        with sigterm_as_interrupt():  # SIGTERM ends a run as Ctrl-C does (MLflow run KILLED), then exit 143
+            return int(args.func(args) or 0)
+    except Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        return SIGTERM_EXIT_CODE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as err:
+        interrupted = interruption_in(err)  # a library's error raised while an interruption unwound it
+        if interrupted is not None and not args.debug:
+            terminated = isinstance(interrupted, Terminated)
+            print("terminated (SIGTERM)" if terminated else "interrupted", file=sys.stderr)
+            return SIGTERM_EXIT_CODE if terminated else 130
         user = _user_error_in_chain(err)
         if args.debug:
             raise

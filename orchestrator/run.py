@@ -18,7 +18,7 @@ from orchestrator import preflight, tracking
 from orchestrator.checkpoint import os_error_in
 from orchestrator.config import ExperimentConfig
 from orchestrator.errors import UserError
-from orchestrator.interrupts import keep_python_handlers
+from orchestrator.interrupts import interruption_in, keep_python_handlers
 from orchestrator.models.tower_cache import prepare_tower_features
 from orchestrator.ray_logs import filter_worker_logs
 from orchestrator.session import LocalSession
@@ -297,11 +297,15 @@ def run_experiment(cfg: ExperimentConfig, *, config_source: str | None = None,
         else:
             metrics, best, run_dir_s = _fit_with_ray(cfg, name, target, run_id)
     except BaseException as err:
+        interrupted = interruption_in(err)  # Ctrl-C / SIGTERM, also when a library wrapped it (torch.save)
         if logger is not None:
             _adopt_unsent(logger, planned_dir)
-            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-            logger.end_run(status, reason=f"{err.__class__.__name__}: {err}")
+            cause = interrupted if interrupted is not None else err
+            status = "KILLED" if interrupted is not None else "FAILED"
+            logger.end_run(status, reason=f"{cause.__class__.__name__}: {cause}")
             logger.close(min(10.0, tracking.flush_timeout_s()) if status == "KILLED" else None)  # Ctrl-C: brief
+        if interrupted is not None and interrupted is not err:
+            raise interrupted from None
         raise
     if logger is not None:
         _adopt_unsent(logger, planned_dir)

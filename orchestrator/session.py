@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from orchestrator.checkpoint import STATE_FILE, publish_dir
+from orchestrator.interrupts import deferred
 
 log = logging.getLogger(__name__)
 MetricSink = Callable[[dict[str, float], int], None]
@@ -82,6 +83,10 @@ class LocalSession:
             sink(metrics, epoch)
         if checkpoint_dir is None:
             return
+        with deferred():  # SIGTERM / Ctrl-C wait until the folder, the best marker and the pruning are consistent
+            self._publish(metrics, checkpoint_dir, epoch)
+
+    def _publish(self, metrics: dict[str, float], checkpoint_dir: Path, epoch: int) -> None:
         dest = self.ckpt_root / f"epoch_{epoch:04d}"
         publish_dir(checkpoint_dir, dest)  # atomic; a full disk is a one-line UserError, nothing partial left
         score = metrics.get(self.best_metric)

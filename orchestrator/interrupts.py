@@ -1,0 +1,88 @@
+"""SIGTERM as an interruption: what Kubernetes preemption and ``timeout`` send ends a run the way Ctrl-C does.
+
+Inside :func:`sigterm_as_interrupt` a SIGTERM raises :class:`Terminated` in the main thread. It is a
+``KeyboardInterrupt``, so every ``except KeyboardInterrupt`` path (``run_experiment`` ending its MLflow run KILLED
+after a bounded flush, a sweep saving its state) handles it as it handles Ctrl-C; the CLI then exits 143 (128+15).
+:func:`deferred` holds SIGTERM and SIGINT back while a block that must not be cut in half runs (publishing a
+checkpoint folder); an interruption that a library wrapped in its own error is found by :func:`interruption_in`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+#: The exit code of a command ended by SIGTERM (the shell's 128 + signal number).
+SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """The process got SIGTERM: interrupt what runs (MLflow runs end KILLED), then exit 143."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    log.warning("SIGTERM: stopping (the MLflow run ends KILLED)")
+    raise Terminated("SIGTERM")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM raises :class:`Terminated` in the main thread (each time it comes); the previous
+    handler is restored on the way out. Outside the main thread (where handlers cannot be set) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """SIGTERM and SIGINT that arrive inside the block are delivered when it ends (to the handlers in place
+    before it), so the block is never cut in half. Outside the main thread it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) is not None}  # None: set from C
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(received):
+            log.info("delivering %s held back while a checkpoint was written", signal.Signals(s).name)
+            signal.raise_signal(s)
+
+
+def interruption_in(err: BaseException) -> KeyboardInterrupt | None:
+    """The ``KeyboardInterrupt`` (a :class:`Terminated` included) behind ``err``: itself, or one that a library
+    turned into its own error while handling it (``torch.save`` cut short raises a ``RuntimeError``)."""
+    from orchestrator.errors import find_in_chain
+
+    return find_in_chain(err, KeyboardInterrupt)
+
+
+@contextlib.contextmanager
+def keep_python_handlers(*signums: int) -> Iterator[None]:
+    """Put back, on the way out, the Python handlers of ``signums`` that code inside replaced (``ray.init``
+    installs a SIGTERM handler that calls ``sys.exit(1)``; Ray Train's ``fit`` a SIGINT one that exits 0), so an
+    interruption still reaches the caller as an exception. Only handlers set from Python are put back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.getsignal(s) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            if callable(handler) and signal.getsignal(s) is not handler:
+                signal.signal(s, handler)

@@ -1,0 +1,291 @@
+"""``itr train`` and ``itr ui`` at their edges: signals, the tracking store, the output folder, run folders.
+
+- SIGTERM mid-run (Kubernetes preemption, ``timeout``) ends the MLflow run KILLED and exits 143, in bounded time.
+- What can fail is checked before the MLflow run exists: an unreachable server, an unknown URI scheme, an SQLite
+  URI on a non-database, an ``output_dir`` that is a file, a missing image: exit 2, one line, nothing written.
+- Two identical configs started in the same second get their own run folders.
+- ``itr ui`` rejects a bad port or URI up front, and SIGTERM to it takes its MLflow server down (port freed).
+
+The CLI runs in-process except where a real process is the point (the two signal tests).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.config import validate_config
+from tests.mlflow_server import free_port
+from tests.test_bad_input import assert_one_line_error, base_tree, run_cli, snapshot
+
+ITR = str(Path(sys.executable).with_name("itr"))
+ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
+       "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def write_config(tmp: Path, tree: dict) -> Path:
+    path = tmp / "experiment.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def quick_tree(tmp: Path) -> dict:
+    """``base_tree`` cut to the fewest steps: no initial evaluation, no report figures."""
+    tree = base_tree(tmp)
+    tree["train"].update(eval_at_start=False, max_steps_per_epoch=2)
+    tree["eval"] = {"reports": False}
+    return tree
+
+
+def train_fails_before_anything(tmp: Path, tree: dict, *needles: str) -> str:
+    """``itr train`` of ``tree`` exits 2 with one line holding ``needles``; no file appears under ``tmp``."""
+    cfg = write_config(tmp, tree)
+    before = snapshot(tmp)
+    rc, lines, out = run_cli(["train", str(cfg)], tmp)
+    line = assert_one_line_error(rc, lines, *needles)
+    assert snapshot(tmp) == before, "a failed check wrote files (an MLflow store, a run folder)"
+    assert out == ""
+    return line
+
+
+# ------------------------------------------------------------------------------------ preflight (5, 12c, 12h, 13)
+def test_unreachable_tracking_server_exits_2_at_once_naming_it(tmp_path):
+    """Nothing listens on the port: one probe with a short timeout, then exit 2 -- not minutes of MLflow's HTTP
+    retries (the default budget is ~4 minutes), and no step runs."""
+    tree = quick_tree(tmp_path)
+    uri = f"http://127.0.0.1:{free_port()}"
+    tree["tracking"]["uri"] = uri
+    t0 = time.monotonic()
+    line = train_fails_before_anything(tmp_path, tree, "tracking.uri",
+                                       f"tracking server {uri} unreachable; set tracking.uri or start it")
+    assert time.monotonic() - t0 < 15, "the start waited on the tracking server"
+    assert line.startswith(f"error: {tmp_path / 'experiment.yaml'}:tracking.uri: ")
+
+
+def test_unreachable_server_from_the_environment_names_the_variable(tmp_path, monkeypatch):
+    tree = quick_tree(tmp_path)
+    del tree["tracking"]["uri"]
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    line = train_fails_before_anything(tmp_path, tree, f"tracking server {uri} unreachable")
+    assert line.startswith("error: MLFLOW_TRACKING_URI: "), line
+
+
+def test_unknown_tracking_uri_scheme_exits_2(tmp_path):
+    tree = quick_tree(tmp_path)
+    tree["tracking"]["uri"] = "foo://bar"
+    train_fails_before_anything(tmp_path, tree, "tracking.uri", "unknown tracking URI scheme 'foo' in foo://bar")
+
+
+def test_sqlite_uri_on_a_file_that_is_not_a_database_exits_2_and_leaves_it_alone(tmp_path):
+    tree = quick_tree(tmp_path)
+    notes = tmp_path / "notes.db"
+    notes.write_text("my notes, not a database\n")
+    tree["tracking"]["uri"] = f"sqlite:///{notes}"
+    line = train_fails_before_anything(tmp_path, tree, "not an SQLite database")
+    assert line.startswith(f"error: {notes}:tracking.uri: "), line
+    assert notes.read_text() == "my notes, not a database\n"
+
+
+def test_output_dir_that_is_a_file_fails_before_the_run_starts(tmp_path):
+    """Before: the MLflow run was created and the first checkpoint failed after epoch 0."""
+    tree = quick_tree(tmp_path)
+    runs = tmp_path / "runs"
+    runs.write_text("a file where the run folders should go\n")
+    train_fails_before_anything(tmp_path, tree, "train.output_dir", f"{runs} is a file, not a folder")
+
+
+def test_missing_image_fails_before_an_mlflow_run_exists(tmp_path):
+    """Data errors come before the run: no FAILED MLflow run (no store at all), no run folder."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "val"):
+        (data / f"{split}.json").write_text(json.dumps(
+            [{"image": f"{split}-missing.png", "caption": "a red square", "image_id": 1}]))
+    tree = quick_tree(tmp_path)
+    tree["data"] = {"format": "captions_json", "root": str(data)}
+    train_fails_before_anything(tmp_path, tree, str((data / "train-missing.png").resolve()), "image file not found")
+
+
+# ---------------------------------------------------------------------------------------------- run folders (14)
+def test_identical_configs_started_in_the_same_second_get_their_own_run_folders(tmp_path, monkeypatch):
+    """Same config, same (frozen) timestamp: before, both runs shared one folder and the second resumed from the
+    first's checkpoint (trained nothing, returned no metrics). Each must train in its own folder."""
+    from orchestrator.run import run_experiment
+
+    tree = quick_tree(tmp_path)
+    tree["tracking"] = {"enabled": False}
+    cfg = validate_config(tree)
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20260101-000000")
+    first = run_experiment(cfg)
+    second = run_experiment(cfg)
+    assert first.run_dir != second.run_dir
+    assert Path(first.run_dir).parent == Path(second.run_dir).parent == tmp_path / "runs"
+    for result in (first, second):
+        assert Path(result.run_dir).name.startswith(f"infonce-20260101-000000-{cfg.config_hash()[:6]}-")
+        assert Path(result.best_checkpoint).parent.parent == Path(result.run_dir)
+    assert second.metrics["epoch"] == first.metrics["epoch"] == 0
+    assert second.metrics["train/loss"] == pytest.approx(first.metrics["train/loss"], abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ SIGTERM (4)
+def _mlflow_runs(uri: str, experiment: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id]) if exp is not None else []
+
+
+def test_sigterm_mid_run_ends_the_mlflow_run_killed_and_exits_143(tmp_path):
+    """``itr train`` (in-process backend, many epochs) gets SIGTERM once its first checkpoint is written: it exits
+    143 within the flush bound, and its MLflow run is KILLED (not RUNNING forever) with epoch 0's metrics in."""
+    tree = quick_tree(tmp_path)
+    tree["train"].update(epochs=500, max_steps_per_epoch=1)
+    config = write_config(tmp_path, tree)
+    log = tmp_path / "train.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([ITR, "train", str(config)], cwd=tmp_path, env={**os.environ, **ENV}, stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "runs").glob("*/checkpoints/epoch_*/state.pt")):
+            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint after 120 s"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGTERM)
+        t0 = time.monotonic()
+        rc = proc.wait(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out = log.read_text(errors="replace")
+    assert rc == 143, out[-3000:]
+    assert took < 15, f"SIGTERM took {took:.1f} s to end the run"
+    assert out.rstrip().endswith("terminated (SIGTERM)") and "Traceback" not in out, out[-3000:]
+    runs = _mlflow_runs(tree["tracking"]["uri"], "itr")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "KILLED"
+    assert run.data.tags["itr.failure"] == "Terminated: SIGTERM"
+    assert "train/loss" in run.data.metrics and run.data.metrics["epoch"] >= 0
+    assert run.info.end_time is not None
+
+
+# ---------------------------------------------------------------------------------------------------- itr ui
+@pytest.fixture
+def no_server_started(monkeypatch):
+    """A bad argument must fail before any server process: starting one fails the test instead."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a server was started: {args}")
+
+    monkeypatch.setattr(os, "execvpe", refuse)
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+
+
+@pytest.mark.parametrize("port", [99999, 0, -1])
+def test_itr_ui_rejects_a_port_outside_1_to_65535(tmp_path, no_server_started, port):
+    rc, lines, _ = run_cli(["ui", "--port", str(port), "--uri", f"sqlite:///{tmp_path / 'ui.db'}"], tmp_path)
+    line = assert_one_line_error(rc, lines, "--port", f"{port} is not a TCP port (use 1-65535)")
+    assert line == f"error: --port: {port} is not a TCP port (use 1-65535)"
+
+
+@pytest.mark.parametrize("uri, needle", [("foo://", "unknown tracking URI scheme 'foo'"),
+                                         ("foo://bar", "unknown tracking URI scheme 'foo'")])
+def test_itr_ui_rejects_an_unknown_uri_scheme(tmp_path, no_server_started, uri, needle):
+    rc, lines, _ = run_cli(["ui", "--uri", uri], tmp_path)
+    line = assert_one_line_error(rc, lines, needle)
+    assert line.startswith("error: --uri: "), line
+
+
+def test_itr_ui_rejects_an_sqlite_uri_on_a_non_database(tmp_path, no_server_started):
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    rc, lines, _ = run_cli(["ui", "--uri", f"sqlite:///{junk}"], tmp_path)
+    assert_one_line_error(rc, lines, str(junk), "--uri", "not an SQLite database")
+
+
+def _descendants(pid: int) -> set[int]:
+    """Live processes below ``pid`` (by parent links in /proc)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] not in ("Z", "X"):
+                parents[int(entry)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_sigterm_to_itr_ui_stops_its_mlflow_server_and_frees_the_port(tmp_path):
+    """Before: ``itr ui`` exec'd ``mlflow ui``, whose uvicorn server outlived a SIGTERM, holding the port."""
+    port = free_port()
+    env = {**os.environ, **ENV}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = tmp_path / "ui.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([ITR, "ui", "--port", str(port), "--uri", f"sqlite:///{tmp_path / 'ui.db'}"],
+                                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    children: set[int] = set()
+    try:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, "the UI did not answer within 90 s"
+            try:
+                with opener.open(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.3)
+        children = _descendants(proc.pid)
+        assert children, "itr ui runs the server as its child"
+        os.kill(proc.pid, signal.SIGTERM)
+        rc = proc.wait(timeout=20)
+        deadline = time.monotonic() + 5
+        while (_port_open(port) or any(map(_alive, children))) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _port_open(port), "the port is still held after itr ui exited"
+        assert not [p for p in children if _alive(p)], "server processes outlived itr ui"
+        assert rc == 143, log.read_text(errors="replace")[-3000:]
+    finally:
+        for pid in [proc.pid, *children]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.wait()
