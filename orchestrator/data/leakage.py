@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 #: How many overlapping values a message shows per kind.
 EXAMPLES = 3
 EVAL_ROLES: tuple[SplitRole, ...] = ("val", "test")
-#: Data configs (as JSON) this process has already warned about -> what was found.
-_WARNED: dict[str, dict[str, "Overlap"]] = {}
+#: Data configs (as JSON) this process has already checked -> what was found (the preflight, then the loop).
+_CHECKED: dict[str, dict[str, "Overlap"]] = {}
 
 
 @dataclass
@@ -108,13 +108,13 @@ def check_leakage(cfg: DataConfig, loaded: dict[str, DatasetIndex] | None = None
 
     ``loaded``: splits already loaded by the caller (``train``, ``val``, ``test``), reused as they are; the others
     are read here (images not verified). Generated (synthetic) data is not checked. Returns role -> overlap. A
-    data config already warned about in this process is not read or reported again.
+    data config already checked in this process is not read or reported again.
     """
     if cfg.resolved_format == "synthetic":
         return {}
     key = cfg.model_dump_json()
-    if key in _WARNED:  # already warned in this process (the preflight, then the loop): once is loud enough
-        return _WARNED[key]
+    if key in _CHECKED:  # already checked (and warned) in this process: once is loud enough
+        return _CHECKED[key]
     loaded = dict(loaded or {})
     train = loaded.get("train") or load_split(cfg, "train", verify=False)
     found: dict[str, Overlap] = {}
@@ -126,6 +126,7 @@ def check_leakage(cfg: DataConfig, loaded: dict[str, DatasetIndex] | None = None
         if overlap is not None:
             found[role] = overlap
     if not found:
+        _CHECKED[key] = found
         return found
     text = "; ".join(o.describe(cfg.root) for o in found.values())
     if cfg.leakage == "error":
@@ -134,5 +135,5 @@ def check_leakage(cfg: DataConfig, loaded: dict[str, DatasetIndex] | None = None
     sources = sorted({o.source for o in found.values()} | {train.source or train.name})
     log.warning("train/eval leakage: %s; eval scores on these splits overstate the model (data in %s; "
                 "data.leakage: error refuses such data)", text, ", ".join(sources))
-    _WARNED[key] = found
+    _CHECKED[key] = found
     return found
