@@ -312,7 +312,8 @@ class TeachersConfig(Section):
 
     A spec names the encoder: ``packaged:all-MiniLM-L6-v2``, ``packaged:all-mpnet-base-v2``,
     ``sentence-transformers:<name-or-path>`` (text); ``packaged:efficientnet-lite0``, ``timm:<name>[@<weights file>]``,
-    ``open_clip:<name>@<weights file>``, ``file:<features.npz|.npy keyed by image id>`` (image);
+    ``open_clip:<name>@<weights file>``, ``file:<features.npz keyed by image id>`` (image; ``itr convert-features``
+    turns a pickled .npy into one);
     ``synthetic:attributes`` (either; the synthetic dataset's exact attributes).
     """
 

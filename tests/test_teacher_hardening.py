@@ -11,6 +11,7 @@ The CLI runs in-process (``orchestrator.cli.main``).
 from __future__ import annotations
 
 import ast
+import functools
 import io
 import pickle
 import pickletools
@@ -204,8 +205,14 @@ ALLOWED_UNPICKLING = {
 }
 
 
+@functools.lru_cache(maxsize=1)
+def _parsed() -> tuple:
+    """(path, AST) of every module of orchestrator/ and methods/, parsed once for both audits."""
+    return tuple(_sources("orchestrator", "methods"))
+
+
 def test_every_np_load_refuses_pickles():
-    calls = [(p, c) for p, tree in _sources("orchestrator", "methods")
+    calls = [(p, c) for p, tree in _parsed()
              for c in _calls(tree, "np.load") + _calls(tree, "numpy.load")]
     assert len(calls) >= 4, calls
     for path, call in calls:
@@ -217,7 +224,7 @@ def test_every_np_load_refuses_pickles():
 def test_only_the_restricted_unpickler_unpickles():
     repo = Path(__file__).resolve().parent.parent
     found = []
-    for path, tree in _sources("orchestrator", "methods"):
+    for path, tree in _parsed():
         for node in ast.walk(tree):
             name = _dotted(node.func) if isinstance(node, ast.Call) else ""
             bases = [_dotted(b) for b in node.bases] if isinstance(node, ast.ClassDef) else []
@@ -230,3 +237,31 @@ def test_only_the_restricted_unpickler_unpickles():
     outside = [f for f in found if f[0] not in ALLOWED_UNPICKLING]
     assert not outside, outside
     assert any(f[0] == "orchestrator/teachers/safe_pickle.py" for f in found)
+
+
+
+class _HalfNanTextTeacher:
+    """A text teacher (the encoder interface, real code of its own) whose every other caption encodes to NaN."""
+
+    spec, modality, inputs, cacheable = "test:half-nan", "text", "text", True
+    identity, preprocessing = "test:half-nan|text|sha256:0", "none"
+
+    def bind(self, index):
+        return self
+
+    def encode(self, captions):
+        out = np.ones((len(captions), 4), np.float32) / 2.0
+        out[1::2] = np.nan
+        return out
+
+
+def test_teacher_emitting_nan_fails_before_caching_anything(tmp_path):
+    """The extraction stops at the first batch holding NaN: the shared cache gets no shard and no view."""
+    from orchestrator.teachers.extract import extract_modality
+
+    syn = build_synthetic_split("val", num_images=3, image_size=16)
+    with pytest.raises(UserError) as err:
+        extract_modality(_HalfNanTextTeacher(), syn, tmp_path / "cache", batch_size=4, progress=False)
+    assert str(err.value).startswith("teachers.text: teacher test:half-nan returned 2 of 4 features that are not "
+                                     "finite"), err.value
+    assert not list((tmp_path / "cache").rglob("*.npy")), list((tmp_path / "cache").rglob("*"))

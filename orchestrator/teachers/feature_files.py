@@ -69,8 +69,10 @@ def read_features_file(path: Path, field: str = FIELD) -> tuple[list[str], np.nd
 def table_to_features(table: Any, path: Path, field: str | None = None) -> tuple[list[str], np.ndarray]:
     """(ids as str, float32 (N, D)) of a CUSA-style dict ``{image_id: array (1, D) or (D,)}``."""
     if not isinstance(table, dict):
-        raise UserError(f"a pickled .npy of teacher features must hold a dict {{image_id: array}}, not a "
-                        f"{type(table).__name__}", path=str(path), field=field)
+        what = (f"a {table.shape} {table.dtype} array" if isinstance(table, np.ndarray)
+                else f"a {type(table).__name__}")
+        raise UserError(f"a pickled .npy of teacher features must hold a dict {{image_id: array}}; this one holds "
+                        f"{what}", path=str(path), field=field)
     ids, rows, dim = [], [], None
     for key, value in table.items():
         if not isinstance(key, (str, int, np.integer, np.str_)) or isinstance(key, bool):
@@ -139,7 +141,7 @@ def convert_features(src: Path, dst: Path) -> tuple[int, int]:
                         path=str(dst)) from None
     finally:
         tmp.unlink(missing_ok=True)  # gone after the rename; a partial file otherwise
-    log.info("converted %d teacher features (D=%d) from %s to %s", len(ids), feats.shape[1], src, dst)
+    log.debug("converted %d teacher features (D=%d) from %s to %s", len(ids), feats.shape[1], src, dst)
     return len(ids), int(feats.shape[1])
 
 
