@@ -26,7 +26,7 @@ from orchestrator.data.sampler import CaptionBatchSampler
 from orchestrator.data.splits import load_split
 from orchestrator.distributed import gather_with_local_grad
 from orchestrator.errors import UserError
-from orchestrator.evaluation.embed import autocast_context, encode_split, evaluate_embeddings
+from orchestrator.evaluation.embed import autocast_context, encode_split, evaluate_embeddings, warn_small_split
 from orchestrator.losses import build_loss
 from orchestrator.models.locked_towers import wrap_locked_towers
 from orchestrator.models.student import HEAD_OUTPUTS, build_student, forward_embeddings, unwrap
@@ -145,6 +145,8 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
     val_index = load_split(cfg.data, "val") if "val" in cfg.eval.splits else None
     if session.rank == 0:  # train vs val/test: a WARNING, or UserError with data.leakage: error
         check_leakage(cfg.data, {"train": train_index, **({"val": val_index} if val_index is not None else {})})
+    if session.rank == 0 and val_index is not None:  # a WARNING (once) for a val split too small to rank models
+        warn_small_split(val_index.num_images, "val split", cfg.eval.ks)
     student = build_student(cfg.model, heads=cfg.resolved_heads)
     cached = cached_sides(student.model, cfg.model.cache_locked_towers)
 

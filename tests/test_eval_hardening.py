@@ -217,7 +217,7 @@ def test_training_whose_model_goes_nan_fails_instead_of_scoring(tmp_path):
 # ------------------------------------------------------------------------------------------------ case 2: real model
 def test_trained_coco_mini_model_metrics_do_not_move(coco_mini, tmp_path):
     """Real-valued embeddings of a trained model do not tie: the new convention gives the old numbers."""
-    tree = tiny_tree(tmp_path, train={"epochs": 1, "max_steps_per_epoch": 4, "batch_size": 32,
+    tree = tiny_tree(tmp_path, train={"epochs": 1, "max_steps_per_epoch": 3, "batch_size": 16,
                                       "eval_at_start": False})
     tree["data"] = {"root": str(coco_mini)}
     cfg = validate_config(tree)
@@ -372,3 +372,45 @@ def test_read_only_folder_fails_before_the_evaluation(data_ckpt, tmp_path):
                 "m.json:--json: cannot write here")
     finally:
         locked.chmod(0o700)
+
+
+# ------------------------------------------------------------------------------------------------ case 12f
+def save_npz(path: Path, **changes) -> Path:
+    arrays = {"image_emb": np.eye(3, dtype=np.float32), "text_emb": np.eye(3, dtype=np.float32),
+              "image_ids": np.array(["a", "b", "c"]), "text_image_ids": np.array(["a", "b", "c"]), **changes}
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+    return path
+
+
+@pytest.mark.parametrize("changes, field, needle", [
+    ({"image_emb": np.array([np.eye(3), "x", None], dtype=object)}, "image_emb", "an object array"),
+    ({"text_image_ids": np.array(["a", 1, None], dtype=object)}, "text_image_ids", "an object array"),
+    ({"caption_ids": np.array([{"id": 1}] * 3, dtype=object)}, "caption_ids", "an object array"),
+    ({"image_emb": np.array(["x", "y", "z"])}, "image_emb", "expected a 2-D numeric array, got 1-D <U1"),
+    ({"text_emb": np.eye(3, 2, dtype=np.float32)}, "text_emb", "2 columns, but image_emb has 3"),
+    ({"image_ids": np.array([["a", "b", "c"]])}, "image_ids", "expected a 1-D array"),
+    ({"caption_ids": np.array(["1", "2"])}, "caption_ids", "2 ids for 3 captions"),
+])
+def test_bad_npz_arrays_are_one_line_errors_naming_file_and_array(tmp_path, changes, field, needle):
+    path = save_npz(tmp_path / "emb.npz", **changes)
+    rc, lines, stdout = run_cli(["eval", "--embeddings", str(path)], tmp_path)
+    assert_one_line_error(rc, lines, f"{path}:{field}: {needle}")
+    assert stdout == "" and sorted(p.name for p in tmp_path.iterdir()) == ["emb.npz"]
+
+
+# ------------------------------------------------------------------------------------------------ case 9d
+def test_a_tiny_split_warns_and_a_big_one_does_not(tmp_path, caplog):
+    from orchestrator.evaluation.embed import MIN_EVAL_IMAGES, warn_small_split
+
+    path = save_npz(tmp_path / "one.npz", image_emb=np.ones((1, 3), np.float32), text_emb=np.ones((2, 3), np.float32),
+                    image_ids=np.array(["a"]), text_image_ids=np.array(["a", "a"]))
+    with caplog.at_level(logging.WARNING, logger="orchestrator"):
+        rc, lines, stdout = run_cli(["eval", "--embeddings", str(path)], tmp_path)
+    assert rc == 0 and '"rsum": 600.0' in stdout  # one image: perfect whatever the model, hence the warning
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [f"{path} has only 1 image: retrieval metrics over fewer than {MIN_EVAL_IMAGES} images are "
+                      "unreliable; R@1 and above are 100 for any model"]
+    assert warn_small_split(MIN_EVAL_IMAGES, "val split") is None
+    assert warn_small_split(40, "val split") == ("val split has only 40 images: retrieval metrics over fewer than "
+                                                 f"{MIN_EVAL_IMAGES} images are unreliable")
+    assert warn_small_split(8, "val split").endswith("; R@10 and above are 100 for any model")

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import zipfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +15,26 @@ from torch import nn
 from orchestrator.data.index import DatasetIndex
 from orchestrator.data.loader import ImageTensorCache, Tokenizer, iter_caption_batches, iter_image_batches
 from orchestrator.evaluation.recall import non_finite_rows, retrieval_metrics
+
+
+log = logging.getLogger(__name__)
+
+#: Below this many images a split's recall is too coarse to compare models: a WARNING is logged.
+MIN_EVAL_IMAGES = 100
+
+
+def warn_small_split(num_images: int, what: str, ks: Sequence[int] = (1, 5, 10)) -> str | None:
+    """Log (and return) a WARNING when ``what`` (``"val split"``, a file) has fewer than :data:`MIN_EVAL_IMAGES` images; ``None`` otherwise.
+
+    One image scores RSUM 600 whatever the model; with N images every R@K with K >= N is 100."""
+    if num_images >= MIN_EVAL_IMAGES:
+        return None
+    trivial = sorted(int(k) for k in ks if int(k) >= num_images)
+    why = f"; R@{trivial[0]} and above are 100 for any model" if trivial else ""
+    message = (f"{what} has only {num_images} image{'s' if num_images != 1 else ''}: retrieval metrics over "
+               f"fewer than {MIN_EVAL_IMAGES} images are unreliable{why}")
+    log.warning("%s", message)
+    return message
 
 
 class NonFiniteEmbeddingsError(ValueError):

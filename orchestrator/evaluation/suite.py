@@ -21,7 +21,8 @@ from typing import Literal, Sequence
 import torch
 
 from orchestrator.errors import UserError
-from orchestrator.evaluation.embed import NonFiniteEmbeddingsError, SplitEmbeddings, evaluate_embeddings
+from orchestrator.evaluation.embed import (NonFiniteEmbeddingsError, SplitEmbeddings, evaluate_embeddings,
+                                           warn_small_split)
 from orchestrator.evaluation.outputs import EvalInputs, check_outputs, planned_outputs
 from orchestrator.evaluation.recall import fold_metrics
 
@@ -221,6 +222,7 @@ def evaluate_checkpoint(checkpoint: Path | str, opts: EvalOptions, *, config: st
         metrics["sts_spearman"] = sts_spearman(a, b, pairs.scores)
     from orchestrator.evaluation.reports import report_source
 
+    warn_small_split(index.num_images, f"{opts.split} split", ks)
     source = report_source(opts.split, loaded.path, loaded.epoch, cfg.train.epochs)
     files = _write_outputs(emb, opts, metrics, index, cfg.eval.chunk_size, source)
     return EvalResult(metrics=metrics, dataset=index.name, report_files=files)
@@ -243,6 +245,7 @@ def evaluate_embeddings_file(path: Path | str, opts: EvalOptions) -> EvalResult:
     emb = SplitEmbeddings.load_npz(path)
     device = default_device()
     metrics = _recall_and_protocols(emb, opts, opts.ks or (1, 5, 10), 1024, device, str(path))
+    warn_small_split(emb.image_emb.shape[0], str(path), opts.ks or (1, 5, 10))
     files = _write_outputs(emb, EvalOptions(report_dir=opts.report_dir), metrics, None, 1024,
-                           f"embeddings {Path(path).name}")
+                           str(path))
     return EvalResult(metrics=metrics, dataset=str(path), report_files=files)
