@@ -14,12 +14,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError,
+                      field_validator, model_validator)
 
 from orchestrator.errors import UserError
+from orchestrator.yaml_io import YamlSyntaxError, parse_yaml, read_yaml_file
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
+# ints and bools are strict (``epochs: yes`` is not 1, ``lock_image: 1`` is not True); floats accept numeric
+# strings (YAML reads ``1e-4`` as one) and ints
+PositiveInt = Annotated[StrictInt, Field(gt=0)]
+NonNegInt = Annotated[StrictInt, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
@@ -64,7 +68,7 @@ class SyntheticData(Section):
     num_val_images: PositiveInt = 300
     num_test_images: PositiveInt = 300
     seed: NonNegInt = 0
-    image_size: Annotated[int, Field(ge=16, le=512)] = 64
+    image_size: Annotated[StrictInt, Field(ge=16, le=512)] = 64
     captions_per_image: tuple[PositiveInt, PositiveInt] = (2, 5)
 
     @model_validator(mode="after")
@@ -89,7 +93,8 @@ class DataConfig(Section):
     val_split: str = "val"
     test_split: str = "test"
     synthetic: SyntheticData = SyntheticData()
-    clean_captions: bool = Field(True, description="CUSA's pre_caption: lower-case, punctuation to spaces, 64 words")
+    clean_captions: StrictBool = Field(
+        True, description="CUSA's pre_caption: lower-case, punctuation to spaces, 64 words")
     verify_images: Literal["none", "exists", "header", "full"] = "header"
     max_train_images: PositiveInt | None = Field(None, description="use only the first N training images")
     loader_workers: NonNegInt = 0
@@ -137,9 +142,9 @@ class ModelConfig(Section):
 
     name: str = "ViT-B-32"
     pretrained: Path | None = Field(None, description="a local open_clip checkpoint; none = random init")
-    lock_image: bool = Field(False, description="freeze the image tower (LiT; open_clip lock_image_tower)")
-    lock_text: bool = Field(False, description="freeze the text tower (open_clip lock_text_tower)")
-    cache_locked_towers: bool = Field(
+    lock_image: StrictBool = Field(False, description="freeze the image tower (LiT; open_clip lock_image_tower)")
+    lock_text: StrictBool = Field(False, description="freeze the text tower (open_clip lock_text_tower)")
+    cache_locked_towers: StrictBool = Field(
         True, description="compute a locked tower's frozen outputs once per split (cached under "
                           "teachers.cache_dir) so an epoch runs only the trainable projection")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
@@ -177,7 +182,7 @@ class TemperatureConfig(Section):
     init: PositiveFloat
     min: PositiveFloat
     max: PositiveFloat
-    learnable: bool = True
+    learnable: StrictBool = True
 
     @model_validator(mode="after")
     def _bounds(self) -> "TemperatureConfig":
@@ -194,7 +199,7 @@ class InfoNCELoss(Section):
     reduction: Literal["sum", "class_mean"] = Field(
         "sum", description="sum: textbook cross-entropy; class_mean: the released CUSA form (divided by B)"
     )
-    multi_positive: bool = True
+    multi_positive: StrictBool = True
 
     @property
     def supports_multi_positive(self) -> bool:
@@ -209,7 +214,7 @@ class TripletLoss(Section):
     mining: Literal["hardest", "soft_negative", "selhn"] = "hardest"
     soft_negative_tau: PositiveFloat = Field(0.05, description="Triplet-SN softmax temperature (reconstruction)")
     selhn_eps: PositiveFloat = Field(0.01, description="SelHN switch gap (RVSEPP's default epsilon)")
-    multi_positive: bool = Field(True, description="treat other captions of the same image as positives")
+    multi_positive: StrictBool = Field(True, description="treat other captions of the same image as positives")
 
     @property
     def supports_multi_positive(self) -> bool:
@@ -239,10 +244,10 @@ class ListwiseLoss(Section):
         "transpose", description="as_released: the released code's untransposed t2i relevance and i2t IDCG"
     )
     relevance: RelevanceSource = Field("auto", description=_RELEVANCE_DOC)
-    rescale: bool = Field(True, description="RSC's (1 + cos) / 2")
+    rescale: StrictBool = Field(True, description="RSC's (1 + cos) / 2")
     chunk_size: PositiveInt | None = None
     kernel: LossKernel = Field("auto", description=_KERNEL_DOC)
-    multi_positive: bool = True
+    multi_positive: StrictBool = True
 
     @property
     def supports_multi_positive(self) -> bool:
@@ -268,10 +273,10 @@ class BCLSLoss(Section):
     hard_k: PositiveInt | None = Field(None, description="SW-HS: keep the k most violated pairs per query")
     t2i_relevance: Literal["transpose", "as_released"] = "transpose"
     relevance: RelevanceSource = Field("auto", description=_RELEVANCE_DOC)
-    rescale: bool = Field(False, description="ITM_CLS uses the raw max-cosine (no (1 + cos) / 2)")
+    rescale: StrictBool = Field(False, description="ITM_CLS uses the raw max-cosine (no (1 + cos) / 2)")
     chunk_size: PositiveInt | None = None
     kernel: LossKernel = Field("auto", description=_KERNEL_DOC + " (all-pairs Kendall only: window None, no hard_k)")
-    multi_positive: bool = True
+    multi_positive: StrictBool = True
 
     @property
     def supports_multi_positive(self) -> bool:
@@ -295,7 +300,7 @@ class CUSALoss(Section):
     usa_text_temperature: TemperatureConfig = TemperatureConfig(init=0.45, min=0.10, max=1.00)
     teacher_temperature: PositiveFloat = Field(1.0, description="τ_s, fixed")
     csa_mode: Literal["each", "add", "dot"] = "each"
-    multi_positive: bool = True
+    multi_positive: StrictBool = True
 
     @property
     def supports_multi_positive(self) -> bool:
@@ -330,7 +335,7 @@ class TrainConfig(Section):
     """Optimisation. Defaults: CUSA's recipe (AdamW lr 1e-5, wd 1e-4, cosine to 1e-6, batch 128, seed 23)."""
 
     epochs: PositiveInt = 30
-    batch_size: Annotated[int, Field(ge=2)] = 128
+    batch_size: Annotated[StrictInt, Field(ge=2)] = 128
     lr: PositiveFloat = 1e-5
     min_lr: NonNegFloat = 1e-6
     weight_decay: NonNegFloat = 1e-4
@@ -342,11 +347,11 @@ class TrainConfig(Section):
         "unique_images", description="unique_images: never two captions of one image in a batch"
     )
     eval_every: PositiveInt = 1
-    eval_at_start: bool = Field(True, description="evaluate the untrained model first (logged as init/val/...)")
+    eval_at_start: StrictBool = Field(True, description="evaluate the untrained model first (logged as init/val/...)")
     best_metric: str = "val/rsum"
     best_mode: Literal["max", "min"] = "max"
     output_dir: AbsolutePath = Field(Path("runs"), validate_default=True)
-    resume: bool = True
+    resume: StrictBool = True
     log_every_steps: PositiveInt = 50
     max_steps_per_epoch: PositiveInt | None = Field(None, description="cap on steps per epoch (smoke runs)")
 
@@ -369,12 +374,20 @@ class ScalingConfig(Section):
 
     backend: Literal["ray", "local"] = "ray"
     num_workers: PositiveInt = 1
-    use_gpu: bool | Literal["auto"] = "auto"
+    use_gpu: StrictBool | Literal["auto"] = "auto"
     cpus_per_worker: PositiveFloat = 1.0
     max_failures: NonNegInt = Field(
         2, description="restarts of the worker group from the latest checkpoint after a worker dies (a non-finite "
                        "loss or bad input fails at once)")
-    gather_global_batch: bool = Field(False, description="losses see the batch of all ranks (all-gather)")
+    gather_global_batch: StrictBool = Field(False, description="losses see the batch of all ranks (all-gather)")
+
+    @field_validator("use_gpu", mode="before")
+    @classmethod
+    def _gpu_choice(cls, v: Any) -> Any:
+        """One message for the union (not one per member, under ``use_gpu.bool``)."""
+        if not (isinstance(v, bool) or v == "auto"):
+            raise ValueError(f"must be true, false or auto (got {v!r})")
+        return v
 
 
 class EvalConfig(Section):
@@ -382,13 +395,14 @@ class EvalConfig(Section):
     batch_size: PositiveInt = 256
     chunk_size: PositiveInt = 1024
     ks: tuple[PositiveInt, ...] = (1, 5, 10)
-    reports: bool = Field(True, description="log report figures (recall curves, t-SNE, case study) at the end of a run")
+    reports: StrictBool = Field(
+        True, description="log report figures (recall curves, t-SNE, case study) at the end of a run")
     relevance_aggregation: Literal["max", "mean"] = Field(
         "max", description="itr eval --graded: caption-caption relevance aggregated over an image's captions")
 
 
 class TrackingConfig(Section):
-    enabled: bool = True
+    enabled: StrictBool = True
     uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or ./mlflow.db")
     artifact_dir: AbsolutePath | None = Field(None, description="artifact folder for a local store; default: mlartifacts beside the SQLite file")
     experiment: str = "itr"
@@ -496,9 +510,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise UserError(f"override {text!r} has an empty key", path="--set")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+        value = parse_yaml(raw, "--set").tree if raw.strip() else ""
+    except YamlSyntaxError:
+        value = raw  # not YAML at all: the text itself
+    except UserError as err:  # YAML, but rejected (a tag, a duplicate key, an alias bomb)
+        raise UserError(f"{err.detail} (from --set)", path="--set", field=".".join(parts)) from None
     return parts, value
 
 
@@ -525,23 +541,9 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping from ``path`` (``yaml.safe_load``); UserError naming the file otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError("config file not found", path=str(path))
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else None
-        raise UserError(f"not valid YAML ({getattr(err, 'problem', err)})", path=str(path), field=where) from None
-    except UnicodeDecodeError:
-        raise UserError("not a UTF-8 text file", path=str(path)) from None
-    if tree is None:
-        tree = {}
-    if not isinstance(tree, dict):
-        raise UserError(f"the top level must be a mapping, not {type(tree).__name__}", path=str(path))
-    return tree
+    """A YAML mapping from ``path`` (the shared reader, :mod:`orchestrator.yaml_io`); UserError naming the file
+    (and line) otherwise."""
+    return read_yaml_file(path, what="config file").tree
 
 
 def _dotted(loc: tuple[Any, ...], tree: Any) -> str:

@@ -40,12 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.config import ExperimentConfig, apply_overrides, parse_override, read_yaml, validate_config
 from orchestrator.errors import UserError
-from orchestrator.search_space import LineMap, SearchSpace, default_mode, duplicate_keys, load_space, metric_names
+from orchestrator.search_space import SearchSpace, default_mode, load_space, metric_names
+from orchestrator.yaml_io import LineMap, read_yaml_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NAME_RE = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
@@ -200,24 +200,9 @@ class Recipe:
 
 # --------------------------------------------------------------------------------------------- loading
 def _read(path: Path) -> tuple[dict[str, Any], LineMap]:
-    if not path.is_file():
-        raise UserError("recipe file not found", path=str(path))
-    try:
-        text = path.read_text(encoding="utf-8")
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        tree = yaml.safe_load(text)
-    except UnicodeDecodeError:
-        raise UserError("not a UTF-8 text file", path=str(path)) from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise UserError(f"not valid YAML ({getattr(err, 'problem', err)})", path=where) from None
-    if not isinstance(tree, dict):
-        raise UserError("the top level must be a mapping", path=str(path))
-    dup = duplicate_keys(node)
-    if dup:
-        raise UserError("key given twice", path=f"{path}:{dup[1]}", field=".".join(dup[0]))
-    return tree, LineMap(node)
+    """(mapping, line map) of a recipe file, read by the shared reader (:mod:`orchestrator.yaml_io`)."""
+    doc = read_yaml_file(path, what="recipe file")
+    return doc.tree, doc.lines
 
 
 def _find_file(ref: str, recipe: Path) -> Path | None:

@@ -38,12 +38,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.config import (ExperimentConfig, apply_overrides, parse_override, read_yaml, set_dotted,
                                  validate_config)
 from orchestrator.errors import UserError
+from orchestrator.yaml_io import LineMap, read_yaml_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DIST_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -204,74 +204,11 @@ class SpaceSpec(_Strict):
 
 
 # --------------------------------------------------------------------------------- YAML with lines
-class LineMap:
-    """Line numbers (1-based) of the keys of a YAML document, looked up by key path."""
-
-    def __init__(self, root: yaml.Node | None) -> None:
-        self.root = root
-
-    def line(self, path: tuple[Any, ...] | list[Any]) -> int | None:
-        """The line of the deepest key (or item) of ``path`` found in the document."""
-        node, found = self.root, None
-        for part in path:
-            if isinstance(node, yaml.MappingNode):
-                for key_node, value_node in node.value:
-                    if isinstance(key_node, yaml.ScalarNode) and key_node.value == str(part):
-                        found, node = key_node.start_mark.line + 1, value_node
-                        break
-                else:
-                    return found
-            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
-                node = node.value[part]
-                found = node.start_mark.line + 1
-            else:
-                return found
-        return found
-
-
-def duplicate_keys(node: yaml.Node | None, path: tuple[str, ...] = ()) -> tuple[tuple[str, ...], int] | None:
-    """The first key that appears twice in one mapping (``safe_load`` would silently keep the last)."""
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key_node, value_node in node.value:
-            key = str(key_node.value)
-            if key in seen:
-                return path + (key,), key_node.start_mark.line + 1
-            seen.add(key)
-            found = duplicate_keys(value_node, path + (key,))
-            if found:
-                return found
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            found = duplicate_keys(item, path + (str(i),))
-            if found:
-                return found
-    return None
-
-
 def read_space_yaml(path: Path) -> tuple[dict[str, Any], LineMap, str]:
-    """(mapping, line map, text) of a space file; safe loader only; UserError naming the file otherwise."""
-    if not path.is_file():
-        raise UserError("search space file not found", path=str(path))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError("not a UTF-8 text file", path=str(path)) from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        tree = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise UserError(f"not valid YAML ({getattr(err, 'problem', err)})", path=where) from None
-    if tree is None:
-        tree = {}
-    if not isinstance(tree, dict):
-        raise UserError(f"the top level must be a mapping, not {type(tree).__name__}", path=str(path))
-    dup = duplicate_keys(node)
-    if dup:
-        raise UserError(f"{'.'.join(dup[0])}: key given twice", path=f"{path}:{dup[1]}")
-    return tree, LineMap(node), text
+    """(mapping, line map, text) of a space file, read by the shared reader (:mod:`orchestrator.yaml_io`: safe
+    loader, no duplicate keys, alias budget); UserError naming the file and line otherwise."""
+    doc = read_yaml_file(path, what="search space file")
+    return doc.tree, doc.lines, doc.text
 
 
 # -------------------------------------------------------------------------------------------- helpers

@@ -84,9 +84,12 @@ def redact_text(name: str, text: str) -> str:
         return text
     import yaml
 
+    from orchestrator.errors import UserError
+    from orchestrator.yaml_io import parse_yaml
+
     try:
-        tree = yaml.safe_load(text)  # JSON is YAML
-    except yaml.YAMLError:
+        tree = parse_yaml(text, name).tree  # JSON is YAML; a duplicate key or an alias bomb counts as unparsable
+    except UserError:
         return "# redacted: unparsable text with secret-looking keys\n" if any(
             m in text.lower() for m in SECRET_MARKERS) else text
     if redact_tree(tree) == tree:

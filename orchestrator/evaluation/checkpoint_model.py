@@ -43,10 +43,15 @@ def load_checkpoint_model(checkpoint: Path | str, *, config: str | None = None, 
     elif config:
         cfg = load_config(config, list(overrides))
     else:
-        import yaml
+        from orchestrator.yaml_io import parse_yaml
 
-        tree = apply_overrides(yaml.safe_load(ckpt["config_yaml"]), list(overrides))
-        cfg = validate_config(tree, source=f"{path} (embedded config)")
+        source = f"{path} (embedded config)"
+        if not isinstance(ckpt["config_yaml"], str):
+            raise UserError("the embedded config_yaml is not text", path=str(path), field="config_yaml")
+        tree = parse_yaml(ckpt["config_yaml"], source).tree
+        if not isinstance(tree, dict):
+            raise UserError(f"the top level must be a mapping, not {type(tree).__name__}", path=source)
+        cfg = validate_config(apply_overrides(tree, list(overrides)), source=source)
     student = build_student(cfg.model, heads=cfg.resolved_heads)
     try:
         student.model.load_state_dict(ckpt["model"])
