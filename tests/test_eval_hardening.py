@@ -285,7 +285,8 @@ def test_links_to_inputs_and_colliding_outputs_are_refused(data_ckpt, tmp_path):
     refused(data_ckpt, tmp_path, ["--checkpoint", ckpt, "--json", str(tmp_path / "x"), "--export-embeddings",
                                   str(tmp_path / "x")], "x:--export-embeddings: is also the output of --json")
     refused(data_ckpt, tmp_path, ["--checkpoint", ckpt, "--report-dir", str(tmp_path / "r"), "--json",
-                                  str(tmp_path / "r" / "metrics.json")], "metrics.json:--report-dir: is also the output of --json")
+                                  str(tmp_path / "r" / "metrics.json")],
+            "metrics.json:--report-dir: is also the output of --json")
 
 
 def test_embeddings_input_is_not_overwritten(tmp_path):
@@ -414,3 +415,70 @@ def test_a_tiny_split_warns_and_a_big_one_does_not(tmp_path, caplog):
     assert warn_small_split(40, "val split") == ("val split has only 40 images: retrieval metrics over fewer than "
                                                  f"{MIN_EVAL_IMAGES} images are unreliable")
     assert warn_small_split(8, "val split").endswith("; R@10 and above are 100 for any model")
+
+
+# ------------------------------------------------------------------------------------------------ case 2: other ranks
+def naive_pessimistic_ndcg(scores: np.ndarray, gains: np.ndarray, k: int | None) -> list[float]:
+    """Per row: candidates by descending score, equal scores lowest gain first; linear gains, log2 discounts."""
+    out = []
+    for s, g in zip(scores.tolist(), gains.tolist()):
+        kk = len(s) if k is None else min(k, len(s))
+        order = sorted(range(len(s)), key=lambda c: (-s[c], g[c]))
+        dcg = sum(g[c] / np.log2(r + 2) for r, c in enumerate(order[:kk]))
+        idcg = sum(v / np.log2(r + 2) for r, v in enumerate(sorted(g, reverse=True)[:kk]))
+        out.append(dcg / idcg if idcg > 0 else 0.0)
+    return out
+
+
+def test_ndcg_ties_count_against_the_model():
+    from orchestrator.evaluation.graded import ndcg_rows
+
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 3, (40, 17)).astype(np.float64)  # heavy ties
+    scores[:5] = rng.standard_normal((5, 17))  # and rows without any
+    scores[5] = 1.0  # a constant row: the worst ordering
+    gains = rng.random((40, 17)) * (rng.random((40, 17)) < 0.5)
+    for k in (1, 3, 10, None):
+        got = ndcg_rows(torch.from_numpy(scores), torch.from_numpy(gains), k).numpy()
+        np.testing.assert_allclose(got, naive_pessimistic_ndcg(scores, gains, k), rtol=0, atol=1e-12)
+    worst = naive_pessimistic_ndcg(np.zeros((1, 17)), gains[5:6], 10)[0]
+    assert ndcg_rows(torch.from_numpy(scores[5:6]), torch.from_numpy(gains[5:6]), 10).item() == pytest.approx(worst)
+
+
+def test_graded_metrics_of_a_collapsed_model_are_worst_case_and_tau_zero():
+    from orchestrator.evaluation.graded import graded_metrics
+
+    rng = np.random.default_rng(4)
+    rel = rng.random((9, 20)) * (rng.random((9, 20)) < 0.5)
+    rel[0] = 0.0  # no relevant caption: tau undefined for that query, skipped
+    dense = torch.from_numpy(rel)
+    got = graded_metrics(torch.ones(9, 4, dtype=torch.float64), torch.ones(20, 4, dtype=torch.float64),
+                         lambda im, cap: dense[im][:, cap], ks=(5,), chunk_size=4)
+    zeros = np.zeros_like(rel)
+    assert got["i2t_ndcg5"] == pytest.approx(np.mean(naive_pessimistic_ndcg(zeros, rel, 5)), abs=1e-12)
+    assert got["t2i_ndcg_all"] == pytest.approx(np.mean(naive_pessimistic_ndcg(zeros.T, rel.T, None)), abs=1e-12)
+    assert got["i2t_kendall_tau"] == 0.0 and got["t2i_kendall_tau"] == 0.0
+
+
+def test_image_retrieval_ties_count_against_the_model():
+    from orchestrator.evaluation.unimodal import image_retrieval_recall
+
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 4, 30)
+    labels[-1] = 9  # a class of one image: that query never hits
+    emb = rng.integers(-1, 2, (30, 3)).astype(np.float64)
+    sim = emb @ emb.T
+    want = {}
+    for k in (1, 3, 10):
+        hits = 0
+        for i in range(30):
+            pos = [sim[i, j] for j in range(30) if j != i and labels[j] == labels[i]]
+            if pos:
+                hits += 1 + sum(1 for j in range(30) if labels[j] != labels[i] and sim[i, j] >= max(pos)) <= k
+        want[f"image_r{k}"] = 100.0 * hits / 30
+    for chunk_size in (4, 1024):
+        got = image_retrieval_recall(torch.from_numpy(emb), labels, ks=(1, 3, 10), chunk_size=chunk_size)
+        assert got == pytest.approx(want, abs=1e-12)
+    assert image_retrieval_recall(torch.ones(30, 3), labels, ks=(1, 5))["image_r5"] == 0.0  # collapsed: 0, not 100
+    with pytest.raises(ValueError, match="1 of 30 image embeddings are not finite"):
+        image_retrieval_recall(torch.from_numpy(np.where(np.arange(30)[:, None] == 2, np.nan, emb)), labels)

@@ -2,7 +2,8 @@
 
 Reference values come from a naive, independent pure-Python loop over a float64 numpy
 similarity matrix. Integer-valued embeddings make every similarity exact in all dtypes (and
-produce many exact ties, which count against the model), so the comparisons with the reference are exact, not approximate.
+produce many exact ties, which count against the model), so the comparisons with the reference are exact,
+not approximate.
 """
 from __future__ import annotations
 

@@ -24,7 +24,8 @@ MIN_EVAL_IMAGES = 100
 
 
 def warn_small_split(num_images: int, what: str, ks: Sequence[int] = (1, 5, 10)) -> str | None:
-    """Log (and return) a WARNING when ``what`` (``"val split"``, a file) has fewer than :data:`MIN_EVAL_IMAGES` images; ``None`` otherwise.
+    """Log (and return) a WARNING when ``what`` (``"val split"``, a file) has fewer than :data:`MIN_EVAL_IMAGES`
+    images; ``None`` otherwise.
 
     One image scores RSUM 600 whatever the model; with N images every R@K with K >= N is 100."""
     if num_images >= MIN_EVAL_IMAGES:

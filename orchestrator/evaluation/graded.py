@@ -16,12 +16,15 @@ for each caption query against column ``R[:, c]``. Per query, with the candidate
 
 ``K`` is 10, 25 or the whole list. Kendall's tau-b between the query's similarities and relevances over all its
 candidates (``scipy.stats.kendalltau``'s default variant: ties in either list handled by the tau-b
-denominator), ``nan`` for a query whose similarities or relevances are all equal; it is averaged over the
-queries where it is defined. Everything is averaged over queries; NDCG in [0, 1], tau in [-1, 1].
+denominator), ``nan`` for a query whose relevances are all equal (skipped) and 0 for one whose similarities are
+all equal; it is averaged over the queries where it is defined. Everything is averaged over queries; NDCG in
+[0, 1], tau in [-1, 1].
 
 Memory: query chunks of ``chunk_size`` rows; the similarity and relevance blocks are (chunk, candidates); no N x M
 matrix. Kendall's tau is exact in O(L log^2 L) per query (a merge-sort inversion count vectorised over rows).
-Ties in similarity are broken arbitrarily for NDCG (continuous embeddings have none).
+Ties count against the model, as in :mod:`.recall`: for NDCG, candidates with equal similarity are ranked lowest
+relevance first; for Kendall's tau, a query whose similarities are all equal (no preference at all) scores 0
+(chance) rather than being skipped. Continuous embeddings of a trained model have no ties, so neither moves.
 """
 from __future__ import annotations
 
@@ -98,14 +101,31 @@ class ExactRelevance:
         return torch.from_numpy(np.asarray(block, dtype=np.float32)).to(image_idx.device)
 
 
+def _pessimistic_top(scores: torch.Tensor, gains: torch.Tensor, k: int) -> torch.Tensor:
+    """(R, k) indices of the k best-scoring candidates, best first, equal scores ordered by *ascending* gain (ties
+    count against the model). ``topk`` where a row has no tie in or at the edge of its top k; a sort otherwise."""
+    top = scores.topk(k, dim=1)
+    vals, idx = top.values, top.indices
+    tied = (scores == vals[:, -1:]).sum(dim=1) > (vals == vals[:, -1:]).sum(dim=1)  # a tie across the cut
+    if k > 1:
+        tied |= (vals[:, 1:] == vals[:, :-1]).any(dim=1)  # a tie inside the top k
+    rows = torch.nonzero(tied).flatten()
+    if rows.numel():
+        by_gain = torch.argsort(gains[rows], dim=1, stable=True)  # ascending gain ...
+        by_score = torch.argsort(scores[rows].gather(1, by_gain), dim=1, descending=True, stable=True)
+        idx[rows] = by_gain.gather(1, by_score)[:, :k]  # ... then descending score, stable: worst gain first
+    return idx
+
+
 def ndcg_rows(scores: torch.Tensor, gains: torch.Tensor, k: int | None = None) -> torch.Tensor:
     """NDCG@k of each row: candidates ranked by ``scores`` (R, L), gains ``gains`` (R, L) >= 0; float64 (R,).
 
-    ``k=None`` is the whole list. A row whose ideal DCG is 0 scores 0 (as sklearn)."""
+    ``k=None`` is the whole list. A row whose ideal DCG is 0 scores 0 (as sklearn). Candidates with equal scores are
+    ranked lowest gain first (ties count against the model: constant scores get the worst ordering's NDCG)."""
     length = scores.shape[1]
     k = length if k is None else min(int(k), length)
     discount = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64, device=scores.device))  # (k,)
-    top = scores.topk(k, dim=1).indices  # (R, k), best first
+    top = _pessimistic_top(scores, gains, k)  # (R, k), best first
     dcg = (gains.gather(1, top).double() * discount).sum(1)
     idcg = (gains.topk(k, dim=1).values.double() * discount).sum(1)
     return torch.where(idcg > 0, dcg / torch.where(idcg > 0, idcg, 1.0), torch.zeros_like(dcg))
@@ -211,8 +231,10 @@ def graded_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, relevance: R
             for k in sums:
                 sums[k] += float(ndcg_rows(sims, rel, k).sum())
             if kendall:
-                tau = kendall_tau_b_rows(sims, rel) if subset is None else kendall_tau_b_rows(sims[:, subset],
-                                                                                              rel[:, subset])
+                x, y = (sims, rel) if subset is None else (sims[:, subset], rel[:, subset])
+                tau = kendall_tau_b_rows(x, y)
+                no_preference = (x == x[:, :1]).all(dim=1) & ~(y == y[:, :1]).all(dim=1)
+                tau = torch.where(no_preference, torch.zeros_like(tau), tau)  # constant similarities: chance
                 ok = ~torch.isnan(tau)
                 tau_sum += float(tau[ok].sum())
                 tau_count += int(ok.sum())

@@ -27,7 +27,6 @@ from torch import nn
 
 from orchestrator.data.images import to_rgb
 from orchestrator.errors import UserError
-from orchestrator.evaluation.topk import chunked_topk
 
 __all__ = ["LabelledImages", "SentencePairs", "average_ranks", "encode_image_files", "encode_texts",
            "image_retrieval_recall", "load_labelled_images", "load_sentence_pairs", "spearman", "sts_spearman"]
@@ -164,24 +163,43 @@ def load_sentence_pairs(path: Path | str) -> SentencePairs:
 
 
 # ---------------------------------------------------------------------------------------------- metrics
+@torch.no_grad()
 def image_retrieval_recall(emb: torch.Tensor, labels: np.ndarray | Sequence[int], ks: Sequence[int] = (1,),
                            chunk_size: int = 1024) -> dict[str, float]:
     """R@K of leave-one-out image retrieval: every image queries all the others.
 
+    A query's rank is 1 + the number of other-class images scoring >= its best same-class image (ties count
+    against the model, as in :mod:`.recall`: constant embeddings score 0, not 100); a query whose class has no
+    other image never hits.
+
     Args:
-        emb: (N, D) L2-normalised image embeddings.
+        emb: (N, D) L2-normalised image embeddings (finite: ``ValueError`` otherwise).
         labels: (N,) int class of each image.
         ks: the K of each R@K.
+        chunk_size: queries scored at once (extra memory about ``chunk_size * N`` similarities).
 
     Returns:
         ``{"image_r{k}": % of queries with a same-class image among their k nearest neighbours}``.
     """
     labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=emb.device)
-    if labels_t.shape != (emb.shape[0],):
-        raise ValueError(f"need one label per embedding, got {tuple(labels_t.shape)} for {emb.shape[0]}")
-    idx, _ = chunked_topk(emb, emb, max(ks), chunk_size, exclude_self=True)  # (N, k)
-    hit = labels_t[idx] == labels_t[:, None]
-    return {f"image_r{k}": 100.0 * float(hit[:, :k].any(dim=1).double().mean()) for k in ks}
+    n = emb.shape[0]
+    if emb.dim() != 2 or labels_t.shape != (n,):
+        raise ValueError(f"need (N, D) embeddings and one label each, got {tuple(emb.shape)} and "
+                         f"{tuple(labels_t.shape)}")
+    bad = int((~torch.isfinite(emb)).any(dim=1).sum())
+    if bad:
+        raise ValueError(f"{bad} of {n} image embeddings are not finite")
+    rank = torch.empty(n, dtype=torch.float64, device=emb.device)
+    for start in range(0, n, chunk_size):
+        q = torch.arange(start, min(start + chunk_size, n), device=emb.device)
+        sims = emb[q] @ emb.T  # (c, N)
+        same = labels_t[q][:, None] == labels_t[None, :]  # the query itself included
+        positive = same.clone()
+        positive[torch.arange(q.numel(), device=emb.device), q] = False
+        best = torch.where(positive, sims, torch.full_like(sims, float("-inf"))).amax(dim=1)  # (c,)
+        beaten = ((sims >= best[:, None]) & ~same).sum(dim=1)
+        rank[q] = torch.where(positive.any(dim=1), 1.0 + beaten.double(), float("inf"))
+    return {f"image_r{k}": 100.0 * float((rank <= k).double().mean()) for k in ks}
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
