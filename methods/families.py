@@ -13,10 +13,17 @@ from methods.temperature import Temperature
 
 
 class LossFamily(nn.Module):
-    """Base: ``requires`` lists the optional ``EmbeddingBatch`` inputs the family needs."""
+    """Base: ``requires`` lists the optional ``EmbeddingBatch`` inputs the family needs; ``TERMS`` (or
+    ``logged_terms`` where they depend on the parameters) the keys of ``LossOutput.terms`` that ``forward``
+    returns, which the training loop logs as ``train/<term>`` -- the metric catalogue reads them from here."""
 
     requires: ClassVar[frozenset[str]] = frozenset()
+    TERMS: ClassVar[tuple[str, ...]] = ()
     supports_multi_positive: bool = True
+
+    def logged_terms(self) -> tuple[str, ...]:
+        """The names of the terms every ``forward`` of this module returns (``LossOutput.terms`` keys)."""
+        return self.TERMS
 
     def check_inputs(self, available: set[str]) -> None:
         """Fail early (at construction time, before any epoch) when the batch will lack an input."""
@@ -32,6 +39,8 @@ class LossFamily(nn.Module):
 @register("infonce")
 class InfoNCE(LossFamily):
     """Multi-positive InfoNCE (CUSA's L_itr): targets = every caption of the same image, learnable clamped tau."""
+
+    TERMS = ("infonce",)
 
     def __init__(self, tau_init: float = 0.05, tau_min: float = 0.01, tau_max: float = 0.10, learnable: bool = True,
                  reduction: str = "sum", multi_positive: bool = True) -> None:
@@ -62,6 +71,9 @@ class Triplet(LossFamily):
         self.selhn_eps = selhn_eps
         self.multi_positive = multi_positive
         self.supports_multi_positive = multi_positive
+
+    def logged_terms(self) -> tuple[str, ...]:
+        return (f"triplet_{self.mining}",)
 
     def forward(self, batch: EmbeddingBatch) -> LossOutput:
         S = batch.similarity()
@@ -109,6 +121,8 @@ class _RelevanceFamily(LossFamily):
 @register("listwise")
 class Listwise(_RelevanceFamily):
     """Listwise ITR: (1 − λ)·triplet + λ·S-NDCG with relevance from RSC (spec B.3)."""
+
+    TERMS = ("triplet", "sndcg", "relevance_mean")
 
     def __init__(self, weight: float = 0.5, tau: float = 0.01, margin: float = 0.2, mining: str = "hardest",
                  t2i_relevance: str = "transpose", relevance: str = "teacher", rescale: bool = True,
@@ -158,6 +172,9 @@ class BCLS(_RelevanceFamily):
         self.multi_positive = self.supports_multi_positive = multi_positive
         self._setup_relevance(relevance, rescale)
 
+    def logged_terms(self) -> tuple[str, ...]:
+        return (f"triplet_{self.mining}", "kendall")
+
     def forward(self, batch: EmbeddingBatch) -> LossOutput:
         S = batch.similarity()
         positives = batch.positives() if self.multi_positive else None
@@ -201,6 +218,10 @@ class CUSA(LossFamily):
         if beta > 0:
             needs |= {"image_uni", "text_uni"}
         self.requires = frozenset(needs)
+
+    def logged_terms(self) -> tuple[str, ...]:
+        """``infonce``, plus ``csa`` when alpha > 0 and ``usa`` when beta > 0."""
+        return ("infonce",) + (("csa",) if self.alpha > 0 else ()) + (("usa",) if self.beta > 0 else ())
 
     @staticmethod
     def _cos(x: torch.Tensor) -> torch.Tensor:

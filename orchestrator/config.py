@@ -422,6 +422,17 @@ class ExperimentConfig(Section):
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
+    def _best_metric_reported(self) -> "ExperimentConfig":
+        """The best checkpoint is chosen on a metric the evaluation reports (else the pick would be arbitrary)."""
+        from orchestrator.metrics_catalogue import unreported, validation_metrics
+
+        val = validation_metrics(self.eval)
+        if self.train.best_metric not in val:
+            raise FieldError("train.best_metric", unreported(self.train.best_metric, val, what="the evaluation",
+                                                             cfg=self))
+        return self
+
+    @model_validator(mode="after")
     def _sampler_fits_loss(self) -> "ExperimentConfig":
         if self.train.batch_sampler == "random" and not self.loss.supports_multi_positive:
             raise FieldError(

@@ -44,7 +44,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from orchestrator.config import ExperimentConfig, apply_overrides, parse_override, read_yaml, validate_config
 from orchestrator.errors import UserError
-from orchestrator.search_space import SearchSpace, default_mode, load_space, metric_names
+from orchestrator.metrics_catalogue import evaluation_metrics, reported_metrics, unreported
+from orchestrator.search_space import SearchSpace, default_mode, load_space
 from orchestrator.yaml_io import LineMap, read_yaml_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -272,22 +273,33 @@ def _experiment_config(run: RunSpec, name: str, recipe: Path, overrides: list[st
                         field=f"runs.{name}") from None
 
 
-ECCV_METRICS = ("eccv_r1", "eccv_map_at_r", "eccv_rprecision") + tuple(
-    f"{p}_r{k}" for p in ("coco_1k", "coco_5k", "cxc") for k in (1, 5, 10))
+def _allowed_metrics(cfg: ExperimentConfig | None, evaluate: list[EvaluateSpec], space: SearchSpace | None,
+                     train: bool = True) -> set[str]:
+    """What ``reproduce`` measures for a run (``metrics_catalogue``; ``train=False``: without ``train/*``).
 
-
-def _allowed_metrics(cfg: ExperimentConfig, evaluate: list[EvaluateSpec], sweep_metric: str | None) -> set[str]:
-    val = [m for m in metric_names(cfg) if m.startswith("val/")]
-    recall = [m[len("val/"):] for m in val]
-    allowed = set(metric_names(cfg)) | {f"init/{m}" for m in val}
+    An experiment: its last report, which holds every metric of the run (init/... included), plus its
+    ``evaluate`` entries. A sweep: ``best/<metric>``, and with tracking the best trial's metrics from MLflow."""
+    if space is not None:
+        allowed = {f"best/{space.metric}"}
+        if space.base_config.tracking.enabled:
+            allowed |= space.reported_by_every_trial(train=train)
+        return allowed
+    assert cfg is not None
+    allowed = reported_metrics(cfg, train=train)
     for e in evaluate:
-        allowed |= {f"{e.split}/{m}" for m in recall}
-        if e.folds:
-            allowed |= {f"{e.split}/folds/{m}" for m in recall}
-        if e.eccv:
-            allowed |= {f"{e.split}/{m}/{d}" for m in ECCV_METRICS for d in ("i2t", "t2i")}
-    allowed.add(f"best/{sweep_metric or cfg.train.best_metric}")
+        allowed |= evaluation_metrics(e.split, cfg.eval.ks, folds=e.folds, eccv=e.eccv)
     return allowed
+
+
+def _unmeasured(metric: str, cfg: ExperimentConfig | None, evaluate: list[EvaluateSpec],
+                space: SearchSpace | None) -> str | None:
+    """Why ``reproduce`` will not measure ``metric`` for this run (the closest names it will), or None."""
+    if metric in _allowed_metrics(cfg, evaluate, space, train=metric.startswith("train/")):
+        return None
+    base = cfg if cfg is not None else space.base_config  # type: ignore[union-attr]
+    untracked = space is not None and not base.tracking.enabled
+    why = " (a sweep without tracking reports only best/<metric>)" if untracked else ""
+    return unreported(metric, _allowed_metrics(cfg, evaluate, space), what="this run", cfg=base) + why
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None, inputs: list[str] | None = None,
@@ -334,6 +346,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, inputs: li
         parse_override(text)
     recipe_name = spec.name or path.stem
     loaded: list[RecipeRun] = []
+    measures: dict[str, tuple[ExperimentConfig | None, list[EvaluateSpec], SearchSpace | None]] = {}
     for name in order:
         run = spec.runs[name]
         fills = [_override(spec.inputs[i].field, v) for i, v in values.items()
@@ -353,16 +366,17 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, inputs: li
                 raise UserError(f"search space {run.space!r} not found", path=where("runs", name, "space"),
                                 field=f"runs.{name}.space")
             space = load_space(found, all_overrides + tags)
-            allowed = _allowed_metrics(space.base_config, [], space.metric)
         else:
             config = _experiment_config(run, name, path, all_overrides + tags, where)
-            allowed = _allowed_metrics(config, list(run.evaluate), None)
+        measures[name] = (config, list(run.evaluate), space)
         references = []
         for metric, ref in run.reference.items():
-            if ref.enforce and metric not in allowed:
-                raise UserError(f"{metric!r} is not reported by this run; choose one of {', '.join(sorted(allowed))} "
-                                f"(or mark the row enforce: false)", path=where("runs", name, "reference", metric),
-                                field=f"runs.{name}.reference")
+            for who in [name] + ([ref.relative_to] if ref.relative_to and ref.enforce else []):
+                problem = _unmeasured(metric, *measures[who]) if ref.enforce else None
+                if problem:
+                    what = "" if who == name else f" (the run it is relative_to, {who})"
+                    raise UserError(f"{problem}{what} (or mark the row enforce: false)",
+                                    path=where("runs", name, "reference", metric), field=f"runs.{name}.reference")
             direction = ref.direction or ("higher" if default_mode(metric) == "max" else "lower")
             references.append(Reference(run=name, metric=metric, value=ref.value, relative_to=ref.relative_to,
                                         tolerance=ref.tolerance, direction=direction, source=ref.source,

@@ -21,9 +21,12 @@ A space file::
     resources: {cpu: 1, gpu: 0}        # per trial (per Train worker when a trial needs several workers/GPUs)
     max_failures: 0                    # Tune retries of a failed trial (from its last checkpoint)
 
-Everything is checked before a trial starts: unknown keys, unknown dotted paths, a distribution whose values the
-field rejects (each distribution's values -- or, for continuous ones, a few samples -- are substituted into the
-base config and validated, then the combinations), a metric no trial reports. Errors are ``UserError``s naming the
+Everything is checked before a trial starts: unknown keys, unknown dotted paths, a distribution of the wrong kind
+for the field's type (``uniform`` on an integer field: :mod:`orchestrator.space_checks`), a value the field rejects
+(each grid value, both bounds and an interior sample of each range, substituted into the base config), every
+combination of grid values and range bounds against the cross-field rules (refused beyond
+``space_checks.MAX_COMBINATIONS``), ASHA's ``grace_period`` against the trials' epochs when ``max_t`` is unset, and
+a metric some trial does not report (:mod:`orchestrator.metrics_catalogue`). Errors are ``UserError``s naming the
 space file and the line of the offending key. YAML is read with the safe loader only.
 """
 from __future__ import annotations
@@ -43,14 +46,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from orchestrator.config import (ExperimentConfig, apply_overrides, parse_override, read_yaml, set_dotted,
                                  validate_config)
 from orchestrator.errors import UserError
+from orchestrator.metrics_catalogue import reported_metrics, unreported, validation_metrics
+from orchestrator.space_checks import MAX_COMBINATIONS, count_combinations, joint_points, type_mismatch
 from orchestrator.yaml_io import LineMap, read_yaml_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DIST_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
-#: metrics every trial reports besides the val/ retrieval metrics
-TRAIN_METRICS = ("train/loss",)
-#: combinations of grid/choice values (and samples of continuous distributions) validated at most
-MAX_COMBINATIONS = 512
 #: config fields holding paths that must not depend on a worker's cwd
 PATH_FIELDS = ("data.root", "data.annotations", "model.pretrained", "teachers.cache_dir", "train.output_dir",
                "tracking.artifact_dir")
@@ -243,14 +244,14 @@ def trial_config(base_tree: dict[str, Any], params: dict[str, Any], source: str 
     return validate_config(trial_tree(base_tree, params), source=source)
 
 
-def metric_names(cfg: ExperimentConfig) -> list[str]:
-    """Every metric name a trial of ``cfg`` reports per epoch that a sweep may select on."""
-    names = list(TRAIN_METRICS)
-    if "val" in cfg.eval.splits:
-        ks = [int(k) for k in cfg.eval.ks]
-        names += [f"val/i2t_r{k}" for k in ks] + [f"val/t2i_r{k}" for k in ks]
-        names += ["val/rsum", "val/i2t_medr", "val/t2i_medr", "val/i2t_meanr", "val/t2i_meanr"]
-    return names
+def _metrics_key(cfg: ExperimentConfig) -> str:
+    """What decides the metrics a trial reports (its evaluation, its loss), as a hashable key."""
+    return json.dumps([cfg.eval.model_dump(mode="json"), cfg.train.eval_at_start, cfg.train.best_metric,
+                       cfg.loss.model_dump(mode="json"), cfg.relevance_source], sort_keys=True)
+
+
+def _shown(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in params.items())
 
 
 def default_mode(metric: str) -> str:
@@ -283,6 +284,12 @@ class SearchSpace:
     mode: str
     cli_overrides: list[str] = field(default_factory=list)
     lines: LineMap | None = None
+    trial_configs: list[ExperimentConfig] = field(default_factory=list)   # one per distinct set of metrics
+
+    def reported_by_every_trial(self, train: bool = True) -> set[str]:
+        """The metrics every trial of the space reports (``metrics_catalogue.reported_metrics``)."""
+        configs = self.trial_configs or [self.base_config]
+        return set.intersection(*(reported_metrics(cfg, train=train) for cfg in configs))
 
     def where(self, *key_path: Any) -> str:
         """``file:line`` of a key of the space file (for errors found after loading)."""
@@ -476,7 +483,11 @@ def load_space(path: str | Path, cli_overrides: list[str] | None = None) -> Sear
         assert first is not None
         raise first
 
+    loss_families = families if families != [None] else [base_cfg.loss.family]
     for key, dist in dists.items():
+        mismatch = type_mismatch(key, dist.kind, loss_families)
+        if mismatch:
+            raise fail(f"space.{key}: {mismatch}", key_path(key))
         for value in dist.sample_values():
             try:
                 check_alone(key, value)
@@ -491,28 +502,45 @@ def load_space(path: str | Path, cli_overrides: list[str] | None = None) -> Sear
                 where = "" if err.field and (err.field == key or key.startswith(err.field + ".")) \
                     else f" ({err.field})"
                 raise fail(f"space.{key}: {what} does not fit{where}: {err.detail}", key_path(key)) from None
+    # every combination of grid values and range bounds (the corners of the continuous box): exact for the
+    # cross-field rules, which are monotone in each field (min_lr <= lr, temperature init in [min, max], ...)
     keys = list(dists)
-    combos = itertools.product(*(dists[k].sample_values() for k in keys))
-    for combo in itertools.islice(combos, MAX_COMBINATIONS):
+    points = [joint_points(dists[k].kind, dists[k].args) for k in keys]
+    total = count_combinations(points)
+    if total > MAX_COMBINATIONS:
+        raise fail(f"space: {total} combinations of grid values and range bounds to validate, more than "
+                   f"{MAX_COMBINATIONS}; split the sweep into smaller spaces", ("space",))
+    trials: dict[str, tuple[dict[str, Any], ExperimentConfig]] = {}   # one per distinct set of reported metrics
+    for combo in itertools.product(*points):
         params = dict(zip(keys, combo))
         try:
-            trial_config(base_tree, params, source=shown)
+            cfg = trial_config(base_tree, params, source=shown)
         except UserError as err:
             culprit = _blame(err.field, keys)
             shown_combo = ", ".join(f"{k}={v!r}" for k, v in params.items())
             ypath = key_path(culprit) if culprit else ("space",)
             raise fail(f"space: the combination {shown_combo} is invalid: {err.field}: {err.detail}", ypath) from None
+        trials.setdefault(_metrics_key(cfg), (params, cfg))
+        sched = spec.scheduler
+        if isinstance(sched, AshaScheduler) and sched.max_t is None and sched.grace_period > cfg.train.epochs:
+            which = f"the trial {_shown(params)}" if "train.epochs" in params else "the trials"
+            raise fail(f"scheduler.grace_period: {sched.grace_period} is larger than train.epochs = "
+                       f"{cfg.train.epochs} of {which} (ASHA's max_t defaults to train.epochs); lower it",
+                       ("scheduler", "grace_period"))
 
-    # --- the metric
-    allowed = metric_names(base_cfg)
-    if spec.metric not in allowed:
-        hint = "" if "val" in base_cfg.eval.splits or not spec.metric.startswith("val/") else \
-            " (the base config does not evaluate on val: eval.splits)"
-        raise fail(f"metric: {spec.metric!r} is not reported by any trial{hint}; choose one of {', '.join(allowed)}",
-                   ("metric",))
+    # --- the metric: reported by every trial, every epoch it is evaluated (init/... only once: not a target)
+    train = spec.metric.startswith("train/")
+    for params, cfg in trials.values():
+        names = {m for m in reported_metrics(cfg, train=train) if not m.startswith("init/") and m != "epoch"}
+        if spec.metric not in names:
+            every = {m for m in reported_metrics(cfg) if not m.startswith("init/") and m != "epoch"}
+            what = f"the trial {_shown(params)}" if len(trials) > 1 else "any trial"
+            hint = "" if validation_metrics(cfg.eval) or not spec.metric.startswith("val/") else \
+                " (the base config does not evaluate on val: eval.splits)"
+            raise fail(f"metric: {unreported(spec.metric, every, what=what)}{hint}", ("metric",))
     mode = spec.mode or default_mode(spec.metric)
 
     base_tree = _absolute_paths(base_tree, base_cfg)
     return SearchSpace(path=path.resolve(), spec=spec, text=text, base_tree=base_tree, base_config=base_cfg,
                        base_source=base_source, metric=spec.metric, mode=mode, cli_overrides=cli_overrides,
-                       lines=lines)
+                       lines=lines, trial_configs=[cfg for _, cfg in trials.values()])
