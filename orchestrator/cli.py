@@ -310,21 +310,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose)
     from orchestrator.interrupts import SIGTERM_EXIT_CODE, Terminated, interruption_in, sigterm_as_interrupt
 
+    def interrupted(err: KeyboardInterrupt) -> int:
+        terminated = isinstance(err, Terminated)
+        print("terminated (SIGTERM)" if terminated else "interrupted", file=sys.stderr)
+        return SIGTERM_EXIT_CODE if terminated else 130
+
     try:
         with sigterm_as_interrupt():  # SIGTERM ends a run as Ctrl-C does (MLflow run KILLED), then exit 143
             return int(args.func(args) or 0)
-    except Terminated:
-        print("terminated (SIGTERM)", file=sys.stderr)
-        return SIGTERM_EXIT_CODE
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        return interrupted(interruption_in(err) or err)
     except Exception as err:
-        interrupted = interruption_in(err)  # a library's error raised while an interruption unwound it
-        if interrupted is not None and not args.debug:
-            terminated = isinstance(interrupted, Terminated)
-            print("terminated (SIGTERM)" if terminated else "interrupted", file=sys.stderr)
-            return SIGTERM_EXIT_CODE if terminated else 130
+        interruption = interruption_in(err)  # a library's error raised while an interruption unwound it
+        if interruption is not None and not args.debug:
+            return interrupted(interruption)
         user = _user_error_in_chain(err)
         if args.debug:
             raise

@@ -24,7 +24,14 @@ class Terminated(KeyboardInterrupt):
     """The process got SIGTERM: interrupt what runs (MLflow runs end KILLED), then exit 143."""
 
 
+#: Whether a SIGTERM came inside the current :func:`sigterm_as_interrupt` (a library may turn the
+#: ``Terminated`` raised in its code into a plain ``KeyboardInterrupt``: Ray's ``ray.get`` does).
+_sigterm_received = False
+
+
 def _raise_terminated(signum, frame) -> None:
+    global _sigterm_received
+    _sigterm_received = True
     log.warning("SIGTERM: stopping (the MLflow run ends KILLED)")
     raise Terminated("SIGTERM")
 
@@ -33,9 +40,11 @@ def _raise_terminated(signum, frame) -> None:
 def sigterm_as_interrupt() -> Iterator[None]:
     """While inside, SIGTERM raises :class:`Terminated` in the main thread (each time it comes); the previous
     handler is restored on the way out. Outside the main thread (where handlers cannot be set) it does nothing."""
+    global _sigterm_received
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _sigterm_received = False
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
@@ -64,11 +73,17 @@ def deferred() -> Iterator[None]:
 
 
 def interruption_in(err: BaseException) -> KeyboardInterrupt | None:
-    """The ``KeyboardInterrupt`` (a :class:`Terminated` included) behind ``err``: itself, or one that a library
-    turned into its own error while handling it (``torch.save`` cut short raises a ``RuntimeError``)."""
+    """The interruption behind ``err``: ``err`` itself or a ``KeyboardInterrupt`` in its chain (``torch.save`` cut
+    short raises a ``RuntimeError`` over it); a :class:`Terminated` when a SIGTERM caused it, even where a library
+    replaced ours by a plain ``KeyboardInterrupt``. ``None`` when ``err`` is no interruption."""
     from orchestrator.errors import find_in_chain
 
-    return find_in_chain(err, KeyboardInterrupt)
+    found = find_in_chain(err, Terminated) or find_in_chain(err, KeyboardInterrupt)
+    if found is None or isinstance(found, Terminated) or not _sigterm_received:
+        return found
+    terminated = Terminated("SIGTERM")
+    terminated.__context__ = found
+    return terminated
 
 
 @contextlib.contextmanager

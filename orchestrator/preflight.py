@@ -47,7 +47,7 @@ def sqlite_file(uri: str) -> Path | None:
 
 def check_sqlite(uri: str, *, field: str | None) -> None:
     """A ``sqlite:`` store must be an SQLite database (by its 16-byte header), an empty file, or a file that does
-    not exist yet in an existing folder."""
+    not exist yet (MLflow creates it and its missing folders) below a folder, not below a file."""
     db = sqlite_file(uri)
     if db is None:
         return
@@ -64,9 +64,12 @@ def check_sqlite(uri: str, *, field: str | None) -> None:
             raise UserError("not an SQLite database (it does not start with 'SQLite format 3'); point the tracking "
                             "URI at a database or at a file that does not exist yet", path=str(db), field=field)
         return
-    parent = db.parent if str(db.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"folder {parent} of the tracking database does not exist", path=str(db), field=field)
+    node = db.absolute().parent
+    while not node.exists() and node != node.parent:
+        node = node.parent
+    if not node.is_dir():
+        raise UserError(f"cannot create the tracking database: {node} is a file, not a folder", path=str(db),
+                        field=field)
 
 
 def probe_server(uri: str, *, field: str | None, timeout_s: float = PROBE_TIMEOUT_S) -> None:

@@ -95,6 +95,26 @@ def test_sqlite_uri_on_a_file_that_is_not_a_database_exits_2_and_leaves_it_alone
     assert notes.read_text() == "my notes, not a database\n"
 
 
+def test_sqlite_store_checks_take_new_files_and_folders_and_real_databases(tmp_path):
+    """Not over-strict: MLflow creates a missing database and its folders, and an empty file is a database."""
+    import sqlite3
+
+    from orchestrator.errors import UserError
+    from orchestrator.preflight import check_tracking_uri
+
+    real = tmp_path / "real.db"
+    sqlite3.connect(real).execute("create table t (x)").connection.close()
+    (tmp_path / "empty.db").touch()
+    for ok in (tmp_path / "new" / "sub" / "m.db", real, tmp_path / "empty.db"):
+        check_tracking_uri(f"sqlite:///{ok}")
+    check_tracking_uri("sqlite://")  # in memory
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="cannot create the tracking database: .*afile is a file, not a folder"):
+        check_tracking_uri(f"sqlite:///{tmp_path / 'afile' / 'm.db'}")
+    with pytest.raises(UserError, match="is a folder, not an SQLite database"):
+        check_tracking_uri(f"sqlite:///{tmp_path}")
+
+
 def test_output_dir_that_is_a_file_fails_before_the_run_starts(tmp_path):
     """Before: the MLflow run was created and the first checkpoint failed after epoch 0."""
     tree = quick_tree(tmp_path)
