@@ -247,5 +247,5 @@ def evaluate_embeddings_file(path: Path | str, opts: EvalOptions) -> EvalResult:
     metrics = _recall_and_protocols(emb, opts, opts.ks or (1, 5, 10), 1024, device, str(path))
     warn_small_split(emb.image_emb.shape[0], str(path), opts.ks or (1, 5, 10))
     files = _write_outputs(emb, EvalOptions(report_dir=opts.report_dir), metrics, None, 1024,
-                           str(path))
+                           f"embeddings {Path(path).name}")
     return EvalResult(metrics=metrics, dataset=str(path), report_files=files)
