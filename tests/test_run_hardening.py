@@ -165,41 +165,84 @@ def _mlflow_runs(uri: str, experiment: str) -> list:
     return client.search_runs([exp.experiment_id]) if exp is not None else []
 
 
-def test_sigterm_mid_run_ends_the_mlflow_run_killed_and_exits_143(tmp_path):
-    """``itr train`` (in-process backend, many epochs) gets SIGTERM once its first checkpoint is written: it exits
-    143 within the flush bound, and its MLflow run is KILLED (not RUNNING forever) with epoch 0's metrics in."""
+def _session_pids(sid: int) -> list[int]:
+    """Live processes of session ``sid`` (what a ``start_new_session`` child started, Ray's included)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
+                found.append(int(entry))
+    return found
+
+
+def sigterm_itr_train_mid_run(tmp_path: Path, scaling: dict, first_checkpoint: str) -> tuple[int, float, str, list]:
+    """Start ``itr train`` of a many-epoch config, SIGTERM it (its pid only, as Kubernetes does) once
+    ``first_checkpoint`` (a glob under ``runs/``) exists; returns (exit code, seconds it took to exit, its output,
+    its MLflow runs). Whatever is left of its session is SIGKILLed afterwards."""
     tree = quick_tree(tmp_path)
     tree["train"].update(epochs=500, max_steps_per_epoch=1)
+    tree["scaling"] = scaling
     config = write_config(tmp_path, tree)
     log = tmp_path / "train.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([ITR, "train", str(config)], cwd=tmp_path, env={**os.environ, **ENV}, stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while not list((tmp_path / "runs").glob("*/checkpoints/epoch_*/state.pt")):
+        deadline = time.monotonic() + 180
+        while not list((tmp_path / "runs").glob(first_checkpoint)):
             assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint after 120 s"
+            assert time.monotonic() < deadline, "no checkpoint after 180 s"
             time.sleep(0.2)
         os.kill(proc.pid, signal.SIGTERM)
         t0 = time.monotonic()
-        rc = proc.wait(timeout=30)
+        rc = proc.wait(timeout=60)
         took = time.monotonic() - t0
+        deadline = time.monotonic() + 10
+        while _session_pids(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [p for p in _session_pids(proc.pid)]
     finally:
+        for pid in _session_pids(proc.pid):
+            os.kill(pid, signal.SIGKILL)
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     out = log.read_text(errors="replace")
+    assert not left, f"processes of itr train outlived it: {left}"
+    return rc, took, out, _mlflow_runs(tree["tracking"]["uri"], "itr")
+
+
+def test_sigterm_mid_run_ends_the_mlflow_run_killed_and_exits_143(tmp_path):
+    """``itr train`` (in-process backend) gets SIGTERM once its first checkpoint is written: it exits 143 within
+    the flush bound, and its MLflow run is KILLED (not RUNNING forever) with epoch 0's metrics in.
+    Before: the default SIGTERM action killed the process (-15) and the run stayed RUNNING."""
+    rc, took, out, runs = sigterm_itr_train_mid_run(tmp_path, {"backend": "local"}, "*/checkpoints/epoch_*/state.pt")
     assert rc == 143, out[-3000:]
     assert took < 15, f"SIGTERM took {took:.1f} s to end the run"
     assert out.rstrip().endswith("terminated (SIGTERM)") and "Traceback" not in out, out[-3000:]
-    runs = _mlflow_runs(tree["tracking"]["uri"], "itr")
     assert len(runs) == 1
     run = runs[0]
-    assert run.info.status == "KILLED"
+    assert run.info.status == "KILLED" and run.info.end_time is not None
     assert run.data.tags["itr.failure"] == "Terminated: SIGTERM"
     assert "train/loss" in run.data.metrics and run.data.metrics["epoch"] >= 0
-    assert run.info.end_time is not None
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sigterm_mid_ray_train_run_ends_it_killed_and_leaves_no_ray_process(tmp_path):
+    """The same on Ray Train. Before: Ray's own SIGTERM handler called sys.exit(1): the run ended FAILED
+    ("SystemExit: 1") and itr exited 134. Metrics the Train controller had not sent yet may be missing."""
+    rc, took, out, runs = sigterm_itr_train_mid_run(tmp_path, {"backend": "ray", "num_workers": 1},
+                                                    "ray/*/checkpoint_*")
+    assert rc == 143, out[-3000:]
+    assert took < 30, f"SIGTERM took {took:.1f} s to end the run"
+    assert "terminated (SIGTERM)" in out and "Traceback" not in out, out[-3000:]
+    assert len(runs) == 1
+    assert runs[0].info.status == "KILLED" and runs[0].data.tags["itr.failure"] == "Terminated: SIGTERM"
 
 
 # ---------------------------------------------------------------------------------------------------- itr ui
