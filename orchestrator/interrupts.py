@@ -68,7 +68,7 @@ def deferred() -> Iterator[None]:
         for s, handler in previous.items():
             signal.signal(s, handler)
         for s in dict.fromkeys(received):
-            log.info("delivering %s held back while a checkpoint was written", signal.Signals(s).name)
+            log.info("delivering the %s held back until a checkpoint was complete", signal.Signals(s).name)
             signal.raise_signal(s)
 
 

@@ -231,6 +231,33 @@ def test_sigterm_mid_run_ends_the_mlflow_run_killed_and_exits_143(tmp_path):
     assert "train/loss" in run.data.metrics and run.data.metrics["epoch"] >= 0
 
 
+def test_sigterm_inside_a_deferred_block_lands_after_it_and_is_found_behind_a_library_error():
+    """A checkpoint being published is never cut in half: the signal waits for the block. An interruption a
+    library wrapped (``torch.save`` cut short raises a RuntimeError over it) still counts as one."""
+    from orchestrator.interrupts import Terminated, deferred, interruption_in, sigterm_as_interrupt
+
+    steps, before = [], signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated):
+        with sigterm_as_interrupt():
+            with deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+                steps.append("finished the block")
+            steps.append("after the block")
+    assert steps == ["finished the block"]
+    assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
+
+    try:
+        try:
+            raise Terminated("SIGTERM")
+        except Terminated:
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos")
+    except RuntimeError as err:
+        wrapped = err
+    assert isinstance(interruption_in(wrapped), Terminated)
+    assert interruption_in(ValueError("no interruption here")) is None
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_sigterm_mid_ray_train_run_ends_it_killed_and_leaves_no_ray_process(tmp_path):
