@@ -20,6 +20,9 @@ class LossFamily(nn.Module):
     requires: ClassVar[frozenset[str]] = frozenset()
     TERMS: ClassVar[tuple[str, ...]] = ()
     supports_multi_positive: bool = True
+    #: ``forward`` takes ``EmbeddingBatch.query_rows`` (``scaling.local_loss``): every term is a mean over
+    #: query rows, so each rank computes its own rows and the mean over ranks is the global loss.
+    supports_local_loss: ClassVar[bool] = False
 
     def logged_terms(self) -> tuple[str, ...]:
         """The names of the terms every ``forward`` of this module returns (``LossOutput.terms`` keys)."""
@@ -31,6 +34,11 @@ class LossFamily(nn.Module):
         if missing:
             raise ValueError(f"loss family {self.family_name!r} needs batch inputs {missing}")  # type: ignore[attr-defined]
 
+    def _full_batch_only(self, batch: EmbeddingBatch) -> None:
+        """Families without ``supports_local_loss`` compute the whole batch; refuse a row subset."""
+        if batch.query_rows is not None:
+            raise ValueError(f"loss family {self.family_name!r} does not support local_loss")  # type: ignore[attr-defined]
+
     def temperatures(self) -> dict[str, float]:
         """Current value of every temperature this family owns (for logging)."""
         return {name: float(mod.value.detach()) for name, mod in self.named_modules() if isinstance(mod, Temperature)}
@@ -41,6 +49,7 @@ class InfoNCE(LossFamily):
     """Multi-positive InfoNCE (CUSA's L_itr): targets = every caption of the same image, learnable clamped tau."""
 
     TERMS = ("infonce",)
+    supports_local_loss = True
 
     def __init__(self, tau_init: float = 0.05, tau_min: float = 0.01, tau_max: float = 0.10, learnable: bool = True,
                  reduction: str = "sum", multi_positive: bool = True) -> None:
@@ -51,6 +60,11 @@ class InfoNCE(LossFamily):
         self.supports_multi_positive = multi_positive
 
     def forward(self, batch: EmbeddingBatch) -> LossOutput:
+        if batch.query_rows is not None:
+            S_i2t, S_t2i = batch.query_similarities()
+            loss = F.infonce_rows(S_i2t, S_t2i, self.tau(), batch.query_positives(self.multi_positive),
+                                  reduction=self.reduction)
+            return LossOutput(total=loss, terms={"infonce": loss.detach()})
         positives = batch.positives() if self.multi_positive else None
         loss = F.infonce(batch.similarity(), self.tau(), positives=positives, reduction=self.reduction)
         return LossOutput(total=loss, terms={"infonce": loss.detach()})
@@ -76,6 +90,7 @@ class Triplet(LossFamily):
         return (f"triplet_{self.mining}",)
 
     def forward(self, batch: EmbeddingBatch) -> LossOutput:
+        self._full_batch_only(batch)
         S = batch.similarity()
         positives = batch.positives() if self.multi_positive else None
         loss = _triplet(S, self.margin, self.mining, positives, self.soft_negative_tau, self.selhn_eps)
@@ -140,6 +155,7 @@ class Listwise(_RelevanceFamily):
         self._setup_relevance(relevance, rescale)
 
     def forward(self, batch: EmbeddingBatch) -> LossOutput:
+        self._full_batch_only(batch)
         S = batch.similarity()
         positives = batch.positives() if self.multi_positive else None
         pair = _triplet(S, self.margin, self.mining, positives, self.soft_negative_tau, self.selhn_eps)
@@ -176,6 +192,7 @@ class BCLS(_RelevanceFamily):
         return (f"triplet_{self.mining}", "kendall")
 
     def forward(self, batch: EmbeddingBatch) -> LossOutput:
+        self._full_batch_only(batch)
         S = batch.similarity()
         positives = batch.positives() if self.multi_positive else None
         binary = _triplet(S, self.margin, self.mining, positives, self.soft_negative_tau, self.selhn_eps)
@@ -194,7 +211,10 @@ class CUSA(LossFamily):
     CSA ``each``: i2t target softmax(G^I/τ_s), t2i target softmax(G^T/τ_s), one shared learnable τ_c.
     ``add``: both directions use (G^I + G^T)/2; ``dot``: sqrt(relu(G^I)·relu(G^T)).
     USA: KL(softmax(G^I/τ_s) ‖ softmax(S^II/τ_ui)) and the text analogue, on the uni-modal heads.
+    Every term is a mean over query rows (both directions), so it takes ``query_rows`` (local loss).
     """
+
+    supports_local_loss = True
 
     def __init__(self, tau_init: float = 0.05, tau_min: float = 0.01, tau_max: float = 0.10,
                  tau_learnable: bool = True, reduction: str = "class_mean", alpha: float = 0.1, beta: float = 0.5,
@@ -224,17 +244,23 @@ class CUSA(LossFamily):
         return ("infonce",) + (("csa",) if self.alpha > 0 else ()) + (("usa",) if self.beta > 0 else ())
 
     @staticmethod
-    def _cos(x: torch.Tensor) -> torch.Tensor:
+    def _cos(batch: EmbeddingBatch, x: torch.Tensor) -> torch.Tensor:
+        """(Q, B) cosines of the query rows of ``x`` with all its rows ((B, B) without ``query_rows``)."""
         x = torch.nn.functional.normalize(x, dim=-1)
-        return x @ x.T
+        return batch.rows(x) @ x.T
 
     def forward(self, batch: EmbeddingBatch) -> LossOutput:
-        S = batch.similarity()
-        positives = batch.positives() if self.multi_positive else None
-        itr = F.infonce(S, self.tau(), positives=positives, reduction=self.reduction)
+        # S_i2t: query images x all texts; S_t2i: query texts x all images ((S, S.T) without query_rows)
+        S_i2t, S_t2i = batch.query_similarities()
+        if batch.query_rows is None:
+            positives = batch.positives() if self.multi_positive else None
+            itr = F.infonce(S_i2t, self.tau(), positives=positives, reduction=self.reduction)
+        else:
+            itr = F.infonce_rows(S_i2t, S_t2i, self.tau(), batch.query_positives(self.multi_positive),
+                                 reduction=self.reduction)
         total, terms = itr, {"infonce": itr.detach()}
         if self.alpha > 0 or self.beta > 0:
-            G_img, G_txt = self._cos(batch.teacher_image), self._cos(batch.teacher_text)
+            G_img, G_txt = self._cos(batch, batch.teacher_image), self._cos(batch, batch.teacher_text)
         if self.alpha > 0:
             if self.csa_mode == "each":
                 target_i2t, target_t2i = G_img, G_txt
@@ -243,13 +269,13 @@ class CUSA(LossFamily):
             else:
                 target_i2t = target_t2i = torch.sqrt(G_img.clamp_min(0) * G_txt.clamp_min(0))
             tau_c = self.csa_tau()
-            csa = self.alpha * (F.soft_label_kl(S, target_i2t, tau_c, self.teacher_tau)
-                                + F.soft_label_kl(S.T, target_t2i, tau_c, self.teacher_tau)) / 2
+            csa = self.alpha * (F.soft_label_kl(S_i2t, target_i2t, tau_c, self.teacher_tau)
+                                + F.soft_label_kl(S_t2i, target_t2i, tau_c, self.teacher_tau)) / 2
             total = total + csa
             terms["csa"] = csa.detach()
         if self.beta > 0:
-            S_ii = batch.image_uni @ batch.image_uni.T
-            S_tt = batch.text_uni @ batch.text_uni.T
+            S_ii = batch.rows(batch.image_uni) @ batch.image_uni.T
+            S_tt = batch.rows(batch.text_uni) @ batch.text_uni.T
             usa = self.beta * (F.soft_label_kl(S_ii, G_img, self.usa_image_tau(), self.teacher_tau)
                                + F.soft_label_kl(S_tt, G_txt, self.usa_text_tau(), self.teacher_tau)) / 2
             total = total + usa

@@ -197,6 +197,46 @@ def infonce(
     return loss
 
 
+def infonce_rows(
+    S_i2t: torch.Tensor,
+    S_t2i: torch.Tensor,
+    tau: TensorOrFloat,
+    positives: torch.Tensor,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """:func:`infonce` for a subset of query rows, both directions (``scaling.local_loss``).
+
+    Args:
+        S_i2t: (Q, N) similarities of Q query images with all N texts.
+        S_t2i: (Q, N) similarities of the Q query texts (the same pairs) with all N images.
+        tau: temperature, a float or a 0-d tensor.
+        positives: (Q, N) bool, query row q's positives among the N columns (the same relation in both
+            directions: image and text of one pair share a row). Every row needs >= 1 True.
+        reduction: as in :func:`infonce`; ``"class_mean"`` divides by the N classes.
+
+    Returns:
+        0-d tensor ``(mean_q ce_i2t_q + mean_q ce_t2i_q) / 2``: the mean over a partition of the N rows into
+        equal parts of this is :func:`infonce` of the whole (N, N) batch.
+    """
+    if S_i2t.dim() != 2 or tuple(S_i2t.shape) != tuple(S_t2i.shape):
+        raise ValueError(f"S_i2t and S_t2i must be (Q, N) of the same shape, got {tuple(S_i2t.shape)} "
+                         f"and {tuple(S_t2i.shape)}")
+    _check_same_shape(S_i2t, positives, "positives")
+    if reduction not in ("sum", "class_mean"):
+        raise ValueError(f"reduction must be 'sum' or 'class_mean', got {reduction!r}")
+    P = positives.to(device=S_i2t.device, dtype=S_i2t.dtype)
+    counts = P.sum(1, keepdim=True)
+    if bool((counts == 0).any()):
+        raise ValueError("positives must have at least one True entry in every row")
+    Y = P / counts
+    ce_i2t = -(Y * torch.log_softmax(S_i2t / tau, dim=1)).sum(1)
+    ce_t2i = -(Y * torch.log_softmax(S_t2i / tau, dim=1)).sum(1)
+    loss = (ce_i2t.mean() + ce_t2i.mean()) / 2
+    if reduction == "class_mean":
+        loss = loss / S_i2t.shape[1]
+    return loss
+
+
 # ---------------------------------------------------------------------------------------------
 # Triplet losses (spec B.3 pairwise part, A.2, A.8)
 # ---------------------------------------------------------------------------------------------
@@ -934,6 +974,7 @@ def kendall_rank_loss(
 
 __all__ = [
     "infonce",
+    "infonce_rows",
     "triplet_hardest",
     "triplet_soft_negative",
     "triplet_selhn",

@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -331,6 +332,10 @@ class TeachersConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------------- train
+#: What ``train.run_key`` may be: one folder name (no ``/``, no ``..``, no hidden name).
+RUN_KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
 class TrainConfig(Section):
     """Optimisation. Defaults: CUSA's recipe (AdamW lr 1e-5, wd 1e-4, cosine to 1e-6, batch 128, seed 23)."""
 
@@ -351,7 +356,11 @@ class TrainConfig(Section):
     best_metric: str = "val/rsum"
     best_mode: Literal["max", "min"] = "max"
     output_dir: AbsolutePath = Field(Path("runs"), validate_default=True)
-    resume: StrictBool = True
+    resume: StrictBool = Field(True, description="with run_key: a rerun continues the run in its folder")
+    run_key: str | None = Field(
+        None, description="a stable name for this experiment: its run folder is <output_dir>/<run_key> (Ray: "
+                          "<output_dir>/ray/<run_key>) and the next attempt of the same command resumes it from "
+                          "its latest checkpoint, in the same MLflow run; unset: a new folder every run")
     log_every_steps: PositiveInt = 50
     max_steps_per_epoch: PositiveInt | None = Field(None, description="cap on steps per epoch (smoke runs)")
 
@@ -362,11 +371,23 @@ class TrainConfig(Section):
             raise ValueError("the best checkpoint is selected on a val/ metric (never test)")
         return v
 
+    @field_validator("run_key")
+    @classmethod
+    def _folder_name(cls, v: str | None) -> str | None:
+        if v is not None and not RUN_KEY_PATTERN.fullmatch(v):
+            raise ValueError(f"{v!r} is not a folder name: 1-100 letters, digits, '.', '_' or '-', starting with a "
+                             "letter or digit")
+        return v
+
     @model_validator(mode="after")
     def _lrs(self) -> "TrainConfig":
         if self.min_lr > self.lr:
             raise FieldError("min_lr", f"{self.min_lr} is larger than lr {self.lr}")
         return self
+
+
+#: Loss families whose every term is a mean over query rows (``methods`` ``supports_local_loss``).
+LOCAL_LOSS_FAMILIES = ("infonce", "cusa")
 
 
 class ScalingConfig(Section):
@@ -379,7 +400,12 @@ class ScalingConfig(Section):
     max_failures: NonNegInt = Field(
         2, description="restarts of the worker group from the latest checkpoint after a worker dies (a non-finite "
                        "loss or bad input fails at once)")
-    gather_global_batch: StrictBool = Field(False, description="losses see the batch of all ranks (all-gather)")
+    gather_global_batch: StrictBool = Field(
+        False, description="losses see the batch of all ranks (all-gather with gradients: every gradient after DDP "
+                           "averaging equals one process's on the concatenated batch)")
+    local_loss: StrictBool = Field(
+        False, description="with gather_global_batch: each rank computes the loss only for its own query rows, "
+                           "both directions (infonce, cusa); same gradients, 1/num_workers of the loss work")
 
     @field_validator("use_gpu", mode="before")
     @classmethod
@@ -440,6 +466,19 @@ class ExperimentConfig(Section):
                 f"random puts several captions of one image in a batch, but loss {self.loss.family!r} has "
                 "multi_positive=false",
             )
+        return self
+
+    @model_validator(mode="after")
+    def _local_loss_supported(self) -> "ExperimentConfig":
+        """``scaling.local_loss`` needs the gathered batch and a family whose terms are means over query rows."""
+        if not self.scaling.local_loss:
+            return self
+        if not self.scaling.gather_global_batch:
+            raise FieldError("scaling.local_loss", "needs scaling.gather_global_batch: true (without the gathered "
+                                                   "batch every rank computes only its own rows already)")
+        if self.loss.family not in LOCAL_LOSS_FAMILIES:
+            raise FieldError("scaling.local_loss", f"not supported by loss family {self.loss.family!r} (its "
+                             f"terms are not means over query rows); supported: {', '.join(LOCAL_LOSS_FAMILIES)}")
         return self
 
     @model_validator(mode="after")

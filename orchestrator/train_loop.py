@@ -8,7 +8,6 @@ import math
 import random
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from orchestrator.data.leakage import check_leakage
 from orchestrator.data.loader import FeatureRows, ImageTensorCache, TextInput, train_loader
 from orchestrator.data.sampler import CaptionBatchSampler
 from orchestrator.data.splits import load_split
-from orchestrator.distributed import gather_with_local_grad
+from orchestrator.distributed import MetricSums, average_gradients, global_batch
 from orchestrator.errors import UserError
 from orchestrator.evaluation.embed import autocast_context, encode_split, evaluate_embeddings, warn_small_split
 from orchestrator.losses import build_loss
@@ -195,6 +194,8 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
     train_model = session.prepare_model(wrap_locked_towers(model, image_from_features="image" in cached,
                                                            text_from_features="text" in cached))
     gather = cfg.scaling.gather_global_batch and session.world_size > 1
+    # the loss family's learnable parameters are outside DDP: their gradients are averaged here (see below)
+    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
 
     def validate() -> dict[str, float]:
         # a model gone NaN/Inf raises NonFiniteEmbeddingsError here: the run fails, it never records RSUM 600
@@ -210,8 +211,8 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
     for epoch in range(start_epoch, cfg.train.epochs):
         sampler.set_epoch(epoch)
         train_model.train()
-        sums: dict[str, float] = defaultdict(float)
-        steps, t0 = 0, time.perf_counter()
+        sums = MetricSums(device)  # on the device; averaged over steps and ranks once per epoch
+        t0 = time.perf_counter()
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step", leave=False,
                    disable=not getattr(session, "progress", False) or session.rank != 0)
         for step, batch in enumerate(loader):
@@ -220,39 +221,41 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
             batch = batch.to(device)
             with autocast_context(device, cfg.model.precision):
                 emb = forward_embeddings(train_model, batch.images, batch.tokens)
-            image_ids, caption_ids = batch.image_index, batch.caption_index
-            if gather:
-                emb = {k: gather_with_local_grad(v) for k, v in emb.items()}
-                image_ids, caption_ids = gather_with_local_grad(image_ids), gather_with_local_grad(caption_ids)
+            # gathered with gradients (scale 1 after DDP averaging); with local_loss, this rank's query rows
+            emb, image_ids, caption_ids, rows = global_batch(emb, batch.image_index, batch.caption_index,
+                                                             gather=gather, local_loss=cfg.scaling.local_loss)
             extras = batch_inputs(image_ids.cpu().numpy(), caption_ids.cpu().numpy())
             extras = {k: v.to(device, non_blocking=True) for k, v in extras.items()}
-            out = loss_fn(EmbeddingBatch(image_ids=image_ids, **emb, **extras))
+            out = loss_fn(EmbeddingBatch(image_ids=image_ids, **emb, **extras, query_rows=rows))
             if not torch.isfinite(out.total):
                 bad = [k for k, v in out.terms.items() if not torch.isfinite(v)] or ["total"]
                 raise NonFiniteLossError(epoch, step, bad)
             optimizer.zero_grad(set_to_none=True)
             out.total.backward()
+            # Loss parameters are not in the DDP module (a temperature of a 0-weighted term gets no gradient,
+            # which DDP would reject without find_unused_parameters): one all-reduce averages theirs.
+            average_gradients(loss_params)
             if cfg.train.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
                                                cfg.train.grad_clip)
             optimizer.step()
             scheduler.step()
             global_step += 1
-            steps += 1
-            sums["train/loss"] += float(out.total.detach())
-            for name, value in out.terms.items():
-                sums[f"train/{name}"] += float(value)
+            sums.add({"train/loss": out.total, **{f"train/{name}": v for name, v in out.terms.items()}})
             bar.update(1)
-            bar.set_postfix(loss=f"{float(out.total.detach()):.4f}", refresh=False)
-            if global_step % cfg.train.log_every_steps == 0:
-                log.info("epoch %d step %d/%d loss %.4f", epoch, step + 1, steps_per_epoch, float(out.total.detach()))
+            if global_step % cfg.train.log_every_steps == 0:  # this rank's loss; a host sync on log steps only
+                local = float(out.total.detach())
+                bar.set_postfix(loss=f"{local:.4f}", refresh=False)
+                log.info("epoch %d step %d/%d loss %.4f", epoch, step + 1, steps_per_epoch, local)
         bar.close()
-        metrics = {k: v / max(steps, 1) for k, v in sums.items()}
+        # one all-reduce: the step means and the temperatures, both averaged over ranks (identical ranks log
+        # rank 0's checkpointed values; ranks that drifted apart would not)
+        temperatures = {f"train/temperature/{name.replace('.value', '')}": torch.tensor(v, dtype=torch.float64)
+                        for name, v in loss_fn.temperatures().items()}
+        metrics = sums.means(snapshot=temperatures)
         metrics["train/lr"] = scheduler.get_last_lr()[0]
         metrics["train/epoch_time_s"] = time.perf_counter() - t0
         metrics["train/steps"] = float(global_step)
-        for name, value in loss_fn.temperatures().items():
-            metrics[f"train/temperature/{name.replace('.value', '')}"] = value
         metrics["epoch"] = float(epoch)
 
         last = epoch + 1 == cfg.train.epochs

@@ -45,10 +45,12 @@ def random_batches(num_captions: int, batch_size: int, rng: np.random.Generator)
 class CaptionBatchSampler:
     """Yields this rank's batches (arrays of caption indices) for one epoch at a time.
 
-    Every rank builds the same global list of batches from ``(seed, epoch)`` and takes every
-    ``world_size``-th one, so ranks see disjoint batches and the same number of them.
-    ``unique_images=True`` keeps two captions of one image out of a batch (for losses without
-    multi-positive support).
+    Every rank builds the same global list of ``batch_size * world_size`` batches from ``(seed, epoch)``;
+    at each step rank r takes the r-th ``batch_size`` slice of that step's global batch, so ranks see
+    disjoint batches, the same number of them, and the batch of one step is what one process with
+    ``batch_size * world_size`` would see. ``unique_images=True`` keeps two captions of one image out of the
+    whole global batch (for losses without multi-positive support), so a gathered batch
+    (``scaling.gather_global_batch``) never holds one image on two ranks.
     """
 
     def __init__(self, caption_image: np.ndarray, batch_size: int, *, seed: int, unique_images: bool = True,
@@ -61,8 +63,10 @@ class CaptionBatchSampler:
         self.world_size = world_size
         self.epoch = 0
         num_images = int(self.caption_image.max()) + 1 if len(self.caption_image) else 0
-        if unique_images and batch_size > num_images:
-            raise ValueError(f"batch size {batch_size} is larger than the number of training images ({num_images})")
+        if unique_images and batch_size * world_size > num_images:
+            workers = f" x {world_size} workers" if world_size > 1 else ""
+            raise ValueError(f"batch size {batch_size}{workers} is larger than the number of training images "
+                             f"({num_images})")
         if batch_size * world_size > len(self.caption_image):
             raise ValueError(
                 f"batch size {batch_size} x {world_size} workers is larger than the number of captions "
@@ -74,14 +78,14 @@ class CaptionBatchSampler:
 
     def _global_batches(self) -> list[np.ndarray]:
         rng = np.random.default_rng([self.seed, self.epoch])
+        size = self.batch_size * self.world_size
         if self.unique_images:
-            return unique_image_batches(self.caption_image, self.batch_size, rng)
-        return random_batches(len(self.caption_image), self.batch_size, rng)
+            return unique_image_batches(self.caption_image, size, rng)
+        return random_batches(len(self.caption_image), size, rng)
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        batches = self._global_batches()
-        usable = len(batches) - len(batches) % self.world_size
-        return iter(batches[self.rank : usable : self.world_size])
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        return iter([batch[lo:hi] for batch in self._global_batches()])
 
     def __len__(self) -> int:
-        return len(self._global_batches()) // self.world_size
+        return len(self._global_batches())
