@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import signal
 import tempfile
 import time
@@ -21,6 +20,7 @@ from orchestrator.errors import UserError
 from orchestrator.interrupts import interruption_in, keep_python_handlers
 from orchestrator.models.tower_cache import prepare_tower_features
 from orchestrator.ray_logs import filter_worker_logs
+from orchestrator.run_folders import KeyedFolder, claim_keyed_folder, new_run_folder
 from orchestrator.session import LocalSession
 from orchestrator.train_loop import train_loop
 
@@ -245,18 +245,34 @@ def _adopt_unsent(logger: tracking.RunLogger, run_dir: Path) -> None:
         log.info("sending on %d tracking call(s) the Train controller left in %s", logger.adopt(path), path)
 
 
-def new_run_folder(root: Path, base: str) -> tuple[str, Path]:
-    """A run name ``<base>-<6 hex>`` and its folder under ``root``, created here and only here (exclusive mkdir,
-    retried on a clash), so two runs of one config started in the same second never share a folder."""
-    root.mkdir(parents=True, exist_ok=True)
-    for _ in range(100):
-        name = f"{base}-{secrets.token_hex(3)}"
-        try:
-            (root / name).mkdir()
-        except FileExistsError:
-            continue
-        return name, root / name
-    raise RuntimeError(f"no free run folder name {base}-<hex> in {root}")  # pragma: no cover - 100 clashes
+def _run_folder(cfg: ExperimentConfig, root: Path) -> tuple[str, Path, KeyedFolder | None]:
+    """(run name, run folder, the claimed keyed folder or ``None``): ``root/<train.run_key>`` when a key is set
+    (:func:`orchestrator.run_folders.claim_keyed_folder`: locked, checked against this config), else a new
+    ``<run_name or family>-<time>-<hash6>-<6 hex>``."""
+    if cfg.train.run_key:
+        keyed = claim_keyed_folder(root, cfg.train.run_key, cfg.config_hash(), resume=cfg.train.resume)
+        return keyed.name, keyed.path, keyed
+    name, path = new_run_folder(root, f"{cfg.tracking.run_name or cfg.loss.family}-"
+                                      f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.config_hash()[:6]}")
+    return name, path, None
+
+
+def _open_tracked_run(target: tracking.TrackingTarget, cfg: ExperimentConfig, name: str, run_dir: Path,
+                      keyed: KeyedFolder | None, *, config_source: str | None,
+                      parent_run_id: str | None) -> tuple[str, bool]:
+    """(MLflow run id, whether it is an earlier attempt's run reopened). A resumed keyed folder continues the run
+    tagged with its key and folder (KILLED -> RUNNING); any other run starts a new one."""
+    if keyed is not None and keyed.resumed:
+        run_id = tracking.find_keyed_run(target, keyed.name, str(run_dir))
+        if run_id is not None:
+            tracking.reopen_run(target, run_id)
+            return run_id, True
+    tags = {"itr.config_source": config_source or "<defaults>"}
+    if keyed is not None:
+        tags.update({"itr.run_key": keyed.name, "itr.run_dir": str(run_dir)})
+    run_id = tracking.start_run(target, cfg, run_name=(cfg.tracking.run_name or name) if keyed else name,
+                                parent_run_id=parent_run_id, extra_tags=tags)
+    return run_id, False
 
 
 def run_experiment(cfg: ExperimentConfig, *, config_source: str | None = None,
@@ -266,24 +282,43 @@ def run_experiment(cfg: ExperimentConfig, *, config_source: str | None = None,
 
     Before the run exists: every check that can fail (:func:`orchestrator.preflight.check_experiment`: tracking
     store, output folder, data), then teacher and locked-tower features, so bad input leaves no MLflow run and
-    no run folder. The run folder is new for every call (:func:`new_run_folder`)."""
+    no run folder. The run folder is new for every call (:func:`new_run_folder`), unless ``train.run_key`` names
+    it: then a rerun resumes the run in it from its latest checkpoint, in the same MLflow run (:func:`_run_folder`,
+    locked until this call returns)."""
     target = tracking.resolve_target(cfg.tracking) if cfg.tracking.enabled else None
     preflight.check_experiment(cfg, target.uri if target else None, source=config_source)
     if cfg.uses_teachers:
         prepare_teacher_features(cfg, roles=("train",))
     prepare_tower_features(cfg)  # locked towers' outputs, computed once (no-op unless a tower is locked)
-    run_id = None
     local = cfg.scaling.backend == "local"
     root = Path(cfg.train.output_dir).expanduser().resolve() if local else Path(ray_storage(cfg))
-    name, planned_dir = new_run_folder(root, f"{cfg.tracking.run_name or cfg.loss.family}-"
-                                             f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.config_hash()[:6]}")
+    name, planned_dir, keyed = _run_folder(cfg, root)
+    try:
+        result = _train_in_folder(cfg, target, name, planned_dir, keyed, config_source=config_source,
+                                  parent_run_id=parent_run_id)
+        if keyed is not None:
+            keyed.mark_finished(result.run_id)
+        return result
+    finally:
+        if keyed is not None:
+            keyed.release()
+
+
+def _train_in_folder(cfg: ExperimentConfig, target: tracking.TrackingTarget | None, name: str, planned_dir: Path,
+                     keyed: KeyedFolder | None, *, config_source: str | None,
+                     parent_run_id: str | None) -> RunResult:
+    """The run itself, in ``planned_dir``: open (or reopen) its MLflow run, train, end the run."""
+    run_id = None
+    local = cfg.scaling.backend == "local"
     logger: tracking.RunLogger | None = None  # buffered: a tracking outage never fails or stalls the run
     if target is not None:
-        run_id = tracking.start_run(target, cfg, run_name=name, parent_run_id=parent_run_id,
-                                    extra_tags={"itr.config_source": config_source or "<defaults>"})
+        run_id, reopened = _open_tracked_run(target, cfg, name, planned_dir, keyed, config_source=config_source,
+                                             parent_run_id=parent_run_id)
         logger = tracking.RunLogger(target, run_id, spill_dir=planned_dir)
-        logger.log_text("config.yaml", cfg.to_yaml())
-        log.info("MLflow run %s in %s (experiment %r)", run_id, target.uri, target.experiment)
+        if not reopened:
+            logger.log_text("config.yaml", cfg.to_yaml())
+        log.info("MLflow run %s in %s (experiment %r)%s", run_id, target.uri, target.experiment,
+                 ", continued" if reopened else "")
     try:
         if local:
             run_dir = planned_dir

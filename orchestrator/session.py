@@ -78,13 +78,16 @@ class LocalSession:
         return path if path.is_dir() else None
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, epoch: int) -> None:
+        """Publish the checkpoint, then hand the metrics to the sinks, as one step that SIGTERM / Ctrl-C wait for:
+        an epoch reaches MLflow exactly when its checkpoint is on disk, so a resumed run (which starts after the
+        latest checkpoint) neither repeats nor skips an epoch's metrics. A checkpoint that cannot be written
+        fails the run before its metrics are logged."""
         self.history.append(dict(metrics))
-        for sink in self.sinks:
-            sink(metrics, epoch)
-        if checkpoint_dir is None:
-            return
-        with deferred():  # SIGTERM / Ctrl-C wait until the folder, the best marker and the pruning are consistent
-            self._publish(metrics, checkpoint_dir, epoch)
+        with deferred():  # the folder, the best marker, the pruning and the metrics are consistent
+            if checkpoint_dir is not None:
+                self._publish(metrics, checkpoint_dir, epoch)
+            for sink in self.sinks:
+                sink(metrics, epoch)
 
     def _publish(self, metrics: dict[str, float], checkpoint_dir: Path, epoch: int) -> None:
         dest = self.ckpt_root / f"epoch_{epoch:04d}"

@@ -533,6 +533,19 @@ def child_runs(target: TrackingTarget, parent_run_id: str, tags: dict[str, str] 
             return runs
 
 
+def find_keyed_run(target: TrackingTarget, run_key: str, run_dir: str) -> str | None:
+    """The id of the run of ``target.experiment`` tagged ``itr.run_key = run_key`` and ``itr.run_dir = run_dir``
+    (the earlier attempt of a resumed ``itr train``; the newest if several), or ``None``."""
+    c = client(target)
+    exp = c.get_experiment_by_name(target.experiment)
+    if exp is None:
+        return None
+    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`itr.run_key` = '{run_key}'",
+                         order_by=["attributes.start_time DESC"], max_results=100)
+    found = [r for r in runs if r.data.tags.get("itr.run_dir") == run_dir]
+    return found[0].info.run_id if found else None
+
+
 def reopen_run(target: TrackingTarget, run_id: str) -> None:
     """Mark a terminated run RUNNING again (a resumed trial or sweep continues in its old run)."""
     c = client(target)
