@@ -339,5 +339,37 @@ def test_local_loss_without_gather_is_refused(tmp_path):
     train_bad_config(tree, ":scaling.local_loss: ", "needs scaling.gather_global_batch: true")
 
 
+# ------------------------------------------------------------------------------- one Ray Train run
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_train_two_workers_keep_one_temperature(tmp_path):
+    """``itr``'s Ray path, 2 workers, gathered batch with local_loss: the logged temperature is the mean over the
+    two workers' final values (one all-reduce, ``MetricSums.means``), and it equals rank 0's checkpointed one,
+    so both workers hold the same value; it moved from its init, so drifting ranks would show (each rank's own
+    local-loss gradient moves them apart by ~1e-4 in 6 steps)."""
+    import ray
+
+    from orchestrator.checkpoint import STATE_FILE, load_file
+    from orchestrator.config import validate_config
+    from orchestrator.run import run_experiment
+    from tests.conftest import tiny_tree
+
+    tree = tiny_tree(tmp_path, scaling={"backend": "ray", "num_workers": 2, "gather_global_batch": True,
+                                        "local_loss": True, "cpus_per_worker": 1})
+    tree["train"].update(epochs=1, eval_at_start=False, log_every_steps=1000)
+    tree["eval"] = {"reports": False}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        result = run_experiment(validate_config(tree))
+    finally:
+        ray.shutdown()
+    logged = result.metrics["train/temperature/tau"]
+    checkpoints = sorted(p for p in Path(result.run_dir).glob("checkpoint_*") if (p / STATE_FILE).is_file())
+    assert checkpoints, result.run_dir
+    rank0 = float(load_file(checkpoints[-1] / STATE_FILE)["loss"]["tau.value"])
+    assert abs(rank0 - 0.05) > 1e-3
+    assert logged == pytest.approx(rank0, rel=1e-7)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
