@@ -98,7 +98,7 @@ def test_a_preempted_run_resumes_in_the_same_mlflow_run_and_ends_as_an_uninterru
     torch.set_num_threads(1)  # as attempt 1 (OMP_NUM_THREADS=1): another thread count sums in another order
     try:
         with caplog.at_level(logging.INFO, logger="orchestrator"):
-            rc, lines, stdout = run_cli(["train", str(config)], tmp_path)
+            rc, lines, _ = run_cli(["train", str(config)], tmp_path)
         reference_tree = quick_tree(tmp_path / "ref")
         reference_tree["train"].update(epochs=EPOCHS, max_steps_per_epoch=1)
         reference_tree["tracking"] = {"enabled": False}
