@@ -624,6 +624,24 @@ def prepare_shared_features(cfg: ExperimentConfig) -> None:
     prepare_tower_features(cfg)
 
 
+def preflight_space(space: SearchSpace, tracking_uri: str | None) -> None:
+    """What would fail in every trial fails once here, before Ray starts or a parent run exists: the tracking
+    store, ``train.output_dir``, the data (images verified, train/eval leakage) and ``model.pretrained`` of the
+    base config, and the data and weights of each trial config that differs from it there."""
+    from orchestrator import preflight
+    from orchestrator.models.student import check_pretrained
+
+    base = space.base_config
+    preflight.check_experiment(base, tracking_uri, source=space.base_source)
+    seen = {(base.data.model_dump_json(), base.model.pretrained)}
+    for cfg in space.trial_configs:
+        key = (cfg.data.model_dump_json(), cfg.model.pretrained)
+        if key not in seen:
+            seen.add(key)
+            preflight.check_data(cfg)
+            check_pretrained(cfg.model)
+
+
 def run_sweep(space: SearchSpace, *, resume: bool = False, name: str | None = None,
               trial_fn: TrialFn | None = None, verbose: int = 0, progress: bool = True,
               plots: bool = True) -> SweepResult:
@@ -654,12 +672,13 @@ def run_sweep(space: SearchSpace, *, resume: bool = False, name: str | None = No
         raise UserError(f"the space or its base config changed since sweep {name!r} started ({path}); "
                         f"resume it unchanged, or start a new one with --name", path=str(space.path))
     train_trials = _any_train_trials(space)
+    target = tracking.resolve_target(space.base_config.tracking) if space.base_config.tracking.enabled else None
+    preflight_space(space, target.uri if target is not None else None)
     init_ray()
     check_fits_cluster(space)
     if trial_fn is None:
         prepare_shared_features(space.base_config)
 
-    target = tracking.resolve_target(space.base_config.tracking) if space.base_config.tracking.enabled else None
     parent: str | None = None
     fresh_parent = False
     if target is not None:

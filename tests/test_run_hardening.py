@@ -135,6 +135,41 @@ def test_missing_image_fails_before_an_mlflow_run_exists(tmp_path):
     train_fails_before_anything(tmp_path, tree, str((data / "train-missing.png").resolve()), "image file not found")
 
 
+def sweep_fails_before_anything(tmp: Path, tree: dict, *needles: str) -> str:
+    """``itr sweep`` over ``tree`` as inline base exits 2 with one line holding ``needles``, before Ray starts:
+    no sweep folder, no MLflow store, no parent run (the check runs once, not in every trial)."""
+    space = tmp / "space.yaml"
+    space.write_text(yaml.safe_dump({"base": tree, "space": {"train.lr": {"grid": [1e-3, 2e-3]}},
+                                     "metric": "val/rsum"}, sort_keys=False))
+    before = snapshot(tmp)
+    t0 = time.perf_counter()
+    rc, lines, out = run_cli(["sweep", str(space), "--quiet"], tmp)
+    line = assert_one_line_error(rc, lines, *needles)
+    assert snapshot(tmp) == before, "a failed check wrote files (a sweep folder, an MLflow store)"
+    assert time.perf_counter() - t0 < 20, "the check should come before Ray starts"
+    import ray
+
+    assert not ray.is_initialized()
+    return line
+
+
+def test_sweep_with_a_missing_image_fails_once_before_ray_or_a_parent_run(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "val"):
+        (data / f"{split}.json").write_text(json.dumps(
+            [{"image": f"{split}-missing.png", "caption": "a red square", "image_id": 1}]))
+    tree = quick_tree(tmp_path)
+    tree["data"] = {"format": "captions_json", "root": str(data)}
+    sweep_fails_before_anything(tmp_path, tree, str((data / "train-missing.png").resolve()), "image file not found")
+
+
+def test_sweep_against_an_unreachable_tracking_server_fails_before_ray(tmp_path):
+    tree = quick_tree(tmp_path)
+    tree["tracking"] = {"uri": f"http://127.0.0.1:{free_port()}"}
+    sweep_fails_before_anything(tmp_path, tree, "tracking.uri", "unreachable; set tracking.uri or start it")
+
+
 # ---------------------------------------------------------------------------------------------- run folders (14)
 def test_identical_configs_started_in_the_same_second_get_their_own_run_folders(tmp_path, monkeypatch):
     """Same config, same (frozen) timestamp: before, both runs shared one folder and the second resumed from the
