@@ -363,6 +363,10 @@ class TrainConfig(Section):
                           "its latest checkpoint, in the same MLflow run; unset: a new folder every run")
     log_every_steps: PositiveInt = 50
     max_steps_per_epoch: PositiveInt | None = Field(None, description="cap on steps per epoch (smoke runs)")
+    accum_steps: Annotated[StrictInt, Field(ge=1)] = Field(
+        1, description="gradient accumulation with feature caching: each step's loss sees batch_size x "
+                       "accum_steps pairs (sampler guarantees included) with the activation memory of batch_size; "
+                       "exact for every family (dropout replayed), refused with train-mode BatchNorm")
 
     @field_validator("best_metric")
     @classmethod

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from methods import EmbeddingBatch
+from orchestrator.accumulation import feature_cache
 from orchestrator.checkpoint import MODEL_FILE, STATE_FILE, atomic_save, load_file
 from orchestrator.config import ExperimentConfig, TrainConfig
 from orchestrator.data.leakage import check_leakage
@@ -159,13 +160,16 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
     train_images, train_text = model_inputs(train_index)
     val_images, val_text = model_inputs(val_index) if val_index is not None else (None, None)
     try:
-        sampler = CaptionBatchSampler(
-            train_index.caption_image, cfg.train.batch_size, seed=cfg.train.seed,
+        sampler = CaptionBatchSampler(  # with accum_steps K: batches of B·K (the guarantees hold over all of it)
+            train_index.caption_image, cfg.train.batch_size * cfg.train.accum_steps, seed=cfg.train.seed,
             unique_images=cfg.train.batch_sampler == "unique_images", rank=session.rank,
             world_size=session.world_size,
         )
     except ValueError as err:
-        raise UserError(str(err), path=train_index.source or train_index.name, field="train.batch_size") from None
+        accum = f" (train.batch_size x train.accum_steps {cfg.train.accum_steps})" if cfg.train.accum_steps > 1 \
+            else ""
+        raise UserError(f"{err}{accum}", path=train_index.source or train_index.name,
+                        field="train.batch_size") from None
     loader = train_loader(train_index, train_images, train_text, sampler, cfg.data.loader_workers)
     steps_per_epoch = len(sampler)
     if cfg.train.max_steps_per_epoch is not None:
@@ -196,6 +200,9 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
     gather = cfg.scaling.gather_global_batch and session.world_size > 1
     # the loss family's learnable parameters are outside DDP: their gradients are averaged here (see below)
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
+    # train.accum_steps > 1: the batch's features cached without grad, the model's gradients by re-forwards
+    accumulation = feature_cache(train_model, forward_embeddings, cfg.train.accum_steps, device=device,
+                                 autocast=lambda: autocast_context(device, cfg.model.precision))
 
     def validate() -> dict[str, float]:
         # a model gone NaN/Inf raises NonFiniteEmbeddingsError here: the run fails, it never records RSUM 600
@@ -220,7 +227,10 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
                 break
             batch = batch.to(device)
             with autocast_context(device, cfg.model.precision):
-                emb = forward_embeddings(train_model, batch.images, batch.tokens)
+                if accumulation is None:
+                    emb = forward_embeddings(train_model, batch.images, batch.tokens)
+                else:  # leaves that require grad: the loss's backward below fills their gradients
+                    emb = accumulation.embed(train_model, batch.images, batch.tokens)
             # gathered with gradients (scale 1 after DDP averaging); with local_loss, this rank's query rows
             emb, image_ids, caption_ids, rows = global_batch(emb, batch.image_index, batch.caption_index,
                                                              gather=gather, local_loss=cfg.scaling.local_loss)
@@ -232,6 +242,8 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
                 raise NonFiniteLossError(epoch, step, bad)
             optimizer.zero_grad(set_to_none=True)
             out.total.backward()
+            if accumulation is not None:  # re-forward each micro-batch with its slice of the feature gradients
+                accumulation.backward()
             # Loss parameters are not in the DDP module (a temperature of a 0-weighted term gets no gradient,
             # which DDP would reject without find_unused_parameters): one all-reduce averages theirs.
             average_gradients(loss_params)
