@@ -353,6 +353,9 @@ class TrainConfig(Section):
     )
     eval_every: PositiveInt = 1
     eval_at_start: StrictBool = Field(True, description="evaluate the untrained model first (logged as init/val/...)")
+    checkpoint_every_steps: PositiveInt | None = Field(
+        None, description="also checkpoint every N steps (sampler position + RNG states: a resume continues "
+                          "mid-epoch); a SIGTERM mid-epoch always saves one; unset: epoch checkpoints only")
     best_metric: str = "val/rsum"
     best_mode: Literal["max", "min"] = "max"
     output_dir: AbsolutePath = Field(Path("runs"), validate_default=True)

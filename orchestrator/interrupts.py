@@ -52,6 +52,38 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+class HeldSigterm:
+    """What :func:`sigterm_between_steps` yields: ``received`` turns true when a SIGTERM came."""
+
+    received = False
+
+
+@contextlib.contextmanager
+def sigterm_between_steps() -> Iterator[HeldSigterm]:
+    """Inside :func:`sigterm_as_interrupt` (main thread), a SIGTERM only sets ``received`` on what this yields:
+    the training loop checks it between steps, saves a step checkpoint and raises :class:`Terminated` there, so
+    no step (an optimiser update) is cut in half. Elsewhere (no SIGTERM handler of ours, another thread) it
+    changes nothing and ``received`` stays false."""
+    held = HeldSigterm()
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not _raise_terminated:
+        yield held
+        return
+
+    def hold(signum, frame) -> None:
+        global _sigterm_received
+        _sigterm_received = True
+        if not held.received:
+            log.warning("SIGTERM: stopping at the end of this step (a step checkpoint is saved)")
+        held.received = True
+
+    previous = signal.signal(signal.SIGTERM, hold)
+    try:
+        yield held
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
     """SIGTERM and SIGINT that arrive inside the block are delivered when it ends (to the handlers in place

@@ -15,7 +15,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from orchestrator.checkpoint import STATE_FILE, publish_dir
+from orchestrator.checkpoint import MODEL_FILE, STATE_FILE, publish_dir
 from orchestrator.interrupts import deferred
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,10 @@ def default_device() -> torch.device:
 
 
 class LocalSession:
-    """One process. Checkpoints go to ``run_dir/checkpoints/epoch_NNNN``; the latest and the best are kept.
+    """One process. Checkpoints go to ``run_dir/checkpoints/epoch_NNNN``; the latest and the best are kept, the
+    best one without its ``state.pt`` (optimiser state) once it is not the latest. Step checkpoints
+    (:meth:`save_step`) go to ``checkpoints/step_EEEE_SSSSSSSS`` (epoch, steps done); only the newest is kept,
+    and none once a later epoch checkpoint exists.
 
     ``best_metric``/``best_mode`` pick the best; ``sinks`` receive every report's metrics (e.g. MLflow).
     """
@@ -62,13 +65,30 @@ class LocalSession:
         return model.to(self.device)
 
     def _checkpoints(self) -> list[Path]:
+        """The epoch checkpoint folders (with or without their training state), oldest first."""
         if not self.ckpt_root.is_dir():
             return []
-        return sorted(p for p in self.ckpt_root.glob("epoch_*") if (p / STATE_FILE).is_file())
+        return sorted(p for p in self.ckpt_root.glob("epoch_*")
+                      if (p / STATE_FILE).is_file() or (p / MODEL_FILE).is_file())
+
+    def _step_checkpoints(self) -> list[Path]:
+        if not self.ckpt_root.is_dir():
+            return []
+        return sorted(p for p in self.ckpt_root.glob("step_*_*") if (p / STATE_FILE).is_file())
 
     def latest_checkpoint(self) -> Path | None:
-        found = self._checkpoints()
-        return found[-1] if found else None
+        """The folder a resume starts from: the newest (by training position) with a training state."""
+        found = [p for p in self._checkpoints() if (p / STATE_FILE).is_file()] + self._step_checkpoints()
+        return max(found, key=_position, default=None)
+
+    def save_step(self, checkpoint_dir: Path, epoch: int, step: int) -> None:
+        """Publish a step checkpoint (``step`` steps of ``epoch`` done) and drop the older ones; no metrics."""
+        dest = self.ckpt_root / f"step_{epoch:04d}_{step:08d}"
+        with deferred():
+            publish_dir(checkpoint_dir, dest)
+            for old in self._step_checkpoints():
+                if old != dest:
+                    shutil.rmtree(old, ignore_errors=True)
 
     def best_checkpoint(self) -> Path | None:
         marker = self.ckpt_root / "best.json"
@@ -99,13 +119,25 @@ class LocalSession:
             tmp_marker = marker.with_suffix(".json.tmp")
             tmp_marker.write_text(json.dumps({"checkpoint": dest.name, "metric": self.best_metric, "value": score}))
             tmp_marker.replace(marker)
-        keep = {self.latest_checkpoint(), self.best_checkpoint()}
+        best_dir = self.best_checkpoint()
         for old in self._checkpoints():
-            if old not in keep:
+            if old == best_dir and old != dest:  # the best needs only its weights and config
+                (old / STATE_FILE).unlink(missing_ok=True)
+            elif old not in (dest, best_dir):
                 shutil.rmtree(old, ignore_errors=True)
+        for old in self._step_checkpoints():  # this epoch checkpoint supersedes them
+            shutil.rmtree(old, ignore_errors=True)
 
     def _best_score(self) -> float | None:
         marker = self.ckpt_root / "best.json"
         if not marker.is_file():
             return None
         return float(json.loads(marker.read_text())["value"])
+
+
+def _position(folder: Path) -> tuple[int, int]:
+    """(epoch, steps done) a checkpoint folder resumes at: ``epoch_N`` -> (N + 1, 0), ``step_E_S`` -> (E, S)."""
+    parts = folder.name.split("_")
+    if parts[0] == "step":
+        return int(parts[1]), int(parts[2])
+    return int(parts[1]) + 1, 0

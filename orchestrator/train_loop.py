@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 
 from methods import EmbeddingBatch
 from orchestrator.accumulation import feature_cache
-from orchestrator.checkpoint import MODEL_FILE, STATE_FILE, atomic_save, load_file
 from orchestrator.config import ExperimentConfig, TrainConfig
 from orchestrator.data.leakage import check_leakage
 from orchestrator.data.loader import FeatureRows, ImageTensorCache, TextInput, train_loader
@@ -33,6 +32,8 @@ from orchestrator.models.student import HEAD_OUTPUTS, build_student, forward_emb
 from orchestrator.models.tower_cache import cached_sides, experiment_tower_features
 from orchestrator.soft_labels import BatchInputs
 from orchestrator.session import LocalSession, Session
+from orchestrator.training_state import (ResumableBatches, load_training_state, mid_epoch, restore_sums,
+                                         run_steps, save_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -82,40 +83,6 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _load_state(path: Path, model: nn.Module, loss_fn: nn.Module, optimizer, scheduler) -> dict[str, Any]:
-    state = load_file(path / STATE_FILE)
-    try:
-        model.load_state_dict(state["model"])
-        loss_fn.load_state_dict(state["loss"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    except (KeyError, RuntimeError, ValueError) as err:
-        first = str(err).strip().splitlines()[0][:200]
-        raise UserError(f"checkpoint does not fit this experiment: {first}", path=str(path / STATE_FILE)) from None
-    torch.set_rng_state(state["torch_rng"])
-    return state
-
-
-def _save_checkpoint(directory: Path, *, model: nn.Module, loss_fn: nn.Module, optimizer, scheduler, epoch: int,
-                     global_step: int, best: float | None, cfg: ExperimentConfig,
-                     initial: dict[str, float] | None = None) -> None:
-    state = {
-        "model": model.state_dict(),
-        "loss": loss_fn.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epoch": epoch,
-        "global_step": global_step,
-        "best": best,
-        "initial": dict(initial or {}),  # init/val/...: the last report repeats them, also after a resume
-        "torch_rng": torch.get_rng_state(),
-        "config_hash": cfg.config_hash(),
-    }
-    atomic_save(state, directory / STATE_FILE)
-    atomic_save({"model": model.state_dict(), "model_name": cfg.model.name, "config_yaml": cfg.to_yaml(),
-                 "epoch": epoch}, directory / MODEL_FILE)
 
 
 def load_teacher_features(cfg: ExperimentConfig, index, progress: bool = False):
@@ -170,7 +137,8 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
             else ""
         raise UserError(f"{err}{accum}", path=train_index.source or train_index.name,
                         field="train.batch_size") from None
-    loader = train_loader(train_index, train_images, train_text, sampler, cfg.data.loader_workers)
+    # over ResumableBatches: a resume mid-epoch (a step checkpoint) skips the batches done without loading them
+    loader = train_loader(train_index, train_images, train_text, ResumableBatches(sampler), cfg.data.loader_workers)
     steps_per_epoch = len(sampler)
     if cfg.train.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
@@ -189,12 +157,14 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
 
     start_epoch, global_step, best = 0, 0, None
     initial: dict[str, float] = {}
-    resume_from = session.latest_checkpoint()
+    resume_from, resumed_at, resumed_state = session.latest_checkpoint(), None, None
     if resume_from is not None:
-        state = _load_state(resume_from, model, loss_fn, optimizer, scheduler)
-        start_epoch, global_step, best = state["epoch"] + 1, state["global_step"], state["best"]
-        initial = dict(state.get("initial") or {})
-        log.info("resumed from %s (epoch %d done)", resume_from, state["epoch"])
+        resumed_state = load_training_state(resume_from, model, loss_fn, optimizer, scheduler)
+        start_epoch, global_step = resumed_state["epoch"] + 1, resumed_state["global_step"]
+        best, initial = resumed_state["best"], dict(resumed_state.get("initial") or {})
+        resumed_at = mid_epoch(resumed_state)  # (epoch, steps done) of a step checkpoint
+        log.info("resumed from %s (epoch %d done, %d steps into the next)", resume_from, resumed_state["epoch"],
+                 resumed_at[1] if resumed_at else 0)
     train_model = session.prepare_model(wrap_locked_towers(model, image_from_features="image" in cached,
                                                            text_from_features="text" in cached))
     gather = cfg.scaling.gather_global_batch and session.world_size > 1
@@ -210,9 +180,23 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
                            batch_size=cfg.eval.batch_size, precision=cfg.model.precision, split="val")
         return evaluate_embeddings(emb, ks=cfg.eval.ks, chunk_size=cfg.eval.chunk_size, device=device)
 
-    if val_index is not None and session.rank == 0 and start_epoch == 0 and cfg.train.eval_at_start:
+    if val_index is not None and session.rank == 0 and resume_from is None and cfg.train.eval_at_start:
         initial = {f"init/val/{k}": v for k, v in validate().items()}
         log.info("untrained model: val rsum %.2f", initial["init/val/rsum"])
+
+    save_step = getattr(session, "save_step", None)  # step checkpoints: only sessions that keep them
+    if save_step is None and cfg.train.checkpoint_every_steps:
+        log.warning("train.checkpoint_every_steps: this backend keeps epoch checkpoints only")
+
+    def step_checkpoint(done: int) -> None:
+        """Checkpoint ``done`` steps into ``epoch`` (sampler position, RNG states, the epoch's metric sums)."""
+        if save_step is None:
+            return
+        with tempfile.TemporaryDirectory(prefix="itr-ckpt-") as tmp:
+            save_checkpoint(Path(tmp), model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
+                            epoch=epoch - 1, global_step=global_step, best=best, cfg=cfg, initial=initial,
+                            position=(epoch, done), sums=sums)
+            save_step(Path(tmp), epoch, done)
 
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -222,9 +206,12 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
         t0 = time.perf_counter()
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step", leave=False,
                    disable=not getattr(session, "progress", False) or session.rank != 0)
-        for step, batch in enumerate(loader):
-            if step >= steps_per_epoch:
-                break
+        first, rng = 0, None
+        if resumed_at is not None and resumed_at[0] == epoch:  # continue a step checkpoint's epoch
+            first, rng = resumed_at[1], resumed_state.get("rng")
+            restore_sums(sums, resumed_state.get("sums"))
+        for step, batch in run_steps(loader, start=first, stop=steps_per_epoch, save=step_checkpoint,
+                                     every=cfg.train.checkpoint_every_steps, global_step=lambda: global_step, rng=rng):
             batch = batch.to(device)
             with autocast_context(device, cfg.model.precision):
                 if accumulation is None:
@@ -286,7 +273,7 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
             ckpt_dir = None
             if session.rank == 0:
                 ckpt_dir = Path(tmp)
-                _save_checkpoint(ckpt_dir, model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
-                                 epoch=epoch, global_step=global_step, best=best, cfg=cfg, initial=initial)
+                save_checkpoint(ckpt_dir, model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
+                                epoch=epoch, global_step=global_step, best=best, cfg=cfg, initial=initial)
             session.report(metrics, ckpt_dir, epoch)
     return metrics
