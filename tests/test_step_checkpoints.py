@@ -193,3 +193,27 @@ def test_eval_reads_the_old_layout_and_a_run_resumes_from_it(tmp_path, reference
     cfg = config(tmp_path, epochs=2)
     resumed, losses = train(cfg, tmp_path / "run")
     assert [int(h["epoch"]) for h in resumed.history] == [1] and min(losses) == (1, 1)
+
+
+def test_checkpoint_bytes_script_counts_the_weights_once_after_and_twice_before():
+    """``benchmarks/checkpoint_bytes.py``'s ``measure`` on a 1000x1000 linear layer (4.004 MB of fp32 weights,
+    AdamW moments 2x that): before, the folder holds the weights twice; after, once (``model.pt`` only), and a
+    best folder holds the weights alone."""
+    import importlib.util
+    from pathlib import Path
+
+    from orchestrator.config import ExperimentConfig
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "checkpoint_bytes.py"
+    spec = importlib.util.spec_from_file_location("checkpoint_bytes", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sizes = module.measure(torch.nn.Linear(1000, 1000), ExperimentConfig())
+    weights = 4 * (1000 * 1000 + 1000)
+    before, after = sizes["before"], sizes["after"]
+    assert weights < after["model.pt"] < weights + 64_000  # + the embedded config
+    assert 2 * weights < after["state.pt"] < 2 * weights + 64_000  # the two AdamW moments, no weights
+    assert 3 * weights < before["state.pt"] < 3 * weights + 64_000
+    # the weights less what the new state adds: the full RNG set (python, numpy, torch: ~15 KB)
+    assert before["per epoch"] - after["per epoch"] == pytest.approx(weights, abs=32_000)
+    assert after["best folder"] == after["model.pt"] and before["best folder"] == before["per epoch"]
