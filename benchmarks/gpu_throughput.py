@@ -15,6 +15,9 @@ the device; bf16 autocast on CUDA, fp32 on CPU):
 * ``ours/F``   — our per-step work of ``orchestrator.train_loop`` for family F (infonce, cusa, listwise, bcls):
   ``forward_embeddings`` -> ``build_loss(cfg)(EmbeddingBatch)`` -> backward -> grad clip -> AdamW -> cosine
   scheduler step, with random teacher features / relevance in the batch where the family needs them.
+* ``accumK/infonce`` — ``ours/infonce`` with ``train.accum_steps`` K (``--accum-steps``, default 4): the same B
+  pairs per step as K micro-batches of B/K with feature caching (``orchestrator.accumulation``), i.e. the cost
+  of the re-forwards at a fixed loss batch; its peak memory is the point.
 * ``ray/infonce`` — ``ours/infonce`` inside a one-worker Ray Train ``TorchTrainer`` (skipped with a message when
   Ray cannot start such a worker).
 
@@ -123,9 +126,12 @@ def bare_step(model_name: str, batch: int, device: Any) -> Callable[[], None]:
     return step
 
 
-def our_step(family: str, model_name: str, batch: int, device: Any) -> Callable[[], None]:
-    """(b): ``train_loop``'s per-step work for ``family`` on device-resident synthetic inputs."""
+def our_step(family: str, model_name: str, batch: int, device: Any, accum: int = 1) -> Callable[[], None]:
+    """(b): ``train_loop``'s per-step work for ``family`` on device-resident synthetic inputs (``accum`` > 1:
+    as ``accum`` micro-batches with feature caching)."""
     import torch
+
+    from orchestrator.accumulation import feature_cache
 
     from methods import EmbeddingBatch
     from orchestrator.evaluation.embed import autocast_context
@@ -162,15 +168,19 @@ def our_step(family: str, model_name: str, batch: int, device: Any) -> Callable[
         else:
             raise RuntimeError(f"benchmark does not know how to fake input {name!r} of {family}")
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    cache = feature_cache(model, forward_embeddings, accum, device=device,
+                          autocast=lambda: autocast_context(device, cfg.model.precision))
 
     def step() -> None:
         with autocast_context(device, cfg.model.precision):
-            emb = forward_embeddings(model, images, tokens)
+            emb = forward_embeddings(model, images, tokens) if cache is None else cache.embed(model, images, tokens)
         out = loss_fn(EmbeddingBatch(image_ids=image_ids, **emb, **extras))
         if not torch.isfinite(out.total):  # the loop's per-step NaN check (a host sync, as in train_loop)
             raise RuntimeError(f"non-finite loss in {family}")
         optimizer.zero_grad(set_to_none=True)
         out.total.backward()
+        if cache is not None:
+            cache.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
         optimizer.step()
         scheduler.step()
@@ -264,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     p.add_argument("--warmup", type=int, default=None, help="default 5 on CUDA, 1 on CPU")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--accum-steps", type=int, default=4, help="K of the accumK/infonce variant")
     p.add_argument("--no-ray", action="store_true", help="skip the Ray Train variant (c)")
     p.add_argument("--eval-size", type=int, nargs=3, default=None, metavar=("IMAGES", "CAPTIONS", "D"),
                    help="evaluation timing size (default COCO 5K: 5000 25000 512 on CUDA, 500 2500 64 on CPU)")
@@ -323,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
         measure("bare", batch, lambda: bare_step(args.model, batch, device))
         for family in args.families:
             measure(f"ours/{family}", batch, lambda: our_step(family, args.model, batch, device))
+        accum_variant = f"accum{args.accum_steps}/infonce"
+        if args.accum_steps > 1 and batch % args.accum_steps == 0:
+            measure(accum_variant, batch, lambda: our_step("infonce", args.model, batch, device, args.accum_steps))
+        else:
+            measure(accum_variant, batch, done=f"B={batch} is not split into {args.accum_steps} micro-batches")
         if args.no_ray:
             measure("ray/infonce", batch, done="--no-ray")
         else:
