@@ -187,6 +187,82 @@ def test_a_batch_that_does_not_split_into_k_micro_batches_is_refused():
         cache.split(torch.zeros(N + 1, 2))
 
 
+# ------------------------------------------------------------------------------ two DDP ranks, gathered
+W = 2  # ranks; each holds B·K rows, the gathered batch W·B·K
+DDP_CASES = [("infonce", False), ("infonce", True), ("cusa", False), ("cusa", True), ("listwise", False),
+             ("bcls", False)]  # family, local_loss
+
+
+def _ddp_data() -> dict[str, torch.Tensor]:
+    """The gathered batch (rank r's rows: r·B·K ...); image 1 has captions on both ranks."""
+    g = torch.Generator().manual_seed(3)
+    n = W * N
+    ids = torch.arange(n)
+    ids[N + 1] = 1
+    return {"x_img": torch.randn(n, 6, generator=g, dtype=F64), "x_txt": torch.randn(n, 7, generator=g, dtype=F64),
+            "ids": ids, "teacher_image": torch.randn(n, 8, generator=g, dtype=F64),
+            "teacher_text": torch.randn(n, 8, generator=g, dtype=F64),
+            "relevance": torch.rand(n, n, generator=g, dtype=F64)}
+
+
+def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """As ``train_loop`` composes it: DDP model, FeatureCache, ``global_batch`` gather, loss, re-forwards."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from orchestrator.distributed import average_gradients, global_batch
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W)
+    results = {}
+    try:
+        for family, local_loss in DDP_CASES:
+            model, loss = build(family, 0.0)
+            ddp, d, mine = DDP(model), _ddp_data(), slice(rank * N, (rank + 1) * N)
+            cache = FeatureCache(forward, K, device=CPU)
+            emb = cache.embed(ddp, d["x_img"][mine], d["x_txt"][mine])
+            emb, ids, _, rows = global_batch(emb, d["ids"][mine], d["ids"][mine], gather=True, local_loss=local_loss)
+            out = loss(EmbeddingBatch(image_ids=ids, **emb, **extras(family, d), query_rows=rows))
+            out.total.backward()
+            cache.backward()
+            average_gradients([q for q in loss.parameters() if q.requires_grad])
+            results[f"{family}/{local_loss}"] = (float(out.total.detach()), grads(model, loss))
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_gathered_with_accumulation_equal_one_process_on_the_concatenated_batch(tmp_path):
+    """Every rank's gradients after DDP (re-forwards under no_sync but the last) equal those of one process on
+    the W·B·K batch, scale 1, loss parameters included; with local_loss the ranks' losses average to its loss."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=W, join=False,
+                                 start_method="fork")  # the children share the imported torch
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            for proc in context.processes:
+                proc.kill()
+            pytest.fail("the gloo ranks did not finish within 120 s")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(W)]  # our own dicts
+    for family, local_loss in DDP_CASES:
+        d = _ddp_data()
+        model, loss = build(family, 0.0)
+        out = loss(EmbeddingBatch(image_ids=d["ids"], **model(d["x_img"], d["x_txt"]), **extras(family, d)))
+        out.total.backward()
+        ref = grads(model, loss)
+        losses = [r[f"{family}/{local_loss}"][0] for r in ranks]
+        assert sum(losses) / W == pytest.approx(float(out.total.detach()), abs=1e-9)
+        for r in ranks:
+            got = r[f"{family}/{local_loss}"][1]
+            assert got.keys() == ref.keys()
+            for k in ref:
+                torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6, msg=f"{family} {local_loss} {k}")
+
+
 # ----------------------------------------------------------------------------------- the training loop
 def _weights(session: LocalSession) -> dict[str, torch.Tensor]:
     return load_file(model_file(session.latest_checkpoint()))["model"]
