@@ -163,8 +163,8 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
         start_epoch, global_step = resumed_state["epoch"] + 1, resumed_state["global_step"]
         best, initial = resumed_state["best"], dict(resumed_state.get("initial") or {})
         resumed_at = mid_epoch(resumed_state)  # (epoch, steps done) of a step checkpoint
-        log.info("resumed from %s (epoch %d done, %d steps into the next)", resume_from, resumed_state["epoch"],
-                 resumed_at[1] if resumed_at else 0)
+        log.info("resumed from %s (epoch %d done%s)", resume_from, resumed_state["epoch"],
+                 f", then {resumed_at[1]} steps of epoch {resumed_at[0]}" if resumed_at else "")
     train_model = session.prepare_model(wrap_locked_towers(model, image_from_features="image" in cached,
                                                            text_from_features="text" in cached))
     gather = cfg.scaling.gather_global_batch and session.world_size > 1
