@@ -217,3 +217,49 @@ def test_checkpoint_bytes_script_counts_the_weights_once_after_and_twice_before(
     # the weights less what the new state adds: the full RNG set (python, numpy, torch: ~15 KB)
     assert before["per epoch"] - after["per epoch"] == pytest.approx(weights, abs=32_000)
     assert after["best folder"] == after["model.pt"] and before["best folder"] == before["per epoch"]
+
+
+def test_run_steps_resumed_mid_epoch_gives_the_remaining_batches_and_rng_draws_of_an_uninterrupted_epoch():
+    """``run_steps`` over a ``DataLoader`` on ``ResumableBatches``: cut after 4 of 10 steps (the RNG set captured
+    there, as a step checkpoint does), then resumed with the RNGs scrambled: the same batches 5-10 and the same
+    torch / python / numpy draws in each step as the uninterrupted epoch. The RNG set is restored after the loader
+    iterator exists: creating one draws from the torch RNG, so restoring it before would shift every draw."""
+    import random
+
+    import numpy as np
+    from torch.utils.data import DataLoader
+
+    from orchestrator.data.sampler import CaptionBatchSampler
+    from orchestrator.training_state import ResumableBatches, capture_rng, restore_rng, run_steps
+
+    sampler = CaptionBatchSampler(np.arange(40) % 20, 2, seed=1)
+    loader = DataLoader(list(range(40)), batch_sampler=ResumableBatches(sampler))
+
+    def epoch(start, rng=None):
+        steps = run_steps(loader, start=start, stop=10, save=lambda done: None, every=None,
+                          global_step=lambda: 0, rng=rng)
+        draws = []
+        for step, batch in steps:
+            draws.append((step, batch.tolist(), torch.rand(1).item(), random.random(), float(np.random.rand())))
+        return draws
+
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    full = epoch(0)
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    cut: dict = {}
+    n = 0
+    steps = run_steps(loader, start=0, stop=10, save=lambda done: cut.setdefault(done, capture_rng()), every=4,
+                      global_step=lambda: n)
+    for step, batch in steps:
+        torch.rand(1), random.random(), np.random.rand()
+        n += 1
+        if n == 4:
+            next(steps, None)  # the boundary after step 4 (its save), then stop as a crash would
+            break
+    assert list(cut) == [4]
+    torch.manual_seed(99), random.seed(99), np.random.seed(99)
+    resumed = epoch(4, rng=cut[4])
+    assert [d[:2] for d in resumed] == [d[:2] for d in full[4:]]  # steps and batches
+    assert resumed == full[4:]  # and every draw
+    restore_rng(cut[4])  # restored before the iterator exists: its seed draw shifts the torch draws
+    assert [d[2] for d in epoch(4)] != [d[2] for d in full[4:]]
