@@ -154,6 +154,7 @@ def infonce(
     tau: TensorOrFloat,
     positives: Optional[torch.Tensor] = None,
     reduction: str = "sum",
+    validate: bool = True,
 ) -> torch.Tensor:
     """Symmetric InfoNCE with (multi-positive) soft targets.
 
@@ -165,6 +166,8 @@ def infonce(
         reduction: ``"sum"`` = textbook cross-entropy (sum over classes, mean over queries);
             ``"class_mean"`` = the released CUSA ``contrastive_loss_mode: "mean"``, i.e. each
             query's cross-entropy divided by the number of classes (B): ``sum / B``.
+        validate: check that ``positives`` has a True in every row and column (a host sync: the families,
+            whose positives hold the diagonal by construction, pass False).
 
     Returns:
         0-d tensor ``(l_i2t + l_t2i) / 2`` where
@@ -185,7 +188,7 @@ def infonce(
         P = positives.to(device=S.device, dtype=S.dtype)
         row_counts = P.sum(1, keepdim=True)
         col_counts = P.sum(0, keepdim=True)
-        if bool((row_counts == 0).any()) or bool((col_counts == 0).any()):
+        if validate and (bool((row_counts == 0).any()) or bool((col_counts == 0).any())):
             raise ValueError("positives must have at least one True entry in every row and column")
         Y = P / row_counts
         Yt = P.t() / col_counts.t()
@@ -203,6 +206,7 @@ def infonce_rows(
     tau: TensorOrFloat,
     positives: torch.Tensor,
     reduction: str = "sum",
+    validate: bool = True,
 ) -> torch.Tensor:
     """:func:`infonce` for a subset of query rows, both directions (``scaling.local_loss``).
 
@@ -213,6 +217,7 @@ def infonce_rows(
         positives: (Q, N) bool, query row q's positives among the N columns (the same relation in both
             directions: image and text of one pair share a row). Every row needs >= 1 True.
         reduction: as in :func:`infonce`; ``"class_mean"`` divides by the N classes.
+        validate: as in :func:`infonce` (rows only).
 
     Returns:
         0-d tensor ``(mean_q ce_i2t_q + mean_q ce_t2i_q) / 2``: the mean over a partition of the N rows into
@@ -226,7 +231,7 @@ def infonce_rows(
         raise ValueError(f"reduction must be 'sum' or 'class_mean', got {reduction!r}")
     P = positives.to(device=S_i2t.device, dtype=S_i2t.dtype)
     counts = P.sum(1, keepdim=True)
-    if bool((counts == 0).any()):
+    if validate and bool((counts == 0).any()):
         raise ValueError("positives must have at least one True entry in every row")
     Y = P / counts
     ce_i2t = -(Y * torch.log_softmax(S_i2t / tau, dim=1)).sum(1)
@@ -406,6 +411,7 @@ def caption_relevance(
     text_emb: torch.Tensor,
     caption_mask: Optional[torch.Tensor] = None,
     rescale: bool = True,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Relevance Score Calculation: max cosine between an image's captions and each batch text.
 
@@ -419,6 +425,7 @@ def caption_relevance(
         caption_mask: optional (B, K) bool, True = a real caption (for images with fewer than
             K captions). Every image needs at least one real caption.
         rescale: map [-1, 1] to [0, 1] (Listwise RSC); ITM_CLS / LG_ITM use ``rescale=False``.
+        validate: check the mask (a host sync; the training loop's masks hold each pair's own caption).
 
     Returns:
         (B, B) tensor R (row = image i, column = text j), dtype of ``caption_emb``, no grad.
@@ -439,7 +446,7 @@ def caption_relevance(
             if tuple(caption_mask.shape) != (B, K):
                 raise ValueError(f"caption_mask must be ({B}, {K}), got {tuple(caption_mask.shape)}")
             mask = caption_mask.to(device=c.device, dtype=torch.bool)
-            if not bool(mask.any(dim=1).all()):
+            if validate and not bool(mask.any(dim=1).all()):
                 raise ValueError("caption_mask: every image needs at least one real caption")
             sims = sims.masked_fill(~mask.unsqueeze(2), -math.inf)
         R = sims.amax(dim=1)

@@ -152,6 +152,9 @@ class ModelConfig(Section):
     heads: Literal["auto", "none", "cross", "cross_uni"] = Field(
         "auto", description="CUSA's LN+Linear projectors: auto = cross_uni for cusa (cross if beta = 0), else none"
     )
+    grad_checkpointing: StrictBool = Field(
+        False, description="recompute the towers' activations in the backward (open_clip set_grad_checkpointing): "
+                           "less activation memory, about 30% more compute, the same values")
 
     @field_validator("pretrained", mode="before")
     @classmethod
@@ -370,6 +373,15 @@ class TrainConfig(Section):
         1, description="gradient accumulation with feature caching: each step's loss sees batch_size x "
                        "accum_steps pairs (sampler guarantees included) with the activation memory of batch_size; "
                        "exact for every family (dropout replayed), refused with train-mode BatchNorm")
+    compile: StrictBool = Field(False, description="torch.compile the (DDP-wrapped) model for training")
+    compile_backend: Literal["inductor", "aot_eager", "eager", "cudagraphs"] = Field(
+        "inductor", description="torch.compile backend (aot_eager: no code generation, for CPU tests)")
+    tf32: StrictBool = Field(
+        False, description="TF32 matmuls and cuDNN convolutions on Ampere+ GPUs (faster, ~1e-3 relative error); "
+                           "off: the paper recipes trained in pure fp32")
+    cudnn_benchmark: StrictBool = Field(
+        False, description="let cuDNN pick the fastest convolution algorithms (fixed input shapes; not bitwise "
+                           "deterministic)")
 
     @field_validator("best_metric")
     @classmethod

@@ -31,6 +31,7 @@ from orchestrator.models.locked_towers import wrap_locked_towers
 from orchestrator.models.student import HEAD_OUTPUTS, build_student, forward_embeddings, unwrap
 from orchestrator.models.tower_cache import cached_sides, experiment_tower_features
 from orchestrator.soft_labels import BatchInputs
+from orchestrator.speed import compile_for_training, set_backend_flags
 from orchestrator.session import LocalSession, Session
 from orchestrator.training_state import (ResumableBatches, load_training_state, mid_epoch, restore_sums,
                                          run_steps, save_checkpoint)
@@ -105,6 +106,7 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
         run_dir = Path(cfg.train.output_dir) / (cfg.tracking.run_name or f"local-{cfg.config_hash()}")
         session = LocalSession(run_dir, best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode)
     device = session.device
+    set_backend_flags(cfg.train)  # TF32 (off unless train.tf32) and cudnn.benchmark
     seed_everything(cfg.train.seed + session.rank)
 
     # --- data
@@ -167,6 +169,7 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
                  f", then {resumed_at[1]} steps of epoch {resumed_at[0]}" if resumed_at else "")
     train_model = session.prepare_model(wrap_locked_towers(model, image_from_features="image" in cached,
                                                            text_from_features="text" in cached))
+    train_model = compile_for_training(train_model, cfg.train)  # after the DDP wrap (torch's advice)
     gather = cfg.scaling.gather_global_batch and session.world_size > 1
     # the loss family's learnable parameters are outside DDP: their gradients are averaged here (see below)
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
@@ -212,6 +215,7 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
             restore_sums(sums, resumed_state.get("sums"))
         for step, batch in run_steps(loader, start=first, stop=steps_per_epoch, save=step_checkpoint,
                                      every=cfg.train.checkpoint_every_steps, global_step=lambda: global_step, rng=rng):
+            host_ids = batch.image_index.numpy(), batch.caption_index.numpy()  # the sampler's: no device sync
             batch = batch.to(device)
             with autocast_context(device, cfg.model.precision):
                 if accumulation is None:
@@ -221,7 +225,9 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
             # gathered with gradients (scale 1 after DDP averaging); with local_loss, this rank's query rows
             emb, image_ids, caption_ids, rows = global_batch(emb, batch.image_index, batch.caption_index,
                                                              gather=gather, local_loss=cfg.scaling.local_loss)
-            extras = batch_inputs(image_ids.cpu().numpy(), caption_ids.cpu().numpy())
+            if gather:  # the other ranks' ids are on the device only (a copy back: one more sync per step)
+                host_ids = image_ids.cpu().numpy(), caption_ids.cpu().numpy()
+            extras = batch_inputs(*host_ids)
             extras = {k: v.to(device, non_blocking=True) for k, v in extras.items()}
             out = loss_fn(EmbeddingBatch(image_ids=image_ids, **emb, **extras, query_rows=rows))
             if not torch.isfinite(out.total):

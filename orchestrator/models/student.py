@@ -58,11 +58,43 @@ def build_student(cfg: ModelConfig, heads: str = "none") -> Student:
         lock_image_tower(model)
     if cfg.lock_text:
         model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
+    if cfg.grad_checkpointing:
+        enable_grad_checkpointing(model, cfg.name)
     tokenizer = open_clip.get_tokenizer(cfg.name)
     embed_dim = int(open_clip.get_model_config(cfg.name)["embed_dim"])
     if heads != "none":
         model = HeadedDualEncoder(model, embed_dim, uni=heads == "cross_uni")
     return Student(model=model, preprocess=preprocess, tokenizer=tokenizer, embed_dim=embed_dim)
+
+
+def _checkpointed(tower: nn.Module) -> bool:
+    """True when some block stack of ``tower`` recomputes its activations in the backward (open_clip and timm set
+    ``grad_checkpointing``, Hugging Face encoders ``gradient_checkpointing``)."""
+    return any(getattr(m, "grad_checkpointing", False) is True or getattr(m, "gradient_checkpointing", False) is True
+               for m in tower.modules())
+
+
+def enable_grad_checkpointing(model: nn.Module, name: str) -> None:
+    """open_clip's ``set_grad_checkpointing`` on ``model`` (``model.grad_checkpointing``), then a check that every
+    trainable tower really recomputes (some towers, e.g. ModifiedResNet, accept the call and do nothing).
+
+    Raises ``UserError`` (exit 2) naming the tower that does not support it. A frozen tower needs none.
+    """
+    setter = getattr(model, "set_grad_checkpointing", None)
+    if setter is None:
+        raise UserError(f"model {name!r} ({type(model).__name__}) does not support gradient checkpointing",
+                        field="model.grad_checkpointing")
+    setter(True)
+    text = getattr(model, "text", None)
+    towers = {"image": getattr(model, "visual", None),
+              "text": text if text is not None else getattr(model, "transformer", None)}  # CustomTextCLIP / CLIP
+    for side, tower in towers.items():
+        if tower is None or not any(p.requires_grad for p in tower.parameters()):
+            continue
+        if not _checkpointed(tower):
+            raise UserError(f"model {name!r}: the {side} tower ({type(tower).__name__}) does not support gradient "
+                            "checkpointing; set it false", field="model.grad_checkpointing")
+    log.info("gradient checkpointing on (%s)", name)
 
 
 def pretrained_error(path: str, model_name: str, err: BaseException) -> UserError:
@@ -190,5 +222,6 @@ def forward_embeddings(model: nn.Module, images: torch.Tensor, tokens: torch.Ten
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (or the model itself)."""
+    """The module inside a ``torch.compile`` and/or DDP wrapper (or the model itself)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
     return model.module if hasattr(model, "module") else model
