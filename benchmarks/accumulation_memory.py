@@ -45,7 +45,6 @@ def child(model_name: str, family: str, total: int, accum: int) -> dict[str, Any
     from orchestrator.models.student import build_student, forward_embeddings
 
     torch.manual_seed(0)
-    torch.set_num_threads(1)
     cfg = experiment_config(family, model_name, total // accum)
     model = build_student(cfg.model, heads=cfg.resolved_heads).model.train()
     loss_fn = build_loss(cfg)
@@ -92,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.total % args.accum:
         parser.error(f"--total {args.total} is not a multiple of --accum {args.accum}")
     if args.child:
+        import torch
+
+        torch.set_num_threads(1)
         print(json.dumps(child(args.model, args.family, args.total, args.accum)))
         return 0
 

@@ -26,7 +26,7 @@ def test_gpu_throughput_script_measures_every_variant_on_cpu(tmp_path):
     result = json.loads(out.read_text())
     variants = {row["variant"]: row for row in result["rows"]}
     assert set(variants) == {"bare", "ours/infonce", "ours/cusa", "ours/listwise", "ours/bcls", "accum4/infonce",
-                             "ray/infonce"}
+                             "compiled/infonce", "ray/infonce"}
     for name, row in variants.items():
         assert math.isfinite(row["pairs_per_s"]) and row["pairs_per_s"] > 0, (name, row["note"])
         assert math.isfinite(row["ratio_to_bare"]), name
@@ -62,17 +62,15 @@ def test_kernel_tiles_benchmark_times_every_tile_in_the_interpreter(tmp_path):
     assert bad.returncode == 2 and "powers of two" in bad.stderr
 
 
-def test_accumulation_memory_benchmark_measures_both_ways_in_fresh_processes(tmp_path):
-    """Both configurations measured (peak RSS > 0) in their own processes, and they computed the same loss."""
-    out = tmp_path / "accum.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "accumulation_memory.py"), "--total", "8",
-                           "--accum", "2", "--runs", "1", "--jobs", "2", "--out", str(out)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
-    whole, acc = result["rows"]
-    assert (whole["accum_steps"], whole["micro_batch"], acc["accum_steps"], acc["micro_batch"]) == (1, 8, 2, 4)
-    assert all(r["peak_mib"] > 0 and r["runs"][0]["peak_before_mib"] > 0 for r in (whole, acc))
+def test_accumulation_memory_benchmark_measures_both_ways():
+    """The script's measurement at a toy size, in this process (its fresh-process runs cost ~15 s here): both
+    configurations take one step with the same loss and report peaks; a total that K does not divide is refused."""
+    from benchmarks import accumulation_memory as bench
+
+    whole, acc = bench.child("itr-tiny-vit", "infonce", 8, 1), bench.child("itr-tiny-vit", "infonce", 8, 2)
+    assert (whole["micro_batch"], acc["micro_batch"], acc["accum_steps"]) == (8, 4, 2)
+    assert all(r["peak_mib"] >= r["peak_before_mib"] > 0 and r["step_s"] > 0 for r in (whole, acc))
     assert acc["loss"] == pytest.approx(whole["loss"], rel=1e-5)
-    assert "| 2 x 4 |" in proc.stdout and math.isfinite(result["ratios"]["peak"])
+    with pytest.raises(SystemExit) as refused:
+        bench.main(["--total", "10", "--accum", "4"])
+    assert refused.value.code == 2
