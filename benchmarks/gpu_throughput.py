@@ -18,6 +18,9 @@ the device; bf16 autocast on CUDA, fp32 on CPU):
 * ``accumK/infonce`` — ``ours/infonce`` with ``train.accum_steps`` K (``--accum-steps``, default 4): the same B
   pairs per step as K micro-batches of B/K with feature caching (``orchestrator.accumulation``), i.e. the cost
   of the re-forwards at a fixed loss batch; its peak memory is the point.
+* ``compiled/infonce`` — ``ours/infonce`` with ``train.compile`` (``orchestrator.speed.compile_for_training``;
+  ``--compile-backend``, default inductor on CUDA, aot_eager on the CPU smoke run). The first warm-up step
+  compiles; the timed steps do not.
 * ``ray/infonce`` — ``ours/infonce`` inside a one-worker Ray Train ``TorchTrainer`` (skipped with a message when
   Ray cannot start such a worker).
 
@@ -126,9 +129,10 @@ def bare_step(model_name: str, batch: int, device: Any) -> Callable[[], None]:
     return step
 
 
-def our_step(family: str, model_name: str, batch: int, device: Any, accum: int = 1) -> Callable[[], None]:
+def our_step(family: str, model_name: str, batch: int, device: Any, accum: int = 1,
+             compile_backend: str | None = None) -> Callable[[], None]:
     """(b): ``train_loop``'s per-step work for ``family`` on device-resident synthetic inputs (``accum`` > 1:
-    as ``accum`` micro-batches with feature caching)."""
+    as ``accum`` micro-batches with feature caching; ``compile_backend``: ``train.compile`` with that backend)."""
     import torch
 
     from orchestrator.accumulation import feature_cache
@@ -137,6 +141,7 @@ def our_step(family: str, model_name: str, batch: int, device: Any, accum: int =
     from orchestrator.evaluation.embed import autocast_context
     from orchestrator.losses import build_loss
     from orchestrator.models.student import HEAD_OUTPUTS, build_student, forward_embeddings
+    from orchestrator.speed import compile_for_training
     from orchestrator.train_loop import cosine_with_warmup, param_groups
 
     torch.manual_seed(0)
@@ -168,6 +173,9 @@ def our_step(family: str, model_name: str, batch: int, device: Any, accum: int =
         else:
             raise RuntimeError(f"benchmark does not know how to fake input {name!r} of {family}")
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    if compile_backend is not None:  # as train_loop does it (compile_for_training; no DDP in one process)
+        model = compile_for_training(model, cfg.train.model_copy(update={"compile": True,
+                                                                          "compile_backend": compile_backend}))
     cache = feature_cache(model, forward_embeddings, accum, device=device,
                           autocast=lambda: autocast_context(device, cfg.model.precision))
 
@@ -275,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="default 5 on CUDA, 1 on CPU")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--accum-steps", type=int, default=4, help="K of the accumK/infonce variant")
+    p.add_argument("--compile-backend", default=None, choices=["inductor", "aot_eager", "eager"],
+                   help="backend of the compiled/infonce variant (default inductor on CUDA, aot_eager on CPU)")
     p.add_argument("--no-ray", action="store_true", help="skip the Ray Train variant (c)")
     p.add_argument("--eval-size", type=int, nargs=3, default=None, metavar=("IMAGES", "CAPTIONS", "D"),
                    help="evaluation timing size (default COCO 5K: 5000 25000 512 on CUDA, 500 2500 64 on CPU)")
@@ -339,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
             measure(accum_variant, batch, lambda: our_step("infonce", args.model, batch, device, args.accum_steps))
         else:
             measure(accum_variant, batch, done=f"B={batch} is not split into {args.accum_steps} micro-batches")
+        backend = args.compile_backend or ("inductor" if device.type == "cuda" else "aot_eager")
+        measure("compiled/infonce", batch, lambda: our_step("infonce", args.model, batch, device,
+                                                            compile_backend=backend))
         if args.no_ray:
             measure("ray/infonce", batch, done="--no-ray")
         else:
