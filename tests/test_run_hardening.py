@@ -123,16 +123,22 @@ def test_output_dir_that_is_a_file_fails_before_the_run_starts(tmp_path):
     train_fails_before_anything(tmp_path, tree, "train.output_dir", f"{runs} is a file, not a folder")
 
 
-def test_missing_image_fails_before_an_mlflow_run_exists(tmp_path):
-    """Data errors come before the run: no FAILED MLflow run (no store at all), no run folder."""
-    data = tmp_path / "data"
+def missing_image_tree(tmp: Path) -> tuple[dict, Path]:
+    """``quick_tree`` on a captions_json dataset whose train and val images do not exist; and the train image."""
+    data = tmp / "data"
     data.mkdir()
     for split in ("train", "val"):
         (data / f"{split}.json").write_text(json.dumps(
             [{"image": f"{split}-missing.png", "caption": "a red square", "image_id": 1}]))
-    tree = quick_tree(tmp_path)
+    tree = quick_tree(tmp)
     tree["data"] = {"format": "captions_json", "root": str(data)}
-    train_fails_before_anything(tmp_path, tree, str((data / "train-missing.png").resolve()), "image file not found")
+    return tree, (data / "train-missing.png").resolve()
+
+
+def test_missing_image_fails_before_an_mlflow_run_exists(tmp_path):
+    """Data errors come before the run: no FAILED MLflow run (no store at all), no run folder."""
+    tree, missing = missing_image_tree(tmp_path)
+    train_fails_before_anything(tmp_path, tree, str(missing), "image file not found")
 
 
 def sweep_fails_before_anything(tmp: Path, tree: dict, *needles: str) -> str:
@@ -154,14 +160,8 @@ def sweep_fails_before_anything(tmp: Path, tree: dict, *needles: str) -> str:
 
 
 def test_sweep_with_a_missing_image_fails_once_before_ray_or_a_parent_run(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    for split in ("train", "val"):
-        (data / f"{split}.json").write_text(json.dumps(
-            [{"image": f"{split}-missing.png", "caption": "a red square", "image_id": 1}]))
-    tree = quick_tree(tmp_path)
-    tree["data"] = {"format": "captions_json", "root": str(data)}
-    sweep_fails_before_anything(tmp_path, tree, str((data / "train-missing.png").resolve()), "image file not found")
+    tree, missing = missing_image_tree(tmp_path)
+    sweep_fails_before_anything(tmp_path, tree, str(missing), "image file not found")
 
 
 def test_sweep_against_an_unreachable_tracking_server_fails_before_ray(tmp_path):
