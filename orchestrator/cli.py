@@ -92,6 +92,7 @@ def cmd_convert_features(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
     from orchestrator.evaluation.suite import EvalOptions, evaluate_checkpoint, evaluate_embeddings_file
+    from orchestrator.storage import is_uri
 
     opts = EvalOptions(
         split=args.split or ("test" if args.eccv else "val"), folds=args.folds, eccv=args.eccv, eccv_k=args.eccv_k,
@@ -105,6 +106,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.embeddings:
         result = evaluate_embeddings_file(Path(args.embeddings), opts)
         source = {"embeddings": str(args.embeddings)}
+    elif is_uri(args.checkpoint):  # object storage: its files to a temp folder, then as a local checkpoint
+        import tempfile
+
+        from orchestrator.storage import download_checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="itr-eval-") as tmp:
+            local = download_checkpoint(args.checkpoint, Path(tmp) / "checkpoint")
+            result = evaluate_checkpoint(local, opts, config=args.config, overrides=args.set)
+        source = {"checkpoint": args.checkpoint}
     else:
         from orchestrator.checkpoint import model_file
 

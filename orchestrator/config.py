@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError,
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationError,
                       field_validator, model_validator)
 
 from orchestrator.errors import UserError
@@ -50,6 +50,17 @@ def _absolute(value: Path) -> Path:
 
 #: a path field made absolute at validation (need not exist yet)
 AbsolutePath = Annotated[Path, AfterValidator(_absolute)]
+
+
+def _storage(value: Any) -> Any:
+    """A ``scheme://...`` URI kept as the string (object storage: ``orchestrator.storage``), else a local path."""
+    if isinstance(value, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
+        return value.rstrip("/") if value.partition("?")[0].count("/") > 2 else value
+    return _absolute(value) if isinstance(value, (str, Path)) else value
+
+
+#: a local folder (made absolute) or an object-storage URI such as ``s3://bucket/runs`` (kept as a string)
+StorageLocation = Annotated[Union[Path, str], BeforeValidator(_storage)]
 
 
 def _existing_path(value: Path | None, what: str) -> Path | None:
@@ -361,7 +372,9 @@ class TrainConfig(Section):
                           "mid-epoch); a SIGTERM mid-epoch always saves one; unset: epoch checkpoints only")
     best_metric: str = "val/rsum"
     best_mode: Literal["max", "min"] = "max"
-    output_dir: AbsolutePath = Field(Path("runs"), validate_default=True)
+    output_dir: StorageLocation = Field(
+        Path("runs"), validate_default=True,
+        description="a local folder, or (Ray backend only) an object-storage URI: s3://bucket/runs, gs://...")
     resume: StrictBool = Field(True, description="with run_key: a rerun continues the run in its folder")
     run_key: str | None = Field(
         None, description="a stable name for this experiment: its run folder is <output_dir>/<run_key> (Ray: "

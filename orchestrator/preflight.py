@@ -100,8 +100,14 @@ def check_tracking_uri(uri: str, *, field: str | None = "tracking.uri", probe: b
         probe_server(uri, field=field, timeout_s=timeout_s)
 
 
-def check_output_dir(folder: Path, *, source: str | None) -> None:
-    """``train.output_dir`` must be a writable folder, or creatable below the nearest existing one."""
+def check_output_dir(folder: Path | str, *, source: str | None) -> None:
+    """``train.output_dir`` must be a writable folder, or creatable below the nearest existing one (a URI: its
+    bucket must answer, :func:`orchestrator.storage.check_reachable`)."""
+    from orchestrator import storage
+
+    if storage.is_uri(folder):
+        storage.check_reachable(folder, source=source)
+        return
     folder = Path(folder)
     node = folder
     while not node.exists() and node != node.parent:
@@ -140,7 +146,12 @@ def check_experiment(cfg: ExperimentConfig, tracking_uri: str | None, *, source:
             if err.path is None and cfg.tracking.uri and source:
                 raise UserError(err.detail, path=source, field=err.field) from None
             raise
-    check_output_dir(cfg.train.output_dir, source=source)
+    from orchestrator import storage
+
+    if storage.is_uri(cfg.train.output_dir):  # object storage: Ray backend only, bucket reachable
+        storage.check_uri_output_dir(cfg, source=source)
+    else:
+        check_output_dir(cfg.train.output_dir, source=source)
     check_data(cfg)
     from orchestrator.models.student import check_pretrained
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from orchestrator import preflight, tracking
+from orchestrator import storage as storage_uri
 from orchestrator.checkpoint import os_error_in
 from orchestrator.config import ExperimentConfig
 from orchestrator.errors import UserError
@@ -148,7 +149,9 @@ def use_gpu(cfg: ExperimentConfig) -> bool:
 
 
 def ray_storage(cfg: ExperimentConfig) -> str:
-    """Where ``itr train`` keeps its Ray Train runs: ``<train.output_dir>/ray`` (absolute)."""
+    """Where ``itr train`` keeps its Ray Train runs: ``<train.output_dir>/ray`` (absolute, or a storage URI)."""
+    if storage_uri.is_uri(cfg.train.output_dir):
+        return storage_uri.join(cfg.train.output_dir, "ray")
     return (Path(cfg.train.output_dir).expanduser().resolve() / "ray").as_posix()
 
 
@@ -175,7 +178,7 @@ def _fit_with_ray(cfg: ExperimentConfig, name: str, target: tracking.TrackingTar
     if gpu:
         resources["GPU"] = 1
     storage = storage_path or ray_storage(cfg)
-    hooks = TrainControllerHooks(target if run_id else None, run_id, spill_dir=f"{storage}/{name}",
+    hooks = TrainControllerHooks(target if run_id else None, run_id, spill_dir=str(spill_folder(storage, name)),
                                  last_epoch=cfg.train.epochs - 1, max_failures=cfg.scaling.max_failures)
     loop_config = {"config": cfg.model_dump(mode="json"), "run_id": run_id,
                    "target": None if target is None else target.__dict__}
@@ -208,8 +211,9 @@ def _fit_with_ray(cfg: ExperimentConfig, name: str, target: tracking.TrackingTar
     if result.best_checkpoints:
         pick = max if cfg.train.best_mode == "max" else min
         best = pick(result.best_checkpoints, key=lambda cm: cm[1].get("checkpoint/score", 0.0))[0].path
+        best = storage_uri.to_uri(storage, best)  # Ray gives a path in its file system: s3://... again
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
-    return metrics, best, f"{storage}/{name}"
+    return metrics, best, storage_uri.join(storage, name)
 
 
 def prepare_teacher_features(cfg: ExperimentConfig, roles=("train", "val", "test")) -> dict[str, Any]:
@@ -252,9 +256,27 @@ def _run_folder(cfg: ExperimentConfig, root: Path) -> tuple[str, Path, KeyedFold
     if cfg.train.run_key:
         keyed = claim_keyed_folder(root, cfg.train.run_key, cfg.config_hash(), resume=cfg.train.resume)
         return keyed.name, keyed.path, keyed
-    name, path = new_run_folder(root, f"{cfg.tracking.run_name or cfg.loss.family}-"
-                                      f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.config_hash()[:6]}")
+    name, path = new_run_folder(root, _run_base(cfg))
     return name, path, None
+
+
+def _run_base(cfg: ExperimentConfig) -> str:
+    return f"{cfg.tracking.run_name or cfg.loss.family}-{time.strftime('%Y%m%d-%H%M%S')}-{cfg.config_hash()[:6]}"
+
+
+def _new_run_name(cfg: ExperimentConfig) -> str:
+    """A fresh run name for object storage (``<base>-<6 hex>``, as :func:`new_run_folder`, without a folder)."""
+    import secrets
+
+    return f"{_run_base(cfg)}-{secrets.token_hex(3)}"
+
+
+def spill_folder(storage: str, name: str) -> Path:
+    """Where MLflow calls that could not be sent wait for the driver: the run folder, or for object storage a
+    local folder (``<tmp>/itr-unsent/<name>``: the spill files are plain local JSON)."""
+    if storage_uri.is_uri(storage):
+        return Path(tempfile.gettempdir()) / "itr-unsent" / name
+    return Path(storage) / name
 
 
 def _open_tracked_run(target: tracking.TrackingTarget, cfg: ExperimentConfig, name: str, run_dir: Path,
@@ -291,8 +313,12 @@ def run_experiment(cfg: ExperimentConfig, *, config_source: str | None = None,
         prepare_teacher_features(cfg, roles=("train",))
     prepare_tower_features(cfg)  # locked towers' outputs, computed once (no-op unless a tower is locked)
     local = cfg.scaling.backend == "local"
-    root = Path(cfg.train.output_dir).expanduser().resolve() if local else Path(ray_storage(cfg))
-    name, planned_dir, keyed = _run_folder(cfg, root)
+    if storage_uri.is_uri(cfg.train.output_dir):  # no local run folder: a name, and a local spill folder
+        name = _new_run_name(cfg)
+        planned_dir, keyed = spill_folder(ray_storage(cfg), name), None
+    else:
+        root = Path(cfg.train.output_dir).expanduser().resolve() if local else Path(ray_storage(cfg))
+        name, planned_dir, keyed = _run_folder(cfg, root)
     try:
         result = _train_in_folder(cfg, target, name, planned_dir, keyed, config_source=config_source,
                                   parent_run_id=parent_run_id)

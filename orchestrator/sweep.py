@@ -488,7 +488,14 @@ class SweepResult:
 
 
 def sweep_dir(space: SearchSpace, name: str | None = None) -> Path:
-    return Path(space.base_config.train.output_dir).expanduser().resolve() / "sweeps" / (name or space.name)
+    """``<train.output_dir>/sweeps/<name>``: a local folder (the sweep's state file and Tune's experiment state
+    live there); an object-storage ``train.output_dir`` is refused (``itr train`` on Ray can use one)."""
+    output_dir = space.base_config.train.output_dir
+    if isinstance(output_dir, str) and "://" in output_dir:
+        raise UserError(f"{output_dir}: itr sweep keeps its state in a local folder; set train.output_dir to a "
+                        "local or shared-volume path (object storage works for itr train on Ray)",
+                        path=str(space.path), field="train.output_dir")
+    return Path(output_dir).expanduser().resolve() / "sweeps" / (name or space.name)
 
 
 def _read_state(path: Path) -> dict[str, Any] | None:

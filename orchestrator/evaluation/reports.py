@@ -212,6 +212,10 @@ def publish_run_reports(cfg, checkpoint: Path | str | None, log_files: Callable[
         return []
     try:
         with tempfile.TemporaryDirectory(prefix="itr-reports-") as tmp:
+            from orchestrator import storage
+
+            if storage.is_uri(str(checkpoint)):  # the run stored its checkpoints in object storage
+                checkpoint = storage.download_checkpoint(str(checkpoint), Path(tmp) / "checkpoint")
             files = generate_run_reports(cfg, checkpoint, Path(tmp))
             log_files(files)
             names = [f.name for f in files]
