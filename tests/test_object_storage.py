@@ -11,6 +11,8 @@ import io
 import json
 import logging
 import os
+import re
+import signal
 import socket
 from pathlib import Path
 
@@ -209,3 +211,69 @@ def test_two_worker_ray_run_checkpoints_into_s3_and_eval_reads_them(tmp_path, s3
     for key in ("i2t_r1", "t2i_r1", "rsum"):
         logged = [m.value for m in client.get_metric_history(run.info.run_id, f"val/{key}") if m.step == epoch]
         assert metrics[key] == pytest.approx(logged[0], abs=1e-4), (key, metrics, logged)
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # a Ray run of 4 epochs in a child process plus the undisturbed reference
+def test_sigkilled_worker_resumes_from_the_s3_checkpoint(tmp_path, s3_endpoint):
+    """As tests/test_faults.py's worker SIGKILL, with the checkpoints in S3: once epoch 1 is committed the worker
+    is SIGKILLed; Ray Train restores the last checkpoint from the bucket, the run exits 0 and its final metrics
+    equal an undisturbed local run's (same tolerances and reasons as there)."""
+    import threading
+    import time
+
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.run import run_experiment
+    from tests.test_faults import cmdline, fault_tree, kill_session, logged_epochs, session_pids, start_itr, wait_for
+
+    epochs = 4
+    tree = fault_tree(tmp_path, epochs=epochs, steps_per_epoch=20, scaling={"backend": "ray", "num_workers": 1},
+                      tracking={"run_name": "killed"})
+    tree["train"]["output_dir"] = f"s3://{BUCKET}/killed"
+    config = write_config(tmp_path, tree)
+    log = tmp_path / "train.log"
+    MlflowClient(tracking_uri=tree["tracking"]["uri"]).search_experiments()  # the store exists before the race
+    proc = start_itr(["train", str(config)], tmp_path, log)  # inherits the AWS_* variables
+    kill: dict = {}
+
+    def kill_the_worker_after_epoch_1() -> None:
+        try:
+            watcher = MlflowClient(tracking_uri=tree["tracking"]["uri"])
+            wait_for(lambda: 1 in logged_epochs(watcher, "test"), 240, "epoch 1 to be committed", proc, log)
+            workers = [p for p in session_pids(proc.pid) if cmdline(p).startswith("ray::RayTrainWorker")]
+            assert len(workers) == 1, [cmdline(p) for p in session_pids(proc.pid)]
+            time.sleep(0.3)
+            os.kill(workers[0], signal.SIGKILL)
+            time.sleep(2.0)
+            kill["committed"] = max(logged_epochs(watcher, "test"))
+        except BaseException as err:  # noqa: BLE001 - re-raised by the test
+            kill["error"] = err
+
+    killer = threading.Thread(target=kill_the_worker_after_epoch_1, daemon=True)
+    killer.start()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the worker (cpus_per_worker 1)
+    try:
+        ref_tree = dict(tree, scaling={"backend": "local"}, tracking={"enabled": False},
+                        train=dict(tree["train"], output_dir=str(tmp_path / "reference")))
+        reference = run_experiment(validate_config(ref_tree)).metrics
+        killer.join(timeout=300)
+        rc = proc.wait(timeout=300)
+    finally:
+        torch.set_num_threads(threads)
+        kill_session(proc.pid)
+    if "error" in kill:
+        raise kill["error"]
+    out = log.read_text(errors="replace")
+    assert rc == 0, out[-4000:]
+    committed = kill["committed"]
+    assert 1 <= committed < epochs - 1, "the kill did not land mid-run"
+    assert re.search(rf"resumed from \S+ \(epoch {committed} done\)", out), out[-4000:]
+    assert any(k.endswith("/model.pt") for k in objects(s3_endpoint, "killed/ray/"))
+    client = MlflowClient(tracking_uri=tree["tracking"]["uri"])
+    final = client.search_runs([client.get_experiment_by_name("test").experiment_id])[0].data.metrics
+    assert final["train/loss"] == pytest.approx(reference["train/loss"], abs=1e-6)
+    for key in ("val/rsum", "val/i2t_r1", "val/t2i_r1"):
+        assert final[key] == pytest.approx(reference[key], abs=1e-4), key
