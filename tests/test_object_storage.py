@@ -6,8 +6,6 @@ one line naming train.output_dir; a missing bucket is exit 2 before anything sta
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import os
@@ -19,9 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.cli import main
 from orchestrator.config import validate_config
 from tests.conftest import tiny_tree
+from tests.test_bad_input import run_cli as run_cli_lines
 
 BUCKET = "itr-runs"
 
@@ -61,16 +59,9 @@ def s3_endpoint():
 
 
 def run_cli(argv: list[str], cwd: Path) -> tuple[int, str, str]:
-    """(exit code, stderr, stdout) of ``itr argv`` in-process with ``cwd`` as working dir."""
-    err, out = io.StringIO(), io.StringIO()
-    old = Path.cwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-            rc = main(argv)
-    finally:
-        os.chdir(old)
-    return rc, err.getvalue(), out.getvalue()
+    """(exit code, stderr, stdout) of ``itr argv`` in-process (``tests.test_bad_input.run_cli``, stderr joined)."""
+    rc, lines, out = run_cli_lines(argv, cwd)
+    return rc, "\n".join(lines), out
 
 
 def error_lines(stderr: str) -> list[str]:

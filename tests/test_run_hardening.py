@@ -25,6 +25,7 @@ import yaml
 from orchestrator.config import validate_config
 from tests.mlflow_server import free_port
 from tests.test_bad_input import assert_one_line_error, base_tree, run_cli, snapshot
+from tests.test_faults import _stat, session_pids
 
 ITR = str(Path(sys.executable).with_name("itr"))
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
@@ -200,21 +201,6 @@ def _mlflow_runs(uri: str, experiment: str) -> list:
     return client.search_runs([exp.experiment_id]) if exp is not None else []
 
 
-def _session_pids(sid: int) -> list[int]:
-    """Live processes of session ``sid`` (what a ``start_new_session`` child started, Ray's included)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
-                found.append(int(entry))
-    return found
-
-
 def sigterm_itr_train_mid_run(tmp_path: Path, scaling: dict, first_checkpoint: str) -> tuple[int, float, str, list]:
     """Start ``itr train`` of a many-epoch config, SIGTERM it (its pid only, as Kubernetes does) once
     ``first_checkpoint`` (a glob under ``runs/``) exists; returns (exit code, seconds it took to exit, its output,
@@ -238,11 +224,11 @@ def sigterm_itr_train_mid_run(tmp_path: Path, scaling: dict, first_checkpoint: s
         rc = proc.wait(timeout=60)
         took = time.monotonic() - t0
         deadline = time.monotonic() + 10
-        while _session_pids(proc.pid) and time.monotonic() < deadline:
+        while session_pids(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        left = [p for p in _session_pids(proc.pid)]
+        left = [p for p in session_pids(proc.pid)]
     finally:
-        for pid in _session_pids(proc.pid):
+        for pid in session_pids(proc.pid):
             os.kill(pid, signal.SIGKILL)
         if proc.poll() is None:
             proc.wait()
@@ -360,11 +346,8 @@ def _descendants(pid: int) -> set[int]:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
+    st = _stat(pid)
+    return st is not None and st[0] not in ("Z", "X")
 
 
 def _port_open(port: int) -> bool:
