@@ -24,7 +24,8 @@ import torch
 from orchestrator.config import validate_config
 from orchestrator.run_folders import LOCK_FILE, RUN_FILE, claim_keyed_folder
 from tests.test_bad_input import assert_one_line_error, run_cli, snapshot
-from tests.test_run_hardening import ENV, ITR, _mlflow_runs, _session_pids, quick_tree, write_config
+from tests.test_faults import session_pids
+from tests.test_run_hardening import ENV, ITR, _mlflow_runs, quick_tree, write_config
 
 EPOCHS = 6
 
@@ -66,7 +67,7 @@ def sigterm_after_first_checkpoint(tmp: Path, config: Path, folder: Path) -> tup
         os.kill(proc.pid, signal.SIGTERM)
         rc = proc.wait(timeout=60)
     finally:
-        for pid in _session_pids(proc.pid):
+        for pid in session_pids(proc.pid):
             os.kill(pid, signal.SIGKILL)
         if proc.poll() is None:
             proc.wait()
