@@ -216,6 +216,10 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
         for step, batch in run_steps(loader, start=first, stop=steps_per_epoch, save=step_checkpoint,
                                      every=cfg.train.checkpoint_every_steps, global_step=lambda: global_step, rng=rng):
             host_ids = batch.image_index.numpy(), batch.caption_index.numpy()  # the sampler's: no device sync
+            global_ids = None
+            if gather:  # every rank's sampler knows the global batch: its ids need no gather and no copy back
+                host_ids = sampler.global_ids(step)
+                global_ids = tuple(torch.from_numpy(a).to(device, non_blocking=True) for a in host_ids)
             batch = batch.to(device)
             with autocast_context(device, cfg.model.precision):
                 if accumulation is None:
@@ -224,9 +228,8 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
                     emb = accumulation.embed(train_model, batch.images, batch.tokens)
             # gathered with gradients (scale 1 after DDP averaging); with local_loss, this rank's query rows
             emb, image_ids, caption_ids, rows = global_batch(emb, batch.image_index, batch.caption_index,
-                                                             gather=gather, local_loss=cfg.scaling.local_loss)
-            if gather:  # the other ranks' ids are on the device only (a copy back: one more sync per step)
-                host_ids = image_ids.cpu().numpy(), caption_ids.cpu().numpy()
+                                                             gather=gather, local_loss=cfg.scaling.local_loss,
+                                                             global_ids=global_ids)
             extras = batch_inputs(*host_ids)
             extras = {k: v.to(device, non_blocking=True) for k, v in extras.items()}
             out = loss_fn(EmbeddingBatch(image_ids=image_ids, **emb, **extras, query_rows=rows))

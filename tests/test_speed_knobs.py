@@ -222,3 +222,30 @@ def test_one_host_sync_per_training_step_on_cuda(tmp_path):
 
     one, three = warned(1), warned(3)
     assert one >= 1 and three - one <= 2, (one, three)  # one >= 1: the detector sees our isfinite check
+
+
+@pytest.mark.parametrize("unique", [True, False])
+def test_global_ids_from_the_sampler_equal_an_all_gather_of_every_ranks_batch(unique):
+    """With ``gather_global_batch`` the loop takes the other ranks' ids from its own sampler (no all-gather, no
+    copy back to the host): they must be what rank 0, 1, 2 hold at that step, concatenated in rank order."""
+    import numpy as np
+
+    from orchestrator.data.sampler import CaptionBatchSampler
+
+    caption_image = np.repeat(np.arange(60), 5)  # 60 images, 5 captions each
+    world, b = 3, 4
+    samplers = [CaptionBatchSampler(caption_image, b, seed=7, unique_images=unique, rank=r, world_size=world)
+                for r in range(world)]
+    for epoch in (0, 1):
+        for s in samplers:
+            s.set_epoch(epoch)
+        per_rank = [list(s) for s in samplers]
+        assert len({len(p) for p in per_rank}) == 1 and len(per_rank[0]) == len(samplers[0])
+        for step in range(len(per_rank[0])):
+            gathered = np.concatenate([per_rank[r][step] for r in range(world)])
+            for s in samplers:
+                images, captions = s.global_ids(step)
+                np.testing.assert_array_equal(captions, gathered)
+                np.testing.assert_array_equal(images, caption_image[gathered])
+            if unique:
+                assert len(set(caption_image[gathered].tolist())) == world * b

@@ -62,6 +62,7 @@ class CaptionBatchSampler:
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self._cached: tuple[int, list[np.ndarray]] | None = None
         num_images = int(self.caption_image.max()) + 1 if len(self.caption_image) else 0
         if unique_images and batch_size * world_size > num_images:
             workers = f" x {world_size} workers" if world_size > 1 else ""
@@ -77,11 +78,23 @@ class CaptionBatchSampler:
         self.epoch = epoch
 
     def _global_batches(self) -> list[np.ndarray]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        size = self.batch_size * self.world_size
-        if self.unique_images:
-            return unique_image_batches(self.caption_image, size, rng)
-        return random_batches(len(self.caption_image), size, rng)
+        """The epoch's global batches, built once per epoch (``len`` and every step reuse them)."""
+        if self._cached is None or self._cached[0] != self.epoch:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            size = self.batch_size * self.world_size
+            if self.unique_images:
+                batches = unique_image_batches(self.caption_image, size, rng)
+            else:
+                batches = random_batches(len(self.caption_image), size, rng)
+            self._cached = (self.epoch, batches)
+        return self._cached[1]
+
+    def global_ids(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image indices, caption indices), int64 (world_size * batch_size,) each, of step ``step``'s global
+        batch in rank order: what an all-gather of every rank's ids would give, known on every rank's host
+        without a collective or a device-to-host copy."""
+        captions = self._global_batches()[step]
+        return self.caption_image[captions], captions
 
     def __iter__(self) -> Iterator[np.ndarray]:
         lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
