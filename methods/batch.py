@@ -1,9 +1,11 @@
 """What every loss family consumes (``EmbeddingBatch``) and returns (``LossOutput``)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass
@@ -22,6 +24,9 @@ class EmbeddingBatch:
     query_rows: None = the loss is computed for every query row (both directions); a slice = only for these
     rows (``scaling.local_loss``: this rank's images against all texts, its texts against all images), for the
     families with ``supports_local_loss``; they average so that the mean over ranks is the global loss.
+    rank_sum: with ``query_rows``, how a tensor is summed over the ranks that share the gathered batch (Kendall's
+    pair counts); None = an all-reduce over torch.distributed's default group (the group
+    ``orchestrator.distributed.global_batch`` gathers over). See :meth:`sum_over_ranks`.
     """
 
     image_emb: torch.Tensor
@@ -36,6 +41,7 @@ class EmbeddingBatch:
     text_caption_emb: torch.Tensor | None = None
     relevance: torch.Tensor | None = None
     query_rows: slice | None = None
+    rank_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def similarity(self) -> torch.Tensor:
         """S: (B, B) cosine similarities, rows = images, columns = texts."""
@@ -55,6 +61,31 @@ class EmbeddingBatch:
             return S, S.T
         return self.rows(self.image_emb) @ self.text_emb.T, self.rows(self.text_emb) @ self.image_emb.T
 
+    def query_columns(self) -> torch.Tensor:
+        """(Q,) int64: each query row's own column (its pair) among the B candidates; ``arange(B)`` without
+        ``query_rows``."""
+        cols = torch.arange(self.image_ids.shape[0], device=self.image_emb.device)
+        return self.rows(cols)
+
+    def sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the ranks whose query rows partition the batch (a new tensor; ``t`` is kept).
+
+        ``rank_sum`` when given; else an all-reduce over the default process group when one of more than one
+        rank is initialised; else ``t`` itself, which is the sum only when this process computes every row.
+        Raises ValueError for a strict subset of the rows without a process group or ``rank_sum``.
+        """
+        if self.rank_sum is not None:
+            return self.rank_sum(t)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            out = t.clone()
+            dist.all_reduce(out)
+            return out
+        B = self.image_ids.shape[0]
+        if self.query_rows is not None and len(range(B)[self.query_rows]) != B:
+            raise ValueError("query_rows covers part of the batch but there is no process group to sum over "
+                             "the other ranks: initialise torch.distributed or set EmbeddingBatch.rank_sum")
+        return t
+
     def query_positives(self, multi_positive: bool = True) -> torch.Tensor:
         """(Q, B) bool: query row q's positives among the B columns (the same for both directions).
 
@@ -72,7 +103,8 @@ class EmbeddingBatch:
 
     def available(self) -> set[str]:
         """Names of the optional inputs that are present."""
-        return {f.name for f in fields(self) if f.name != "query_rows" and getattr(self, f.name) is not None}
+        return {f.name for f in fields(self)
+                if f.name not in ("query_rows", "rank_sum") and getattr(self, f.name) is not None}
 
 
 @dataclass

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from methods import functional as F
+from methods import row_losses as rows
 from methods.batch import EmbeddingBatch, LossOutput
 from methods.registry import register
 from methods.temperature import Temperature
@@ -20,8 +21,8 @@ class LossFamily(nn.Module):
     requires: ClassVar[frozenset[str]] = frozenset()
     TERMS: ClassVar[tuple[str, ...]] = ()
     supports_multi_positive: bool = True
-    #: ``forward`` takes ``EmbeddingBatch.query_rows`` (``scaling.local_loss``): every term is a mean over
-    #: query rows, so each rank computes its own rows and the mean over ranks is the global loss.
+    #: ``forward`` takes ``EmbeddingBatch.query_rows`` (``scaling.local_loss``): each rank computes the terms of
+    #: its own query rows, normalised so that the mean over ranks is the global loss (``methods.row_losses``).
     supports_local_loss: ClassVar[bool] = False
 
     def logged_terms(self) -> tuple[str, ...]:
@@ -33,11 +34,6 @@ class LossFamily(nn.Module):
         missing = sorted(self.requires - available)
         if missing:
             raise ValueError(f"loss family {self.family_name!r} needs batch inputs {missing}")  # type: ignore[attr-defined]
-
-    def _full_batch_only(self, batch: EmbeddingBatch) -> None:
-        """Families without ``supports_local_loss`` compute the whole batch; refuse a row subset."""
-        if batch.query_rows is not None:
-            raise ValueError(f"loss family {self.family_name!r} does not support local_loss")  # type: ignore[attr-defined]
 
     def temperatures(self) -> dict[str, float]:
         """Current value of every temperature this family owns (for logging)."""
@@ -75,6 +71,8 @@ class InfoNCE(LossFamily):
 class Triplet(LossFamily):
     """Bidirectional triplet ranking loss; ``mining``: hardest (VSE++), soft_negative (Triplet-SN) or selhn."""
 
+    supports_local_loss = True
+
     def __init__(self, margin: float = 0.2, mining: str = "hardest", soft_negative_tau: float = 0.05,
                  selhn_eps: float = F.SELHN_DEFAULT_EPS, multi_positive: bool = True) -> None:
         super().__init__()
@@ -91,11 +89,19 @@ class Triplet(LossFamily):
         return (f"triplet_{self.mining}",)
 
     def forward(self, batch: EmbeddingBatch) -> LossOutput:
-        self._full_batch_only(batch)
-        S = batch.similarity()
-        positives = batch.positives() if self.multi_positive else None
-        loss = _triplet(S, self.margin, self.mining, positives, self.soft_negative_tau, self.selhn_eps)
+        loss = _pair_term(self, batch, *batch.query_similarities())
         return LossOutput(total=loss, terms={f"triplet_{self.mining}": loss.detach()})
+
+
+def _pair_term(fam: LossFamily, batch: EmbeddingBatch, S_i2t: torch.Tensor, S_t2i: torch.Tensor) -> torch.Tensor:
+    """The triplet term of ``fam`` (its margin, mining, multi_positive, soft_negative_tau, selhn_eps): on the
+    square S = S_i2t (= S_t2i.T) without ``query_rows``, else on the query rows (``methods.row_losses``)."""
+    if batch.query_rows is None:
+        positives = batch.positives() if fam.multi_positive else None
+        return _triplet(S_i2t, fam.margin, fam.mining, positives, fam.soft_negative_tau, fam.selhn_eps)
+    positives = batch.query_positives() if fam.multi_positive else None
+    return rows.triplet_rows(S_i2t, S_t2i, batch.query_columns(), fam.margin, fam.mining, positives,
+                             tau=fam.soft_negative_tau, eps=fam.selhn_eps)
 
 
 def _triplet(S: torch.Tensor, margin: float, mining: str, positives, sn_tau: float, eps: float) -> torch.Tensor:
@@ -134,12 +140,25 @@ class _RelevanceFamily(LossFamily):
         return F.caption_relevance(batch.caption_group_emb, batch.text_caption_emb, batch.caption_group_mask,
                                    rescale=self.rescale, validate=False).to(batch.image_emb.dtype)
 
+    def relevance_lists(self, batch: EmbeddingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(R_i2t, R_t2i)``, both (Q, N), the relevance rows of the query lists (``batch.query_rows``), as
+        :mod:`methods.row_losses` takes them (``t2i_relevance`` decides R_t2i); nothing (N, N) is built."""
+        own = batch.query_columns()
+        if self.relevance_source == "exact":
+            R_i2t, R_t2i = rows.relevance_lists(batch.relevance, own, self.t2i_relevance)
+        else:
+            R_i2t, R_t2i = rows.caption_relevance_rows(batch.caption_group_emb, batch.text_caption_emb, own,
+                                                       batch.caption_group_mask, self.rescale, self.t2i_relevance)
+        dtype = batch.image_emb.dtype
+        return R_i2t.to(dtype), R_t2i.to(dtype)
+
 
 @register("listwise")
 class Listwise(_RelevanceFamily):
     """Listwise ITR: (1 − λ)·triplet + λ·S-NDCG with relevance from RSC (spec B.3)."""
 
     TERMS = ("triplet", "sndcg", "relevance_mean")
+    supports_local_loss = True
 
     def __init__(self, weight: float = 0.5, tau: float = 0.01, margin: float = 0.2, mining: str = "hardest",
                  t2i_relevance: str = "transpose", relevance: str = "teacher", rescale: bool = True,
@@ -157,22 +176,30 @@ class Listwise(_RelevanceFamily):
         self._setup_relevance(relevance, rescale)
 
     def forward(self, batch: EmbeddingBatch) -> LossOutput:
-        self._full_batch_only(batch)
-        S = batch.similarity()
-        positives = batch.positives() if self.multi_positive else None
-        pair = _triplet(S, self.margin, self.mining, positives, self.soft_negative_tau, self.selhn_eps)
-        R = self.relevance(batch)
-        ndcg = F.smooth_ndcg_loss(S, R, tau=self.tau, t2i_relevance=self.t2i_relevance, chunk_size=self.chunk_size,
-                                  kernel=self.kernel)
+        S_i2t, S_t2i = batch.query_similarities()
+        pair = _pair_term(self, batch, S_i2t, S_t2i)
+        if batch.query_rows is None:
+            R = self.relevance(batch)
+            ndcg = F.smooth_ndcg_loss(S_i2t, R, tau=self.tau, t2i_relevance=self.t2i_relevance,
+                                      chunk_size=self.chunk_size, kernel=self.kernel)
+        else:  # the query rows' lists only (a mean over rows: the ranks' mean is the global loss)
+            R, R_t2i = self.relevance_lists(batch)
+            ndcg = rows.smooth_ndcg_rows(S_i2t, S_t2i, R, R_t2i, tau=self.tau, chunk_size=self.chunk_size,
+                                         kernel=self.kernel)
         pair_w, list_w = (1 - self.weight) * pair, self.weight * ndcg
         return LossOutput(total=pair_w + list_w,
                           terms={"triplet": pair_w.detach(), "sndcg": list_w.detach(),
-                                 "relevance_mean": R.detach().mean()})
+                                 "relevance_mean": R.detach().mean()})  # local: this rank's rows
 
 
 @register("bcls")
 class BCLS(_RelevanceFamily):
-    """BCLS: Triplet-SN + λ·Kendall ranking loss with SW-HS (spec A; Triplet-SN/SW-HS are reconstructions)."""
+    """BCLS: Triplet-SN + λ·Kendall ranking loss with SW-HS (spec A; Triplet-SN/SW-HS are reconstructions).
+
+    With ``query_rows`` the Kendall normaliser (valid pairs of every query) is summed over the ranks
+    (``EmbeddingBatch.sum_over_ranks``: one all-reduce of two integers per step)."""
+
+    supports_local_loss = True
 
     def __init__(self, margin: float = 0.2, mining: str = "soft_negative", soft_negative_tau: float = 0.05,
                  kendall_weight: float = 1.0, gap: float = 0.3, surrogate: str = "hinge",
@@ -194,14 +221,16 @@ class BCLS(_RelevanceFamily):
         return (f"triplet_{self.mining}", "kendall")
 
     def forward(self, batch: EmbeddingBatch) -> LossOutput:
-        self._full_batch_only(batch)
-        S = batch.similarity()
-        positives = batch.positives() if self.multi_positive else None
-        binary = _triplet(S, self.margin, self.mining, positives, self.soft_negative_tau, self.selhn_eps)
-        R = self.relevance(batch)
-        kendall = self.kendall_weight * F.kendall_rank_loss(
-            S, R, gap=self.gap, surrogate=self.surrogate, t2i_relevance=self.t2i_relevance, window=self.window,
-            hard_k=self.hard_k, temperature=self.surrogate_temperature, chunk_size=self.chunk_size, kernel=self.kernel)
+        S_i2t, S_t2i = batch.query_similarities()
+        binary = _pair_term(self, batch, S_i2t, S_t2i)
+        options = dict(gap=self.gap, surrogate=self.surrogate, window=self.window, hard_k=self.hard_k,
+                       temperature=self.surrogate_temperature, chunk_size=self.chunk_size, kernel=self.kernel)
+        if batch.query_rows is None:
+            kendall = F.kendall_rank_loss(S_i2t, self.relevance(batch), t2i_relevance=self.t2i_relevance, **options)
+        else:
+            R_i2t, R_t2i = self.relevance_lists(batch)
+            kendall = rows.kendall_rows(S_i2t, S_t2i, R_i2t, R_t2i, batch.sum_over_ranks, **options)
+        kendall = self.kendall_weight * kendall
         return LossOutput(total=binary + kendall,
                           terms={f"triplet_{self.mining}": binary.detach(), "kendall": kendall.detach()})
 

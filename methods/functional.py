@@ -438,21 +438,33 @@ def caption_relevance(
     B, K, D = caption_emb.shape
     if text_emb.shape[0] != B or text_emb.shape[1] != D:
         raise ValueError(f"text_emb must be ({B}, {D}), got {tuple(text_emb.shape)}")
+    mask = None
+    if caption_mask is not None:
+        if tuple(caption_mask.shape) != (B, K):
+            raise ValueError(f"caption_mask must be ({B}, {K}), got {tuple(caption_mask.shape)}")
+        mask = caption_mask.to(device=caption_emb.device, dtype=torch.bool)
+        if validate and not bool(mask.any(dim=1).all()):
+            raise ValueError("caption_mask: every image needs at least one real caption")
+    R = _caption_relevance_block(caption_emb, text_emb, mask, rescale)
+    R.fill_diagonal_(1.0)
+    return R
+
+
+def _caption_relevance_block(caption_emb: torch.Tensor, text_emb: torch.Tensor, mask: Optional[torch.Tensor],
+                             rescale: bool) -> torch.Tensor:
+    """(I, J) ``max_k cos(caption_emb[i, k], text_emb[j])`` (then ``(1 + R) / 2`` if ``rescale``), no grad.
+
+    caption_emb (I, K, D), text_emb (J, D), mask (I, K) bool or None (True = a real caption).
+    """
     with torch.no_grad():
         c = F.normalize(caption_emb.detach(), dim=-1)
         t = F.normalize(text_emb.detach().to(c.dtype), dim=-1)
-        sims = torch.einsum("bkd,jd->bkj", c, t)  # (B, K, B)
-        if caption_mask is not None:
-            if tuple(caption_mask.shape) != (B, K):
-                raise ValueError(f"caption_mask must be ({B}, {K}), got {tuple(caption_mask.shape)}")
-            mask = caption_mask.to(device=c.device, dtype=torch.bool)
-            if validate and not bool(mask.any(dim=1).all()):
-                raise ValueError("caption_mask: every image needs at least one real caption")
+        sims = torch.einsum("bkd,jd->bkj", c, t)  # (I, K, J)
+        if mask is not None:
             sims = sims.masked_fill(~mask.unsqueeze(2), -math.inf)
         R = sims.amax(dim=1)
         if rescale:
             R = (1.0 + R) / 2.0
-        R.fill_diagonal_(1.0)
     return R
 
 
@@ -818,7 +830,7 @@ def _window_chunk_sum(
     return torch.where(m, pen, torch.zeros_like(pen)).sum(), m.sum()
 
 
-def _kendall_direction(
+def _kendall_sums(
     Sq: torch.Tensor,
     Rq: torch.Tensor,
     gap: float,
@@ -828,8 +840,10 @@ def _kendall_direction(
     hard_k: Optional[int],
     chunk_size: Optional[int],
     kernel: str = "torch",
-) -> torch.Tensor:
-    """Kendall loss for one direction: query rows Sq (Q, N) with mask relevance rows Rq (Q, N)."""
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One direction's (sum of penalties, number of pairs counted), 0-d each, for query rows Sq (Q, N) with
+    mask relevance rows Rq (Q, N). The count is an int64 tensor without gradient; it depends on Rq only
+    (with ``hard_k``: ``min(hard_k, valid pairs)`` per row)."""
     Q, N = Sq.shape
     if window is not None:
         w = min(int(window), max(N - 1, 1))
@@ -897,8 +911,41 @@ def _kendall_direction(
         pen_sel = _penalty(x_sel, surrogate, temperature)
         num = torch.where(valid, pen_sel, torch.zeros_like(pen_sel)).sum()
         cnt = valid.sum()
+    return num, cnt
+
+
+def _kendall_direction(
+    Sq: torch.Tensor,
+    Rq: torch.Tensor,
+    gap: float,
+    surrogate: str,
+    temperature: float,
+    window: Optional[int],
+    hard_k: Optional[int],
+    chunk_size: Optional[int],
+    kernel: str = "torch",
+) -> torch.Tensor:
+    """Kendall loss for one direction: query rows Sq (Q, N) with mask relevance rows Rq (Q, N)."""
+    num, cnt = _kendall_sums(Sq, Rq, gap, surrogate, temperature, window, hard_k, chunk_size, kernel)
     # Guarded mean over valid pairs: no valid pair -> 0 (num is then 0 and keeps its graph).
     return num / cnt.clamp(min=1).to(num.dtype)
+
+
+def _kendall_arguments(gap: float, surrogate: str, window: Optional[int], hard_k: Optional[int],
+                       temperature: float, kernel: str) -> Tuple[float, float]:
+    """Check the Kendall options (ValueError); returns ``(gap, temperature)`` as floats."""
+    check_kernel(kernel)
+    if surrogate not in _SURROGATES:
+        raise ValueError(f"surrogate must be one of {_SURROGATES}, got {surrogate!r}")
+    gap_f = float(gap)
+    if not gap_f >= 0.0:
+        raise ValueError(f"gap must be >= 0, got {gap}")
+    temp_f = _float(temperature, "temperature")
+    if window is not None and int(window) < 1:
+        raise ValueError(f"window must be >= 1 or None, got {window}")
+    if hard_k is not None and int(hard_k) < 1:
+        raise ValueError(f"hard_k must be >= 1 or None, got {hard_k}")
+    return gap_f, temp_f
 
 
 def kendall_rank_loss(
@@ -956,21 +1003,10 @@ def kendall_rank_loss(
     Returns:
         0-d tensor.
     """
-    B = _check_square(S)
+    _check_square(S)
     _check_same_shape(S, R, "R")
     _check_t2i(t2i_relevance)
-    check_kernel(kernel)
-    if surrogate not in _SURROGATES:
-        raise ValueError(f"surrogate must be one of {_SURROGATES}, got {surrogate!r}")
-    gap_f = float(gap)
-    if not gap_f >= 0.0:
-        raise ValueError(f"gap must be >= 0, got {gap}")
-    temp_f = _float(temperature, "temperature")
-    if window is not None and int(window) < 1:
-        raise ValueError(f"window must be >= 1 or None, got {window}")
-    if hard_k is not None and int(hard_k) < 1:
-        raise ValueError(f"hard_k must be >= 1 or None, got {hard_k}")
-    del B
+    gap_f, temp_f = _kendall_arguments(gap, surrogate, window, hard_k, temperature, kernel)
     Rc = R.detach().to(device=S.device, dtype=S.dtype)
     l_i2t = _kendall_direction(S, Rc, gap_f, surrogate, temp_f, window, hard_k, chunk_size, kernel)
     St = S.t().contiguous()

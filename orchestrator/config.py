@@ -418,8 +418,8 @@ class TrainConfig(Section):
         return self
 
 
-#: Loss families whose every term is a mean over query rows (``methods`` ``supports_local_loss``).
-LOCAL_LOSS_FAMILIES = ("infonce", "cusa")
+#: Loss families that compute only a rank's query rows (``methods`` ``supports_local_loss``).
+LOCAL_LOSS_FAMILIES = ("infonce", "cusa", "triplet", "listwise", "bcls")
 
 
 class ScalingConfig(Section):
@@ -437,7 +437,7 @@ class ScalingConfig(Section):
                            "averaging equals one process's on the concatenated batch)")
     local_loss: StrictBool = Field(
         False, description="with gather_global_batch: each rank computes the loss only for its own query rows, "
-                           "both directions (infonce, cusa); same gradients, 1/num_workers of the loss work")
+                           "both directions; same gradients, 1/num_workers of the loss work")
 
     @field_validator("use_gpu", mode="before")
     @classmethod
@@ -509,8 +509,8 @@ class ExperimentConfig(Section):
             raise FieldError("scaling.local_loss", "needs scaling.gather_global_batch: true (without the gathered "
                                                    "batch every rank computes only its own rows already)")
         if self.loss.family not in LOCAL_LOSS_FAMILIES:
-            raise FieldError("scaling.local_loss", f"not supported by loss family {self.loss.family!r} (its "
-                             f"terms are not means over query rows); supported: {', '.join(LOCAL_LOSS_FAMILIES)}")
+            raise FieldError("scaling.local_loss", f"not supported by loss family {self.loss.family!r}; "
+                             f"supported: {', '.join(LOCAL_LOSS_FAMILIES)}")
         return self
 
     @model_validator(mode="after")

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytest
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import methods.functional as fn
+from methods import row_losses
 from methods.functional import (
     caption_relevance,
     infonce,
@@ -839,3 +840,190 @@ def test_memory_b2048_within_2gb():
     """
     res = _peak_extra_mb(2048)
     assert res["extra_mb"] < 2048, res
+
+
+# ---------------------------------------------------------------------------------------------
+# query rows (scaling.local_loss): methods/row_losses.py
+# ---------------------------------------------------------------------------------------------
+
+W3, IDS9 = 3, [0, 1, 0, 2, 3, 1, 4, 5, 2]  # 3 ranks of 3 rows; images 0, 1, 2 have captions on two ranks
+
+
+def row_lists(S: torch.Tensor, R: torch.Tensor, rows: slice, t2i: str = "transpose"):
+    """What a rank holding ``rows`` computes from: its (Q, N) lists of S and S.T, relevance rows, own columns."""
+    own = torch.arange(S.shape[0])[rows]
+    return (S[rows], S.t()[rows], *row_losses.relevance_lists(R, own, t2i), own)
+
+
+def emulated_rank_sum(run: Callable[[int, Callable], Any], world: int) -> Callable[[int], Any]:
+    """``world`` ranks in one process: a first pass of ``run(r, rank_sum)`` (no grad) records every rank's
+    ``rank_sum`` argument (Kendall's pair counts); the returned ``r -> run(r, rank_sum)`` then gets their sum,
+    as an all-reduce would give it."""
+    counts: list = []
+    with torch.no_grad():
+        for r in range(world):
+            run(r, lambda c: counts.append(c) or c)
+    total = torch.stack(counts).sum(0) if counts else None
+    return lambda r: run(r, lambda c: total)
+
+
+# name: (square loss f(S, R, P), its row form g(S_i2t, S_t2i, R_i2t, R_t2i, own, P_rows, rank_sum), t2i)
+ROW_CASES = {
+    "triplet_hardest": (lambda S, R, P: triplet_hardest(S, 0.2, P),
+                        lambda a, b, ri, rt, own, P, rs: row_losses.triplet_rows(a, b, own, 0.2, "hardest", P),
+                        "transpose"),
+    "triplet_hardest_diagonal": (lambda S, R, P: triplet_hardest(S, 0.3),
+                                 lambda a, b, ri, rt, own, P, rs: row_losses.triplet_rows(a, b, own, 0.3), "transpose"),
+    "triplet_soft_negative": (lambda S, R, P: triplet_soft_negative(S, 0.2, 0.1, P),
+                              lambda a, b, ri, rt, own, P, rs: row_losses.triplet_rows(a, b, own, 0.2,
+                                                                                       "soft_negative", P, tau=0.1),
+                              "transpose"),
+    "triplet_selhn": (lambda S, R, P: triplet_selhn(S, 0.2, 0.15, P),
+                      lambda a, b, ri, rt, own, P, rs: row_losses.triplet_rows(a, b, own, 0.2, "selhn", P, eps=0.15),
+                      "transpose"),
+    "smooth_ndcg": (lambda S, R, P: smooth_ndcg_loss(S, R, 0.05, chunk_size=2),
+                    lambda a, b, ri, rt, own, P, rs: row_losses.smooth_ndcg_rows(a, b, ri, rt, 0.05, chunk_size=2),
+                    "transpose"),
+    "smooth_ndcg_released": (lambda S, R, P: smooth_ndcg_loss(S, R, 0.05, "as_released"),
+                             lambda a, b, ri, rt, own, P, rs: row_losses.smooth_ndcg_rows(a, b, ri, rt, 0.05),
+                             "as_released"),
+    "kendall": (lambda S, R, P: kendall_rank_loss(S, R, 0.2, chunk_size=2),
+                lambda a, b, ri, rt, own, P, rs: row_losses.kendall_rows(a, b, ri, rt, rs, 0.2, chunk_size=2),
+                "transpose"),
+    "kendall_released_tanh": (lambda S, R, P: kendall_rank_loss(S, R, 0.1, "tanh", "as_released"),
+                              lambda a, b, ri, rt, own, P, rs: row_losses.kendall_rows(a, b, ri, rt, rs, 0.1, "tanh"),
+                              "as_released"),
+    "kendall_sw_hs": (lambda S, R, P: kendall_rank_loss(S, R, 0.05, "sigmoid", window=2, hard_k=4),
+                      lambda a, b, ri, rt, own, P, rs: row_losses.kendall_rows(a, b, ri, rt, rs, 0.05, "sigmoid",
+                                                                               window=2, hard_k=4),
+                      "transpose"),
+    "kendall_window_hinge": (lambda S, R, P: kendall_rank_loss(S, R, 0.1, window=3),
+                             lambda a, b, ri, rt, own, P, rs: row_losses.kendall_rows(a, b, ri, rt, rs, 0.1,
+                                                                                      window=3),
+                             "transpose"),
+    "kendall_hard_k": (lambda S, R, P: kendall_rank_loss(S, R, 0.1, "sigmoid", hard_k=5),
+                       lambda a, b, ri, rt, own, P, rs: row_losses.kendall_rows(a, b, ri, rt, rs, 0.1, "sigmoid",
+                                                                                hard_k=5),
+                       "transpose"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROW_CASES))
+def test_row_forms_average_to_the_square_loss(name):
+    """The mean over 3 ranks (a partition of the 9 rows) of the row form is the square loss on the whole (9, 9)
+    batch, value and gradient; each rank's value differs (it really computed only its rows). R is asymmetric,
+    so a direction reading the wrong relevance is caught."""
+    square, row_form, t2i = ROW_CASES[name]
+    N = len(IDS9)
+    S, R, P = rand_S(N, 47, 0.6), rand_R(N, 47), positives_from_ids(IDS9)
+    Q = N // W3
+    v, g = value_and_grad(lambda x: square(x, R, P), S)
+    x = leaf(S)
+
+    def rank(r: int, rank_sum: Callable) -> torch.Tensor:
+        rows = slice(r * Q, (r + 1) * Q)
+        a, b, ri, rt, own = row_lists(x, R, rows, t2i)
+        return row_form(a, b, ri, rt, own, P[rows], rank_sum)
+
+    per_rank = emulated_rank_sum(rank, W3)
+    parts = [per_rank(r) for r in range(W3)]
+    total = torch.stack(parts).mean()
+    (g_rows,) = torch.autograd.grad(total, x)
+    assert float(total.detach()) == pytest.approx(v, rel=1e-12, abs=1e-14)
+    torch.testing.assert_close(g_rows, g, rtol=1e-10, atol=1e-14)
+    assert g.abs().max() > 1e-3
+    values = [float(p.detach()) for p in parts]
+    assert max(values) - min(values) > 1e-6, values
+
+
+@pytest.mark.parametrize("name", sorted(ROW_CASES))
+def test_row_form_of_every_row_is_the_square_loss(name):
+    """One rank with every row (Q = N, rank_sum the identity) computes the square loss itself."""
+    square, row_form, t2i = ROW_CASES[name]
+    N = len(IDS9)
+    S, R, P = rand_S(N, 48), rand_R(N, 48), positives_from_ids(IDS9)
+    v, g = value_and_grad(lambda x: square(x, R, P), S)
+    v_rows, g_rows = value_and_grad(lambda x: row_form(*row_lists(x, R, slice(None), t2i), P, lambda c: c), S)
+    assert v_rows == pytest.approx(v, rel=1e-12, abs=1e-14)
+    torch.testing.assert_close(g_rows, g, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("t2i", ["transpose", "as_released"])
+def test_caption_relevance_rows_are_the_rows_of_the_square_relevance(rescale, t2i):
+    """R_i2t = R[own], R_t2i = R[:, own].T (or R[own] as released), R from the naive loop; own entries 1."""
+    rng = np.random.default_rng(49)
+    N, K, D = 7, 3, 4
+    caps, texts = rng.normal(size=(N, K, D)) * 2.0, rng.normal(size=(N, D))
+    mask = np.array([[c < n for c in range(K)] for n in [1, 3, 2, 3, 1, 2, 3]])
+    caps[~mask] = 1e3
+    R = naive_relevance(caps, texts, mask, rescale)
+    np.fill_diagonal(R, 1.0)
+    own = torch.tensor([4, 5, 6])
+    R_i2t, R_t2i = row_losses.caption_relevance_rows(torch.tensor(caps), torch.tensor(texts), own,
+                                                     torch.tensor(mask), rescale, t2i)
+    assert R_i2t.shape == R_t2i.shape == (3, N) and not R_i2t.requires_grad
+    np.testing.assert_allclose(R_i2t.numpy(), R[4:], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(R_t2i.numpy(), (R[4:] if t2i == "as_released" else R[:, 4:].T), rtol=1e-12, atol=1e-12)
+
+
+def test_relevance_lists_set_the_own_pair_and_leave_R_alone():
+    R = torch.rand(5, 5, generator=torch.Generator().manual_seed(50), dtype=DT)
+    before = R.clone()
+    R_i2t, R_t2i = row_losses.relevance_lists(R, torch.tensor([1, 3]))
+    torch.testing.assert_close(R, before, rtol=0, atol=0)
+    expected = before.clone()
+    expected.fill_diagonal_(1.0)
+    torch.testing.assert_close(R_i2t, expected[[1, 3]], rtol=0, atol=0)
+    torch.testing.assert_close(R_t2i, expected.T[[1, 3]], rtol=0, atol=0)
+
+
+def test_kendall_rows_without_valid_pairs_is_zero_with_grad():
+    S = leaf(rand_S(4, 51))
+    flat = torch.full((2, 4), 0.5, dtype=DT)  # no two candidates 0.3 apart
+    out = row_losses.kendall_rows(S[:2], S.t()[:2], flat, flat, lambda c: c * 2, 0.3)
+    assert float(out.detach()) == 0.0
+    out.backward()
+    assert S.grad is not None and float(S.grad.abs().max()) == 0.0
+
+
+def test_row_form_argument_errors():
+    S, R = rand_S(4, 52), rand_R(4, 52)
+    a, b, ri, rt, own = row_lists(S, R, slice(0, 2))
+    with pytest.raises(ValueError, match="same shape"):
+        row_losses.triplet_rows(a, b[:1], own)
+    with pytest.raises(ValueError, match="own must be"):
+        row_losses.triplet_rows(a, b, own[:1])
+    with pytest.raises(ValueError, match="unknown triplet mining"):
+        row_losses.triplet_rows(a, b, own, mining="semi_hard")
+    with pytest.raises(ValueError, match="R_t2i"):
+        row_losses.smooth_ndcg_rows(a, b, ri, rt[:, :3])
+    with pytest.raises(ValueError, match="surrogate"):
+        row_losses.kendall_rows(a, b, ri, rt, lambda c: c, surrogate="relu")
+    with pytest.raises(ValueError, match="t2i_relevance"):
+        row_losses.relevance_lists(R, own, "transposed")
+
+
+@pytest.mark.parametrize("name", ["smooth_ndcg", "kendall"])
+def test_row_forms_with_the_triton_kernels_match_the_torch_form(name, monkeypatch):
+    """(Q, N) lists with Q < N through the fused kernels (Triton's interpreter on the CPU) = the torch form."""
+    from methods import kernels
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not kernels.supported(torch.zeros(1, device=device)):
+        pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1 set before triton is imported")
+    monkeypatch.setattr(kernels, "BLOCK_J", 8)
+    monkeypatch.setattr(kernels, "BLOCK_K", 16)
+    N = 19  # 3 j-tiles and 2 k-tiles, the last ones partial
+    S, R = rand_S(N, 53, 0.8), rand_R(N, 53)
+
+    def run(x: torch.Tensor, kernel: str) -> torch.Tensor:
+        a, b, ri, rt, own = row_lists(x.to(device), R.to(device), slice(5, 12))
+        if name == "smooth_ndcg":
+            return row_losses.smooth_ndcg_rows(a, b, ri, rt, 0.05, kernel=kernel)
+        return row_losses.kendall_rows(a, b, ri, rt, lambda c: c, 0.1, "sigmoid", kernel=kernel)
+
+    v, g = value_and_grad(lambda x: run(x, "triton"), S)
+    v_t, g_t = value_and_grad(lambda x: run(x, "torch"), S)
+    assert v == pytest.approx(v_t, rel=1e-10, abs=1e-12)
+    torch.testing.assert_close(g, g_t, rtol=1e-9, atol=1e-12)
