@@ -67,22 +67,17 @@ def local_rows(batch_size: int) -> slice:
 
 
 def global_batch(emb: dict[str, torch.Tensor], image_ids: torch.Tensor, caption_ids: torch.Tensor, *,
-                 gather: bool, local_loss: bool,
-                 global_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 gather: bool, local_loss: bool
                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, slice | None]:
     """What the loss sees: this rank's batch, or (``gather``) the gathered one with the rows it computes.
 
     Returns ``(emb, image_ids, caption_ids, query_rows)``; ``query_rows`` is None unless ``local_loss`` and
-    ``gather`` (then it is this rank's rows of the gathered batch). ``global_ids``: the gathered (image ids,
-    caption ids), (W * B,) each in rank order, where the caller knows them already (every rank's sampler builds the
-    same global batch): then the ids are not all-gathered.
+    ``gather`` (then it is this rank's rows of the gathered batch).
     """
     if not gather or not is_distributed():
         return emb, image_ids, caption_ids, None
     rows = local_rows(image_ids.shape[0]) if local_loss else None
     gathered = {k: gather_with_grad(v) for k, v in emb.items()}
-    if global_ids is not None:
-        return gathered, global_ids[0], global_ids[1], rows
     return gathered, gather_no_grad(image_ids), gather_no_grad(caption_ids), rows
 
 

@@ -25,7 +25,10 @@ if TYPE_CHECKING:  # config imports this module; the types are only for annotati
     from orchestrator.config import EvalConfig, ExperimentConfig
 
 #: keys the training loop reports every epoch whatever the loss (besides its terms and temperatures)
-LOOP_METRICS = ("train/loss", "train/lr", "train/epoch_time_s", "train/steps", "epoch")
+LOOP_METRICS = ("train/loss", "train/lr", "train/epoch_time_s", "train/pairs_per_s", "train/data_wait_fraction",
+                "train/skipped_images", "train/steps", "epoch")
+#: the loop's wall-clock metrics: they differ between two runs that are otherwise identical
+TIMING_METRICS = ("train/epoch_time_s", "train/pairs_per_s", "train/data_wait_fraction")
 #: ECCV Caption / CxC / COCO 1K+5K metrics of ``evaluation.eccv.eccv_metrics`` (each as ``<name>/<i2t|t2i>``)
 ECCV_METRICS = ("eccv_r1", "eccv_map_at_r", "eccv_rprecision") + tuple(
     f"{p}_r{k}" for p in ("coco_1k", "coco_5k", "cxc") for k in (1, 5, 10))

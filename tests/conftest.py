@@ -32,7 +32,8 @@ def tiny_tree(tmp_path: Path, **sections) -> dict:
     tree = {
         "data": {"format": "synthetic",
                  "synthetic": {"num_train_images": 160, "num_val_images": 40, "num_test_images": 40,
-                               "image_size": 32, "seed": 0}},
+                               "image_size": 32, "seed": 0},
+                 "loader_workers": 0},  # the data-pipeline tests cover the workers (default: auto)
         "model": {"name": "itr-tiny-vit"},
         "loss": {"family": "infonce"},
         "train": {"epochs": 2, "batch_size": 16, "lr": 1e-3, "min_lr": 1e-5, "weight_decay": 0.1, "warmup_steps": 2,

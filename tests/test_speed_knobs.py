@@ -225,11 +225,12 @@ def test_one_host_sync_per_training_step_on_cuda(tmp_path):
 
 
 @pytest.mark.parametrize("unique", [True, False])
-def test_global_ids_from_the_sampler_equal_an_all_gather_of_every_ranks_batch(unique):
-    """With ``gather_global_batch`` the loop takes the other ranks' ids from its own sampler (no all-gather, no
-    copy back to the host): they must be what rank 0, 1, 2 hold at that step, concatenated in rank order."""
+def test_every_ranks_loader_knows_the_global_batch_in_rank_order(unique):
+    """Pairwise soft-label inputs of a gathered batch (relevance) are built from the sampler's global ids, on
+    every rank without a collective: they must be what ranks 0, 1, 2 hold at that step, in rank order."""
     import numpy as np
 
+    from orchestrator.data.pipeline import WithGlobalIds
     from orchestrator.data.sampler import CaptionBatchSampler
 
     caption_image = np.repeat(np.arange(60), 5)  # 60 images, 5 captions each
@@ -240,12 +241,12 @@ def test_global_ids_from_the_sampler_equal_an_all_gather_of_every_ranks_batch(un
         for s in samplers:
             s.set_epoch(epoch)
         per_rank = [list(s) for s in samplers]
+        with_ids = [list(WithGlobalIds(s)) for s in samplers]
         assert len({len(p) for p in per_rank}) == 1 and len(per_rank[0]) == len(samplers[0])
         for step in range(len(per_rank[0])):
             gathered = np.concatenate([per_rank[r][step] for r in range(world)])
-            for s in samplers:
-                images, captions = s.global_ids(step)
-                np.testing.assert_array_equal(captions, gathered)
-                np.testing.assert_array_equal(images, caption_image[gathered])
+            for r in range(world):
+                np.testing.assert_array_equal(with_ids[r][step].global_, gathered)
+                np.testing.assert_array_equal(with_ids[r][step].local, per_rank[r][step])
             if unique:
                 assert len(set(caption_image[gathered].tolist())) == world * b

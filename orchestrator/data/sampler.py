@@ -89,12 +89,9 @@ class CaptionBatchSampler:
             self._cached = (self.epoch, batches)
         return self._cached[1]
 
-    def global_ids(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """(image indices, caption indices), int64 (world_size * batch_size,) each, of step ``step``'s global
-        batch in rank order: what an all-gather of every rank's ids would give, known on every rank's host
-        without a collective or a device-to-host copy."""
-        captions = self._global_batches()[step]
-        return self.caption_image[captions], captions
+    def global_batches(self) -> list[np.ndarray]:
+        """The epoch's global batches of caption indices, (world_size * batch_size,) each, in rank order."""
+        return self._global_batches()
 
     def __iter__(self) -> Iterator[np.ndarray]:
         lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
