@@ -40,6 +40,7 @@ from orchestrator.teachers.cache import (
 )
 from orchestrator.teachers.encoders import TeacherEncoder, build_image_teacher, build_text_teacher
 from orchestrator.teachers.hashing import FileHashMemo, pixels_key, text_key
+from orchestrator.teachers.placement import resolve_placement
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +311,8 @@ def extract_split(teachers_cfg: TeachersConfig, index: DatasetIndex, *, progress
         teachers_cfg: ``teachers`` config (specs, ``cache_dir``, ``batch_size``, ``backend``, ``num_actors``).
         index: the split.
         progress: show tqdm bars (on a terminal only: never in a captured or logged stderr).
-        backend: ``"local"`` or ``"ray"`` (a Ray Data actor pool); default ``teachers_cfg.backend``.
+        backend: ``"local"``, ``"ray"`` (a Ray Data actor pool) or ``"auto"``; default ``teachers_cfg.backend``
+            (:mod:`orchestrator.teachers.placement` decides ``auto``, and the device where ``device`` is None).
         device: ``"cpu"``, ``"cuda"``, ...; default CUDA when available.
         shard_size: items per cache shard (the unit a killed run resumes from).
         teachers: encoders from :func:`load_teachers`, to reuse loaded models across splits.
@@ -329,14 +331,15 @@ def extract_split(teachers_cfg: TeachersConfig, index: DatasetIndex, *, progress
             if (encoder.spec if encoder is not None else None) != spec:
                 raise ValueError(f"teachers.{side} is {spec!r} but the given {side} encoder is "
                                  f"{encoder.spec if encoder is not None else None!r}")
-    backend = backend or teachers_cfg.backend
+    placement = resolve_placement(backend or teachers_cfg.backend, teachers_cfg.num_actors)
+    backend, device = placement.backend, device or placement.device
     cache_dir = Path(teachers_cfg.cache_dir)
     memo = FileHashMemo(cache_dir / "file-hashes.json")
     result = SplitTeacherFeatures(index_name=index.name, content_hash=index.content_hash())
     for modality, encoder in (("image", teachers.image), ("text", teachers.text)):
         if encoder is None:
             continue
-        view, st = extract_modality(encoder, index, cache_dir, backend=backend, num_actors=teachers_cfg.num_actors,
+        view, st = extract_modality(encoder, index, cache_dir, backend=backend, num_actors=placement.num_actors,
                                     batch_size=teachers_cfg.batch_size, shard_size=shard_size, progress=progress,
                                     device=device, memo=memo)
         setattr(result, modality, view)
