@@ -80,6 +80,41 @@ def cmd_teachers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Fill every cache a config reads, on this machine, before any training: teacher features, locked-tower
+    outputs, the decoded-image cache. A rerun finds them all and computes nothing."""
+    from orchestrator.config import load_config
+    from orchestrator.data.image_cache import prepare_image_cache
+    from orchestrator.models.tower_cache import prepare_tower_features
+    from orchestrator.run import prepare_teacher_features
+
+    cfg = load_config(args.config, args.set)
+    roles = tuple(args.splits)
+    rows: list[dict[str, object]] = []
+    if cfg.teachers.image is not None or cfg.teachers.text is not None:
+        if cfg.teachers.backend == "ray":
+            from orchestrator.run import init_ray
+
+            init_ray()
+        for role, feats in prepare_teacher_features(cfg, roles=roles).items():
+            for side, st in feats.stats.items():
+                rows.append({"split": role, "cache": f"{side} teacher", "items": st.total, "computed": st.computed,
+                             "reused": st.reused, "seconds": float(st.seconds),
+                             "where": str(feats.view_dirs.get(side, ""))})
+    for role, towers in prepare_tower_features(cfg, roles=roles).items():
+        for side, st in towers.stats.items():
+            rows.append({"split": role, "cache": f"locked {side} tower", "items": st.total, "computed": st.computed,
+                         "reused": st.reused, "seconds": float(st.seconds), "where": str(st.view_dir)})
+    for role, st in prepare_image_cache(cfg, roles=roles).items():
+        rows.append({"split": role, "cache": "decoded images", "items": st.images, "computed": st.computed,
+                     "reused": st.reused, "seconds": float(st.seconds), "where": str(st.store)})
+    if not rows:
+        print("nothing to prepare: no teacher, no cached locked tower, and data.image_cache is not decoded")
+        return 0
+    print(format_table(rows, ["split", "cache", "items", "computed", "reused", "seconds", "where"]))
+    return 0
+
+
 def cmd_convert_features(args: argparse.Namespace) -> int:
     """Convert a pickled ``.npy`` feature dict into an ``.npz (ids, features)`` without running code from it."""
     from orchestrator.teachers.feature_files import convert_features
@@ -242,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     th.add_argument("--set", action="append", default=[], metavar="a.b=value")
     th.add_argument("--splits", nargs="+", default=["train", "val", "test"], choices=["train", "val", "test"])
     th.set_defaults(func=cmd_teachers)
+
+    pr = sub.add_parser("prepare", help="fill every cache a config reads before training: teacher features, "
+                                        "locked-tower outputs and the decoded-image cache (data.image_cache_dir)")
+    pr.add_argument("config", help="experiment YAML")
+    pr.add_argument("--set", action="append", default=[], metavar="a.b=value")
+    pr.add_argument("--splits", nargs="+", default=["train", "val", "test"], choices=["train", "val", "test"])
+    pr.set_defaults(func=cmd_prepare)
 
     cf = sub.add_parser("convert-features", help="convert a pickled .npy dict {image_id: array} (CUSA's Unicom "
                                                  "features) into an .npz (ids, features) for teachers.image: file:")

@@ -109,6 +109,18 @@ class DataConfig(Section):
         True, description="CUSA's pre_caption: lower-case, punctuation to spaces, 64 words")
     verify_images: Literal["none", "exists", "header", "full"] = "header"
     max_train_images: PositiveInt | None = Field(None, description="use only the first N training images")
+    image_cache: Literal["decoded", "tensor_ram", "none"] = Field(
+        "decoded", description="decoded: each image decoded and resized once ever into a uint8 memory-mapped cache "
+                               "(data.image_cache_dir) that every epoch, loader worker and run shares, normalised "
+                               "on the device; tensor_ram: float32 tensors kept in each process's RAM (up to 2 GiB, "
+                               "the old behaviour); none: decode every image every time")
+    image_cache_dir: AbsolutePath | None = Field(
+        None, description="where the decoded-image cache lives (content-addressed, shared by every run that reads "
+                          "it; node-local disk or shared storage); default $XDG_CACHE_HOME/itr/images "
+                          "(~/.cache/itr/images)")
+    image_cache_workers: PositiveInt | Literal["auto"] = Field(
+        "auto", description="processes that decode images into the cache on the driver (itr train, itr prepare); "
+                            "auto = every CPU")
     loader_workers: NonNegInt = 0
     leakage: Literal["warn", "error"] = Field(
         "warn", description="an image (same id or file) or caption id of the train split also in val/test: log a "

@@ -19,6 +19,7 @@ from orchestrator.checkpoint import os_error_in
 from orchestrator.config import ExperimentConfig
 from orchestrator.errors import UserError
 from orchestrator.interrupts import interruption_in, keep_python_handlers
+from orchestrator.data.image_cache import prepare_image_cache
 from orchestrator.models.tower_cache import prepare_tower_features
 from orchestrator.ray_logs import filter_worker_logs
 from orchestrator.run_folders import KeyedFolder, claim_keyed_folder, new_run_folder
@@ -312,6 +313,7 @@ def run_experiment(cfg: ExperimentConfig, *, config_source: str | None = None,
     if cfg.uses_teachers:
         prepare_teacher_features(cfg, roles=("train",))
     prepare_tower_features(cfg)  # locked towers' outputs, computed once (no-op unless a tower is locked)
+    prepare_image_cache(cfg, roles=("train", *cfg.eval.splits))  # each image decoded once ever (data.image_cache)
     local = cfg.scaling.backend == "local"
     if storage_uri.is_uri(cfg.train.output_dir):  # no local run folder: a name, and a local spill folder
         name = _new_run_name(cfg)

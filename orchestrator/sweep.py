@@ -621,14 +621,16 @@ def check_fits_cluster(space: SearchSpace) -> None:
 
 
 def prepare_shared_features(cfg: ExperimentConfig) -> None:
-    """Fill the caches every trial reads — teacher features and locked-tower outputs of the base config — once, on
-    the driver, so concurrent trials do not all compute them at the start."""
+    """Fill the caches every trial reads — teacher features, locked-tower outputs and decoded images of the base
+    config — once, on the driver, so concurrent trials do not all compute them at the start."""
+    from orchestrator.data.image_cache import prepare_image_cache
     from orchestrator.models.tower_cache import prepare_tower_features
     from orchestrator.run import prepare_teacher_features
 
     if cfg.teachers.image is not None or cfg.teachers.text is not None:
         prepare_teacher_features(cfg, roles=("train",))
     prepare_tower_features(cfg)
+    prepare_image_cache(cfg, roles=("train", *cfg.eval.splits))
 
 
 def preflight_space(space: SearchSpace, tracking_uri: str | None) -> None:

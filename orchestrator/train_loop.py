@@ -20,7 +20,8 @@ from methods import EmbeddingBatch
 from orchestrator.accumulation import feature_cache
 from orchestrator.config import ExperimentConfig, TrainConfig
 from orchestrator.data.leakage import check_leakage
-from orchestrator.data.loader import FeatureRows, ImageTensorCache, TextInput, train_loader
+from orchestrator.data.image_cache import image_input
+from orchestrator.data.loader import FeatureRows, TextInput, images_on_device, train_loader
 from orchestrator.data.sampler import CaptionBatchSampler
 from orchestrator.data.splits import load_split
 from orchestrator.distributed import MetricSums, average_gradients, global_batch
@@ -120,9 +121,10 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
     cached = cached_sides(student.model, cfg.model.cache_locked_towers)
 
     def model_inputs(index):
-        """(image input, text input) of a split: pixels/tokens, or a locked tower's cached outputs."""
+        """(image input, text input) of a split: pixels (``data.image_cache``: uint8 rows of the decoded-image cache,
+        normalised on the device)/tokens, or a locked tower's cached outputs."""
         feats = experiment_tower_features(cfg, student, index, cached, device=device.type) if cached else None
-        images = FeatureRows(feats.image) if "image" in cached else ImageTensorCache(index, student.preprocess)
+        images = FeatureRows(feats.image) if "image" in cached else image_input(cfg, index, student.preprocess)
         text = TextInput(features=feats.text) if "text" in cached else TextInput(tokenizer=student.tokenizer)
         return images, text
 
@@ -221,6 +223,7 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
                 host_ids = sampler.global_ids(step)
                 global_ids = tuple(torch.from_numpy(a).to(device, non_blocking=True) for a in host_ids)
             batch = batch.to(device)
+            batch.images = images_on_device(train_images, batch.images)  # cache rows: uint8 -> normalised float
             with autocast_context(device, cfg.model.precision):
                 if accumulation is None:
                     emb = forward_embeddings(train_model, batch.images, batch.tokens)

@@ -16,8 +16,18 @@ Preprocess = Callable[[Image.Image], torch.Tensor]
 Tokenizer = Callable[[Sequence[str]], torch.Tensor]
 
 
+def images_on_device(images: Callable, batch: torch.Tensor) -> torch.Tensor:
+    """A batch of image inputs, already on the device, as the model takes it: uint8 rows of the decoded-image cache
+    normalised there (``DecodedImages.on_device``); any other source's batch as it is."""
+    finish = getattr(images, "on_device", None)
+    return finish(batch) if finish is not None else batch
+
+
 class ImageTensorCache:
-    """Preprocessed image tensors, memoised up to ``max_bytes`` (preprocessing is deterministic: no augmentation)."""
+    """``data.image_cache: tensor_ram``: preprocessed float32 (3, H, W) tensors memoised in this process up to
+    ``max_bytes`` (preprocessing is deterministic: no augmentation). Each process (each loader worker) holds its
+    own copy; ``orchestrator.data.image_cache.DecodedImages`` is the shared, uint8, on-disk cache."""
+
 
     def __init__(self, index: DatasetIndex, preprocess: Preprocess, max_bytes: int = 2 << 30) -> None:
         self.index = index
@@ -36,6 +46,9 @@ class ImageTensorCache:
             self._store[image_index] = tensor
             self._bytes += size
         return tensor
+
+    def on_device(self, images: torch.Tensor) -> torch.Tensor:
+        return images  # normalised on the CPU already
 
 
 class FeatureRows:
@@ -124,11 +137,17 @@ def train_loader(index: DatasetIndex, images: Callable[[int], torch.Tensor], tex
 
 
 def iter_image_batches(index: DatasetIndex, images: Callable[[int], torch.Tensor], batch_size: int):
-    """(B, 3, H, W) tensors (or (B, F) cached features, ``images`` = ``FeatureRows``) of the split's images, in
+    """(B, 3, H, W) tensors (uint8 rows of the decoded-image cache: finish them on the device with
+    ``images_on_device``; or (B, F) cached features, ``images`` = ``FeatureRows``) of the split's images, in
     index order."""
+    gather = getattr(images, "batch", None)  # DecodedImages: one read of consecutive rows
     for start in range(0, index.num_images, batch_size):
         stop = min(start + batch_size, index.num_images)
-        yield torch.stack([images(i) for i in range(start, stop)])
+        if gather is not None:
+            yield gather(np.arange(start, stop))
+        else:
+            yield torch.stack([images(i) for i in range(start, stop)])
+
 
 
 def iter_caption_batches(index: DatasetIndex, text: TextInput | Tokenizer, batch_size: int):

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from orchestrator.data.index import DatasetIndex
-from orchestrator.data.loader import ImageTensorCache, Tokenizer, iter_caption_batches, iter_image_batches
+from orchestrator.data.loader import (ImageTensorCache, Tokenizer, images_on_device, iter_caption_batches,
+                                      iter_image_batches)
 from orchestrator.evaluation.recall import non_finite_rows, retrieval_metrics
 
 
@@ -150,14 +151,17 @@ def encode_split(model: nn.Module, index: DatasetIndex, images: ImageTensorCache
                  split: str | None = None) -> SplitEmbeddings:
     """Embeddings of every image and caption of ``index`` (the model is put in eval mode, then restored).
 
+    ``images``: the split's image source (``DecodedImages``: uint8 rows, normalised on ``device``;
+    ``ImageTensorCache``; cached tower features).
+
     Raises :class:`NonFiniteEmbeddingsError` (naming ``split``, default the index's name, and the counts) when
     any embedding holds NaN or Inf."""
     was_training = model.training
     model.eval()
     try:
         with autocast_context(device, precision):
-            img = [model.encode_image(b.to(device), normalize=True).float().cpu()
-                   for b in iter_image_batches(index, images, batch_size)]
+            img = [model.encode_image(images_on_device(images, b.to(device)), normalize=True).float().cpu()
+                   for b in iter_image_batches(index, images, batch_size)]  # cache rows: uint8, normalised there
             txt = [model.encode_text(t.to(device), normalize=True).float().cpu()
                    for t in iter_caption_batches(index, tokenizer, batch_size)]
     finally:
