@@ -108,6 +108,9 @@ class DataConfig(Section):
     clean_captions: StrictBool = Field(
         True, description="CUSA's pre_caption: lower-case, punctuation to spaces, 64 words")
     verify_images: Literal["none", "exists", "header", "full"] = "header"
+    manifest_dir: AbsolutePath | None = Field(
+        None, description="where the verified-image manifests live (header/full checks done once, files unchanged "
+                          "since are not parsed again); default $XDG_CACHE_HOME/itr/manifests (~/.cache/itr/manifests)")
     max_train_images: PositiveInt | None = Field(None, description="use only the first N training images")
     image_cache: Literal["decoded", "tensor_ram", "none"] = Field(
         "decoded", description="decoded: each image decoded and resized once ever into a uint8 memory-mapped cache "

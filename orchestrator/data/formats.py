@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.data.columns import PathColumn
 from orchestrator.data.index import DatasetIndex
 from orchestrator.errors import UserError
 
@@ -19,8 +20,9 @@ _SPACES = re.compile(r"\s{2,}")
 def clean_caption(caption: str, max_words: int = 64) -> str:
     """CUSA's ``pre_caption``: lower-case; ``,.'!?"()*#:;~`` and ``-``/``/`` to spaces; at most 64 words."""
     text = _SPACES.sub(" ", _PUNCT.sub(" ", caption.lower())).strip()
-    words = text.split(" ")
-    return " ".join(words[:max_words])
+    if text.count(" ") < max_words:  # at most max_words words: nothing to cut
+        return text
+    return " ".join(text.split(" ")[:max_words])
 
 
 def _read_json(path: Path) -> Any:
@@ -75,7 +77,8 @@ def read_captions_json(path: Path, *, name: str, clean: bool = True,
 
     Records of one ``image_id`` must name the same image file; an image may have any number of captions. An image
     path that leaves the file's folder (absolute, or ``..`` after normalisation) is refused unless
-    ``allow_outside_root``.
+    ``allow_outside_root``. The folder is resolved once; each distinct image string is normalised once
+    (lexically), and the result is packed into columns (``DatasetIndex``), nothing per record kept.
     """
     records = _read_json(path)
     if not isinstance(records, list):
@@ -86,23 +89,30 @@ def read_captions_json(path: Path, *, name: str, clean: bool = True,
     image_index: dict[str, int] = {}
     image_ids: list[str] = []
     image_files: list[str] = []  # normalised, relative to ``base`` unless allowed outside
+    normalised: dict[str, str] = {}  # raw image string -> normalised (checked once per distinct string)
     captions: list[str] = []
     caption_image: list[int] = []
+    add_caption, add_image = captions.append, caption_image.append
     for k, rec in enumerate(records):
         if not isinstance(rec, dict):
             raise UserError(f"record is a {type(rec).__name__}, not an object", path=str(path), field=f"[{k}]")
-        for key in ("image", "caption", "image_id"):
-            if key not in rec:
-                raise UserError("missing field", path=str(path), field=f"[{k}].{key}")
-        image_id = _image_id(rec["image_id"], "image_id", path, f"[{k}].image_id")
-        if not isinstance(rec["image"], str) or not rec["image"]:
-            raise UserError("image must be a non-empty path", path=str(path), field=f"[{k}].image")
-        image_file = os.path.normpath(rec["image"])
-        if escapes_root(image_file):
-            if not allow_outside_root:
-                raise _outside_root(rec["image"], base, path, f"[{k}].image")
-            image_file = os.path.normpath(os.path.join(base, image_file))
-        text = _caption_text(rec["caption"], path, f"[{k}].caption", clean)
+        try:
+            raw_image, raw_caption, raw_id = rec["image"], rec["caption"], rec["image_id"]
+        except KeyError:
+            key = next(key for key in ("image", "caption", "image_id") if key not in rec)
+            raise UserError("missing field", path=str(path), field=f"[{k}].{key}") from None
+        image_id = raw_id if type(raw_id) is str and raw_id else _image_id(raw_id, "image_id", path,
+                                                                             f"[{k}].image_id")
+        image_file = normalised.get(raw_image) if type(raw_image) is str else None
+        if image_file is None:
+            image_file = _captions_json_file(raw_image, base, path, f"[{k}].image", allow_outside_root)
+            normalised[raw_image] = image_file
+        if type(raw_caption) is str:
+            text = clean_caption(raw_caption) if clean else raw_caption.strip()
+            if not text:
+                raise UserError("caption is empty", path=str(path), field=f"[{k}].caption")
+        else:
+            text = _caption_text(raw_caption, path, f"[{k}].caption", clean)
         idx = image_index.get(image_id)
         if idx is None:
             idx = len(image_ids)
@@ -116,16 +126,29 @@ def read_captions_json(path: Path, *, name: str, clean: bool = True,
                 path=str(path),
                 field=f"[{k}].image",
             )
-        captions.append(text)
-        caption_image.append(idx)
+        add_caption(text)
+        add_image(idx)
+    del records, image_index, normalised
     return DatasetIndex(
         name=name,
         image_ids=image_ids,
         captions=captions,
         caption_image=np.asarray(caption_image, dtype=np.int64),
-        image_paths=[base / f for f in image_files],
+        image_paths=PathColumn(str(base), image_files),
         source=str(path),
     )
+
+
+def _captions_json_file(raw: Any, base: Path, path: Path, where: str, allow_outside_root: bool) -> str:
+    """A record's ``image`` normalised lexically: relative to ``base``, or absolute where allowed outside it."""
+    if not isinstance(raw, str) or not raw:
+        raise UserError("image must be a non-empty path", path=str(path), field=where)
+    image_file = os.path.normpath(raw)
+    if escapes_root(image_file):
+        if not allow_outside_root:
+            raise _outside_root(raw, base, path, where)
+        image_file = os.path.normpath(os.path.join(base, image_file))
+    return image_file
 
 
 #: Karpathy split names -> the ``split`` values of their images.
@@ -153,11 +176,11 @@ def read_karpathy(annotations: Path, image_root: Path, split: str, *, name: str,
     seen: set[str] = set()
     seen_captions: set[str] = set()
     for k, img in enumerate(tree["images"]):
-        where = f"images[{k}]"
         if not isinstance(img, dict):
-            raise UserError("image entry is not an object", path=str(annotations), field=where)
+            raise UserError("image entry is not an object", path=str(annotations), field=f"images[{k}]")
         if img.get("split") not in wanted:
             continue
+        where = f"images[{k}]"
         for key in ("filename", "sentences"):
             if key not in img:
                 raise UserError("missing field", path=str(annotations), field=f"{where}.{key}")
@@ -175,17 +198,26 @@ def read_karpathy(annotations: Path, image_root: Path, split: str, *, name: str,
         idx = len(image_ids)
         image_ids.append(image_id)
         image_files.append(image_file)
-        for s, sent in enumerate(sentences):
-            swhere = f"{where}.sentences[{s}]"
+        for s, sent in enumerate(sentences):  # field names are built only for an error
             if not isinstance(sent, dict) or "raw" not in sent:
-                raise UserError("missing field", path=str(annotations), field=f"{swhere}.raw")
-            captions.append(_caption_text(sent["raw"], annotations, f"{swhere}.raw", clean))
+                raise UserError("missing field", path=str(annotations), field=f"{where}.sentences[{s}].raw")
+            raw = sent["raw"]
+            if type(raw) is str and clean:
+                text = clean_caption(raw)
+                if not text:
+                    raise UserError("caption is empty", path=str(annotations), field=f"{where}.sentences[{s}].raw")
+            else:
+                text = _caption_text(raw, annotations, f"{where}.sentences[{s}].raw", clean)
+            captions.append(text)
             if "sentid" in sent:
-                caption_id = _image_id(sent["sentid"], "sentid", annotations, f"{swhere}.sentid")
+                sentid = sent["sentid"]
+                caption_id = sentid if type(sentid) is str and sentid else _image_id(
+                    sentid, "sentid", annotations, f"{where}.sentences[{s}].sentid")
             else:
                 caption_id = f"{image_id}#{s}"
             if caption_id in seen_captions:
-                raise UserError(f"duplicate sentid {caption_id!r}", path=str(annotations), field=f"{swhere}.sentid")
+                raise UserError(f"duplicate sentid {caption_id!r}", path=str(annotations),
+                                field=f"{where}.sentences[{s}].sentid")
             seen_captions.add(caption_id)
             caption_ids.append(caption_id)
             caption_image.append(idx)
@@ -196,7 +228,7 @@ def read_karpathy(annotations: Path, image_root: Path, split: str, *, name: str,
         image_ids=image_ids,
         captions=captions,
         caption_image=np.asarray(caption_image, dtype=np.int64),
-        image_paths=[root / f for f in image_files],
+        image_paths=PathColumn(str(root), image_files),
         caption_ids=caption_ids,
         source=str(annotations),
     )

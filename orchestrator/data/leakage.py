@@ -1,10 +1,11 @@
 """Train/eval leakage: images (by id or by file) and caption ids of the train split that are also in val or test.
 
 Scores on an eval split that shares images with the train split overstate the model. ``check_leakage`` compares
-the splits with set operations over their columns (no per-record work beyond one ``str`` per path) and logs one
-WARNING naming the counts, the splits and a few examples (``data.leakage: warn``, the default) or raises a
-``UserError`` (``data.leakage: error``). Image files are compared by their lexically normalised absolute paths
-(as the readers build them), so two spellings of one file match; two symlinks to one file do not.
+the splits with vectorised set operations over the index columns (Arrow ``is_in`` on the packed ids and paths; no
+JSON re-read, no Python object per record) and logs one WARNING naming the counts, the splits and a few examples
+(``data.leakage: warn``, the default) or raises a ``UserError`` (``data.leakage: error``). Image files are compared
+by their lexically normalised absolute paths (as the readers build them), so two spellings of one file match; two
+symlinks to one file do not.
 """
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from orchestrator.config import DataConfig
+from orchestrator.data.columns import PackedStrings, PathColumn
 from orchestrator.data.index import DatasetIndex
 from orchestrator.data.splits import SplitRole, load_split
 from orchestrator.errors import UserError
@@ -69,20 +73,33 @@ def _display(path: str, root: Path | None) -> str:
     return path
 
 
+def _path_keys(train: PathColumn, other: PathColumn) -> tuple[PackedStrings, PackedStrings]:
+    """Columns whose equal items are equal files (lexically): the relative paths when both share a root and hold
+    no absolute (outside-root) rows, else the joined paths."""
+    if train.root == other.root and not (train.has_absolute() or other.has_absolute()):
+        return train.relative, other.relative
+    return train.full(), other.full()
+
+
+def _hits(column: PackedStrings, mask: np.ndarray) -> list[str]:
+    return sorted(set(column[np.flatnonzero(mask)]))
+
+
 def find_overlap(train: DatasetIndex, other: DatasetIndex, role: str) -> Overlap | None:
-    """What ``other`` (eval split ``role``) shares with ``train``; ``None`` when nothing."""
-    train_ids = set(train.image_ids)
-    id_hit = [i in train_ids for i in other.image_ids]
-    values: dict[str, list[str]] = {"image ids": sorted(train_ids.intersection(other.image_ids))}
-    file_hit = [False] * other.num_images
-    if train.image_paths is not None and other.image_paths is not None:
-        train_files = set(map(str, train.image_paths))
-        other_files = list(map(str, other.image_paths))
-        file_hit = [f in train_files for f in other_files]
-        values["image files"] = sorted({f for f, hit in zip(other_files, file_hit) if hit})
-    if train.caption_ids is not None and other.caption_ids is not None:
-        values["caption ids"] = sorted(set(train.caption_ids).intersection(other.caption_ids))
-    num_images = sum(a or b for a, b in zip(id_hit, file_hit))
+    """What ``other`` (eval split ``role``) shares with ``train``; ``None`` when nothing. Vectorised over the
+    index columns (Arrow ``is_in`` on the packed ids and paths); only the shared values become Python strings."""
+    assert isinstance(train.image_ids, PackedStrings) and isinstance(other.image_ids, PackedStrings)
+    id_hit = other.image_ids.is_in(train.image_ids)
+    values: dict[str, list[str]] = {"image ids": _hits(other.image_ids, id_hit)}
+    file_hit = np.zeros(other.num_images, dtype=bool)
+    if isinstance(train.image_paths, PathColumn) and isinstance(other.image_paths, PathColumn):
+        train_keys, other_keys = _path_keys(train.image_paths, other.image_paths)
+        file_hit = other_keys.is_in(train_keys)
+        shown = other.image_paths.take(np.flatnonzero(file_hit))
+        values["image files"] = sorted(set(shown.strings()))
+    if isinstance(train.caption_ids, PackedStrings) and isinstance(other.caption_ids, PackedStrings):
+        values["caption ids"] = _hits(other.caption_ids, other.caption_ids.is_in(train.caption_ids))
+    num_images = int((id_hit | file_hit).sum())
     if not num_images and not values.get("caption ids"):
         return None
     return Overlap(role=role, source=other.source or other.name, num_images=num_images,

@@ -1,11 +1,13 @@
 """Build a dataset split (``train`` / ``val`` / ``test``) from a validated ``DataConfig``."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from orchestrator.config import DataConfig
 from orchestrator.data.formats import read_captions_json, read_karpathy
 from orchestrator.data.index import DatasetIndex
+from orchestrator.data.manifest import default_manifest_dir
 from orchestrator.errors import UserError
 
 SplitRole = Literal["train", "val", "test"]
@@ -16,7 +18,8 @@ def split_name(cfg: DataConfig, role: SplitRole) -> str:
 
 
 def load_split(cfg: DataConfig, role: SplitRole, *, verify: bool = True) -> DatasetIndex:
-    """The ``role`` split of the configured dataset; images are verified (``data.verify_images``) before use."""
+    """The ``role`` split of the configured dataset; images are verified (``data.verify_images``) before use,
+    once per dataset: files unchanged since a recorded check are not parsed again (``data.manifest_dir``)."""
     fmt = cfg.resolved_format
     name = split_name(cfg, role)
     if fmt == "synthetic":
@@ -41,6 +44,12 @@ def load_split(cfg: DataConfig, role: SplitRole, *, verify: bool = True) -> Data
                               clean=cfg.clean_captions, allow_outside_root=cfg.allow_outside_root)
     if role == "train" and cfg.max_train_images is not None and cfg.max_train_images < index.num_images:
         index = index.subset_images(range(cfg.max_train_images), name=f"{index.name}[:{cfg.max_train_images}]")
-    if verify:
-        index.verify_images(cfg.verify_images)
+    if verify:  # header/full checks recorded in the manifest: ranks and later runs re-parse only changed files
+        index.verify_images(cfg.verify_images, manifest_dir=manifest_dir(cfg))
     return index
+
+
+def manifest_dir(cfg: DataConfig) -> Path:
+    """The folder of the verified-image manifests: ``data.manifest_dir``, else the user cache
+    (``orchestrator.data.manifest.default_manifest_dir``)."""
+    return cfg.manifest_dir if cfg.manifest_dir is not None else default_manifest_dir()
