@@ -105,6 +105,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         for side, st in towers.stats.items():
             rows.append({"split": role, "cache": f"locked {side} tower", "items": st.total, "computed": st.computed,
                          "reused": st.reused, "seconds": float(st.seconds), "where": str(st.view_dir)})
+    if cfg.data.resolved_format == "webdataset" and "train" in roles and cfg.data.train_samples is None:
+        import time
+
+        from orchestrator.data.shards import SIZES_FILE, open_shards, recorded_counts, shard_paths
+
+        t0, paths = time.perf_counter(), shard_paths(cfg.data.shards)
+        known = len(recorded_counts(paths))  # the epoch length: shards without a recorded count are counted once
+        shards = open_shards(cfg.data)
+        rows.append({"split": "train", "cache": "shard sample counts", "items": len(paths),
+                     "computed": len(paths) - known, "reused": known, "seconds": time.perf_counter() - t0,
+                     "where": str(paths[0].parent / SIZES_FILE) + f" ({shards.num_samples} samples)"})
     for role, st in prepare_image_cache(cfg, roles=roles).items():
         rows.append({"split": role, "cache": "decoded images", "items": st.images, "computed": st.computed,
                      "reused": st.reused, "seconds": float(st.seconds), "where": str(st.store)})
@@ -121,6 +132,31 @@ def cmd_convert_features(args: argparse.Namespace) -> int:
 
     n, dim = convert_features(Path(args.input), Path(args.output))
     print(f"wrote {n} teacher features (D={dim}) to {args.output}; use it as teachers.image: file:{args.output}")
+    return 0
+
+
+def cmd_write_shards(args: argparse.Namespace) -> int:
+    """Write a captions_json / karpathy split as webdataset tar shards (the layout ``data.format: webdataset``
+    streams)."""
+    from pydantic import ValidationError
+
+    from orchestrator.config import DataConfig, format_validation_error
+    from orchestrator.data.splits import load_split
+    from orchestrator.data.write_shards import write_shards
+
+    tree = {"root": args.root, "annotations": args.annotations, "clean_captions": False, "verify_images": "exists"}
+    try:  # captions stored as written: the reader cleans them (data.clean_captions)
+        data = DataConfig.model_validate(tree)
+    except ValidationError as err:
+        name, message = format_validation_error(err, tree)
+        raise UserError(message, field=f"--{name}") from None
+    role = {data.train_split: "train", data.val_split: "val", data.test_split: "test"}.get(args.split)
+    if role is None:
+        raise UserError(f"unknown split {args.split!r} (train, val or test)", field="--split")
+    written = write_shards(load_split(data, role), Path(args.out), shard_size=args.shard_size, prefix=args.prefix,
+                           captions=args.captions)
+    print(f"wrote {sum(written.counts)} samples in {len(written.paths)} shards; train on them with\n"
+          f"  data.shards: {written.pattern}")
     return 0
 
 
@@ -291,6 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "numpy arrays, dicts, lists, str and int")
     cf.add_argument("output", metavar="OUT.npz", help="written atomically; must differ from IN")
     cf.set_defaults(func=cmd_convert_features)
+
+    ws = sub.add_parser("write-shards", help="write a captions_json / karpathy split as webdataset tar shards "
+                                             "({key}.jpg + {key}.json) for data.format: webdataset")
+    ws.add_argument("--root", required=True, help="captions_json: the folder with <split>.json; karpathy: image root")
+    ws.add_argument("--annotations", help="karpathy: dataset_coco.json / dataset_flickr30k.json")
+    ws.add_argument("--split", default="train", help="the split to write (default train)")
+    ws.add_argument("--out", required=True, help="the folder the shards (and sizes.json) go to")
+    ws.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    ws.add_argument("--prefix", default="train", help="shard file names: <prefix>-000000.tar, ...")
+    ws.add_argument("--captions", choices=["json", "txt"], default="json", help="{key}.json (default) or {key}.txt")
+    ws.set_defaults(func=cmd_write_shards)
 
     e = sub.add_parser("eval", help="retrieval metrics of a checkpoint on a split")
     src = e.add_mutually_exclusive_group(required=True)

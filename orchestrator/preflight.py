@@ -125,10 +125,18 @@ def check_data(cfg: ExperimentConfig) -> None:
     from orchestrator.data.leakage import check_leakage
     from orchestrator.data.splits import load_split
 
-    loaded = {"train": load_split(cfg.data, "train")}
+    if cfg.data.resolved_format == "webdataset":  # streamed train split: the shards listed, present, counted once
+        from orchestrator.data.shard_loader import check_streamable
+        from orchestrator.data.shards import open_shards
+
+        check_streamable(cfg, open_shards(cfg.data), cfg.scaling.num_workers if cfg.scaling.backend == "ray" else 1)
+        loaded = {}
+    else:
+        loaded = {"train": load_split(cfg.data, "train")}
     if "val" in cfg.eval.splits:
         loaded["val"] = load_split(cfg.data, "val")
-    check_leakage(cfg.data, loaded)
+    if "train" in loaded:  # shard keys are not image ids: a streamed train split is not compared
+        check_leakage(cfg.data, loaded)
 
 
 def tracking_field(cfg: ExperimentConfig) -> str:

@@ -60,7 +60,8 @@ def key_id(key: str) -> int:
 
 
 def caption_choice(seed: int, epoch: int, key: str, num_captions: int) -> int:
-    """Which of a sample's ``num_captions`` captions epoch ``epoch`` trains on: uniform, fixed per (seed, epoch, key)."""
+    """Which of a sample's ``num_captions`` captions epoch ``epoch`` trains on: uniform, fixed per (seed, epoch,
+    key) (a blake2b digest, the same in every process)."""
     digest = hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % num_captions
 

@@ -223,7 +223,7 @@ def count_and_record(paths: Sequence[Path], *, progress: bool = True) -> dict[Pa
         sizes = {**_read_sizes(folder / SIZES_FILE), **new}
         blob = (json.dumps(dict(sorted(sizes.items())), indent=1) + "\n").encode()
         try:
-            atomic_write(folder / SIZES_FILE, lambda fh: fh.write(blob), what="shard sizes")
+            atomic_write(folder / SIZES_FILE, lambda fh, blob=blob: fh.write(blob), what="shard sizes")
             make_readable(folder / SIZES_FILE)
         except UserError as err:
             raise UserError(f"{err.detail}: counted {total} samples but cannot record them; set "

@@ -20,7 +20,10 @@ def split_name(cfg: DataConfig, role: SplitRole) -> str:
 def load_split(cfg: DataConfig, role: SplitRole, *, verify: bool = True) -> DatasetIndex:
     """The ``role`` split of the configured dataset; images are verified (``data.verify_images``) before use,
     once per dataset: files unchanged since a recorded check are not parsed again (``data.manifest_dir``)."""
-    fmt = cfg.resolved_format
+    if cfg.resolved_format == "webdataset" and role == "train":  # streamed: orchestrator.data.shards.open_shards
+        raise UserError("the train split of format webdataset is streamed from data.shards, not indexed",
+                        field="data.format")
+    fmt = cfg.split_format  # webdataset: its eval splits are captions_json / karpathy
     name = split_name(cfg, role)
     if fmt == "synthetic":
         from orchestrator.data.synthetic import build_synthetic_split

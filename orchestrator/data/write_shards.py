@@ -73,7 +73,7 @@ def write_shards(index: DatasetIndex, out: Path, *, shard_size: int, prefix: str
     bar.close()
     from orchestrator.checkpoint import atomic_write
 
-    blob = (json.dumps({p.name: n for p, n in zip(paths, counts)}, indent=1) + "\n").encode()
+    blob = (json.dumps({p.name: n for p, n in zip(paths, counts, strict=True)}, indent=1) + "\n").encode()
     atomic_write(out / SIZES_FILE, lambda fh: fh.write(blob), what="shard sizes")
     make_readable(out / SIZES_FILE)
     pattern = str(out / f"{prefix}-{{{0:0{width}d}..{num_shards - 1:0{width}d}}}.tar")
