@@ -7,7 +7,8 @@ to the root on access (never resolved).
 
 Memory is the text itself plus 8 bytes per string. Reading an item touches no per-item Python object, so forked
 DataLoader workers that read every caption share the parent's pages instead of copying them (no refcount writes).
-Bulk set operations (``count_distinct``, ``is_in``) run in Arrow over zero-copy views of the same buffers.
+The set operations (``count_distinct``, ``is_in``) build a transient Python ``set`` (measured faster here than
+Arrow's hash kernels on binary columns: 2.0 s against 4.5 s for 3.3M ids).
 """
 from __future__ import annotations
 
@@ -164,27 +165,16 @@ class PackedStrings(Sequence[str]):
             out[begin:begin + total] = src[shift + np.arange(total, dtype=np.int64)]
         return PackedStrings(out.tobytes(), offsets)
 
-    def to_arrow(self):
-        """A zero-copy ``pyarrow.LargeBinaryArray`` view of the items (for vectorised set operations)."""
-        import pyarrow as pa
-
-        return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(self),
-                                                [None, pa.py_buffer(self._offsets), pa.py_buffer(self._buf)])
-
     def count_distinct(self) -> int:
-        """How many different items there are (Arrow hash, no Python objects)."""
-        import pyarrow.compute as pc
-
-        return int(pc.count_distinct(self.to_arrow()).as_py()) if len(self) else 0
+        """How many different items there are."""
+        return len(set(self))
 
     def is_in(self, other: "PackedStrings") -> np.ndarray:
         """bool ``(N,)``: whether item ``i`` is also an item of ``other``."""
-        import pyarrow.compute as pc
-
         if not len(self) or not len(other):
             return np.zeros(len(self), dtype=bool)
-        hits = pc.is_in(self.to_arrow(), value_set=other.to_arrow())
-        return hits.to_numpy(zero_copy_only=False).astype(bool, copy=False)
+        values = set(other)
+        return np.fromiter((s in values for s in self), dtype=bool, count=len(self))
 
 
 def as_packed(values: Sequence[str] | PackedStrings) -> PackedStrings:

@@ -58,6 +58,14 @@ def escapes_root(relative: str) -> bool:
     return os.path.isabs(norm) or norm == os.pardir or norm.startswith(_PARENT)
 
 
+def is_plain_relative(path: str) -> bool:
+    """Whether ``path`` is already a normalised relative path that stays inside its root: no empty, ``.`` or
+    ``..`` component, no leading or trailing separator (then ``os.path.normpath(path) == path``, checked in a few
+    substring tests instead of a normalisation; other paths take the full route)."""
+    return (bool(path) and path[0] not in "./" and path[-1] != "/" and "//" not in path and "/." not in path
+            and ".." not in path)
+
+
 def _outside_root(relative: str, root: Path, path: Path, where: str) -> UserError:
     return UserError(f"image path {relative!r} is outside the dataset root {root} (data.allow_outside_root: true "
                      "allows it)", path=str(path), field=where)
@@ -77,8 +85,9 @@ def read_captions_json(path: Path, *, name: str, clean: bool = True,
 
     Records of one ``image_id`` must name the same image file; an image may have any number of captions. An image
     path that leaves the file's folder (absolute, or ``..`` after normalisation) is refused unless
-    ``allow_outside_root``. The folder is resolved once; each distinct image string is normalised once
-    (lexically), and the result is packed into columns (``DatasetIndex``), nothing per record kept.
+    ``allow_outside_root``. The folder is resolved once; image strings are normalised lexically (a plain relative
+    path is recognised without normalising it), and the result is packed into columns (``DatasetIndex``), nothing
+    per record kept.
     """
     records = _read_json(path)
     if not isinstance(records, list):
@@ -89,7 +98,6 @@ def read_captions_json(path: Path, *, name: str, clean: bool = True,
     image_index: dict[str, int] = {}
     image_ids: list[str] = []
     image_files: list[str] = []  # normalised, relative to ``base`` unless allowed outside
-    normalised: dict[str, str] = {}  # raw image string -> normalised (checked once per distinct string)
     captions: list[str] = []
     caption_image: list[int] = []
     add_caption, add_image = captions.append, caption_image.append
@@ -103,10 +111,10 @@ def read_captions_json(path: Path, *, name: str, clean: bool = True,
             raise UserError("missing field", path=str(path), field=f"[{k}].{key}") from None
         image_id = raw_id if type(raw_id) is str and raw_id else _image_id(raw_id, "image_id", path,
                                                                              f"[{k}].image_id")
-        image_file = normalised.get(raw_image) if type(raw_image) is str else None
-        if image_file is None:
+        if type(raw_image) is str and is_plain_relative(raw_image):
+            image_file = raw_image
+        else:
             image_file = _captions_json_file(raw_image, base, path, f"[{k}].image", allow_outside_root)
-            normalised[raw_image] = image_file
         if type(raw_caption) is str:
             text = clean_caption(raw_caption) if clean else raw_caption.strip()
             if not text:
@@ -128,7 +136,7 @@ def read_captions_json(path: Path, *, name: str, clean: bool = True,
             )
         add_caption(text)
         add_image(idx)
-    del records, image_index, normalised
+    del records, image_index
     return DatasetIndex(
         name=name,
         image_ids=image_ids,
@@ -242,6 +250,8 @@ def _karpathy_file(img: dict, root: Path, annotations: Path, where: str, allow_o
     if not isinstance(filepath, str):
         raise UserError("filepath must be a string", path=str(annotations), field=f"{where}.filepath")
     joined = os.path.join(filepath, filename)
+    if is_plain_relative(joined):
+        return joined
     image_file = os.path.normpath(joined)
     if not escapes_root(image_file):
         return image_file

@@ -50,7 +50,8 @@ class DatasetIndex:
     _image_offsets: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.image_ids = as_packed(self.image_ids)
+        ids_given = self.image_ids
+        self.image_ids = as_packed(ids_given)
         self.captions = as_packed(self.captions)
         if self.caption_ids is not None:
             self.caption_ids = as_packed(self.caption_ids)
@@ -66,7 +67,7 @@ class DatasetIndex:
             raise ValueError("captions and caption_image differ in length")
         if self.caption_ids is not None and len(self.caption_ids) != len(self.captions):
             raise ValueError("caption_ids and captions differ in length")
-        if self.image_ids.count_distinct() != n_img:
+        if len(set(ids_given if isinstance(ids_given, (list, tuple)) else self.image_ids)) != n_img:
             raise ValueError("image_ids are not unique")
         if len(self.captions) == 0:
             raise UserError("no captions", path=self.source or self.name)

@@ -1,11 +1,11 @@
 """Train/eval leakage: images (by id or by file) and caption ids of the train split that are also in val or test.
 
 Scores on an eval split that shares images with the train split overstate the model. ``check_leakage`` compares
-the splits with vectorised set operations over the index columns (Arrow ``is_in`` on the packed ids and paths; no
-JSON re-read, no Python object per record) and logs one WARNING naming the counts, the splits and a few examples
-(``data.leakage: warn``, the default) or raises a ``UserError`` (``data.leakage: error``). Image files are compared
-by their lexically normalised absolute paths (as the readers build them), so two spellings of one file match; two
-symlinks to one file do not.
+the splits with set operations over the index columns (the packed ids and paths; no JSON re-read, no ``Path`` per
+record) and logs one WARNING naming the counts, the splits and a few examples (``data.leakage: warn``, the
+default) or raises a ``UserError`` (``data.leakage: error``). Image files are compared by their lexically
+normalised absolute paths (as the readers build them), so two spellings of one file match; two symlinks to one
+file do not.
 """
 from __future__ import annotations
 
@@ -86,8 +86,8 @@ def _hits(column: PackedStrings, mask: np.ndarray) -> list[str]:
 
 
 def find_overlap(train: DatasetIndex, other: DatasetIndex, role: str) -> Overlap | None:
-    """What ``other`` (eval split ``role``) shares with ``train``; ``None`` when nothing. Vectorised over the
-    index columns (Arrow ``is_in`` on the packed ids and paths); only the shared values become Python strings."""
+    """What ``other`` (eval split ``role``) shares with ``train``; ``None`` when nothing. Over the index columns
+    (``PackedStrings.is_in`` on the ids and paths as stored, joined to their roots only where the roots differ)."""
     assert isinstance(train.image_ids, PackedStrings) and isinstance(other.image_ids, PackedStrings)
     id_hit = other.image_ids.is_in(train.image_ids)
     values: dict[str, list[str]] = {"image ids": _hits(other.image_ids, id_hit)}
