@@ -91,6 +91,21 @@ def test_path_column_joins_the_root_on_access_without_resolving(tmp_path):
     assert col.take([1]) == [Path("/elsewhere/b.png")] and not PathColumn("/r", ["a"]).has_absolute()
 
 
+def test_plain_relative_paths_are_exactly_those_normpath_keeps_inside():
+    """The readers' shortcut: a path it calls plain is unchanged by ``os.path.normpath`` and stays inside."""
+    from orchestrator.data.formats import escapes_root, is_plain_relative
+
+    rng = np.random.default_rng(4)
+    alphabet = np.array(list("ab./"))
+    plain = 0
+    for k in rng.integers(1, 10, size=20_000):
+        path = "".join(rng.choice(alphabet, size=int(k)))
+        if is_plain_relative(path):
+            plain += 1
+            assert os.path.normpath(path) == path and not escapes_root(path), path
+    assert plain > 1000 and is_plain_relative("train2014/COCO_1.jpg") and not is_plain_relative("./a.jpg")
+
+
 # ------------------------------------------------------------------------------------------------- the index
 def naive_index(num_images: int, seed: int) -> tuple[DatasetIndex, list[list[int]], list[str]]:
     """An index whose captions are shuffled across images, and the naive image -> captions lists."""

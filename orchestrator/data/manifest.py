@@ -41,6 +41,7 @@ from typing import Iterator
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 from orchestrator.data.columns import PathColumn
 from orchestrator.data.images import check_image_file
@@ -255,8 +256,6 @@ def verify_image_files(paths: PathColumn, mode: str, *, manifest_dir: Path | Non
         todo = np.flatnonzero(~trusted[:limit])
         parsed, reason = 0, ""
         failed: tuple[int, str] | None = None
-        from tqdm.auto import tqdm
-
         with tqdm(total=todo.size, desc=f"verifying images ({mode})", unit="img", leave=False,
                   disable=not progress or todo.size < PROGRESS_MIN) as bar:
             for i in todo.tolist():
