@@ -436,3 +436,24 @@ def test_prepare_is_a_no_op_without_the_decoded_cache(tmp_path):
     tree = tiny_tree(tmp_path, data={"image_cache": "tensor_ram", "image_cache_dir": str(tmp_path / "cache")})
     assert prepare_image_cache(ExperimentConfig.model_validate(tree)) == {}
     assert not (tmp_path / "cache").exists()
+
+
+# ------------------------------------------------------------------------------------------- benchmark
+def test_input_pipeline_benchmark_measures_each_path_in_process(tmp_path):
+    """``benchmarks/input_pipeline.py``'s measurements at a toy size (its fresh-process runs cost minutes here):
+    distinct photo-like JPEGs, a cold build, then (a), (b) and (c) each deliver float32 batches of the size asked."""
+    from benchmarks import input_pipeline as bench
+
+    root = bench.photo_like_split(tmp_path / "data", 8)
+    files = sorted((root / "images").iterdir())
+    assert len(files) == 8 and len({hashlib.sha256(f.read_bytes()).digest() for f in files}) == 8
+    with Image.open(files[0]) as img:
+        assert img.size == (640, 480) and img.format == "JPEG"
+    build = bench.build_cache(root, tmp_path / "cache")
+    assert build["images"] == 8 and build["images_per_s"] > 0
+    rows = [bench.measure_bare(root, 4, 2), bench.measure_decode(root, 4, 2, 0),
+            bench.measure_cache(root, tmp_path / "cache", 4, 3, True),
+            bench.measure_cache(root, tmp_path / "cache", 4, 3, False)]
+    assert [r["variant"] for r in rows] == ["a_bare", "b_decode_w0", "c_cache", "c_cache_uint8"]
+    assert [r["pairs"] for r in rows] == [8, 8, 12, 12]
+    assert all(r["pairs_per_s"] > 0 and r["peak_rss_mib"] > 0 for r in rows)

@@ -379,7 +379,8 @@ def prepare_image_cache(cfg: Any, roles: Sequence[str] = ("train", "val"), *, pr
     """On the driver, before any worker starts: decode every image of each split ``role`` not cached yet.
 
     A no-op unless ``data.image_cache`` is ``decoded`` and the image tower reads pixels (a locked, cached image
-    tower reads its cached features instead); with ``data.augment`` the train split is not cached. Decodes in a local process pool, or as Ray tasks when
+    tower reads its cached features instead); with ``data.augment`` or streamed (webdataset) training pairs the
+    train split is not cached. Decodes in a local process pool, or as Ray tasks when
     ``scaling.backend`` is ``ray`` and a cluster is connected (``RAY_ADDRESS``). A split the data lacks is skipped.
     """
     from orchestrator.data.splits import load_split
@@ -387,7 +388,7 @@ def prepare_image_cache(cfg: Any, roles: Sequence[str] = ("train", "val"), *, pr
 
     if cfg.data.image_cache != "decoded" or (cfg.model.lock_image and cfg.model.cache_locked_towers):
         return {}
-    if getattr(cfg.data, "augment", "none") != "none":  # the train split is decoded and augmented every epoch
+    if cfg.data.augment != "none" or cfg.data.resolved_format == "webdataset":  # train: decoded every epoch
         roles = [r for r in roles if r != "train"]
     model_cfg = cfg.model.model_copy(update={"pretrained": None, "lock_image": False, "lock_text": False,
                                              "grad_checkpointing": False})

@@ -204,16 +204,23 @@ class TrainPairs(Dataset):
     def _batch(self, ids: BatchIds | np.ndarray) -> PairBatch:
         if not isinstance(ids, BatchIds):
             ids = BatchIds(local=np.asarray(ids, dtype=np.int64), global_=np.asarray(ids, dtype=np.int64))
-        taken = set(self.index.caption_image[ids.global_].tolist())
         skipped: list[str] = []
-        captions, images, pixels = [], [], []
-        for c in ids.local.tolist():
-            cap, img, px = self._image(int(c), taken, skipped)
-            captions.append(cap)
-            images.append(img)
-            pixels.append(px)
-        cap_idx = np.asarray(captions, dtype=np.int64)
-        img_idx = np.asarray(images, dtype=np.int64)
+        gather = getattr(self.images, "batch", None)
+        if gather is not None:  # decoded-image cache rows: one read for the batch, and none can fail to decode
+            cap_idx = np.asarray(ids.local, dtype=np.int64)
+            img_idx = self.index.caption_image[cap_idx]
+            captions, stacked = cap_idx.tolist(), gather(img_idx)
+        else:
+            taken = set(self.index.caption_image[ids.global_].tolist())
+            captions, images, pixels = [], [], []
+            for c in ids.local.tolist():
+                cap, img, px = self._image(int(c), taken, skipped)
+                captions.append(cap)
+                images.append(img)
+                pixels.append(px)
+            cap_idx = np.asarray(captions, dtype=np.int64)
+            img_idx = np.asarray(images, dtype=np.int64)
+            stacked = torch.stack(pixels)
         extras: dict[str, torch.Tensor] = {}
         if self.inputs is not None:
             extras = self.inputs(img_idx, cap_idx)
@@ -222,7 +229,7 @@ class TrainPairs(Dataset):
                 extras.update({k: v for k, v in self.inputs(self.index.caption_image[glob], glob).items()
                                if k in PAIRWISE_INPUTS})
         return PairBatch(
-            images=torch.stack(pixels),
+            images=stacked,
             tokens=self.text([self.index.captions[c] for c in captions], captions),
             image_index=torch.from_numpy(img_idx),
             caption_index=torch.from_numpy(cap_idx),
