@@ -26,7 +26,12 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from methods import functional as Fn
+from methods.blocks import resolve_chunk
+from methods.checks import TensorOrFloat, check_kernel, check_same_shape, check_t2i, kendall_options, positive_float
+from methods.functional import SELHN_DEFAULT_EPS
+from methods.kendall_direction import kendall_sums
+from methods.ndcg_direction import ideal_dcg, smooth_ndcg_direction
+from methods.relevance import caption_relevance_block
 
 RankSum = Callable[[torch.Tensor], torch.Tensor]
 
@@ -53,7 +58,7 @@ def _own_mask(own: torch.Tensor, N: int) -> torch.Tensor:
 
 
 def _triplet_direction(Sq: torch.Tensor, own: torch.Tensor, excluded: torch.Tensor, margin: float, mining: str,
-                       tau: Fn.TensorOrFloat, eps: float) -> torch.Tensor:
+                       tau: TensorOrFloat, eps: float) -> torch.Tensor:
     """(Q,) per-anchor loss of one direction: anchor q's list Sq[q] (Q, N), positive at column own[q]."""
     d = Sq.gather(1, own.unsqueeze(1))  # (Q, 1): S of each anchor's own pair
     h = (margin - d + Sq).clamp(min=0).masked_fill(excluded, 0.0)
@@ -77,8 +82,8 @@ def triplet_rows(
     margin: float = 0.2,
     mining: str = "hardest",
     positives: Optional[torch.Tensor] = None,
-    tau: Fn.TensorOrFloat = 0.05,
-    eps: float = Fn.SELHN_DEFAULT_EPS,
+    tau: TensorOrFloat = 0.05,
+    eps: float = SELHN_DEFAULT_EPS,
 ) -> torch.Tensor:
     """:func:`~methods.functional.triplet_hardest` / ``triplet_soft_negative`` / ``triplet_selhn`` for Q query rows.
 
@@ -99,7 +104,7 @@ def triplet_rows(
         raise ValueError(f"unknown triplet mining {mining!r}")
     excluded = _own_mask(own, N)
     if positives is not None:
-        Fn._check_same_shape(S_i2t, positives, "positives")
+        check_same_shape(S_i2t, positives, "positives")
         excluded = excluded | positives.to(device=S_i2t.device, dtype=torch.bool)
     l_i2t = _triplet_direction(S_i2t, own, excluded, margin, mining, tau, eps)
     l_t2i = _triplet_direction(S_t2i, own, excluded, margin, mining, tau, eps)
@@ -124,7 +129,7 @@ def relevance_lists(R: torch.Tensor, own: torch.Tensor, t2i_relevance: str = "tr
     R_i2t = R[own, :], R_t2i = R[:, own].T (``"transpose"``) or R_i2t (``"as_released"``); own entries set to 1
     as the square families do (``R_ii = 1``). New tensors (Q, N); R is not modified.
     """
-    Fn._check_t2i(t2i_relevance)
+    check_t2i(t2i_relevance)
     R_i2t = _fill_own(R.detach()[own], own)  # indexing with a tensor copies: R is left alone
     if t2i_relevance == "as_released":
         return R_i2t, R_i2t
@@ -150,16 +155,16 @@ def caption_relevance_rows(
         text_emb: (N, D) each pair's own caption in that space. own: (Q,) int64 query columns.
         caption_mask: optional (N, K) bool (True = a real caption); not validated (no host sync).
     """
-    Fn._check_t2i(t2i_relevance)
+    check_t2i(t2i_relevance)
     if caption_emb.dim() != 3 or text_emb.dim() != 2 or text_emb.shape[0] != caption_emb.shape[0]:
         raise ValueError(f"caption_emb must be (N, K, D) and text_emb (N, D), got {tuple(caption_emb.shape)} "
                          f"and {tuple(text_emb.shape)}")
     mask = None if caption_mask is None else caption_mask.to(device=caption_emb.device, dtype=torch.bool)
-    R_i2t = _fill_own(Fn._caption_relevance_block(caption_emb[own], text_emb, None if mask is None else mask[own],
-                                                  rescale), own)
+    R_i2t = _fill_own(caption_relevance_block(caption_emb[own], text_emb, None if mask is None else mask[own],
+                                              rescale), own)
     if t2i_relevance == "as_released":
         return R_i2t, R_i2t
-    R_t2i = Fn._caption_relevance_block(caption_emb, text_emb[own], mask, rescale).t().contiguous()
+    R_t2i = caption_relevance_block(caption_emb, text_emb[own], mask, rescale).t().contiguous()
     return R_i2t, _fill_own(R_t2i, own)
 
 
@@ -172,8 +177,8 @@ def _lists(S_i2t: torch.Tensor, S_t2i: torch.Tensor, R_i2t: torch.Tensor, R_t2i:
     if S_i2t.dim() != 2 or tuple(S_i2t.shape) != tuple(S_t2i.shape):
         raise ValueError(f"S_i2t and S_t2i must be (Q, N) of the same shape, got {tuple(S_i2t.shape)} "
                          f"and {tuple(S_t2i.shape)}")
-    Fn._check_same_shape(S_i2t, R_i2t, "R_i2t")
-    Fn._check_same_shape(S_i2t, R_t2i, "R_t2i")
+    check_same_shape(S_i2t, R_i2t, "R_i2t")
+    check_same_shape(S_i2t, R_t2i, "R_t2i")
     Q, N = S_i2t.shape
     return Q, N
 
@@ -196,14 +201,14 @@ def smooth_ndcg_rows(
         0-d tensor ``(mean_q (1 - NDCG_i2t_q) + mean_q (1 - NDCG_t2i_q)) / 2``.
     """
     Q, N = _lists(S_i2t, S_t2i, R_i2t, R_t2i)
-    Fn.check_kernel(kernel)
-    tau_f = Fn._float(tau, "tau")
-    chunk = Fn._resolve_chunk(chunk_size, N * N, Q)
+    check_kernel(kernel)
+    tau_f = positive_float(tau, "tau")
+    chunk = resolve_chunk(chunk_size, N * N, Q)
     rel_dtype = S_i2t.dtype if S_i2t.dtype in (torch.float32, torch.float64) else torch.float32
 
     def direction(Sq: torch.Tensor, Rq: torch.Tensor) -> torch.Tensor:
         Rc = Rq.detach().to(device=Sq.device, dtype=rel_dtype).contiguous()
-        return Fn._ndcg_direction(Sq.contiguous(), torch.pow(2.0, Rc) - 1.0, Fn._ideal_dcg(Rc), tau_f, chunk, kernel)
+        return smooth_ndcg_direction(Sq.contiguous(), torch.pow(2.0, Rc) - 1.0, ideal_dcg(Rc), tau_f, chunk, kernel)
 
     return (direction(S_i2t, R_i2t) + direction(S_t2i, R_t2i)) / 2
 
@@ -237,11 +242,11 @@ def kendall_rows(
         0-d tensor ``(L_i2t + L_t2i) / 2``.
     """
     Q, N = _lists(S_i2t, S_t2i, R_i2t, R_t2i)
-    gap_f, temp_f = Fn._kendall_arguments(gap, surrogate, window, hard_k, temperature, kernel)
+    gap_f, temp_f = kendall_options(gap, surrogate, window, hard_k, temperature, kernel)
 
     def sums(Sq: torch.Tensor, Rq: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         Rc = Rq.detach().to(device=Sq.device, dtype=Sq.dtype).contiguous()
-        return Fn._kendall_sums(Sq.contiguous(), Rc, gap_f, surrogate, temp_f, window, hard_k, chunk_size, kernel)
+        return kendall_sums(Sq.contiguous(), Rc, gap_f, surrogate, temp_f, window, hard_k, chunk_size, kernel)
 
     (num_i2t, cnt_i2t), (num_t2i, cnt_t2i) = sums(S_i2t, R_i2t), sums(S_t2i, R_t2i)
     counts = rank_sum(torch.stack([cnt_i2t.to(torch.int64), cnt_t2i.to(torch.int64)]))

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import methods.functional as fn
-from methods import row_losses
+from methods import blocks, row_losses
 from methods.functional import (
     caption_relevance,
     infonce,
@@ -585,7 +585,7 @@ def test_smooth_ndcg_chunking_and_tiling(t2i, monkeypatch):
         assert v == pytest.approx(v_ref, rel=1e-12, abs=1e-12)
         torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
     for tile in (1, 10, 30):  # CPU blocks smaller than one query: row blocks of candidates j
-        monkeypatch.setattr(fn, "CPU_TILE_ELEMENTS", tile)
+        monkeypatch.setattr(blocks, "CPU_TILE_ELEMENTS", tile)
         v, g = value_and_grad(lambda x: smooth_ndcg_loss(x, R, 0.05, t2i, chunk_size=2), S)
         assert v == pytest.approx(v_ref, rel=1e-12, abs=1e-12)
         torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
@@ -657,7 +657,7 @@ def test_kendall_chunking(window, hard_k, monkeypatch):
         v, g = value_and_grad(lambda x: kendall_rank_loss(x, R, chunk_size=chunk, **kw), S)
         assert v == pytest.approx(v_ref, rel=1e-12, abs=1e-14)
         torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-13)
-    monkeypatch.setattr(fn, "CPU_TILE_ELEMENTS", 10)
+    monkeypatch.setattr(blocks, "CPU_TILE_ELEMENTS", 10)
     v, g = value_and_grad(lambda x: kendall_rank_loss(x, R, chunk_size=2, **kw), S)
     assert v == pytest.approx(v_ref, rel=1e-12, abs=1e-14)
     torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-13)

@@ -14,7 +14,7 @@ import torch
 
 import methods
 import methods.functional as fn
-from methods import kernels
+from methods import dispatch, kernels, ndcg_direction
 from tests.test_functional import (
     GRAD_TOL,
     leaf,
@@ -164,15 +164,16 @@ def test_auto_falls_back_to_torch_once_when_a_kernel_fails_to_build(monkeypatch,
         calls.append(1)
         raise RuntimeError("PTX assembly failed")
 
-    monkeypatch.setattr(fn, "_triton_failed", False)
-    monkeypatch.setattr(fn, "_use_triton", lambda S, kernel: kernel == "triton" or not fn._triton_failed)
+    monkeypatch.setattr(dispatch.DISPATCH, "triton_failed", False)
+    monkeypatch.setattr(dispatch.DISPATCH, "use_triton",
+                        lambda S, kernel: kernel == "triton" or not dispatch.DISPATCH.triton_failed)
     monkeypatch.setattr(kernels, "sndcg_ranks", broken)
     S, R = rand_S(8, 91), rand_R(8, 91)
-    with caplog.at_level(logging.WARNING, logger="methods.functional"):
+    with caplog.at_level(logging.WARNING, logger="methods.dispatch"):
         v = fn.smooth_ndcg_loss(S, R, kernel="auto")
         fn.smooth_ndcg_loss(S, R, kernel="auto")
     assert float(v) == float(fn.smooth_ndcg_loss(S, R, kernel="torch"))
-    assert len(calls) == 1 and fn._triton_failed
+    assert len(calls) == 1 and dispatch.DISPATCH.triton_failed
     assert "PTX assembly failed" in caplog.text
     with pytest.raises(RuntimeError, match="PTX assembly failed"):
         fn.smooth_ndcg_loss(S, R, kernel="triton")
@@ -186,7 +187,8 @@ def test_cuda_kernels_match_the_torch_form_in_less_memory(B):
     S = (torch.rand(B, B, device="cuda", generator=g) * 2 - 1) * 0.4
     R = torch.rand(B, B, device="cuda", generator=g)
     # the default picks the kernels for float32 / bfloat16 CUDA scores, the torch form for float64
-    assert fn._use_triton(S, "auto") and fn._use_triton(S.bfloat16(), "auto") and not fn._use_triton(S.double(), "auto")
+    use_triton = dispatch.DISPATCH.use_triton
+    assert use_triton(S, "auto") and use_triton(S.bfloat16(), "auto") and not use_triton(S.double(), "auto")
     for name, f in (("sndcg", lambda x, k: fn.smooth_ndcg_loss(x, R, 0.01, kernel=k)),
                     ("kendall", lambda x, k: fn.kendall_rank_loss(x, R, 0.3, "hinge", kernel=k)),
                     ("kendall_sigmoid", lambda x, k: fn.kendall_rank_loss(x, R, 0.3, "sigmoid", kernel=k))):
@@ -232,10 +234,10 @@ def test_half_precision_scores_keep_float32_ranks(kernel_device):
     """bfloat16 S: each direction is the float32 computation on the same scores, rounded once at its end."""
     B = 12
     S, R = rand_S(B, 95).to(torch.bfloat16), rand_R(B, 95).float()
-    gains, idcg = torch.pow(2.0, R) - 1.0, fn._ideal_dcg(R)
-    one = fn._SmoothNDCGDirectionTriton.apply(S.to(kernel_device), gains.to(kernel_device),
-                                              idcg.to(kernel_device), 0.05, 50.0, "triton")
-    ref = fn._SmoothNDCGDirection.apply(S.float(), gains, idcg, 0.05, B, 50.0)
+    gains, idcg = torch.pow(2.0, R) - 1.0, ndcg_direction.ideal_dcg(R)
+    one = ndcg_direction.SmoothNDCGDirectionTriton.apply(S.to(kernel_device), gains.to(kernel_device),
+                                                          idcg.to(kernel_device), 0.05, 50.0, "triton")
+    ref = ndcg_direction.SmoothNDCGDirection.apply(S.float(), gains, idcg, 0.05, B, 50.0)
     assert one.dtype == torch.bfloat16 and float(one) == float(ref.to(torch.bfloat16))
     v16 = fn.smooth_ndcg_loss(S.to(kernel_device), R, 0.05, kernel="triton")
     v32 = fn.smooth_ndcg_loss(S.float(), R, 0.05, kernel="torch")
@@ -264,12 +266,12 @@ def test_gradient_kernel_failure_falls_back_to_the_same_formula_in_torch(kernel_
     def broken(*a, **k):
         raise RuntimeError("gradient kernel: out of shared memory")
 
-    monkeypatch.setattr(fn, "_triton_failed", False)
-    monkeypatch.setattr(fn, "_use_triton", lambda S, kernel: True)  # as on a GPU
+    monkeypatch.setattr(dispatch.DISPATCH, "triton_failed", False)
+    monkeypatch.setattr(dispatch.DISPATCH, "use_triton", lambda S, kernel: True)  # as on a GPU
     monkeypatch.setattr(kernels, "sndcg_rank_grad", broken)
-    with caplog.at_level(logging.WARNING, logger="methods.functional"):
+    with caplog.at_level(logging.WARNING, logger="methods.dispatch"):
         v, g = value_and_grad(lambda x: fn.smooth_ndcg_loss(x.to(kernel_device), R, 0.1, kernel="auto"), S)
-    assert "out of shared memory" in caplog.text and fn._triton_failed
+    assert "out of shared memory" in caplog.text and dispatch.DISPATCH.triton_failed
     v_ref, g_ref = value_and_grad(lambda x: naive_sndcg(x, R, 0.1), S)
     assert v == pytest.approx(v_ref, rel=1e-10, abs=1e-10)
     torch.testing.assert_close(g, g_ref, **GRAD_TOL)
