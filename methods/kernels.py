@@ -1,10 +1,11 @@
 """Fused Triton kernels for the O(B^3) losses (Smooth-NDCG ranks, all-pairs Kendall) on CUDA.
 
-The torch forms in :mod:`methods.functional` evaluate the (queries, candidates, candidates) cube
-block by block: about ten full passes over each block in memory, so at B = 1024 they move tens of
-GB per call on a GPU. These kernels never write the cube: each program holds one query row and
-``BLOCK_J`` candidates, loops over the other candidates ``BLOCK_K`` at a time in registers, and
-writes one (Q, N) result. Memory traffic is O(B^2); the work stays O(B^3) elementwise.
+The torch forms (:mod:`methods.ndcg_direction`, :mod:`methods.kendall_direction`) evaluate the
+(queries, candidates, candidates) cube block by block: about ten full passes over each block in
+memory, so at B = 1024 they move tens of GB per call on a GPU. These kernels never write the
+cube: each program holds one query row and ``BLOCK_J`` candidates, loops over the other
+candidates ``BLOCK_K`` at a time in registers, and writes one (Q, N) result. Memory traffic is
+O(B^2); the work stays O(B^3) elementwise.
 
 Same maths as the torch forms (tested against them and against naive float64 loops with
 ``TRITON_INTERPRET=1`` on the CPU, ``tests/test_kernels.py``):
