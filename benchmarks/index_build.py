@@ -96,15 +96,18 @@ def build(cols: dict[str, list[Any]], root: str = "/data/coco") -> DatasetIndex:
                         caption_image=cols["caption_image"], image_paths=PathColumn(root, cols["image_files"]))
 
 
-def best_seconds(fn: Callable[[], Any], repeats: int) -> float:
-    times = []
+def best_seconds(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process), each the best of ``repeats`` calls. On a shared machine the
+    CPU seconds are what one quiet core would take."""
+    wall, cpu = [], []
     for _ in range(repeats):
         gc.collect()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         result = fn()
-        times.append(time.perf_counter() - start)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
         del result
-    return min(times)
+    return min(wall), min(cpu)
 
 
 def traced(fn: Callable[[], DatasetIndex]) -> tuple[DatasetIndex, int, int]:
@@ -201,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "index_build.json")
     args = parser.parse_args(argv)
     rows: list[dict[str, Any]] = []
+    load_before = f"{os.getloadavg()[0]:.1f}"
     builds = [(n, 5) for n in args.build_sizes] + ([(3_300_000, 1)] if args.large else [])
     file_loads = [(args.load_images, 5)] + ([(3_300_000, 1)] if args.large else [])
     cow: dict[str, Any] = {}
@@ -210,14 +214,15 @@ def main(argv: list[str] | None = None) -> int:
             write_captions_json(folder, images, per)
             load(folder)  # warm: imports, regex compile
             large = images * per > TRACE_MAX_LOAD
-            seconds = best_seconds(lambda: load(folder), 1 if large else args.repeats)
+            seconds, cpu = best_seconds(lambda: load(folder), 1 if large else args.repeats)
             if large:  # tracing a multi-GB JSON parse takes minutes: columns only (the build row is traced)
                 index, kept, peak = load(folder), None, None
             else:
                 index, kept, peak = traced(lambda: load(folder))
             n = index.num_captions
             rows.append({"what": "load captions_json", "captions": n, "images": index.num_images,
-                         "seconds": seconds, "traced_bytes_per_caption": None if kept is None else kept / n,
+                         "seconds": seconds, "cpu_seconds": cpu,
+                         "traced_bytes_per_caption": None if kept is None else kept / n,
                          "columns_bytes_per_caption": sum(index.column_nbytes().values()) / n,
                          "peak_bytes_per_caption": None if peak is None else peak / n})
             if k == 0:
@@ -227,22 +232,25 @@ def main(argv: list[str] | None = None) -> int:
         for captions, per in builds:
             cols = make_records(captions // per, per)
             build(make_records(10, 1))  # warm
-            seconds = best_seconds(lambda: build(cols), args.repeats if captions < 2_000_000 else 1)
+            seconds, cpu = best_seconds(lambda: build(cols), args.repeats if captions < 2_000_000 else 1)
             index, kept, _ = traced(lambda: build(cols))
             rows.append({"what": "build from lists", "captions": index.num_captions, "images": index.num_images,
-                         "seconds": seconds, "traced_bytes_per_caption": kept / index.num_captions,
+                         "seconds": seconds, "cpu_seconds": cpu,
+                         "traced_bytes_per_caption": kept / index.num_captions,
                          "columns_bytes_per_caption": sum(index.column_nbytes().values()) / index.num_captions,
                          "peak_bytes_per_caption": None})
             del index, cols
     print(f"dataset index, {args.device} ({platform.processor() or platform.machine()}), one process, "
           f"commit {commit()}, best of {args.repeats}")
-    print("| what | captions | images | seconds | bytes/caption (traced) | bytes/caption (columns) | "
+    print(f"load average before / after: {load_before} / {os.getloadavg()[0]:.1f}")
+    print("| what | captions | images | wall s | CPU s | bytes/caption (traced) | bytes/caption (columns) | "
           "peak bytes/caption |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         peak = "—" if r["peak_bytes_per_caption"] is None else f"{r['peak_bytes_per_caption']:.0f}"
         kept = "—" if r["traced_bytes_per_caption"] is None else f"{r['traced_bytes_per_caption']:.1f}"
-        print(f"| {r['what']} | {r['captions']:,} | {r['images']:,} | {r['seconds']:.2f} | {kept} | "
+        print(f"| {r['what']} | {r['captions']:,} | {r['images']:,} | {r['seconds']:.2f} | "
+              f"{r['cpu_seconds']:.2f} | {kept} | "
               f"{r['columns_bytes_per_caption']:.1f} | {peak} |")
     print(f"forked child reading all {cow['captions']:,} captions, ids and paths: Private_Dirty +"
           f"{cow['fork_growth_index'] / 2**20:.2f} MiB for an index of {cow['index_bytes'] / 2**20:.1f} MiB; "
@@ -250,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
           f"+{cow['fork_growth_list'] / 2**20:.2f} MiB")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "device": args.device, "commit": commit(),
+                                    "load_average_before": float(load_before),
                                     "python": sys.version.split()[0], "rows": rows, "copy_on_write": cow},
                                    indent=2))
     return 0
