@@ -141,10 +141,6 @@ class ShardSchedule:
     def __iter__(self) -> Iterator[int]:
         return iter(range(self.steps))
 
-    def global_ids(self, step: int) -> None:
-        """Unknown on the host: the other ranks read other shards (their ids are all-gathered instead)."""
-        return None
-
 
 class ShardPairs(IterableDataset):
     """One epoch of this rank's training batches, each ``(images (B, 3, H, W) float32, tokens (B, L) int64,

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 FIELD = "data.shards"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+READ_EXTENSIONS = frozenset(IMAGE_EXTENSIONS + ("json", "txt"))
 SIZES_FILE = "sizes.json"
 #: The most names one brace range may expand to (a typo like ``{0..9999999999}`` fails instead of eating memory).
 MAX_EXPANSION = 1_000_000
@@ -294,7 +295,8 @@ def iter_samples(path: Path, *, clean: bool = True, expected: int | None = None)
                 count += 1
                 group = []
             key = parts[0]
-            group.append((parts[1], member, _read(tar, member, path)))
+            if parts[1] in READ_EXTENSIONS:  # other members (img2dataset's .npy, .cls, ...) are skipped unread
+                group.append((parts[1], member, _read(tar, member, path)))
         if group:
             yield _sample(key, group, path, clean)
             count += 1
