@@ -7,6 +7,11 @@ logging there gives each epoch exactly once in MLflow, whatever worker is killed
 instead would lose the epochs still queued when it dies, and could log an epoch twice when it dies between its
 report and the controller's commit.
 
+Step checkpoints (``train.checkpoint_every_steps``) are reports too, made by every rank at the same step and
+marked :data:`STEP_REPORT`: MLflow (``after_report``) and Tune (:func:`epoch_reports_to_tune`) skip them, and
+their score is below every epoch's, so with :func:`checkpoint_config` Ray keeps the best epoch checkpoint and the
+latest checkpoint, step or epoch -- the one a restarted worker group resumes from (``ray.train.get_checkpoint``).
+
 Why stop at once: Ray Train V2 retries every worker error up to ``FailureConfig.max_failures``; a non-finite loss
 or a full disk would only repeat. A worker raises :class:`FatalWorkerError` for those; ``after_exception`` re-raises
 it, which Ray treats as a controller error and does not retry.
@@ -16,12 +21,61 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ray.train import UserCallback
+from ray.train import CheckpointConfig, UserCallback
 
 from orchestrator import tracking
 from orchestrator.errors import UserError
 
 log = logging.getLogger(__name__)
+
+#: The metric Ray Train's checkpoint order reads (``orchestrator.run._score``: the selection metric, or -/+1e30
+#: for an epoch that was not evaluated).
+SCORE = "checkpoint/score"
+#: Marks a mid-epoch report: a step checkpoint, no epoch's metrics.
+STEP_REPORT = "checkpoint/step_report"
+#: A step checkpoint's score in mode max (negated for min): below an unevaluated epoch's -1e30.
+_STEP_SCORE = -1e31
+
+
+def checkpoint_config(best_mode: str) -> CheckpointConfig:
+    """Ray Train's retention for ``itr`` runs: the best checkpoint by :data:`SCORE`, and the latest one.
+
+    Ray 2.60 (``train/v2/_internal/execution/checkpoint/checkpoint_manager.py``) sorts the registered checkpoints
+    by score (ties: report order) and deletes all but the top ``num_to_keep`` -- except the latest reported, which
+    it never deletes. With ``num_to_keep=1`` that leaves the best epoch and, when it is another one, the latest
+    (a step checkpoint scores below every epoch, so it is kept only while it is the latest)."""
+    return CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SCORE, checkpoint_score_order=best_mode)
+
+
+def step_report(epoch: int, step: int, best_mode: str) -> dict[str, float]:
+    """The metrics of a step checkpoint's report (``step`` steps of ``epoch`` done): the marker and the position,
+    no ``epoch`` key (what MLflow and Tune read as a finished epoch), and a score no epoch checkpoint is below."""
+    return {STEP_REPORT: 1.0, "checkpoint/epoch": float(epoch), "checkpoint/step": float(step),
+            SCORE: _STEP_SCORE if best_mode == "max" else -_STEP_SCORE}
+
+
+def is_step_report(metrics: dict[str, Any] | None) -> bool:
+    """Whether a report's (rank 0's) metrics are a step checkpoint's rather than an epoch's."""
+    return bool(metrics) and bool(metrics.get(STEP_REPORT))
+
+
+def epoch_reports_to_tune() -> UserCallback:
+    """Tune's ``TuneReportCallback`` (a sweep trial that drives a TorchTrainer) without the step reports: Tune
+    counts each forwarded report as a training iteration (ASHA's rungs) and the sweep logs it as an epoch.
+    Made inside the trial (the callback needs its Tune session)."""
+    return _epoch_reports_class()()
+
+
+def _epoch_reports_class() -> type:
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EpochReportsToTune(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            if metrics and is_step_report(metrics[0]):
+                return
+            super().after_report(run_context, metrics, checkpoint)
+
+    return EpochReportsToTune
 
 
 class FatalWorkerError(RuntimeError):
@@ -67,8 +121,9 @@ class TrainControllerHooks(UserCallback):
     """A Ray Train ``UserCallback`` (it runs in the controller process).
 
     - ``after_report``: queues rank 0's metrics at step = epoch on a :class:`tracking.RunLogger` (when ``target``
-      and ``run_id`` are given); after the last epoch (``last_epoch``) waits for them to reach the store (bounded;
-      what is left goes to ``<spill_dir>/mlflow-unsent-*.json``, which the driver sends on).
+      and ``run_id`` are given; a step checkpoint's report is skipped); after the last epoch (``last_epoch``)
+      waits for them to reach the store (bounded; what is left goes to ``<spill_dir>/mlflow-unsent-*.json``,
+      which the driver sends on).
     - ``after_exception``: a :class:`FatalWorkerError` from any rank is re-raised (no retry); other errors are
       counted, and when they exceed ``max_failures`` (the run is about to end) the queue is flushed too.
     """
@@ -101,6 +156,8 @@ class TrainControllerHooks(UserCallback):
         if logger is None or not metrics:
             return
         rank0 = metrics[0]
+        if is_step_report(rank0):  # a step checkpoint: committed, but no epoch to log
+            return
         step = int(rank0["epoch"]) if "epoch" in rank0 else None
         if step is None:
             return

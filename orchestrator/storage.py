@@ -1,10 +1,11 @@
 """Run storage that is not a local folder: ``train.output_dir`` as an ``s3://`` / ``gs://`` / any pyarrow URI.
 
-Only Ray Train writes there (its ``RunConfig.storage_path`` takes such URIs and persists each checkpoint through
-pyarrow); the local backend and the features that need a local folder (``train.run_key``'s lock, step
-checkpoints) refuse a URI (:func:`check_uri_output_dir`). ``itr eval --checkpoint URI`` downloads the
-checkpoint's files to a temp folder first (:func:`download_checkpoint`). Credentials and endpoints come from the
-usual places pyarrow reads: ``AWS_*`` variables (``AWS_ENDPOINT_URL`` for an
+Ray writes there: Ray Train (``RunConfig.storage_path`` takes such URIs and persists each checkpoint, epoch or
+step, through pyarrow) and Ray Tune (``itr sweep``: the sweep folder, its ``itr_sweep.json`` through
+:func:`read_text` / :func:`write_text`, its leaderboard through :func:`upload_files`). The local backend and
+``train.run_key`` (a lock in a local folder) refuse a URI (:func:`check_uri_output_dir`). ``itr eval --checkpoint
+URI`` downloads the checkpoint's files to a temp folder first (:func:`download_checkpoint`). Credentials and
+endpoints come from the usual places pyarrow reads: ``AWS_*`` variables (``AWS_ENDPOINT_URL`` for an
 S3-compatible store), instance roles, ``GOOGLE_APPLICATION_CREDENTIALS``, or URI query parameters
 (``s3://bucket/runs?endpoint_override=host:port&scheme=http``).
 """
@@ -48,6 +49,11 @@ def _filesystem(uri: str, *, field: str | None) -> tuple[Any, str]:
         raise UserError(f"{uri}: not a storage URI pyarrow can open ({err})", field=field) from None
 
 
+def _fs_error(err: Exception) -> str:
+    """The first line of a file-system error (pyarrow's run to several), or its class name."""
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
 def check_reachable(uri: str, *, source: str | None = None, field: str = FIELD) -> None:
     """One cheap look at the root of ``uri`` (its bucket): it must exist and answer; else a one-line UserError."""
     import pyarrow.fs as pafs
@@ -57,8 +63,7 @@ def check_reachable(uri: str, *, source: str | None = None, field: str = FIELD) 
     try:
         info = fs.get_file_info(root or "/")
     except Exception as err:  # noqa: BLE001 - network, credentials, permissions
-        raise UserError(f"{uri} unreachable ({str(err).splitlines()[0] if str(err) else type(err).__name__})",
-                        path=source, field=field) from None
+        raise UserError(f"{uri} unreachable ({_fs_error(err)})", path=source, field=field) from None
     if info.type == pafs.FileType.NotFound:
         raise UserError(f"{uri}: bucket {root!r} not found", path=source, field=field)
 
@@ -67,13 +72,66 @@ def check_uri_output_dir(cfg: ExperimentConfig, *, source: str | None = None) ->
     """A URI ``train.output_dir`` needs the Ray backend and no local-only feature; then its bucket must answer."""
     uri = cfg.train.output_dir
     needs_local = [why for why, on in (("scaling.backend: local", cfg.scaling.backend == "local"),
-                                       ("train.run_key (a local lock)", cfg.train.run_key is not None),
-                                       ("train.checkpoint_every_steps", cfg.train.checkpoint_every_steps is not None))
-                   if on]
+                                       ("train.run_key (a local lock)", cfg.train.run_key is not None)) if on]
     if needs_local:
         raise UserError(f"{uri} is object storage, which only scaling.backend: ray can write to; "
                         f"{', '.join(needs_local)} needs a local folder", path=source, field=FIELD)
     check_reachable(uri, source=source)
+
+
+def read_text(location: str | Path) -> str | None:
+    """The text of the file at ``location`` (a URI or a local path); ``None`` when there is none. A URI that cannot
+    be read (network, credentials) is a one-line ``UserError``."""
+    if not is_uri(location):
+        try:
+            return Path(location).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+    import pyarrow.fs as pafs
+
+    fs, path = _filesystem(str(location), field=None)
+    try:
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with fs.open_input_stream(path) as src:
+            return src.read().decode("utf-8")
+    except Exception as err:  # noqa: BLE001 - network, credentials, permissions
+        raise UserError(f"cannot read it ({_fs_error(err)})", path=str(location)) from None
+
+
+def write_text(location: str | Path, text: str) -> None:
+    """Write ``text`` to ``location`` whole or not at all: a local file through a temp name and a rename
+    (:func:`orchestrator.checkpoint.atomic_write`), an object in one upload (a reader sees the old object or the
+    new one, never a part)."""
+    data = text.encode("utf-8")
+    if not is_uri(location):
+        from orchestrator.checkpoint import atomic_write
+
+        atomic_write(Path(location), lambda fh: fh.write(data))
+        return
+    fs, path = _filesystem(str(location), field=None)
+    try:
+        with fs.open_output_stream(path) as out:
+            out.write(data)
+    except Exception as err:  # noqa: BLE001 - network, credentials, permissions
+        raise UserError(f"cannot write it ({_fs_error(err)})", path=str(location)) from None
+
+
+def upload_files(files: list[Path], root: Path, dest: str) -> list[str]:
+    """Copy local ``files`` (under ``root``) to the folder URI ``dest``, keeping their paths below ``root``;
+    returns their URIs."""
+    fs, base = _filesystem(dest, field=None)
+    uris = []
+    try:
+        for f in files:
+            rel = Path(f).relative_to(root).as_posix()
+            with open(f, "rb") as src, fs.open_output_stream(f"{base.rstrip('/')}/{rel}") as out:
+                while chunk := src.read(1 << 24):
+                    out.write(chunk)
+            uris.append(join(dest, rel))
+    except Exception as err:  # noqa: BLE001 - network, credentials, permissions
+        raise UserError(f"cannot upload {len(files)} file(s) ({_fs_error(err)})", path=dest) from None
+    return uris
 
 
 def to_uri(storage: str, fs_path: str) -> str:
@@ -115,7 +173,7 @@ def download_checkpoint(uri: str, dest: Path, *, field: str | None = "--checkpoi
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 - network, credentials, permissions
-        raise UserError(f"cannot read the checkpoint ({str(err).splitlines()[0] if str(err) else err})",
+        raise UserError(f"cannot read the checkpoint ({_fs_error(err)})",
                         path=uri, field=field) from None
     log.info("downloaded %d file(s) of %s to %s", len(files), uri, dest)
     return dest / files[0].base_name if info.type == pafs.FileType.File else dest

@@ -23,11 +23,12 @@ Tracking (MLflow, written by the driver only, in a Tune callback)
 
 Resume
   The sweep folder ``<base train.output_dir>/sweeps/<name>`` holds Tune's experiment state and
-  ``itr_sweep.json`` (the parent run id and a fingerprint of the space). Rerunning (``--resume`` insists on
-  it) restores it with ``Tuner.restore(resume_unfinished=True, resume_errored=True)``: finished trials are not
-  rerun, unfinished ones continue from their last checkpoint Tune had snapshotted (``TUNE_GLOBAL_CHECKPOINT_S``
-  is 2 s here), MLflow gets the same parent and the same child per trial id (epochs already logged are not
-  logged again).
+  ``itr_sweep.json`` (the parent run id and a fingerprint of the space); with an object-storage
+  ``train.output_dir`` it is a folder in the bucket (``orchestrator.sweep_storage``). Rerunning (``--resume``
+  insists on it) restores it with ``Tuner.restore(resume_unfinished=True, resume_errored=True)``: finished
+  trials are not rerun, unfinished ones continue from their last checkpoint Tune had snapshotted
+  (``TUNE_GLOBAL_CHECKPOINT_S`` is 2 s here), MLflow gets the same parent and the same child per trial id
+  (epochs already logged are not logged again).
 """
 from __future__ import annotations
 
@@ -46,14 +47,15 @@ from typing import Any, Callable
 
 from ray.tune import Callback
 
-from orchestrator import leaderboard, tracking
+from orchestrator import leaderboard, storage, tracking
 from orchestrator.config import ExperimentConfig
 from orchestrator.errors import UserError
 from orchestrator.search_space import SearchSpace, trial_config
+from orchestrator.sweep_storage import (SweepFolder, leaderboard_folder, read_state, sweep_folder,
+                                        tune_storage_path, write_state)
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "itr_sweep.json"
 TRAIN_CPU_SLIVER = 0.01           # what a trial that drives a TorchTrainer reserves itself
 #: result keys that are Tune's bookkeeping, never metrics
 _TUNE_KEYS = {"training_iteration", "done", "timestamp", "time_this_iter_s", "time_total_s", "pid", "date",
@@ -141,9 +143,9 @@ def _trial_main(config: dict[str, Any], base_tree: dict[str, Any] | None = None,
     cfg = build_trial_config(base_tree, config, cpu, gpu)
     fn: TrialFn = ctx.get("trial_fn") or _train_loop
     if needs_train(cfg, gpu):
-        from ray.tune.integration.ray_train import TuneReportCallback
         from ray.util.queue import Queue
 
+        from orchestrator.ray_train_hooks import epoch_reports_to_tune
         from orchestrator.run import _fit_with_ray
 
         trial_id = tune.get_context().get_trial_id()
@@ -151,7 +153,7 @@ def _trial_main(config: dict[str, Any], base_tree: dict[str, Any] | None = None,
         _LIVE_TRAIN_RUNS.append(controllers)
         try:
             _fit_with_ray(cfg, f"train-{trial_id}", None, None, storage_path=ctx["train_storage"],
-                          callbacks=[TuneReportCallback(), _PublishController(controllers)])
+                          callbacks=[epoch_reports_to_tune(), _PublishController(controllers)])
         finally:
             if controllers in _LIVE_TRAIN_RUNS:
                 _LIVE_TRAIN_RUNS.remove(controllers)
@@ -471,12 +473,12 @@ def _jsonable(v: Any) -> Any:
 @dataclass
 class SweepResult:
     name: str
-    path: Path
+    path: SweepFolder  # a local folder, or a URI in object storage
     parent_run_id: str | None
     tracking_uri: str | None
     table: list[dict[str, Any]]
     records: list[leaderboard.TrialRecord]
-    plots: list[Path]
+    plots: list[Path | str]
     resumed: bool
     interrupted: bool = False
     wall_s: float = 0.0
@@ -487,32 +489,10 @@ class SweepResult:
         return self.table[0] if self.table else None
 
 
-def sweep_dir(space: SearchSpace, name: str | None = None) -> Path:
-    """``<train.output_dir>/sweeps/<name>``: a local folder (the sweep's state file and Tune's experiment state
-    live there); an object-storage ``train.output_dir`` is refused (``itr train`` on Ray can use one)."""
-    output_dir = space.base_config.train.output_dir
-    if isinstance(output_dir, str) and "://" in output_dir:
-        raise UserError(f"{output_dir}: itr sweep keeps its state in a local folder; set train.output_dir to a "
-                        "local or shared-volume path (object storage works for itr train on Ray)",
-                        path=str(space.path), field="train.output_dir")
-    return Path(output_dir).expanduser().resolve() / "sweeps" / (name or space.name)
-
-
-def _read_state(path: Path) -> dict[str, Any] | None:
-    f = path / STATE_FILE
-    if not f.is_file():
-        return None
-    try:
-        return json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _write_state(path: Path, state: dict[str, Any]) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
-    tmp.replace(path / STATE_FILE)
+def sweep_dir(space: SearchSpace, name: str | None = None) -> SweepFolder:
+    """``<train.output_dir>/sweeps/<name>``: where Tune's experiment state and the sweep's state file live (a URI
+    for an object-storage ``train.output_dir``, :func:`orchestrator.sweep_storage.sweep_folder`)."""
+    return sweep_folder(space.base_config.train.output_dir, name or space.name)
 
 
 def _run_exists(target: tracking.TrackingTarget, run_id: str) -> bool:
@@ -523,7 +503,7 @@ def _run_exists(target: tracking.TrackingTarget, run_id: str) -> bool:
     return run.info.lifecycle_stage == "active"
 
 
-def _start_parent(space: SearchSpace, target: tracking.TrackingTarget, name: str, path: Path) -> str:
+def _start_parent(space: SearchSpace, target: tracking.TrackingTarget, name: str, path: SweepFolder) -> str:
     c = tracking.client(target)
     exp_id = tracking.ensure_experiment(target)
     tags = tracking.run_tags(space.base_config)
@@ -641,7 +621,11 @@ def preflight_space(space: SearchSpace, tracking_uri: str | None) -> None:
     from orchestrator.models.student import check_pretrained
 
     base = space.base_config
-    preflight.check_experiment(base, tracking_uri, source=space.base_source)
+    checked = base
+    if storage.is_uri(base.train.output_dir):  # a sweep folder in object storage: only Ray writes there (Tune,
+        # and Ray Train for trials that drive a TorchTrainer), whatever the base's backend; the bucket must answer
+        checked = base.model_copy(update={"scaling": base.scaling.model_copy(update={"backend": "ray"})})
+    preflight.check_experiment(checked, tracking_uri, source=space.base_source)
     seen = {(base.data.model_dump_json(), base.model.pretrained)}
     for cfg in space.trial_configs:
         key = (cfg.data.model_dump_json(), cfg.model.pretrained)
@@ -673,7 +657,7 @@ def run_sweep(space: SearchSpace, *, resume: bool = False, name: str | None = No
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"      # metric names are checked by load_space;
     # an epoch without evaluation (train.eval_every > 1) simply has no val/ value, which ASHA skips.
-    state = _read_state(path)
+    state = read_state(path)
     restorable = tune.Tuner.can_restore(str(path))
     if resume and not restorable and state is None:
         raise UserError(f"nothing to resume: no sweep at {path}", path=str(space.path))
@@ -701,7 +685,7 @@ def run_sweep(space: SearchSpace, *, resume: bool = False, name: str | None = No
         else:
             parent = _start_parent(space, target, name, path)
             fresh_parent = not restorable
-    _write_state(path, {"name": name, "parent_run_id": parent, "tracking_uri": target.uri if target else None,
+    write_state(path, {"name": name, "parent_run_id": parent, "tracking_uri": target.uri if target else None,
                         "experiment": target.experiment if target else None, "fingerprint": space.fingerprint(),
                         "space_file": str(space.path), "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
     if parent is not None:
@@ -710,7 +694,7 @@ def run_sweep(space: SearchSpace, *, resume: bool = False, name: str | None = No
                  "resuming" if restorable else "starting", parent, target.uri)
 
     res = space.spec.resources
-    ctx = {"cpu": res.cpu, "gpu": res.gpu, "trial_fn": trial_fn, "train_storage": str(path / "train")}
+    ctx = {"cpu": res.cpu, "gpu": res.gpu, "trial_fn": trial_fn, "train_storage": storage.join(path, "train")}
     trainable = tune.with_resources(
         _sweep_trainable(tune.with_parameters(_trial_main, base_tree=space.base_tree, ctx=ctx)),
         _TrialResources(space.base_tree, res.cpu, res.gpu))
@@ -753,7 +737,7 @@ def run_sweep(space: SearchSpace, *, resume: bool = False, name: str | None = No
                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname,
                         reuse_actors=not train_trials),
                     run_config=tune.RunConfig(
-                        name=name, storage_path=str(path.parent), callbacks=callbacks, verbose=verbose,
+                        name=name, storage_path=tune_storage_path(path), callbacks=callbacks, verbose=verbose,
                         failure_config=tune.FailureConfig(max_failures=space.spec.max_failures),
                         checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
                 )
@@ -781,16 +765,17 @@ def run_sweep(space: SearchSpace, *, resume: bool = False, name: str | None = No
         if target is not None and parent is not None:
             records = leaderboard.records_from_mlflow(target, parent, space.metric)
             table = leaderboard.rows(records, space.varied, space.metric, space.mode)
-            out = path / "leaderboard"
-            csv_path = leaderboard.write_csv(out / "leaderboard.csv", table)
-            log_scale = [k for k, d in space.distributions.items() if d.kind == "loguniform"]
-            if plots:
-                pngs = leaderboard.make_plots(records, space.varied, space.metric, space.mode, out / "plots",
-                                              log_scale=log_scale)
             c = tracking.client(target)
-            c.log_artifact(parent, str(csv_path))
-            for p in pngs:
-                c.log_artifact(parent, str(p), "plots")
+            with leaderboard_folder(path) as out:  # object storage: drawn locally, uploaded at the end
+                csv_path = leaderboard.write_csv(out.local / "leaderboard.csv", table)
+                log_scale = [k for k, d in space.distributions.items() if d.kind == "loguniform"]
+                if plots:
+                    pngs = leaderboard.make_plots(records, space.varied, space.metric, space.mode,
+                                                  out.local / "plots", log_scale=log_scale)
+                c.log_artifact(parent, str(csv_path))
+                for p in pngs:
+                    c.log_artifact(parent, str(p), "plots")
+            pngs = out.published(pngs)
             tracking.log_text_artifact(target, parent, "leaderboard.txt", leaderboard.format_table(table) + "\n")
             if table and isinstance(table[0][f"best {space.metric}"], float) \
                     and math.isfinite(table[0][f"best {space.metric}"]):

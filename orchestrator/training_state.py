@@ -10,7 +10,9 @@ Step checkpoints (``train.checkpoint_every_steps``, and a SIGTERM mid-epoch) rec
 ``{"epoch": e, "step": s}``: ``s`` steps of epoch ``e`` are done. A resume skips those batches in the sampler
 (:class:`ResumableBatches`, nothing is loaded for them), restores the python / numpy / torch (CPU and CUDA) RNG
 states once the epoch's loader iterator exists, and restores the epoch's metric sums, so the next step -- and the
-epoch's logged means -- are those of an uninterrupted run.
+epoch's logged means -- are those of an uninterrupted run. With several DDP ranks (Ray Train), each rank's own
+RNG states and sums go into the same folder as ``rank_RRRR.pt`` (:func:`save_rank_state`; rank 0's are in
+``state.pt``), and each rank resumes from its own (:func:`for_rank`).
 """
 from __future__ import annotations
 
@@ -119,6 +121,31 @@ def mid_epoch(state: dict[str, Any]) -> tuple[int, int] | None:
     if not position:
         return None
     return int(position["epoch"]), int(position["step"])
+
+
+def rank_file(rank: int) -> str:
+    """The file of rank ``rank``'s own part of a step checkpoint (ranks > 0)."""
+    return f"rank_{rank:04d}.pt"
+
+
+def save_rank_state(directory: Path, rank: int, sums) -> None:
+    """Write rank ``rank``'s own part of a step checkpoint: its RNG states and the epoch's
+    :class:`~orchestrator.distributed.MetricSums` so far (they differ by rank: seeds, and each rank's batches)."""
+    atomic_save({"rank": int(rank), "rng": capture_rng(), "sums": _sums_state(sums)}, directory / rank_file(rank))
+
+
+def for_rank(state: dict[str, Any], directory: Path, rank: int) -> dict[str, Any]:
+    """``state`` (``state.pt``: rank 0's) with rank ``rank``'s own RNG states and sums when it is a step checkpoint;
+    a folder without that rank's file (another world size) leaves rank 0's, with a warning."""
+    if rank == 0 or mid_epoch(state) is None:
+        return state
+    path = Path(directory) / rank_file(rank)
+    if not path.is_file():
+        log.warning("%s has no %s: rank %d resumes with rank 0's RNG states and epoch sums", directory,
+                    rank_file(rank), rank)
+        return state
+    own = load_file(path)
+    return {**state, "rng": own["rng"], "sums": own["sums"]}
 
 
 def _sums_state(sums) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 The Ray Train run writes its checkpoints into the bucket; ``itr eval --checkpoint s3://...`` reads one back and
 prints the metrics the run logged for that epoch; the local backend and local-only features refuse a URI with
-one line naming train.output_dir; a missing bucket is exit 2 before anything starts.
+one line naming train.output_dir; a missing bucket is exit 2 before anything starts. Step checkpoints on Ray in
+S3: tests/test_ray_step_checkpoints.py; sweeps in S3: tests/test_sweep_storage.py (both reuse ``s3_endpoint``).
 """
 from __future__ import annotations
 
@@ -110,7 +111,6 @@ def test_ray_storage_and_checkpoint_uris_stay_uris():
 @pytest.mark.parametrize("extra, needle", [
     ({"scaling": {"backend": "local"}}, "scaling.backend: local"),
     ({"scaling": {"backend": "ray"}, "train": {"run_key": "k1"}}, "train.run_key"),
-    ({"scaling": {"backend": "ray"}, "train": {"checkpoint_every_steps": 2}}, "train.checkpoint_every_steps"),
 ])
 def test_uri_output_dir_needs_ray_and_no_local_only_feature(tmp_path, s3_endpoint, extra, needle):
     tree = tiny_tree(tmp_path)
@@ -133,18 +133,6 @@ def test_missing_bucket_is_exit_2_before_anything_starts(tmp_path, s3_endpoint):
     assert rc == 2 and len(lines) == 1, err
     assert "train.output_dir" in lines[0] and "'no-such-bucket' not found" in lines[0], lines
     assert not (tmp_path / "mlflow.db").exists()
-
-
-def test_sweep_refuses_a_uri_output_dir(tmp_path):
-    from orchestrator.errors import UserError
-    from orchestrator.sweep import sweep_dir
-
-    class Space:
-        base_config = validate_config({"train": {"output_dir": "s3://b/runs"}})
-        name, path = "s", tmp_path / "space.yaml"
-
-    with pytest.raises(UserError, match="train.output_dir"):
-        sweep_dir(Space())
 
 
 def test_eval_reads_a_checkpoint_from_s3(tmp_path, s3_endpoint):
