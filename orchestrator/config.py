@@ -12,11 +12,12 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Callable, Literal, TypeVar, Union
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationError,
                       field_validator, model_validator)
+from pydantic.fields import FieldInfo
 
 from orchestrator.errors import UserError
 from orchestrator.yaml_io import YamlSyntaxError, parse_yaml, read_yaml_file
@@ -95,16 +96,27 @@ class DataConfig(Section):
     """Where the image–caption pairs come from.
 
     ``format``: ``auto`` picks ``synthetic`` when ``root`` is unset, ``captions_json`` when ``root`` holds
-    ``<split>.json`` files (the coco-mini / ALBEF layout), ``karpathy`` when ``annotations`` is set.
+    ``<split>.json`` files (the coco-mini / ALBEF layout), ``karpathy`` when ``annotations`` is set, ``webdataset``
+    when ``shards`` is set (training pairs streamed from tar shards, ``orchestrator.data.shards``; the eval splits
+    still come from ``root`` / ``annotations``, map-style).
     """
 
-    format: Literal["auto", "synthetic", "captions_json", "karpathy"] = "auto"
+    format: Literal["auto", "synthetic", "captions_json", "karpathy", "webdataset"] = "auto"
     root: Path | None = Field(None, description="captions_json: the folder with <split>.json; karpathy: image root")
     annotations: Path | None = Field(None, description="karpathy: dataset_coco.json / dataset_flickr30k.json")
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
     synthetic: SyntheticData = SyntheticData()
+    shards: str | list[str] | None = Field(
+        None, description="webdataset: the training shards, a brace pattern (path/train-{000000..000099}.tar) or a "
+                          "list of them; {key}.jpg + {key}.json/.txt per sample (img2dataset / open_clip layout)")
+    train_samples: PositiveInt | None = Field(
+        None, description="webdataset: samples per epoch (declared); unset: the shards' sizes.json, or counted once "
+                          "and recorded there")
+    shuffle_buffer: NonNegInt = Field(
+        1000, description="webdataset: samples each loader worker buffers to shuffle its shards' stream (encoded "
+                          "bytes; 0 or 1: stored order)")
     clean_captions: StrictBool = Field(
         True, description="CUSA's pre_caption: lower-case, punctuation to spaces, 64 words")
     verify_images: Literal["none", "exists", "header", "full"] = "header"
@@ -124,7 +136,19 @@ class DataConfig(Section):
     image_cache_workers: PositiveInt | Literal["auto"] = Field(
         "auto", description="processes that decode images into the cache on the driver (itr train, itr prepare); "
                             "auto = every CPU")
-    loader_workers: NonNegInt = 0
+    loader_workers: NonNegInt | Literal["auto"] = Field(
+        "auto", description="DataLoader worker processes per training process; auto = its CPUs minus one "
+                            "(scaling.cpus_per_worker on Ray, the machine's available CPUs locally)")
+    prefetch_factor: PositiveInt = Field(2, description="batches each loader worker keeps in flight")
+    augment: Literal["none", "open_clip"] = Field(
+        "none", description="training augmentation: none (the eval transform; images decoded once into the cache), "
+                            "open_clip (its train transform: random resized crop; decoded in the loader workers "
+                            "every epoch)")
+    augment_scale: tuple[PositiveFloat, PositiveFloat] = Field(
+        (0.9, 1.0), description="augment open_clip: the random resized crop's area range (open_clip's default)")
+    bad_images: Literal["fail", "skip"] = Field(
+        "fail", description="an image that cannot be decoded during training: fail (exit 2, naming it), or skip "
+                            "(replace the pair by another caption's, count it: train/skipped_images)")
     leakage: Literal["warn", "error"] = Field(
         "warn", description="an image (same id or file) or caption id of the train split also in val/test: log a "
                             "WARNING, or refuse the data (exit 2)")
@@ -146,20 +170,57 @@ class DataConfig(Section):
     def resolved_format(self) -> str:
         if self.format != "auto":
             return self.format
+        if self.shards is not None:
+            return "webdataset"
         if self.annotations is not None:
             return "karpathy"
         if self.root is not None:
             return "captions_json"
         return "synthetic"
 
+    @property
+    def split_format(self) -> str:
+        """The format of the map-style splits: the eval splits of ``webdataset`` are ``karpathy`` (annotations set)
+        or ``captions_json``; other formats are their own."""
+        fmt = self.resolved_format
+        if fmt != "webdataset":
+            return fmt
+        return "karpathy" if self.annotations is not None else "captions_json"
+
+    @field_validator("shards", mode="before")
+    @classmethod
+    def _shard_patterns(cls, v: Any) -> Any:
+        """Relative patterns made absolute against the current folder (braces kept); none may be empty."""
+        if v is None:
+            return None
+        items = [v] if isinstance(v, (str, Path)) else v
+        if not isinstance(items, list) or not items or not all(isinstance(p, (str, Path)) and str(p).strip()
+                                                              for p in items):
+            raise ValueError("must be a shard path pattern or a non-empty list of them")
+        absolute = [str(Path.cwd() / Path(p).expanduser()) for p in items]  # an absolute one stays as it is
+        return absolute[0] if isinstance(v, (str, Path)) else absolute
+
     @model_validator(mode="after")
     def _format_inputs(self) -> "DataConfig":
         fmt = self.resolved_format
+        if fmt == "webdataset" and self.shards is None:
+            raise FieldError("shards", "format webdataset needs data.shards (a pattern like train-{000000..000009}.tar)")
+        if fmt != "webdataset":
+            for name in ("shards", "train_samples"):
+                if getattr(self, name) is not None:
+                    raise FieldError(name, f"is read by format webdataset only (the format here is {fmt})")
+        if fmt == "webdataset" and self.max_train_images is not None:
+            raise FieldError("max_train_images", "not with format webdataset (declare data.train_samples: the "
+                                                 "epoch length)")
         if fmt == "captions_json" and self.root is None:
             raise FieldError("root", "format captions_json needs a folder with <split>.json")
         if fmt == "karpathy" and (self.annotations is None or self.root is None):
             missing = "annotations" if self.annotations is None else "root"
             raise FieldError(missing, "format karpathy needs data.annotations (dataset_*.json) and data.root (images)")
+        lo, hi = self.augment_scale
+        if not lo <= hi <= 1.0:
+            raise FieldError("augment_scale", f"needs 0 < low <= high <= 1 (the crop's share of the image area), "
+                                              f"got [{lo:g}, {hi:g}]")
         return self
 
 
@@ -221,7 +282,70 @@ class TemperatureConfig(Section):
         return self
 
 
-class InfoNCELoss(Section):
+class LossSection(Section):
+    """Base of the ``loss`` sections, one per ``methods`` loss family, chosen by ``loss.family``.
+
+    Each field is the keyword argument of the same name of the family's constructor: the family is built by
+    ``methods.build(section.family, **section.family_kwargs(experiment))``. The one hook for values that depend
+    on the rest of the experiment (``relevance: auto``) is :meth:`resolved_kwargs`.
+
+    A family registered later brings its own section: a subclass whose ``family`` is ``Literal["<name>"] =
+    "<name>"`` (the name ``methods.register`` gave the family), decorated with :func:`register_loss_section`;
+    ``loss.family: <name>`` then selects it (``ExperimentConfig`` is rebuilt with the section in its union).
+    """
+
+    family: str = Field(description="the registered loss family (methods.build name)")
+    multi_positive: StrictBool = Field(True, description="treat other captions of the same image as positives")
+
+    @property
+    def supports_multi_positive(self) -> bool:
+        """Whether a batch may hold several captions of one image (``train.batch_sampler: random``)."""
+        return self.multi_positive
+
+    def family_kwargs(self, experiment: "ExperimentConfig") -> dict[str, Any]:
+        """The family constructor's keyword arguments: every field but ``family`` by its name (a nested section,
+        such as a temperature, as a mapping of its fields), then :meth:`resolved_kwargs`."""
+        kwargs = self.model_dump(exclude={"family"})
+        kwargs.update(self.resolved_kwargs(experiment))
+        return kwargs
+
+    def resolved_kwargs(self, experiment: "ExperimentConfig") -> dict[str, Any]:
+        """Hook: the arguments whose value depends on the rest of ``experiment`` (none by default)."""
+        return {}
+
+
+#: loss.family -> its section, in registration order (the union's order: error messages list the tags so)
+_LOSS_SECTIONS: dict[str, type[LossSection]] = {}
+#: called after each registration (ExperimentConfig rebuilds its ``loss`` field)
+_ON_REGISTER: list[Callable[[], None]] = []
+S = TypeVar("S", bound=type[LossSection])
+
+
+def register_loss_section(section: S) -> S:
+    """Make ``section`` the ``loss`` section of the family named by its ``family`` default."""
+    name = section.model_fields["family"].default
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{section.__name__}.family needs its family name as the default (Literal[name] = name)")
+    if name in _LOSS_SECTIONS:
+        raise ValueError(f"loss section {name!r} registered twice")
+    _LOSS_SECTIONS[name] = section
+    for rebuild in _ON_REGISTER:
+        rebuild()
+    return section
+
+
+def loss_families() -> tuple[str, ...]:
+    """The ``loss.family`` names a config may select."""
+    return tuple(_LOSS_SECTIONS)
+
+
+def loss_section_union() -> Any:
+    """The type of ``ExperimentConfig.loss``: the registered sections, discriminated by ``family``."""
+    return Annotated[Union[tuple(_LOSS_SECTIONS.values())], Field(discriminator="family")]
+
+
+@register_loss_section
+class InfoNCELoss(LossSection):
     """Multi-positive InfoNCE (CUSA's L_itr): positives are every caption of the same image."""
 
     family: Literal["infonce"] = "infonce"
@@ -229,14 +353,10 @@ class InfoNCELoss(Section):
     reduction: Literal["sum", "class_mean"] = Field(
         "sum", description="sum: textbook cross-entropy; class_mean: the released CUSA form (divided by B)"
     )
-    multi_positive: StrictBool = True
-
-    @property
-    def supports_multi_positive(self) -> bool:
-        return self.multi_positive
 
 
-class TripletLoss(Section):
+@register_loss_section
+class TripletLoss(LossSection):
     """Bidirectional triplet ranking loss (VSE++ hardest negative, Triplet-SN or SelHN mining)."""
 
     family: Literal["triplet"] = "triplet"
@@ -244,11 +364,6 @@ class TripletLoss(Section):
     mining: Literal["hardest", "soft_negative", "selhn"] = "hardest"
     soft_negative_tau: PositiveFloat = Field(0.05, description="Triplet-SN softmax temperature (reconstruction)")
     selhn_eps: PositiveFloat = Field(0.01, description="SelHN switch gap (RVSEPP's default epsilon)")
-    multi_positive: StrictBool = Field(True, description="treat other captions of the same image as positives")
-
-    @property
-    def supports_multi_positive(self) -> bool:
-        return self.multi_positive
 
 
 RelevanceSource = Literal["auto", "exact", "teacher"]
@@ -257,12 +372,30 @@ _RELEVANCE_DOC = ("exact: the dataset's own graded relevance (synthetic data); t
 UnitInterval = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
 
 
+class RelevanceLossSection(LossSection):
+    """Base of the sections of families that score graded relevance R (Listwise ITR, BCLS)."""
+
+    relevance: RelevanceSource = Field("auto", description=_RELEVANCE_DOC)
+
+    def relevance_source(self, experiment: "ExperimentConfig") -> str:
+        """``exact`` or ``teacher``: ``auto`` is exact for synthetic data without a text teacher."""
+        if self.relevance != "auto":
+            return self.relevance
+        if experiment.data.resolved_format == "synthetic" and experiment.teachers.text is None:
+            return "exact"
+        return "teacher"
+
+    def resolved_kwargs(self, experiment: "ExperimentConfig") -> dict[str, Any]:
+        return {"relevance": self.relevance_source(experiment)}
+
+
 LossKernel = Literal["auto", "torch", "triton"]
 _KERNEL_DOC = ("O(B³) loss implementation: auto = fused Triton kernels on CUDA float32/16 (methods/kernels.py), "
                "else the blocked torch form; torch / triton force one")
 
 
-class ListwiseLoss(Section):
+@register_loss_section
+class ListwiseLoss(RelevanceLossSection):
     """Listwise ITR: (1 − λ)·triplet + λ·Smooth-NDCG over the in-batch list, relevance from RSC (spec B)."""
 
     family: Literal["listwise"] = "listwise"
@@ -273,18 +406,13 @@ class ListwiseLoss(Section):
     t2i_relevance: Literal["transpose", "as_released"] = Field(
         "transpose", description="as_released: the released code's untransposed t2i relevance and i2t IDCG"
     )
-    relevance: RelevanceSource = Field("auto", description=_RELEVANCE_DOC)
     rescale: StrictBool = Field(True, description="RSC's (1 + cos) / 2")
     chunk_size: PositiveInt | None = None
     kernel: LossKernel = Field("auto", description=_KERNEL_DOC)
-    multi_positive: StrictBool = True
-
-    @property
-    def supports_multi_positive(self) -> bool:
-        return self.multi_positive
 
 
-class BCLSLoss(Section):
+@register_loss_section
+class BCLSLoss(RelevanceLossSection):
     """BCLS: Triplet-SN + λ·Kendall ranking loss on continuous pseudo labels, with SW-HS sampling (spec A).
 
     Triplet-SN and SW-HS are reconstructions (spec A.8): ``soft_negative_tau`` -> 0 is VSE++; ``window`` None
@@ -302,18 +430,13 @@ class BCLSLoss(Section):
     window: PositiveInt | None = Field(16, description="SW-HS sliding window (None = all pairs)")
     hard_k: PositiveInt | None = Field(None, description="SW-HS: keep the k most violated pairs per query")
     t2i_relevance: Literal["transpose", "as_released"] = "transpose"
-    relevance: RelevanceSource = Field("auto", description=_RELEVANCE_DOC)
     rescale: StrictBool = Field(False, description="ITM_CLS uses the raw max-cosine (no (1 + cos) / 2)")
     chunk_size: PositiveInt | None = None
     kernel: LossKernel = Field("auto", description=_KERNEL_DOC + " (all-pairs Kendall only: window None, no hard_k)")
-    multi_positive: StrictBool = True
-
-    @property
-    def supports_multi_positive(self) -> bool:
-        return self.multi_positive
 
 
-class CUSALoss(Section):
+@register_loss_section
+class CUSALoss(LossSection):
     """CUSA: InfoNCE + α·CSA + β·USA (spec C.2), temperatures and clamps of the released configs.
 
     ``reduction`` defaults to the released ``class_mean`` InfoNCE (divided by B) because the published α = 0.1
@@ -330,15 +453,10 @@ class CUSALoss(Section):
     usa_text_temperature: TemperatureConfig = TemperatureConfig(init=0.45, min=0.10, max=1.00)
     teacher_temperature: PositiveFloat = Field(1.0, description="τ_s, fixed")
     csa_mode: Literal["each", "add", "dot"] = "each"
-    multi_positive: StrictBool = True
-
-    @property
-    def supports_multi_positive(self) -> bool:
-        return self.multi_positive
 
 
-LOSS_FAMILIES = ("infonce", "triplet", "listwise", "bcls", "cusa")
-LossConfig = Annotated[Union[InfoNCELoss, TripletLoss, ListwiseLoss, BCLSLoss, CUSALoss], Field(discriminator="family")]
+#: the built-in sections' union (``ExperimentConfig.model_fields["loss"]`` holds the current one)
+LossConfig = loss_section_union()
 
 
 # ------------------------------------------------------------------------------------------- teachers
@@ -356,8 +474,11 @@ class TeachersConfig(Section):
     text: str | None = None
     cache_dir: AbsolutePath = Field(Path(".itr_cache/teachers"), validate_default=True)
     batch_size: PositiveInt = 64
-    backend: Literal["local", "ray"] = Field("local", description="ray: a Ray Data actor pool, one model per worker")
-    num_actors: PositiveInt = 1
+    backend: Literal["auto", "local", "ray"] = Field(
+        "auto", description="where extraction runs: ray = a Ray Data actor pool, one model per actor (one GPU each "
+                            "where the cluster has GPUs); local = this process; auto = the Ray cluster's GPUs when "
+                            "connected to one that has them, else this machine (orchestrator.teachers.placement)")
+    num_actors: PositiveInt | None = Field(None, description="ray: actors; unset = one per GPU (per node without)")
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -476,6 +597,10 @@ class EvalConfig(Section):
 
 class TrackingConfig(Section):
     enabled: StrictBool = True
+    system_metrics: StrictBool = Field(
+        True, description="MLflow system metrics (CPU, memory, disk, network; GPU utilisation and memory where "
+                          "there is one) of each node that trains, as system/... metrics of the run")
+    system_metrics_interval_s: PositiveFloat = Field(10.0, description="seconds between system-metric samples")
     uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or ./mlflow.db")
     artifact_dir: AbsolutePath | None = Field(None, description="artifact folder for a local store; default: mlartifacts beside the SQLite file")
     experiment: str = "itr"
@@ -486,7 +611,7 @@ class TrackingConfig(Section):
 class ExperimentConfig(Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
-    loss: LossConfig = InfoNCELoss()
+    loss: LossConfig = InfoNCELoss()  # over every registered section: rebuilt when one is registered later
     # built per config, not once at import: their relative path defaults resolve against the cwd of the moment
     teachers: TeachersConfig = Field(default_factory=TeachersConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -537,7 +662,7 @@ class ExperimentConfig(Section):
                     raise FieldError(f"teachers.{side}", "loss family cusa needs a teacher encoder spec here")
             if loss.beta > 0 and self.model.heads in {"none", "cross"}:
                 raise FieldError("model.heads", "cusa with beta > 0 needs the uni-modal heads (cross_uni or auto)")
-        if isinstance(loss, (ListwiseLoss, BCLSLoss)):
+        if isinstance(loss, RelevanceLossSection):
             source = self.relevance_source
             if source == "exact" and self.data.resolved_format != "synthetic":
                 raise FieldError("loss.relevance", f"exact relevance needs data that knows it (synthetic), not "
@@ -546,17 +671,34 @@ class ExperimentConfig(Section):
                 raise FieldError("teachers.text", f"loss family {loss.family} with teacher relevance needs a text teacher")
         return self
 
+    @model_validator(mode="after")
+    def _streamed_training(self) -> "ExperimentConfig":
+        """What a webdataset train split cannot give: per-item features (teachers, cached locked towers), several
+        captions of one image per batch, and eval splits without ``data.root``."""
+        if self.data.resolved_format != "webdataset":
+            return self
+        if self.uses_teachers:
+            raise FieldError("loss.family", f"{self.loss.family} needs teacher features (or teacher relevance) of "
+                             "every training item, which streamed shards do not have (webdataset trains infonce, "
+                             "triplet, cusa with alpha = beta = 0)")
+        if self.model.cache_locked_towers and (self.model.lock_image or self.model.lock_text):
+            raise FieldError("model.cache_locked_towers", "a locked tower's outputs cannot be cached for streamed "
+                             "shards; set it false (the locked tower then runs each step)")
+        if self.train.batch_sampler != "unique_images":
+            raise FieldError("train.batch_sampler", "webdataset batches hold one caption per image (unique_images)")
+        if self.data.bad_images != "fail":
+            raise FieldError("data.bad_images", "webdataset stops at an image that does not decode, naming the shard "
+                             "(fail); skip is for the map formats")
+        if self.eval.splits and self.data.root is None:
+            raise FieldError("data.root", f"the eval splits ({', '.join(self.eval.splits)}) come from data.root "
+                             "(captions_json) or data.annotations + data.root (karpathy); webdataset streams only "
+                             "the train split")
+        return self
+
     @property
     def relevance_source(self) -> str | None:
         """``exact`` or ``teacher`` for the families that use a relevance matrix, else None."""
-        loss = self.loss
-        if not isinstance(loss, (ListwiseLoss, BCLSLoss)):
-            return None
-        if loss.relevance != "auto":
-            return loss.relevance
-        if self.data.resolved_format == "synthetic" and self.teachers.text is None:
-            return "exact"
-        return "teacher"
+        return self.loss.relevance_source(self) if isinstance(self.loss, RelevanceLossSection) else None
 
     @property
     def uses_teachers(self) -> bool:
@@ -584,6 +726,16 @@ class ExperimentConfig(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _rebuild_loss_field() -> None:
+    """``ExperimentConfig.loss`` over every registered section (one registered after this module was loaded)."""
+    default = ExperimentConfig.model_fields["loss"].default
+    ExperimentConfig.__pydantic_fields__["loss"] = FieldInfo.from_annotated_attribute(loss_section_union(), default)
+    ExperimentConfig.model_rebuild(force=True)
+
+
+_ON_REGISTER.append(_rebuild_loss_field)
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -647,7 +799,7 @@ def _dotted(loc: tuple[Any, ...], tree: Any) -> str:
     """pydantic error location -> dotted field, dropping union tags (``loss.infonce.x`` -> ``loss.x``)."""
     parts: list[str] = []
     for item in loc:
-        if isinstance(item, str) and item in LOSS_FAMILIES and parts and parts[-1] == "loss":
+        if isinstance(item, str) and item in _LOSS_SECTIONS and parts and parts[-1] == "loss":
             continue
         if isinstance(item, str) and item.startswith("function-"):
             continue

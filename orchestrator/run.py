@@ -24,6 +24,7 @@ from orchestrator.models.tower_cache import prepare_tower_features
 from orchestrator.ray_logs import filter_worker_logs
 from orchestrator.run_folders import KeyedFolder, claim_keyed_folder, new_run_folder
 from orchestrator.session import LocalSession
+from orchestrator.system_metrics import system_metrics
 from orchestrator.train_loop import train_loop
 
 log = logging.getLogger(__name__)
@@ -77,10 +78,22 @@ class RayTrainSession:
         return Path(ckpt.to_directory(self._restored))
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, epoch: int) -> None:
-        import ray.train
-
         payload = {k: float(v) for k, v in metrics.items()}
         payload["checkpoint/score"] = _score(metrics, self.cfg)
+        self._report(payload, checkpoint_dir)
+
+    def save_step(self, checkpoint_dir: Path | None, epoch: int, step: int) -> None:
+        """A step checkpoint (``step`` steps of ``epoch`` done), reported by every rank at the same step: rank 0's
+        folder holds the checkpoint, another rank's its own state (Ray puts every rank's files in one checkpoint
+        folder). Marked so that MLflow and Tune skip it and it is never the best (``ray_train_hooks.step_report``);
+        Ray keeps it while it is the latest, which is what a restarted worker group resumes from."""
+        from orchestrator.ray_train_hooks import step_report
+
+        self._report(step_report(epoch, step, self.cfg.train.best_mode), checkpoint_dir)
+
+    def _report(self, payload: dict[str, float], checkpoint_dir: Path | None) -> None:
+        import ray.train
+
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         try:
             ray.train.report(payload, checkpoint=checkpoint)
@@ -119,11 +132,20 @@ def ray_worker(loop_config: dict[str, Any]) -> None:
     from orchestrator.ray_train_hooks import FatalWorkerError
     from orchestrator.train_loop import NonFiniteLossError
 
+    import ray.train
+
     quiet_worker_logs()
     cfg = ExperimentConfig.model_validate(loop_config["config"])
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    try:
-        train_loop(cfg, RayTrainSession(cfg))
+    ctx = ray.train.get_context()
+    target = loop_config.get("target") or {}
+    several_nodes = ctx.get_local_world_size() < ctx.get_world_size()
+    try:  # system metrics from the first worker of each node (one series per node)
+        with system_metrics(target.get("uri"), loop_config.get("run_id"),
+                            interval_s=cfg.tracking.system_metrics_interval_s,
+                            enabled=cfg.tracking.system_metrics and ctx.get_local_rank() == 0,
+                            node_id=f"node{ctx.get_node_rank()}" if several_nodes else None):
+            train_loop(cfg, RayTrainSession(cfg))
     except (NonFiniteLossError, NonFiniteEmbeddingsError, UserError) as err:
         raise FatalWorkerError.wrap(err) from None
 
@@ -168,10 +190,10 @@ def _fit_with_ray(cfg: ExperimentConfig, name: str, target: tracking.TrackingTar
     checkpoint, up to ``scaling.max_failures`` times; a non-finite loss or a ``UserError`` in a worker fails the
     run at once and is raised here as the original error. With ``run_id``, each committed report is logged to
     MLflow by the Train controller (``orchestrator.ray_train_hooks.TrainControllerHooks``)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.ray_train_hooks import TrainControllerHooks, fatal_error_of
+    from orchestrator.ray_train_hooks import TrainControllerHooks, checkpoint_config, fatal_error_of, is_step_report
 
     init_ray()
     gpu = use_gpu(cfg)
@@ -192,8 +214,7 @@ def _fit_with_ray(cfg: ExperimentConfig, name: str, target: tracking.TrackingTar
             storage_path=storage,
             callbacks=[hooks, *(callbacks or [])],
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="checkpoint/score",
-                                               checkpoint_score_order=cfg.train.best_mode),
+            checkpoint_config=checkpoint_config(cfg.train.best_mode),  # the best epoch and the latest checkpoint
         ),
     )
     try:
@@ -209,9 +230,10 @@ def _fit_with_ray(cfg: ExperimentConfig, name: str, target: tracking.TrackingTar
             raise fatal.rebuild() from None
         raise
     best = None
-    if result.best_checkpoints:
+    epoch_checkpoints = [cm for cm in result.best_checkpoints or [] if not is_step_report(cm[1])]
+    if epoch_checkpoints:
         pick = max if cfg.train.best_mode == "max" else min
-        best = pick(result.best_checkpoints, key=lambda cm: cm[1].get("checkpoint/score", 0.0))[0].path
+        best = pick(epoch_checkpoints, key=lambda cm: cm[1].get("checkpoint/score", 0.0))[0].path
         best = storage_uri.to_uri(storage, best)  # Ray gives a path in its file system: s3://... again
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     return metrics, best, storage_uri.join(storage, name)
@@ -353,7 +375,9 @@ def _train_in_folder(cfg: ExperimentConfig, target: tracking.TrackingTarget | No
             sinks = [logger] if logger is not None else []
             session = LocalSession(run_dir, best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode,
                                    sinks=sinks)
-            metrics = train_loop(cfg, session)
+            with system_metrics(target.uri if target else None, run_id, enabled=cfg.tracking.system_metrics,
+                                interval_s=cfg.tracking.system_metrics_interval_s):
+                metrics = train_loop(cfg, session)
             best_dir = session.best_checkpoint() or session.latest_checkpoint()
             best = str(best_dir) if best_dir else None
             run_dir_s = str(run_dir)

@@ -1,7 +1,7 @@
 """Torch datasets over a ``DatasetIndex``: (image, caption) training pairs and per-split encoding batches."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -27,7 +27,6 @@ class ImageTensorCache:
     """``data.image_cache: tensor_ram``: preprocessed float32 (3, H, W) tensors memoised in this process up to
     ``max_bytes`` (preprocessing is deterministic: no augmentation). Each process (each loader worker) holds its
     own copy; ``orchestrator.data.image_cache.DecodedImages`` is the shared, uint8, on-disk cache."""
-
 
     def __init__(self, index: DatasetIndex, preprocess: Preprocess, max_bytes: int = 2 << 30) -> None:
         self.index = index
@@ -84,16 +83,27 @@ class TextInput:
 @dataclass
 class PairBatch:
     """One training batch: ``images`` (B, 3, H, W) pixels or (B, F) cached image-tower features, ``tokens`` (B, L)
-    token ids or (B, F) cached text-tower features, ``image_index``/``caption_index`` (B,) int64."""
+    token ids or (B, F) cached text-tower features, ``image_index``/``caption_index`` (B,) int64; ``extras``: the
+    loss's soft-label inputs of the batch (``orchestrator.soft_labels.BatchInputs``, built in the loader worker);
+    ``skipped``: the unreadable image files a ``data.bad_images: skip`` policy replaced in this batch."""
 
     images: torch.Tensor
     tokens: torch.Tensor
     image_index: torch.Tensor
     caption_index: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    skipped: tuple[str, ...] = ()
 
     def to(self, device: torch.device) -> "PairBatch":
-        return PairBatch(*(t.to(device, non_blocking=True) for t in (self.images, self.tokens,
-                                                                     self.image_index, self.caption_index)))
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return PairBatch(move(self.images), move(self.tokens), move(self.image_index), move(self.caption_index),
+                         {k: move(v) for k, v in self.extras.items()}, self.skipped)
+
+    def pin_memory(self) -> "PairBatch":
+        """Page-locked copies (the DataLoader's ``pin_memory`` thread calls this), so ``to`` can overlap compute."""
+        return PairBatch(self.images.pin_memory(), self.tokens.pin_memory(), self.image_index.pin_memory(),
+                         self.caption_index.pin_memory(), {k: v.pin_memory() for k, v in self.extras.items()},
+                         self.skipped)
 
 
 class PairDataset(Dataset):
@@ -147,7 +157,6 @@ def iter_image_batches(index: DatasetIndex, images: Callable[[int], torch.Tensor
             yield gather(np.arange(start, stop))
         else:
             yield torch.stack([images(i) for i in range(start, stop)])
-
 
 
 def iter_caption_batches(index: DatasetIndex, text: TextInput | Tokenizer, batch_size: int):
