@@ -184,6 +184,38 @@ def cow_row(index: DatasetIndex) -> dict[str, Any]:
             "list_bytes": list_bytes, "fork_growth_list": listed}
 
 
+def _row(what: str, index: DatasetIndex, seconds: tuple[float, float], kept: int | None,
+         peak: int | None) -> dict[str, Any]:
+    n = index.num_captions
+    return {"what": what, "captions": n, "images": index.num_images, "seconds": seconds[0], "cpu_seconds": seconds[1],
+            "traced_bytes_per_caption": None if kept is None else kept / n,
+            "columns_bytes_per_caption": sum(index.column_nbytes().values()) / n,
+            "peak_bytes_per_caption": None if peak is None else peak / n}
+
+
+def load_row(folder: Path, images: int, per: int, repeats: int) -> tuple[dict[str, Any], DatasetIndex]:
+    """The ``load captions_json`` row of a generated file (removed afterwards) and the loaded index."""
+    write_captions_json(folder, images, per)
+    load(folder)  # warm: imports, regex compile
+    large = images * per > TRACE_MAX_LOAD
+    seconds = best_seconds(lambda: load(folder), 1 if large else repeats)
+    if large:  # tracing a multi-GB JSON parse takes minutes: columns only (the build row is traced)
+        index, kept, peak = load(folder), None, None
+    else:
+        index, kept, peak = traced(lambda: load(folder))
+    (folder / "train.json").unlink()
+    return _row("load captions_json", index, seconds, kept, peak), index
+
+
+def build_row(captions: int, per: int, repeats: int) -> dict[str, Any]:
+    """The ``build from lists`` row: ``DatasetIndex(...)`` from generated lists (made before the clock starts)."""
+    cols = make_records(captions // per, per)
+    build(make_records(10, 1))  # warm
+    seconds = best_seconds(lambda: build(cols), repeats)
+    index, kept, _ = traced(lambda: build(cols))
+    return _row("build from lists", index, seconds, kept, None)
+
+
 def commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
@@ -210,36 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     cow: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="itr-index-bench-") as tmp:
         for k, (images, per) in enumerate(file_loads):
-            folder = Path(tmp) / f"load{k}"
-            write_captions_json(folder, images, per)
-            load(folder)  # warm: imports, regex compile
-            large = images * per > TRACE_MAX_LOAD
-            seconds, cpu = best_seconds(lambda: load(folder), 1 if large else args.repeats)
-            if large:  # tracing a multi-GB JSON parse takes minutes: columns only (the build row is traced)
-                index, kept, peak = load(folder), None, None
-            else:
-                index, kept, peak = traced(lambda: load(folder))
-            n = index.num_captions
-            rows.append({"what": "load captions_json", "captions": n, "images": index.num_images,
-                         "seconds": seconds, "cpu_seconds": cpu,
-                         "traced_bytes_per_caption": None if kept is None else kept / n,
-                         "columns_bytes_per_caption": sum(index.column_nbytes().values()) / n,
-                         "peak_bytes_per_caption": None if peak is None else peak / n})
+            row, index = load_row(Path(tmp) / f"load{k}", images, per, args.repeats)
+            rows.append(row)
             if k == 0:
                 cow = cow_row(index)
             del index
-            (folder / "train.json").unlink()
-        for captions, per in builds:
-            cols = make_records(captions // per, per)
-            build(make_records(10, 1))  # warm
-            seconds, cpu = best_seconds(lambda: build(cols), args.repeats if captions < 2_000_000 else 1)
-            index, kept, _ = traced(lambda: build(cols))
-            rows.append({"what": "build from lists", "captions": index.num_captions, "images": index.num_images,
-                         "seconds": seconds, "cpu_seconds": cpu,
-                         "traced_bytes_per_caption": kept / index.num_captions,
-                         "columns_bytes_per_caption": sum(index.column_nbytes().values()) / index.num_captions,
-                         "peak_bytes_per_caption": None})
-            del index, cols
+    for captions, per in builds:
+        rows.append(build_row(captions, per, args.repeats if captions < 2_000_000 else 1))
     print(f"dataset index, {args.device} ({platform.processor() or platform.machine()}), one process, "
           f"commit {commit()}, best of {args.repeats}")
     print(f"load average before / after: {load_before} / {os.getloadavg()[0]:.1f}")

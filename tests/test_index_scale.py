@@ -399,3 +399,19 @@ def test_leakage_matches_a_file_spelt_relative_and_absolute(tmp_path):
     assert found is not None and found.num_images == 2
     assert found.values["image files"] == [str(data.resolve() / "img" / "0.png"), str(data.resolve() / "img" / "2.png")]
     assert found.values["image ids"] == []
+
+
+@linux_proc
+def test_index_build_benchmark_measures_every_row(tmp_path):
+    """``benchmarks/index_build.py`` at a toy size: a load row and a build row, both measured."""
+    from benchmarks import index_build
+
+    out = tmp_path / "index_build.json"
+    assert index_build.main(["--load-images", "300", "--build-sizes", "2000", "--repeats", "1", "--out",
+                             str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [(r["what"], r["captions"]) for r in result["rows"]] == [("load captions_json", 1500),
+                                                                   ("build from lists", 2000)]
+    for row in result["rows"]:
+        assert row["seconds"] > 0 and 50 < row["traced_bytes_per_caption"] < 200
+    assert result["copy_on_write"]["captions"] == 1500 and result["device"] == "2-core CPU"
