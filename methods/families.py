@@ -1,7 +1,13 @@
-"""Loss families: small modules that own their temperatures and turn an ``EmbeddingBatch`` into a ``LossOutput``."""
+"""Loss families: small modules that own their temperatures and turn an ``EmbeddingBatch`` into a ``LossOutput``.
+
+A family's constructor arguments are named like the fields of its config section (``orchestrator.config``'s
+``loss`` sections), so the orchestrator builds one by ``methods.build(family, **section_fields)``. A temperature is
+given as a mapping ``{init, min, max, learnable}`` (:data:`TemperatureSpec`: the config's temperature fields).
+"""
 from __future__ import annotations
 
-from typing import ClassVar
+from types import MappingProxyType
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -13,17 +19,51 @@ from methods.registry import register
 from methods.temperature import Temperature
 
 
+#: a temperature's settings: ``init``, ``min``, ``max`` (floats, 0 < min <= init <= max) and ``learnable``
+#: (optional, default True)
+TemperatureSpec = Mapping[str, Any]
+_TEMPERATURE_KEYS = frozenset({"init", "min", "max", "learnable"})
+
+
+def temperature_spec(init: float, min: float, max: float, learnable: bool = True) -> TemperatureSpec:
+    """A read-only :data:`TemperatureSpec` (the families' defaults)."""
+    return MappingProxyType({"init": init, "min": min, "max": max, "learnable": learnable})
+
+
+def build_temperature(spec: TemperatureSpec) -> Temperature:
+    """The :class:`Temperature` of ``spec``; ValueError naming a missing or unknown key."""
+    missing, unknown = {"init", "min", "max"} - set(spec), set(spec) - _TEMPERATURE_KEYS
+    if missing or unknown:
+        raise ValueError(f"a temperature is {{init, min, max, learnable}}; missing {sorted(missing)}, "
+                         f"unknown {sorted(unknown)}")
+    return Temperature(spec["init"], spec["min"], spec["max"], spec.get("learnable", True))
+
+
+#: InfoNCE's temperature (CUSA's released clamp)
+ITR_TEMPERATURE = temperature_spec(0.05, 0.01, 0.10)
+
+
 class LossFamily(nn.Module):
     """Base: ``requires`` lists the optional ``EmbeddingBatch`` inputs the family needs; ``TERMS`` (or
     ``logged_terms`` where they depend on the parameters) the keys of ``LossOutput.terms`` that ``forward``
-    returns, which the training loop logs as ``train/<term>`` -- the metric catalogue reads them from here."""
+    returns, which the training loop logs as ``train/<term>`` -- the metric catalogue reads them from here.
+
+    ``multi_positive`` (every family's flag): the other captions of a pair's image are positives too."""
 
     requires: ClassVar[frozenset[str]] = frozenset()
     TERMS: ClassVar[tuple[str, ...]] = ()
-    supports_multi_positive: bool = True
     #: ``forward`` takes ``EmbeddingBatch.query_rows`` (``scaling.local_loss``): each rank computes the terms of
     #: its own query rows, normalised so that the mean over ranks is the global loss (``methods.row_losses``).
     supports_local_loss: ClassVar[bool] = False
+
+    def __init__(self, multi_positive: bool = True) -> None:
+        super().__init__()
+        self.multi_positive = multi_positive
+
+    @property
+    def supports_multi_positive(self) -> bool:
+        """Whether a batch may hold several captions of one image."""
+        return self.multi_positive
 
     def logged_terms(self) -> tuple[str, ...]:
         """The names of the terms every ``forward`` of this module returns (``LossOutput.terms`` keys)."""
@@ -47,13 +87,11 @@ class InfoNCE(LossFamily):
     TERMS = ("infonce",)
     supports_local_loss = True
 
-    def __init__(self, tau_init: float = 0.05, tau_min: float = 0.01, tau_max: float = 0.10, learnable: bool = True,
-                 reduction: str = "sum", multi_positive: bool = True) -> None:
-        super().__init__()
-        self.tau = Temperature(tau_init, tau_min, tau_max, learnable)
+    def __init__(self, temperature: TemperatureSpec = ITR_TEMPERATURE, reduction: str = "sum",
+                 multi_positive: bool = True) -> None:
+        super().__init__(multi_positive)
+        self.tau = build_temperature(temperature)
         self.reduction = reduction
-        self.multi_positive = multi_positive
-        self.supports_multi_positive = multi_positive
 
     def forward(self, batch: EmbeddingBatch) -> LossOutput:
         if batch.query_rows is not None:
@@ -75,15 +113,13 @@ class Triplet(LossFamily):
 
     def __init__(self, margin: float = 0.2, mining: str = "hardest", soft_negative_tau: float = 0.05,
                  selhn_eps: float = F.SELHN_DEFAULT_EPS, multi_positive: bool = True) -> None:
-        super().__init__()
+        super().__init__(multi_positive)
         if mining not in {"hardest", "soft_negative", "selhn"}:
             raise ValueError(f"unknown triplet mining {mining!r}")
         self.margin = margin
         self.mining = mining
         self.soft_negative_tau = soft_negative_tau
         self.selhn_eps = selhn_eps
-        self.multi_positive = multi_positive
-        self.supports_multi_positive = multi_positive
 
     def logged_terms(self) -> tuple[str, ...]:
         return (f"triplet_{self.mining}",)
@@ -164,14 +200,13 @@ class Listwise(_RelevanceFamily):
                  t2i_relevance: str = "transpose", relevance: str = "teacher", rescale: bool = True,
                  chunk_size: int | None = None, multi_positive: bool = True, soft_negative_tau: float = 0.05,
                  selhn_eps: float = F.SELHN_DEFAULT_EPS, kernel: str = "auto") -> None:
-        super().__init__()
+        super().__init__(multi_positive)
         if not 0 < weight < 1:
             raise ValueError(f"listwise weight must be in (0, 1), got {weight}")
         self.weight, self.tau, self.margin, self.mining = weight, tau, margin, mining
         self.t2i_relevance, self.chunk_size = t2i_relevance, chunk_size
         F.check_kernel(kernel)  # at construction, not at the first step
         self.kernel = kernel
-        self.multi_positive = self.supports_multi_positive = multi_positive
         self.soft_negative_tau, self.selhn_eps = soft_negative_tau, selhn_eps
         self._setup_relevance(relevance, rescale)
 
@@ -207,14 +242,13 @@ class BCLS(_RelevanceFamily):
                  t2i_relevance: str = "transpose", relevance: str = "teacher", rescale: bool = False,
                  chunk_size: int | None = None, multi_positive: bool = True,
                  selhn_eps: float = F.SELHN_DEFAULT_EPS, kernel: str = "auto") -> None:
-        super().__init__()
+        super().__init__(multi_positive)
         self.margin, self.mining, self.soft_negative_tau, self.selhn_eps = margin, mining, soft_negative_tau, selhn_eps
         self.kendall_weight, self.gap, self.surrogate = kendall_weight, gap, surrogate
         self.surrogate_temperature, self.window, self.hard_k = surrogate_temperature, window, hard_k
         self.t2i_relevance, self.chunk_size = t2i_relevance, chunk_size
         F.check_kernel(kernel)  # at construction, not at the first step
         self.kernel = kernel
-        self.multi_positive = self.supports_multi_positive = multi_positive
         self._setup_relevance(relevance, rescale)
 
     def logged_terms(self) -> tuple[str, ...]:
@@ -247,22 +281,22 @@ class CUSA(LossFamily):
 
     supports_local_loss = True
 
-    def __init__(self, tau_init: float = 0.05, tau_min: float = 0.01, tau_max: float = 0.10,
-                 tau_learnable: bool = True, reduction: str = "class_mean", alpha: float = 0.1, beta: float = 0.5,
-                 csa_tau: tuple = (0.45, 0.10, 0.99),
-                 usa_image_tau: tuple = (0.45, 0.10, 1.00),
-                 usa_text_tau: tuple = (0.45, 0.10, 1.00),
-                 teacher_tau: float = 1.0, csa_mode: str = "each", multi_positive: bool = True) -> None:
-        super().__init__()
+    def __init__(self, temperature: TemperatureSpec = ITR_TEMPERATURE, reduction: str = "class_mean",
+                 alpha: float = 0.1, beta: float = 0.5,
+                 csa_temperature: TemperatureSpec = temperature_spec(0.45, 0.10, 0.99),
+                 usa_image_temperature: TemperatureSpec = temperature_spec(0.45, 0.10, 1.00),
+                 usa_text_temperature: TemperatureSpec = temperature_spec(0.45, 0.10, 1.00),
+                 teacher_temperature: float = 1.0, csa_mode: str = "each", multi_positive: bool = True) -> None:
+        super().__init__(multi_positive)
         if csa_mode not in {"each", "add", "dot"}:
             raise ValueError(f"unknown csa_mode {csa_mode!r}")
-        self.tau = Temperature(tau_init, tau_min, tau_max, tau_learnable)
-        self.csa_tau = Temperature(*csa_tau)
-        self.usa_image_tau = Temperature(*usa_image_tau)
-        self.usa_text_tau = Temperature(*usa_text_tau)
+        # the modules keep their short names: checkpoints' state_dict keys and the logged temperatures
+        self.tau = build_temperature(temperature)
+        self.csa_tau = build_temperature(csa_temperature)
+        self.usa_image_tau = build_temperature(usa_image_temperature)
+        self.usa_text_tau = build_temperature(usa_text_temperature)
         self.reduction, self.alpha, self.beta = reduction, alpha, beta
-        self.teacher_tau, self.csa_mode = teacher_tau, csa_mode
-        self.multi_positive = self.supports_multi_positive = multi_positive
+        self.teacher_temperature, self.csa_mode = teacher_temperature, csa_mode
         needs = set()
         if alpha > 0 or beta > 0:
             needs |= {"teacher_image", "teacher_text"}
@@ -300,15 +334,15 @@ class CUSA(LossFamily):
             else:
                 target_i2t = target_t2i = torch.sqrt(G_img.clamp_min(0) * G_txt.clamp_min(0))
             tau_c = self.csa_tau()
-            csa = self.alpha * (F.soft_label_kl(S_i2t, target_i2t, tau_c, self.teacher_tau)
-                                + F.soft_label_kl(S_t2i, target_t2i, tau_c, self.teacher_tau)) / 2
+            csa = self.alpha * (F.soft_label_kl(S_i2t, target_i2t, tau_c, self.teacher_temperature)
+                                + F.soft_label_kl(S_t2i, target_t2i, tau_c, self.teacher_temperature)) / 2
             total = total + csa
             terms["csa"] = csa.detach()
         if self.beta > 0:
             S_ii = batch.rows(batch.image_uni) @ batch.image_uni.T
             S_tt = batch.rows(batch.text_uni) @ batch.text_uni.T
-            usa = self.beta * (F.soft_label_kl(S_ii, G_img, self.usa_image_tau(), self.teacher_tau)
-                               + F.soft_label_kl(S_tt, G_txt, self.usa_text_tau(), self.teacher_tau)) / 2
+            usa = self.beta * (F.soft_label_kl(S_ii, G_img, self.usa_image_tau(), self.teacher_temperature)
+                               + F.soft_label_kl(S_tt, G_txt, self.usa_text_tau(), self.teacher_temperature)) / 2
             total = total + usa
             terms["usa"] = usa.detach()
         return LossOutput(total=total, terms=terms)

@@ -1,7 +1,7 @@
 """Loss families registered by name, so a config selects one with ``loss.family``."""
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 from torch import nn
 
@@ -20,11 +20,16 @@ def register(name: str) -> Callable[[T], T]:
     return wrap
 
 
-def build(name: str, **params) -> nn.Module:
-    """The loss family ``name`` built from its parameters."""
+def family_class(name: str) -> type[nn.Module]:
+    """The class registered as ``name``; KeyError naming the known families otherwise."""
     if name not in _FAMILIES:
         raise KeyError(f"unknown loss family {name!r}; known: {sorted(_FAMILIES)}")
-    return _FAMILIES[name](**params)
+    return _FAMILIES[name]
+
+
+def build(name: str, **params: Any) -> nn.Module:
+    """The loss family ``name`` built from its parameters (named like its config section's fields)."""
+    return family_class(name)(**params)
 
 
 def families() -> list[str]:

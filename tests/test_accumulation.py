@@ -34,7 +34,7 @@ B, K = 3, 4  # micro-batch rows, micro-batches per step
 N = B * K
 CPU = torch.device("cpu")
 FAMILIES = {  # the real families, float64, every learnable temperature in use
-    "infonce": dict(tau_init=0.05),
+    "infonce": dict(temperature=dict(init=0.05, min=0.01, max=0.10)),
     "cusa": dict(alpha=0.3, beta=0.5),
     "listwise": dict(relevance="exact", kernel="torch", tau=0.1),
     "bcls": dict(relevance="exact", kernel="torch", surrogate="sigmoid", window=None),

@@ -33,7 +33,7 @@ WORLD, B = 2, 3  # ranks, rows per rank
 N = WORLD * B  # the global batch
 F64 = torch.float64
 CASES = {  # case: (the real family, its options), in float64, with every learnable temperature used
-    "infonce": ("infonce", dict(tau_init=0.05)),
+    "infonce": ("infonce", dict(temperature=dict(init=0.05, min=0.01, max=0.10))),
     "cusa": ("cusa", dict(alpha=0.3, beta=0.5)),
     "triplet": ("triplet", dict(mining="soft_negative", soft_negative_tau=0.1)),
     "listwise": ("listwise", dict(relevance="exact", kernel="torch", tau=0.1)),
