@@ -114,7 +114,7 @@ class LocalSession:
         publish_dir(checkpoint_dir, dest)  # atomic; a full disk is a one-line UserError, nothing partial left
         score = metrics.get(self.best_metric)
         best = self._best_score()
-        if score is not None and (best is None or (score > best if self.best_mode == "max" else score < best)):
+        if score is not None and is_better(score, best, self.best_mode):
             marker = self.ckpt_root / "best.json"
             tmp_marker = marker.with_suffix(".json.tmp")
             tmp_marker.write_text(json.dumps({"checkpoint": dest.name, "metric": self.best_metric, "value": score}))
@@ -133,6 +133,12 @@ class LocalSession:
         if not marker.is_file():
             return None
         return float(json.loads(marker.read_text())["value"])
+
+
+def is_better(score: float, best: float | None, mode: str) -> bool:
+    """Whether ``score`` beats ``best`` (None: nothing yet) for a metric to maximise (``mode`` ``max``) or
+    minimise (``min``): the run's best score and the session's best checkpoint use this one rule."""
+    return best is None or (score > best if mode == "max" else score < best)
 
 
 def _position(folder: Path) -> tuple[int, int]:

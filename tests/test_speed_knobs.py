@@ -199,7 +199,7 @@ def syncs_per_step(monkeypatch, tmp_path: Path, family: str) -> collections.Coun
 def test_one_host_sync_per_training_step(monkeypatch, tmp_path, family):
     """Only the non-finite-loss check (``bool`` of isfinite) is left. Before: 5 (infonce: both ids' ``.cpu()``,
     the positives check of rows and columns) and 4 (listwise: the ids, the caption-mask check)."""
-    assert syncs_per_step(monkeypatch, tmp_path, family) == {("__bool__", "train_loop.py"): 1}
+    assert syncs_per_step(monkeypatch, tmp_path, family) == {("__bool__", "epoch.py"): 1}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA sync debug mode needs a GPU")

@@ -50,7 +50,7 @@ def train(cfg, folder, on_step=None) -> tuple[LocalSession, dict[tuple[int, int]
     """``train_loop`` in ``folder`` as ``itr train`` runs it (SIGTERM raises there), collecting per-step losses."""
     session = LocalSession(folder, best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode)
     handler = StepLosses(on_step)
-    logger = logging.getLogger("orchestrator.train_loop")
+    logger = logging.getLogger("orchestrator.epoch")
     old_level = logger.level
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
