@@ -10,7 +10,7 @@ tensor): tokenizing is the same work on every path and is timed on its own row (
 - ``a_bare``: a plain loop: ``PIL.Image.open`` + open_clip's preprocess per pair, ``torch.stack``. The anchor.
 - ``b_decode_wN``: the training loader (``orchestrator.data.pipeline``) over the decode path
   (``data.image_cache: none``) with N DataLoader workers; timed after the first batch (worker start excluded);
-  per core = pairs/s / N; median of ``--runs`` runs.
+  per core = pairs/s / N.
 - ``c_cache``: the training loader in-process (0 workers) over the warm decoded-image cache
   (``data.image_cache: decoded``): uint8 rows gathered from the memory map, collated, then normalised to float32
   (on the CPU here; on a GPU machine after the copy, on the device). ``c_cache_uint8`` is the same without the
@@ -18,8 +18,10 @@ tensor): tokenizing is the same work on every path and is timed on its own row (
 - ``d_shards`` (``--variants d``): webdataset shards, ``benchmarks/input_shards.measure_shards`` (one epoch).
 
 Also measured: ``cache_build`` (the cold build with every CPU, not a per-core figure) and ``tokenize``. Each
-variant runs in a fresh process (``--child``), so its peak RSS (ru_maxrss; loader workers separately) is its own;
-torch and OpenMP use one thread. Results: a table on stdout and ``benchmarks/results/input_pipeline.json``.
+variant runs in a fresh process (``--child``), ``--runs`` times (the median run is kept; (b)'s worker counts
+interleaved), so its memory is its own: peak RSS (ru_maxrss; file pages of the memory-mapped cache count in it,
+though they are the shared page cache), anonymous and file-backed RSS at the end, and the loader workers' peak
+RSS. torch and OpenMP use one thread. Results: a table on stdout and ``benchmarks/results/input_pipeline.json``.
 
     python benchmarks/input_pipeline.py [--images 5000] [--batches 4] [--runs 3] [--variants a b c]
 """
@@ -148,12 +150,16 @@ def _workers_peak_mib() -> float:
 
 
 def _rss() -> dict:
-    """Peak RSS of this process (ru_maxrss: pages of the memory-mapped cache it read count too, though they are
-    the shared page cache), its private memory now (USS), and the loader workers' peak RSS, all MiB."""
-    import psutil
-
+    """MiB: this process's peak RSS (ru_maxrss; pages of the memory-mapped cache it touched count too, though they
+    are the shared page cache), its anonymous and file-backed RSS now (``RssAnon``, ``RssFile``), and the loader
+    workers' largest peak RSS."""
+    status = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("RssAnon", "RssFile"):
+            status[key] = int(value.split()[0]) / 1024
     return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "private_mib": psutil.Process().memory_full_info().uss / 2**20,
+            "anon_mib": status.get("RssAnon", float("nan")), "file_mib": status.get("RssFile", float("nan")),
             "worker_peak_rss_mib": _workers_peak_mib()}
 
 
@@ -290,11 +296,12 @@ def _child(args: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
     root, kind = Path(args.root), args.child
     if kind == "a":
-        return measure_bare(root, args.batch_size, args.bare_batches)
+        return [measure_bare(root, args.batch_size, args.bare_batches) for _ in range(args.runs)]
     if kind == "b":
         return measure_decode_runs(root, args.batch_size, args.batches, args.workers, args.runs)
     if kind in ("c", "c8"):
-        return measure_cache(root, Path(args.cache_dir), args.batch_size, args.cache_batches, kind == "c")
+        return [measure_cache(root, Path(args.cache_dir), args.batch_size, args.cache_batches, kind == "c")
+                for _ in range(args.runs)]
     if kind == "t":
         return measure_tokenize(root, args.batch_size, args.batches)
     if kind == "build":
@@ -320,6 +327,13 @@ def _fresh(kind: str, args: argparse.Namespace, root: Path, cache_dir: Path):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _median(runs: list[dict]) -> dict:
+    """The run with the median pairs/s, with every run's figure beside it."""
+    median = statistics.median(r["pairs_per_s"] for r in runs)
+    best = min(runs, key=lambda r: abs(r["pairs_per_s"] - median))
+    return {**best, "runs_pairs_per_s": [r["pairs_per_s"] for r in runs]}
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
@@ -330,14 +344,14 @@ def _git_commit() -> str:
 
 def _table(rows: list[dict], anchor: float) -> str:
     head = (f"{'variant':<16} {'pairs/s':>9} {'cores':>5} {'per core':>9} {'x (a)':>7} {'peak RSS':>9} "
-            f"{'private':>8} {'worker RSS':>10}  (MiB)")
+            f"{'anon':>6} {'file':>6} {'worker RSS':>10}  (MiB)")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "per_core" not in r:
             continue
         lines.append(f"{r['variant']:<16} {r['pairs_per_s']:>9.1f} {r['cores']:>5} {r['per_core']:>9.1f} "
-                     f"{r['per_core'] / anchor:>7.1f} {r['peak_rss_mib']:>9.0f} {r.get('private_mib', 0):>8.0f} "
-                     f"{r['worker_peak_rss_mib']:>10.0f}")
+                     f"{r['per_core'] / anchor:>7.1f} {r['peak_rss_mib']:>9.0f} {r.get('anon_mib', 0):>6.0f} "
+                     f"{r.get('file_mib', 0):>6.0f} {r['worker_peak_rss_mib']:>10.0f}")
     return "\n".join(lines)
 
 
@@ -346,9 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--batches", type=int, default=3, help="timed batches of (b) and the tokenizer")
-    parser.add_argument("--bare-batches", type=int, default=2, help="timed batches of (a)")
-    parser.add_argument("--cache-batches", type=int, default=40, help="timed batches of (c)")
-    parser.add_argument("--runs", type=int, default=3, help="runs of each (b) worker count (the median is kept)")
+    parser.add_argument("--bare-batches", type=int, default=1, help="timed batches of (a), per run")
+    parser.add_argument("--cache-batches", type=int, default=40, help="timed batches of (c), per run")
+    parser.add_argument("--runs", type=int, default=3, help="runs of (a), (c) and each (b) worker count (median kept)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="(b) loader worker counts")
     parser.add_argument("--variants", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c", "d"])
     parser.add_argument("--shard-workers", type=int, default=2, help="(d) loader workers")
@@ -373,18 +387,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cache built: {build['images']} images in {build['seconds']:.1f} s with {build['workers']} "
               f"processes ({build['images_per_s']:.0f} images/s), {build['cache_mib']:.0f} MiB", file=sys.stderr)
         if "a" in args.variants:
-            rows.append(_fresh("a", args, root, cache_dir))
+            rows.append(_median(_fresh("a", args, root, cache_dir)))
         if "b" in args.variants:
             runs: dict[int, list[dict]] = {w: [] for w in args.workers}
             for r in _fresh("b", args, root, cache_dir):
                 runs[r["workers"]].append(r)
-            for w in args.workers:
-                median = statistics.median(r["pairs_per_s"] for r in runs[w])
-                best = min(runs[w], key=lambda r: abs(r["pairs_per_s"] - median))
-                rows.append({**best, "runs_pairs_per_s": [r["pairs_per_s"] for r in runs[w]]})
+            rows += [_median(runs[w]) for w in args.workers]
         if "c" in args.variants:
-            rows.append(_fresh("c", args, root, cache_dir))
-            rows.append(_fresh("c8", args, root, cache_dir))
+            rows.append(_median(_fresh("c", args, root, cache_dir)))
+            rows.append(_median(_fresh("c8", args, root, cache_dir)))
         if "d" in args.variants:
             shard = _fresh("d", args, root, cache_dir)
             rows.append({**shard, "variant": f"d_shards_w{shard['workers']}", "cores": max(1, shard["workers"]),
