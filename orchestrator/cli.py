@@ -148,7 +148,7 @@ def cmd_write_shards(args: argparse.Namespace) -> int:
     try:  # captions stored as written: the reader cleans them (data.clean_captions)
         data = DataConfig.model_validate(tree)
     except ValidationError as err:
-        name, message = format_validation_error(err, tree)
+        name, message = format_validation_error(err)
         raise UserError(message, field=f"--{name}") from None
     role = {data.train_split: "train", data.val_split: "val", data.test_split: "test"}.get(args.split)
     if role is None:

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, TypeVar, Union
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationError,
+from pydantic import (AfterValidator, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationError,
                       field_validator, model_validator)
 from pydantic.fields import FieldInfo
 
 from orchestrator.errors import UserError
-from orchestrator.yaml_io import YamlSyntaxError, parse_yaml, read_yaml_file
+from orchestrator.spec_files import StrictModel, first_error, is_name, read_spec_file
+from orchestrator.yaml_io import YamlSyntaxError, parse_yaml
 
 # ints and bools are strict (``epochs: yes`` is not 1, ``lock_image: 1`` is not True); floats accept numeric
 # strings (YAML reads ``1e-4`` as one) and ints
@@ -39,8 +40,11 @@ class FieldError(ValueError):
         self.field = field
 
 
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class Section(StrictModel):
+    """Base of the config sections: strict (:class:`~orchestrator.spec_files.StrictModel`), and an assignment is
+    validated like a file's value."""
+
+    model_config = ConfigDict(validate_assignment=True)
 
 
 def _absolute(value: Path) -> Path:
@@ -482,8 +486,8 @@ class TeachersConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------------- train
-#: What ``train.run_key`` may be: one folder name (no ``/``, no ``..``, no hidden name).
-RUN_KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+#: The longest ``train.run_key``: one folder name (``spec_files.NAME_PATTERN``: no ``/``, no ``..``, not hidden).
+RUN_KEY_MAX_LENGTH = 100
 
 
 class TrainConfig(Section):
@@ -542,7 +546,7 @@ class TrainConfig(Section):
     @field_validator("run_key")
     @classmethod
     def _folder_name(cls, v: str | None) -> str | None:
-        if v is not None and not RUN_KEY_PATTERN.fullmatch(v):
+        if v is not None and not is_name(v, RUN_KEY_MAX_LENGTH):
             raise ValueError(f"{v!r} is not a folder name: 1-100 letters, digits, '.', '_' or '-', starting with a "
                              "letter or digit")
         return v
@@ -790,44 +794,26 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping from ``path`` (the shared reader, :mod:`orchestrator.yaml_io`); UserError naming the file
-    (and line) otherwise."""
-    return read_yaml_file(path, what="config file").tree
+    """A config file's mapping (:func:`orchestrator.spec_files.read_spec_file`); UserError naming the file (and
+    line) otherwise."""
+    return read_spec_file(path, what="config file").tree
 
 
-def _dotted(loc: tuple[Any, ...], tree: Any) -> str:
-    """pydantic error location -> dotted field, dropping union tags (``loss.infonce.x`` -> ``loss.x``)."""
-    parts: list[str] = []
-    for item in loc:
-        if isinstance(item, str) and item in _LOSS_SECTIONS and parts and parts[-1] == "loss":
-            continue
-        if isinstance(item, str) and item.startswith("function-"):
-            continue
-        parts.append(str(item))
-    return ".".join(parts)
-
-
-def format_validation_error(err: ValidationError, tree: Any) -> tuple[str, str]:
-    """(dotted field, message) of the first error of ``err``, with a count of the others."""
-    errors = err.errors(include_url=False)
-    first = errors[0]
-    field = _dotted(tuple(first["loc"]), tree) or "(top level)"
-    cause = (first.get("ctx") or {}).get("error")
-    if isinstance(cause, FieldError):
-        prefix = _dotted(tuple(first["loc"]), tree)
-        field = f"{prefix}.{cause.field}" if prefix and not cause.field.startswith(prefix) else cause.field
-    msg = first["msg"]
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key"
-    elif "input" in first and first["type"] not in {"missing"} and not isinstance(first["input"], (dict, list)):
-        shown = repr(first["input"])
+def format_validation_error(err: ValidationError) -> tuple[str, str]:
+    """(dotted field, message) of the first error of ``err`` (``loss.infonce.x`` named ``loss.x``; a
+    ``FieldError`` names its own field; a short scalar input shown), with a count of the others."""
+    first = first_error(err, union_tags={"loss": tuple(_LOSS_SECTIONS)}, missing=None)
+    field = first.dotted or "(top level)"
+    if isinstance(first.cause, FieldError):
+        prefix, named = first.dotted, first.cause.field
+        field = f"{prefix}.{named}" if prefix and not named.startswith(prefix) else named
+    msg = first.message
+    if first.type not in {"extra_forbidden", "missing"} and first.has_input and \
+            not isinstance(first.input, (dict, list)):
+        shown = repr(first.input)
         if len(shown) < 60:
             msg = f"{msg} (got {shown})"
-    if len(errors) > 1:
-        msg += f" (+{len(errors) - 1} more)"
-    return field, msg
+    return field, first.counted(msg)
 
 
 def validate_config(tree: dict[str, Any], source: str = "<config>") -> ExperimentConfig:
@@ -836,7 +822,7 @@ def validate_config(tree: dict[str, Any], source: str = "<config>") -> Experimen
     try:
         return ExperimentConfig.model_validate(tree)
     except ValidationError as err:
-        field, msg = format_validation_error(err, tree)
+        field, msg = format_validation_error(err)
         raise UserError(msg, path=source, field=field) from None
 
 

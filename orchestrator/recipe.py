@@ -35,30 +35,24 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from orchestrator.config import ExperimentConfig, apply_overrides, parse_override, read_yaml, validate_config
 from orchestrator.errors import UserError
 from orchestrator.metrics_catalogue import evaluation_metrics, reported_metrics, unreported
 from orchestrator.search_space import SearchSpace, default_mode, load_space
-from orchestrator.yaml_io import LineMap, read_yaml_file
+from orchestrator.spec_files import StrictModel, first_error, is_name, read_spec_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-NAME_RE = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 #: tag keys on the MLflow runs a reproduction touches
 TAG_RECIPE, TAG_RUN, TAG_STATUS = "repro/recipe", "repro/run", "repro/status"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class InputSpec(_Strict):
+class InputSpec(StrictModel):
     """A path the user supplies: ``--input NAME=PATH``, else ``$env``, else ``default``."""
 
     field: str
@@ -77,7 +71,7 @@ class InputSpec(_Strict):
         return v
 
 
-class ReferenceSpec(_Strict):
+class ReferenceSpec(StrictModel):
     """One row of the reference table: a published (or measured) value, or another run's measured value."""
 
     value: Annotated[float, Field(allow_inf_nan=False)] | None = None
@@ -94,7 +88,7 @@ class ReferenceSpec(_Strict):
         return self
 
 
-class EvaluateSpec(_Strict):
+class EvaluateSpec(StrictModel):
     """A split scored on the run's best checkpoint after training: recall always, ``eccv`` (ECCV Caption, CxC,
     COCO 1K/5K on the COCO 5K test images) and ``folds`` (averaged over N image folds) when asked."""
 
@@ -103,7 +97,7 @@ class EvaluateSpec(_Strict):
     folds: Annotated[int, Field(ge=2)] | None = None
 
 
-class RunSpec(_Strict):
+class RunSpec(StrictModel):
     config: str | dict[str, Any] | None = None
     space: str | None = None
     overrides: list[str] = []
@@ -121,7 +115,7 @@ class RunSpec(_Strict):
         return self
 
 
-class RecipeSpec(_Strict):
+class RecipeSpec(StrictModel):
     name: str | None = None
     description: str
     provenance: dict[str, str] | None = None
@@ -131,7 +125,7 @@ class RecipeSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(NAME_RE, v):
+        if v is not None and not is_name(v):
             raise ValueError("use letters, digits, '_', '-' and '.'")
         return v
 
@@ -143,7 +137,7 @@ class RecipeSpec(_Strict):
         if not any(ref.enforce for run in v.values() for ref in run.reference.values()):
             raise ValueError("no run has an enforced reference row: nothing to compare")
         for key in v:
-            if not re.fullmatch(NAME_RE, key):
+            if not is_name(key):
                 raise ValueError(f"run name {key!r}: use letters, digits, '_', '-' and '.'")
         return v
 
@@ -200,12 +194,6 @@ class Recipe:
 
 
 # --------------------------------------------------------------------------------------------- loading
-def _read(path: Path) -> tuple[dict[str, Any], LineMap]:
-    """(mapping, line map) of a recipe file, read by the shared reader (:mod:`orchestrator.yaml_io`)."""
-    doc = read_yaml_file(path, what="recipe file")
-    return doc.tree, doc.lines
-
-
 def _find_file(ref: str, recipe: Path) -> Path | None:
     p = Path(ref).expanduser()
     for c in ([p] if p.is_absolute() else [recipe.parent / p, Path.cwd() / p, REPO_ROOT / p]):
@@ -309,22 +297,14 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, inputs: li
     ``overrides``: ``a.b=c`` applied to every run; ``inputs``: ``NAME=PATH``; ``runs``: run only these (and the
     runs their ``relative_to`` references need)."""
     path = Path(path)
-    tree, lines = _read(path)
-
-    def where(*key_path: Any) -> str:
-        line = lines.line(key_path)
-        return f"{path}:{line}" if line else str(path)
+    spec_file = read_spec_file(path, what="recipe file")
+    where = spec_file.where
 
     try:
-        spec = RecipeSpec.model_validate(tree)
+        spec = RecipeSpec.model_validate(spec_file.tree)
     except ValidationError as err:
-        first = err.errors(include_url=False)[0]
-        loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        msg = first["msg"].removeprefix("Value error, ")
-        msg = {"extra_forbidden": "unknown key", "missing": "required key missing"}.get(first["type"], msg)
-        more = len(err.errors()) - 1
-        raise UserError(msg + (f" (+{more} more)" if more else ""), path=where(*loc),
-                        field=".".join(map(str, loc)) or None) from None
+        first = first_error(err)
+        raise spec_file.fail(first.counted(first.message), first.loc, field=first.dotted or None) from None
 
     # --- which runs: the selected ones plus what their relative_to rows need
     for name in runs or []:

@@ -41,14 +41,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from orchestrator.config import (ExperimentConfig, apply_overrides, parse_override, read_yaml, set_dotted,
                                  validate_config)
 from orchestrator.errors import UserError
 from orchestrator.metrics_catalogue import reported_metrics, unreported, validation_metrics
 from orchestrator.space_checks import MAX_COMBINATIONS, count_combinations, joint_points, type_mismatch
-from orchestrator.yaml_io import LineMap, read_yaml_file
+from orchestrator.spec_files import StrictModel, first_error, is_name, located, read_spec_file
+from orchestrator.yaml_io import LineMap
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DIST_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -59,11 +60,7 @@ _SAMPLE_FRACTIONS = (0.0, 0.37, 1.0)
 
 
 # ------------------------------------------------------------------------------------------ the model
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Distribution(_Strict):
+class Distribution(StrictModel):
     """Exactly one of grid / choice / uniform / loguniform / randint."""
 
     grid: list[Any] | None = None
@@ -134,11 +131,11 @@ class Distribution(_Strict):
         return f"{self.kind}: {json.dumps(self.args)}"
 
 
-class FifoScheduler(_Strict):
+class FifoScheduler(StrictModel):
     type: Literal["fifo"] = "fifo"
 
 
-class AshaScheduler(_Strict):
+class AshaScheduler(StrictModel):
     """Asynchronous successive halving on ``training_iteration`` (one report per epoch)."""
 
     type: Literal["asha"]
@@ -156,12 +153,12 @@ class AshaScheduler(_Strict):
 SchedulerSpec = Annotated[Union[FifoScheduler, AshaScheduler], Field(discriminator="type")]
 
 
-class Resources(_Strict):
+class Resources(StrictModel):
     cpu: Annotated[float, Field(gt=0)] = 1.0
     gpu: Annotated[float, Field(ge=0)] = 0.0
 
 
-class SpaceSpec(_Strict):
+class SpaceSpec(StrictModel):
     name: str | None = None
     description: str | None = None
     base: str | dict[str, Any]
@@ -179,7 +176,7 @@ class SpaceSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+        if v is not None and not is_name(v):
             raise ValueError("use letters, digits, '_', '-' and '.' (it names a folder)")
         return v
 
@@ -202,14 +199,6 @@ class SpaceSpec(_Strict):
             if len(set(v)) != len(v):
                 raise ValueError("seeds repeat")
         return v
-
-
-# --------------------------------------------------------------------------------- YAML with lines
-def read_space_yaml(path: Path) -> tuple[dict[str, Any], LineMap, str]:
-    """(mapping, line map, text) of a space file, read by the shared reader (:mod:`orchestrator.yaml_io`: safe
-    loader, no duplicate keys, alias budget); UserError naming the file and line otherwise."""
-    doc = read_yaml_file(path, what="search space file")
-    return doc.tree, doc.lines, doc.text
 
 
 # -------------------------------------------------------------------------------------------- helpers
@@ -293,8 +282,7 @@ class SearchSpace:
 
     def where(self, *key_path: Any) -> str:
         """``file:line`` of a key of the space file (for errors found after loading)."""
-        line = self.lines.line(key_path) if self.lines is not None else None
-        return f"{self.path}:{line}" if line else str(self.path)
+        return located(self.path, self.lines, key_path)
 
     @property
     def name(self) -> str:
@@ -398,29 +386,18 @@ def _blame(field: str | None, keys: list[str]) -> str | None:
 def load_space(path: str | Path, cli_overrides: list[str] | None = None) -> SearchSpace:
     """Read and fully validate a space file; every error is a UserError naming the file and the key's line."""
     path = Path(path)
-    tree, lines, text = read_space_yaml(path)
-    shown = str(path)
-
-    def fail(message: str, key_path: tuple[Any, ...] | list[Any] = ()) -> UserError:
-        line = lines.line(tuple(key_path)) if key_path else None
-        return UserError(message, path=f"{shown}:{line}" if line else shown)
+    spec_file = read_spec_file(path, what="search space file")
+    tree, lines, text, shown, fail = spec_file.tree, spec_file.lines, spec_file.text, spec_file.shown, spec_file.fail
 
     # --- the file's own structure
     try:
         spec = SpaceSpec.model_validate(tree)
     except ValidationError as err:
-        first = err.errors(include_url=False)[0]
-        loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged-"))))
-        loc = tuple(p for p in loc if p not in ("fifo", "asha") or loc[:1] != ("scheduler",))
-        msg = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            msg = "unknown key" + (" (a distribution is one of " + ", ".join(DIST_KINDS) + ")"
-                                   if len(loc) == 3 and loc[0] == "space" else "")
-        elif first["type"] == "missing":
-            msg = "required key missing"
-        dotted = ".".join(str(p) for p in loc) or "(top level)"
-        more = len(err.errors()) - 1
-        raise fail(f"{dotted}: {msg}" + (f" (+{more} more)" if more else ""), loc) from None
+        first = first_error(err, union_tags={"scheduler": ("fifo", "asha")})
+        loc, msg = first.loc, first.message
+        if first.type == "extra_forbidden" and len(loc) == 3 and loc[0] == "space":
+            msg += " (a distribution is one of " + ", ".join(DIST_KINDS) + ")"
+        raise fail(first.counted(f"{first.dotted or '(top level)'}: {msg}"), loc) from None
 
     # --- the base config (+ the file's overrides, + --set)
     if isinstance(spec.base, dict):
