@@ -433,10 +433,10 @@ def test_unique_images_global_batch_larger_than_the_images_is_refused():
 def test_local_loss_refused_for_a_family_without_query_rows(tmp_path, monkeypatch):
     """A family outside ``LOCAL_LOSS_FAMILIES`` (every family is in it today: the list is shortened here) is
     refused at validation: exit 2, one line naming the file and scaling.local_loss; nothing written."""
-    import orchestrator.config
+    import orchestrator.config.loss
     from tests.test_bad_input import base_tree, train_bad_config
 
-    monkeypatch.setattr(orchestrator.config, "LOCAL_LOSS_FAMILIES", ("infonce", "cusa"))
+    monkeypatch.setattr(orchestrator.config.loss, "LOCAL_LOSS_FAMILIES", ("infonce", "cusa"))
     tree = base_tree(tmp_path)
     tree["loss"] = {"family": "listwise"}
     tree["scaling"].update(gather_global_batch=True, local_loss=True)
