@@ -151,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['variant']:<22} {r['workers']:>7} {r['pairs_per_s']:>9.1f} {r['per_core']:>9.1f} "
               f"{r['peak_rss_mib']:>8.0f} {r['worker_peak_rss_mib']:>10.0f}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"images": args.images, "cpus": os.cpu_count(), "rows": rows}, indent=2) + "\n")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                            capture_output=True, text=True).stdout.strip()
+    result = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "images": args.images, "cpus": os.cpu_count(),
+              "loadavg_at_end": list(os.getloadavg()), "rows": rows}
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 
