@@ -18,8 +18,9 @@ tensor): tokenizing is the same work on every path and is timed on its own row (
 - ``d_shards`` (``--variants d``): webdataset shards, ``benchmarks/input_shards.measure_shards`` (one epoch).
 
 Also measured: ``cache_build`` (the cold build with every CPU, not a per-core figure) and ``tokenize``. Each
-variant runs in a fresh process (``--child``), ``--runs`` times (the median run is kept; (b)'s worker counts
-interleaved), so its memory is its own: peak RSS (ru_maxrss; file pages of the memory-mapped cache count in it,
+variant runs in fresh processes (``--child``), ``--runs`` times, the median run kept: (a), (c) and
+``c_cache_uint8`` one process per run, in rounds; (b) one process, its worker counts interleaved. So each
+variant's memory is its own: peak RSS (ru_maxrss; file pages of the memory-mapped cache count in it,
 though they are the shared page cache), anonymous and file-backed RSS at the end, and the loader workers' peak
 RSS. torch and OpenMP use one thread. Results: a table on stdout and ``benchmarks/results/input_pipeline.json``.
 
@@ -296,12 +297,11 @@ def _child(args: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
     root, kind = Path(args.root), args.child
     if kind == "a":
-        return [measure_bare(root, args.batch_size, args.bare_batches) for _ in range(args.runs)]
+        return measure_bare(root, args.batch_size, args.bare_batches)
     if kind == "b":
         return measure_decode_runs(root, args.batch_size, args.batches, args.workers, args.runs)
     if kind in ("c", "c8"):
-        return [measure_cache(root, Path(args.cache_dir), args.batch_size, args.cache_batches, kind == "c")
-                for _ in range(args.runs)]
+        return measure_cache(root, Path(args.cache_dir), args.batch_size, args.cache_batches, kind == "c")
     if kind == "t":
         return measure_tokenize(root, args.batch_size, args.batches)
     if kind == "build":
@@ -350,8 +350,9 @@ def _table(rows: list[dict], anchor: float) -> str:
         if "per_core" not in r:
             continue
         lines.append(f"{r['variant']:<16} {r['pairs_per_s']:>9.1f} {r['cores']:>5} {r['per_core']:>9.1f} "
-                     f"{r['per_core'] / anchor:>7.1f} {r['peak_rss_mib']:>9.0f} {r.get('anon_mib', 0):>6.0f} "
-                     f"{r.get('file_mib', 0):>6.0f} {r['worker_peak_rss_mib']:>10.0f}")
+                     f"{r['per_core'] / anchor:>7.1f} {r['peak_rss_mib']:>9.0f} "
+                     f"{r.get('anon_mib', float('nan')):>6.0f} {r.get('file_mib', float('nan')):>6.0f} "
+                     f"{r['worker_peak_rss_mib']:>10.0f}")
     return "\n".join(lines)
 
 
@@ -386,16 +387,20 @@ def main(argv: list[str] | None = None) -> int:
         build = _fresh("build", args, root, cache_dir)
         print(f"cache built: {build['images']} images in {build['seconds']:.1f} s with {build['workers']} "
               f"processes ({build['images_per_s']:.0f} images/s), {build['cache_mib']:.0f} MiB", file=sys.stderr)
-        if "a" in args.variants:
-            rows.append(_median(_fresh("a", args, root, cache_dir)))
+        # (a) and (c) in rounds of fresh processes, so a change of load on a shared machine hits both alike
+        kinds = [k for k in ("a", "c", "c8") if k[0] in args.variants]
+        rounds: dict[str, list[dict]] = {k: [] for k in kinds}
+        for _ in range(args.runs):
+            for k in kinds:
+                rounds[k].append(_fresh(k, args, root, cache_dir))
+        if "a" in rounds:
+            rows.append(_median(rounds["a"]))
         if "b" in args.variants:
             runs: dict[int, list[dict]] = {w: [] for w in args.workers}
             for r in _fresh("b", args, root, cache_dir):
                 runs[r["workers"]].append(r)
             rows += [_median(runs[w]) for w in args.workers]
-        if "c" in args.variants:
-            rows.append(_median(_fresh("c", args, root, cache_dir)))
-            rows.append(_median(_fresh("c8", args, root, cache_dir)))
+        rows += [_median(rounds[k]) for k in ("c", "c8") if k in rounds]
         if "d" in args.variants:
             shard = _fresh("d", args, root, cache_dir)
             rows.append({**shard, "variant": f"d_shards_w{shard['workers']}", "cores": max(1, shard["workers"]),

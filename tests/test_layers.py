@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import REPO
 
 #: the edges: the only modules that may import Ray and MLflow at will
-EDGES = {"orchestrator.run", "orchestrator.sweep", "orchestrator.sweep_storage", "orchestrator.tracking",
+EDGES = {"orchestrator.run", "orchestrator.sweep", "orchestrator.tracking",
          "orchestrator.reproduce", "orchestrator.cli", "orchestrator.ray_train_hooks", "orchestrator.ray_logs",
          "orchestrator.system_metrics", "orchestrator.ui_server", "orchestrator.leaderboard",
          "orchestrator.search_space", "orchestrator.preflight", "orchestrator.storage", "orchestrator.run_folders",
@@ -104,6 +104,9 @@ def test_the_checker_flags_each_kind_of_breach():
     assert violations("from orchestrator import tracking\n", "orchestrator.evaluation.suite")
     assert violations("from orchestrator import errors\n", "orchestrator.evaluation.suite") == []
     assert violations("from orchestrator.tracking import x\n", "orchestrator.evaluation.suite")
+    assert violations("from orchestrator.sweep.driver import run_sweep\n", "orchestrator.train_loop")
+    assert violations("import mlflow\n", "orchestrator.sweep_helpers")  # only named like an edge package
+    assert violations("import ray\nimport mlflow\n", "orchestrator.sweep.tracker") == []
     assert violations("import mlflow\nimport ray\n", "orchestrator.run") == []
 
 
@@ -115,3 +118,4 @@ def test_every_module_keeps_its_layers_import_rules(path):
 def test_the_ray_backend_list_names_real_modules():
     names = {module_name(p) for p in project_modules()}
     assert set(RAY_BACKENDS) <= names, set(RAY_BACKENDS) - names
+    assert EDGES <= names, EDGES - names

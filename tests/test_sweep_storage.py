@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import UserError
-from orchestrator.sweep_storage import (leaderboard_folder, read_state, sweep_folder, tune_storage_path,
-                                        write_state)
+from orchestrator.sweep.state import leaderboard_folder, read_state, sweep_folder, tune_storage_path, write_state
 from tests.test_object_storage import BUCKET, objects, s3_endpoint  # noqa: F401 - a fixture
 from tests.test_sweep import fake_trial, fakes_by_value, runs_of, space_doc, sweep_base  # noqa: F401
 

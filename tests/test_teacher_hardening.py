@@ -201,7 +201,7 @@ ALLOWED_UNPICKLING = {
     "orchestrator/teachers/safe_pickle.py",
     # Ray Tune's own error file of a trial, written by Ray into the sweep's storage (the trust Ray already
     # asks for: it unpickles tuner.pkl and the trial state from the same folder on --resume)
-    "orchestrator/sweep.py",
+    "orchestrator/sweep/ray_compat.py",
 }
 
 
