@@ -1,204 +1,30 @@
-"""Search-space files (``search_spaces/*.yaml``): read, validate against the experiment config, turn into Tune.
-
-A space file::
-
-    name: smoke                        # optional; default: the file's stem. Names the sweep folder.
-    base: ../configs/tiny.yaml         # a config path (absolute, or relative to the space file, the cwd or
-                                       # the repo root, first that exists) or an inline mapping
-    overrides: [train.epochs=2]        # optional dotted overrides of the base (list of a.b=c, or a mapping)
-    space:                             # dotted config path -> one distribution
-      loss.family: {grid: [infonce, triplet]}
-      train.lr: {loguniform: [1.0e-4, 1.0e-2]}
-      train.warmup_steps: {randint: [0, 20]}      # both bounds inclusive
-      loss.margin: {uniform: [0.1, 0.3]}
-      train.batch_size: {choice: [32, 64]}
-    seeds: [0, 1]                      # optional: every trial once per seed (a grid over train.seed)
-    num_samples: 1                     # Tune's: the grid is repeated, random distributions re-sampled
-    metric: val/rsum                   # a val/ retrieval metric (recall.py's names) or train/loss
-    mode: max                          # default: min for loss/medr/meanr, max otherwise
-    scheduler: {type: asha, grace_period: 1, reduction_factor: 2, max_t: 3}   # or {type: fifo}
-    max_concurrent_trials: 2
-    resources: {cpu: 1, gpu: 0}        # per trial (per Train worker when a trial needs several workers/GPUs)
-    max_failures: 0                    # Tune retries of a failed trial (from its last checkpoint)
-
-Everything is checked before a trial starts: unknown keys, unknown dotted paths, a distribution of the wrong kind
-for the field's type (``uniform`` on an integer field: :mod:`orchestrator.space_checks`), a value the field rejects
-(each grid value, both bounds and an interior sample of each range, substituted into the base config), every
-combination of grid values and range bounds against the cross-field rules (refused beyond
-``space_checks.MAX_COMBINATIONS``), ASHA's ``grace_period`` against the trials' epochs when ``max_t`` is unset, and
-a metric some trial does not report (:mod:`orchestrator.metrics_catalogue`). Errors are ``UserError``s naming the
-space file and the line of the offending key. YAML is read with the safe loader only.
-"""
+"""Loading a search-space file: ``load_space`` reads it, validates it against the experiment config (every check
+listed in :mod:`orchestrator.search_space`) and gives the ``SearchSpace`` ready for Tune."""
 from __future__ import annotations
 
 import copy
 import hashlib
 import itertools
 import json
-import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 
 from orchestrator.config import (ExperimentConfig, apply_overrides, parse_override, read_yaml, set_dotted,
                                  validate_config)
 from orchestrator.errors import UserError
 from orchestrator.metrics_catalogue import reported_metrics, unreported, validation_metrics
 from orchestrator.space_checks import MAX_COMBINATIONS, count_combinations, joint_points, type_mismatch
-from orchestrator.spec_files import StrictModel, first_error, is_name, located, read_spec_file
+from orchestrator.search_space.spec import DIST_KINDS, AshaScheduler, Distribution, SpaceSpec
+from orchestrator.spec_files import SpecFile, first_error, located, read_spec_file
 from orchestrator.yaml_io import LineMap
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DIST_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+REPO_ROOT = Path(__file__).resolve().parents[2]
 #: config fields holding paths that must not depend on a worker's cwd
 PATH_FIELDS = ("data.root", "data.annotations", "model.pretrained", "teachers.cache_dir", "train.output_dir",
                "tracking.artifact_dir")
-_SAMPLE_FRACTIONS = (0.0, 0.37, 1.0)
-
-
-# ------------------------------------------------------------------------------------------ the model
-class Distribution(StrictModel):
-    """Exactly one of grid / choice / uniform / loguniform / randint."""
-
-    grid: list[Any] | None = None
-    choice: list[Any] | None = None
-    uniform: tuple[float, float] | None = None
-    loguniform: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] | None = None
-    randint: tuple[int, int] | None = None
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> "Distribution":
-        given = [k for k in DIST_KINDS if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of {', '.join(DIST_KINDS)} (got {', '.join(given) or 'none'})")
-        kind = given[0]
-        value = getattr(self, kind)
-        if kind in ("grid", "choice"):
-            if not value:
-                raise ValueError(f"{kind} needs at least one value")
-        else:
-            lo, hi = value
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                raise ValueError(f"{kind} bounds must be finite")
-            if kind == "randint" and lo > hi:
-                raise ValueError(f"randint [{lo}, {hi}]: the lower bound is larger than the upper one")
-            if kind != "randint" and not lo < hi:
-                raise ValueError(f"{kind} [{lo}, {hi}]: the lower bound must be below the upper one")
-        return self
-
-    @property
-    def kind(self) -> str:
-        return next(k for k in DIST_KINDS if getattr(self, k) is not None)
-
-    @property
-    def args(self) -> Any:
-        return getattr(self, self.kind)
-
-    @property
-    def categorical(self) -> bool:
-        return self.kind in ("grid", "choice")
-
-    def sample_values(self) -> list[Any]:
-        """The values a trial may get (grid/choice) or representative samples (bounds and an interior point)."""
-        kind, args = self.kind, self.args
-        if kind in ("grid", "choice"):
-            return list(args)
-        lo, hi = args
-        if kind == "randint":
-            return sorted({lo, hi})
-        if kind == "uniform":
-            return [lo + f * (hi - lo) for f in _SAMPLE_FRACTIONS]
-        return [math.exp(math.log(lo) + f * (math.log(hi) - math.log(lo))) for f in _SAMPLE_FRACTIONS]
-
-    def to_tune(self):
-        from ray import tune
-
-        kind, args = self.kind, self.args
-        if kind == "grid":
-            return tune.grid_search(list(args))
-        if kind == "choice":
-            return tune.choice(list(args))
-        if kind == "uniform":
-            return tune.uniform(*args)
-        if kind == "loguniform":
-            return tune.loguniform(*args)
-        return tune.randint(args[0], args[1] + 1)  # Tune's upper bound is exclusive; ours is inclusive
-
-    def describe(self) -> str:
-        return f"{self.kind}: {json.dumps(self.args)}"
-
-
-class FifoScheduler(StrictModel):
-    type: Literal["fifo"] = "fifo"
-
-
-class AshaScheduler(StrictModel):
-    """Asynchronous successive halving on ``training_iteration`` (one report per epoch)."""
-
-    type: Literal["asha"]
-    grace_period: Annotated[int, Field(ge=1)] = 1
-    reduction_factor: Annotated[float, Field(gt=1)] = 2.0
-    max_t: Annotated[int, Field(ge=1)] | None = Field(None, description="default: the trials' train.epochs")
-
-    @model_validator(mode="after")
-    def _grace(self) -> "AshaScheduler":
-        if self.max_t is not None and self.grace_period > self.max_t:
-            raise ValueError(f"grace_period {self.grace_period} is larger than max_t {self.max_t}")
-        return self
-
-
-SchedulerSpec = Annotated[Union[FifoScheduler, AshaScheduler], Field(discriminator="type")]
-
-
-class Resources(StrictModel):
-    cpu: Annotated[float, Field(gt=0)] = 1.0
-    gpu: Annotated[float, Field(ge=0)] = 0.0
-
-
-class SpaceSpec(StrictModel):
-    name: str | None = None
-    description: str | None = None
-    base: str | dict[str, Any]
-    overrides: list[str] | dict[str, Any] = []
-    space: dict[str, Distribution]
-    metric: str = "val/rsum"
-    mode: Literal["max", "min"] | None = None
-    scheduler: SchedulerSpec = FifoScheduler()
-    num_samples: Annotated[int, Field(ge=1)] = 1
-    seeds: list[Annotated[int, Field(ge=0)]] | None = None
-    max_concurrent_trials: Annotated[int, Field(ge=1)] | None = None
-    resources: Resources = Resources()
-    max_failures: Annotated[int, Field(ge=0)] = 0
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str | None) -> str | None:
-        if v is not None and not is_name(v):
-            raise ValueError("use letters, digits, '_', '-' and '.' (it names a folder)")
-        return v
-
-    @field_validator("space")
-    @classmethod
-    def _non_empty(cls, v: dict[str, Distribution]) -> dict[str, Distribution]:
-        if not v:
-            raise ValueError("give at least one dotted config path to vary")
-        for key in v:
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+", key):
-                raise ValueError(f"{key!r} is not a dotted config path (section.field)")
-        return v
-
-    @field_validator("seeds")
-    @classmethod
-    def _seeds(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None:
-            if not v:
-                raise ValueError("give at least one seed (or leave seeds out)")
-            if len(set(v)) != len(v):
-                raise ValueError("seeds repeat")
-        return v
 
 
 # -------------------------------------------------------------------------------------------- helpers
@@ -291,10 +117,7 @@ class SearchSpace:
     @property
     def distributions(self) -> dict[str, Distribution]:
         """The space with ``seeds`` as a grid over ``train.seed``."""
-        dists = dict(self.spec.space)
-        if self.spec.seeds:
-            dists["train.seed"] = Distribution(grid=list(self.spec.seeds))
-        return dists
+        return _distributions(self.spec)
 
     @property
     def varied(self) -> list[str]:
@@ -387,19 +210,38 @@ def load_space(path: str | Path, cli_overrides: list[str] | None = None) -> Sear
     """Read and fully validate a space file; every error is a UserError naming the file and the key's line."""
     path = Path(path)
     spec_file = read_spec_file(path, what="search space file")
-    tree, lines, text, shown, fail = spec_file.tree, spec_file.lines, spec_file.text, spec_file.shown, spec_file.fail
+    spec = _space_spec(spec_file)
+    cli_overrides = list(cli_overrides or [])
+    base_tree, base_source, base_cfg = _base_config(spec, spec_file, path, cli_overrides)
+    dists = _distributions(spec)
+    _check_each_value(spec, spec_file, dists, base_tree, base_cfg)
+    trials = _check_combinations(spec, spec_file, dists, base_tree)
+    _check_metric(spec, spec_file, trials)
+    mode = spec.mode or default_mode(spec.metric)
+    base_tree = _absolute_paths(base_tree, base_cfg)
+    return SearchSpace(path=path.resolve(), spec=spec, text=spec_file.text, base_tree=base_tree,
+                       base_config=base_cfg, base_source=base_source, metric=spec.metric, mode=mode,
+                       cli_overrides=cli_overrides, lines=spec_file.lines,
+                       trial_configs=[cfg for _, cfg in trials.values()])
 
-    # --- the file's own structure
+
+def _space_spec(spec_file: SpecFile) -> SpaceSpec:
+    """The file's own structure (keys, distributions, scheduler), validated."""
     try:
-        spec = SpaceSpec.model_validate(tree)
+        return SpaceSpec.model_validate(spec_file.tree)
     except ValidationError as err:
         first = first_error(err, union_tags={"scheduler": ("fifo", "asha")})
         loc, msg = first.loc, first.message
         if first.type == "extra_forbidden" and len(loc) == 3 and loc[0] == "space":
             msg += " (a distribution is one of " + ", ".join(DIST_KINDS) + ")"
-        raise fail(first.counted(f"{first.dotted or '(top level)'}: {msg}"), loc) from None
+        raise spec_file.fail(first.counted(f"{first.dotted or '(top level)'}: {msg}"), loc) from None
 
-    # --- the base config (+ the file's overrides, + --set)
+
+def _base_config(spec: SpaceSpec, spec_file: SpecFile, path: Path,
+                 cli_overrides: list[str]) -> tuple[dict[str, Any], str, ExperimentConfig]:
+    """(mapping, source, validated config) of the base: the file's ``base`` + its ``overrides`` + ``--set``; an
+    error names the override (or inline base key) responsible."""
+    shown, fail = spec_file.shown, spec_file.fail
     if isinstance(spec.base, dict):
         base_tree, base_source = copy.deepcopy(spec.base), f"{shown} (inline base)"
     else:
@@ -415,7 +257,6 @@ def load_space(path: str | Path, cli_overrides: list[str] | None = None) -> Sear
         except UserError as err:
             raise fail(f"overrides: {err.detail}", ypath) from None
         base_tree = apply_overrides(base_tree, [text_])
-    cli_overrides = list(cli_overrides or [])
     cli_keys = {".".join(parse_override(o)[0]) for o in cli_overrides}
     swept = set(spec.space) | ({"train.seed"} if spec.seeds else set())
     for key in sorted(cli_keys & swept):
@@ -425,7 +266,7 @@ def load_space(path: str | Path, cli_overrides: list[str] | None = None) -> Sear
     if spec.seeds and "train.seed" in spec.space:
         raise fail("seeds: train.seed is also in space; give the seeds in one place", ("seeds",))
     try:
-        base_cfg = validate_config(base_tree, source=base_source)
+        return base_tree, base_source, validate_config(base_tree, source=base_source)
     except UserError as err:
         key = _blame(err.field, [k for k, _, _ in overrides])
         if err.field in cli_keys or _blame(err.field, sorted(cli_keys)):
@@ -437,65 +278,87 @@ def load_space(path: str | Path, cli_overrides: list[str] | None = None) -> Sear
             raise fail(f"base.{err.field}: {err.detail}", ("base", *(err.field or "").split("."))) from None
         raise
 
-    # --- each distribution alone, then the combinations
+
+def _distributions(spec: SpaceSpec) -> dict[str, Distribution]:
+    """The space with ``seeds`` as a grid over ``train.seed``."""
     dists = dict(spec.space)
     if spec.seeds:
         dists["train.seed"] = Distribution(grid=list(spec.seeds))
+    return dists
 
-    def key_path(key: str) -> tuple[Any, ...]:
-        return ("seeds",) if key == "train.seed" and spec.seeds else ("space", key)
 
-    families = dists["loss.family"].sample_values() if "loss.family" in dists else [None]
+def _key_path(spec: SpaceSpec, key: str) -> tuple[Any, ...]:
+    """The file's key path of a varied config field (for the error's line)."""
+    return ("seeds",) if key == "train.seed" and spec.seeds else ("space", key)
 
-    def check_alone(key: str, value: Any) -> None:
-        """Valid with at least one swept loss family (a loss field belongs to some families only)."""
-        first: UserError | None = None
-        for family in (families if key.startswith("loss.") and key != "loss.family" else [None]):
-            params = {key: value} if family is None else {"loss.family": family, key: value}
-            try:
-                trial_config(base_tree, params, source=shown)
-                return
-            except UserError as err:
-                first = first or err
-        assert first is not None
-        raise first
 
+def _swept_families(dists: dict[str, Distribution]) -> list[Any]:
+    return dists["loss.family"].sample_values() if "loss.family" in dists else [None]
+
+
+def _check_alone(base_tree: dict[str, Any], key: str, value: Any, families: list[Any], shown: str) -> None:
+    """``key = value`` valid with at least one swept loss family (a loss field belongs to some families only)."""
+    first: UserError | None = None
+    for family in (families if key.startswith("loss.") and key != "loss.family" else [None]):
+        params = {key: value} if family is None else {"loss.family": family, key: value}
+        try:
+            trial_config(base_tree, params, source=shown)
+            return
+        except UserError as err:
+            first = first or err
+    assert first is not None
+    raise first
+
+
+def _check_each_value(spec: SpaceSpec, spec_file: SpecFile, dists: dict[str, Distribution],
+                      base_tree: dict[str, Any], base_cfg: ExperimentConfig) -> None:
+    """Each distribution alone: its kind against the field's type, each grid value / range sample substituted."""
+    fail = spec_file.fail
+    families = _swept_families(dists)
     loss_families = families if families != [None] else [base_cfg.loss.family]
     for key, dist in dists.items():
         mismatch = type_mismatch(key, dist.kind, loss_families)
         if mismatch:
-            raise fail(f"space.{key}: {mismatch}", key_path(key))
+            raise fail(f"space.{key}: {mismatch}", _key_path(spec, key))
         for value in dist.sample_values():
             try:
-                check_alone(key, value)
+                _check_alone(base_tree, key, value, families, spec_file.shown)
             except UserError as err:
                 if err.detail == "unknown key" and err.field == key:
                     family = families if families != [None] else [get_dotted(base_tree, "loss.family", "infonce")]
                     where = (f" (no field of loss family {', '.join(map(str, family))})"
                              if key.startswith("loss.") else "")
-                    raise fail(f"space.{key}: unknown config path{where}", key_path(key)) from None
+                    raise fail(f"space.{key}: unknown config path{where}", _key_path(spec, key)) from None
                 shown_value = f"{value:.4g}" if isinstance(value, float) else repr(value)
                 what = f"{dist.kind} {'value' if dist.categorical else 'sample'} {shown_value}"
                 where = "" if err.field and (err.field == key or key.startswith(err.field + ".")) \
                     else f" ({err.field})"
-                raise fail(f"space.{key}: {what} does not fit{where}: {err.detail}", key_path(key)) from None
-    # every combination of grid values and range bounds (the corners of the continuous box): exact for the
-    # cross-field rules, which are monotone in each field (min_lr <= lr, temperature init in [min, max], ...)
+                raise fail(f"space.{key}: {what} does not fit{where}: {err.detail}",
+                           _key_path(spec, key)) from None
+
+
+def _check_combinations(spec: SpaceSpec, spec_file: SpecFile, dists: dict[str, Distribution],
+                        base_tree: dict[str, Any]) -> dict[str, tuple[dict[str, Any], ExperimentConfig]]:
+    """Every combination of grid values and range bounds (the corners of the continuous box: exact for the
+    cross-field rules, which are monotone in each field -- min_lr <= lr, temperature init in [min, max], ...),
+    and ASHA's grace period against each trial's epochs. Returns one (params, config) per distinct set of
+    reported metrics."""
+    fail = spec_file.fail
     keys = list(dists)
     points = [joint_points(dists[k].kind, dists[k].args) for k in keys]
     total = count_combinations(points)
     if total > MAX_COMBINATIONS:
         raise fail(f"space: {total} combinations of grid values and range bounds to validate, more than "
                    f"{MAX_COMBINATIONS}; split the sweep into smaller spaces", ("space",))
-    trials: dict[str, tuple[dict[str, Any], ExperimentConfig]] = {}   # one per distinct set of reported metrics
+    trials: dict[str, tuple[dict[str, Any], ExperimentConfig]] = {}
     for combo in itertools.product(*points):
         params = dict(zip(keys, combo))
         try:
-            cfg = trial_config(base_tree, params, source=shown)
+            cfg = trial_config(base_tree, params, source=spec_file.shown)
         except UserError as err:
             culprit = _blame(err.field, keys)
             shown_combo = ", ".join(f"{k}={v!r}" for k, v in params.items())
-            ypath = key_path(culprit) if culprit else ("space",)
+            ypath = _key_path(spec, culprit) if culprit else ("space",)
             raise fail(f"space: the combination {shown_combo} is invalid: {err.field}: {err.detail}", ypath) from None
         trials.setdefault(_metrics_key(cfg), (params, cfg))
         sched = spec.scheduler
@@ -504,8 +367,12 @@ def load_space(path: str | Path, cli_overrides: list[str] | None = None) -> Sear
             raise fail(f"scheduler.grace_period: {sched.grace_period} is larger than train.epochs = "
                        f"{cfg.train.epochs} of {which} (ASHA's max_t defaults to train.epochs); lower it",
                        ("scheduler", "grace_period"))
+    return trials
 
-    # --- the metric: reported by every trial, every epoch it is evaluated (init/... only once: not a target)
+
+def _check_metric(spec: SpaceSpec, spec_file: SpecFile,
+                  trials: dict[str, tuple[dict[str, Any], ExperimentConfig]]) -> None:
+    """The metric is reported by every trial, every epoch it is evaluated (init/... only once: not a target)."""
     train = spec.metric.startswith("train/")
     for params, cfg in trials.values():
         names = {m for m in reported_metrics(cfg, train=train) if not m.startswith("init/") and m != "epoch"}
@@ -514,10 +381,4 @@ def load_space(path: str | Path, cli_overrides: list[str] | None = None) -> Sear
             what = f"the trial {_shown(params)}" if len(trials) > 1 else "any trial"
             hint = "" if validation_metrics(cfg.eval) or not spec.metric.startswith("val/") else \
                 " (the base config does not evaluate on val: eval.splits)"
-            raise fail(f"metric: {unreported(spec.metric, every, what=what)}{hint}", ("metric",))
-    mode = spec.mode or default_mode(spec.metric)
-
-    base_tree = _absolute_paths(base_tree, base_cfg)
-    return SearchSpace(path=path.resolve(), spec=spec, text=text, base_tree=base_tree, base_config=base_cfg,
-                       base_source=base_source, metric=spec.metric, mode=mode, cli_overrides=cli_overrides,
-                       lines=lines, trial_configs=[cfg for _, cfg in trials.values()])
+            raise spec_file.fail(f"metric: {unreported(spec.metric, every, what=what)}{hint}", ("metric",))
