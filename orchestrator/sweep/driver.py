@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from orchestrator import leaderboard, storage, tracking
 from orchestrator.config import ExperimentConfig
 from orchestrator.errors import UserError
 from orchestrator.search_space import SearchSpace
+from orchestrator.spec_files import is_name
 from orchestrator.sweep import ray_compat
 from orchestrator.sweep.state import (ResumePoint, SigtermAsInterrupt, SweepFolder, find_resume_point, record_state,
                                       sweep_folder, tune_storage_path)
@@ -54,7 +54,7 @@ def run_sweep(space: SearchSpace, *, resume: bool = False, name: str | None = No
 
     t0 = time.perf_counter()
     name = name or space.name
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+    if not is_name(name):
         raise UserError(f"sweep name {name!r}: use letters, digits, '_', '-' and '.' (it names a folder)")
     path = sweep_dir(space, name)
     _configure_tune()
