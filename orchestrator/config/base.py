@@ -34,7 +34,7 @@ class Section(StrictModel):
     model_config = ConfigDict(validate_assignment=True)
 
 
-def absolute_path(value: Path) -> Path:
+def absolute_path(value: str | Path) -> Path:
     """A path against the current folder (the config convention), so Ray workers with another cwd agree."""
     path = Path(value).expanduser()
     return (path if path.is_absolute() else Path.cwd() / path).resolve()

@@ -70,9 +70,13 @@ _ON_REGISTER: list[Callable[[], None]] = []
 _SectionT = TypeVar("_SectionT", bound=type[LossSection])
 
 
+def _family_default(section: type[LossSection]) -> Any:
+    return section.model_fields["family"].default
+
+
 def register_loss_section(section: _SectionT) -> _SectionT:
     """Make ``section`` the ``loss`` section of the family named by its ``family`` default."""
-    name = section.model_fields["family"].default
+    name = _family_default(section)
     if not isinstance(name, str) or not name:
         raise ValueError(f"{section.__name__}.family needs its family name as the default (Literal[name] = name)")
     if name in _LOSS_SECTIONS:
@@ -209,8 +213,11 @@ class CUSALoss(LossSection):
     csa_mode: Literal["each", "add", "dot"] = "each"
 
 
-#: the built-in sections' union (``ExperimentConfig.model_fields["loss"]`` holds the current one)
-LossConfig = loss_section_union()
+if TYPE_CHECKING:  # a type checker sees the base; pydantic validates against the union
+    LossConfig = LossSection
+else:
+    #: the built-in sections' union (``ExperimentConfig.model_fields["loss"]`` holds the current one)
+    LossConfig = loss_section_union()
 
 
 #: Loss families that compute only a rank's query rows (``methods`` ``supports_local_loss``).

@@ -181,7 +181,7 @@ def _find_base_file(ref: str, space_path: Path) -> Path | None:
 
 def _override_items(overrides: list[str] | dict[str, Any]) -> list[tuple[str, str, tuple[Any, ...]]]:
     """(dotted key, a.b=c text, yaml path for its line) for each override of the space file."""
-    items = []
+    items: list[tuple[str, str, tuple[Any, ...]]] = []
     if isinstance(overrides, dict):
         for key, value in overrides.items():
             items.append((str(key), f"{key}={json.dumps(value)}", ("overrides", key)))
@@ -268,11 +268,11 @@ def _base_config(spec: SpaceSpec, spec_file: SpecFile, path: Path,
     try:
         return base_tree, base_source, validate_config(base_tree, source=base_source)
     except UserError as err:
-        key = _blame(err.field, [k for k, _, _ in overrides])
+        culprit = _blame(err.field, [k for k, _, _ in overrides])
         if err.field in cli_keys or _blame(err.field, sorted(cli_keys)):
             raise UserError(f"{err.field}: {err.detail} (from --set)", path=shown) from None
-        if key is not None:
-            ypath = next(p for k, _, p in overrides if k == key)
+        if culprit is not None:
+            ypath = next(p for k, _, p in overrides if k == culprit)
             raise fail(f"overrides: {err.field}: {err.detail}", ypath) from None
         if isinstance(spec.base, dict):
             raise fail(f"base.{err.field}: {err.detail}", ("base", *(err.field or "").split("."))) from None
