@@ -53,14 +53,13 @@ def records_from_mlflow(target, parent_run_id: str, metric: str) -> list[TrialRe
     """One record per child run of the sweep (superseded attempts left out)."""
     from orchestrator import tracking
 
-    c = tracking.client(target)
     out = []
     for run in tracking.child_runs(target, parent_run_id):
         tags = run.data.tags
         if tags.get("itr.superseded") == "true" or "itr.trial_id" not in tags:
             continue
-        curve = sorted((int(m.step), float(m.value)) for m in c.get_metric_history(run.info.run_id, metric))
-        epochs = {int(m.step) for m in c.get_metric_history(run.info.run_id, "epoch")}
+        curve = sorted(tracking.metric_history(target, run.info.run_id, metric))
+        epochs = {step for step, _ in tracking.metric_history(target, run.info.run_id, "epoch")}
         params = json.loads(tags.get("itr.varied", "{}"))
         out.append(TrialRecord(trial_id=tags["itr.trial_id"], params=params, curve=curve, epochs_run=len(epochs),
                                status=_status(run), run_id=run.info.run_id, failure=tags.get("itr.failure")))

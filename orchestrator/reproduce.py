@@ -163,8 +163,7 @@ def _run_sweep(run: RecipeRun, recipe: Recipe) -> RunOutcome:
         if isinstance(value, float) and math.isfinite(value):
             metrics[f"best/{space.metric}"] = value
         if target is not None and best.get("run_id"):
-            last = tracking.client(target).get_run(best["run_id"]).data.metrics
-            metrics.update({k: float(v) for k, v in last.items()})
+            metrics.update(tracking.latest_metrics(target, best["run_id"]))
     return RunOutcome(run=run, metrics=metrics, run_id=result.parent_run_id, target=target)
 
 
@@ -186,14 +185,7 @@ def execute(run: RecipeRun, recipe: Recipe) -> RunOutcome:
 # ------------------------------------------------------------------------------------- MLflow: history
 def last_passing_run(target: tracking.TrackingTarget, recipe: str, run: str):
     """The newest MLflow run tagged ``repro/status = pass`` for (recipe, run), or None."""
-    c = tracking.client(target)
-    exp = c.get_experiment_by_name(target.experiment)
-    if exp is None:
-        return None
-    query = (f"tags.`{TAG_RECIPE}` = '{recipe}' and tags.`{TAG_RUN}` = '{run}' "
-             f"and tags.`{TAG_STATUS}` = '{STATUS_PASS}'")
-    found = c.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"],
-                          max_results=1)
+    found = tracking.find_runs(target, {TAG_RECIPE: recipe, TAG_RUN: run, TAG_STATUS: STATUS_PASS}, max_results=1)
     return found[0] if found else None
 
 
@@ -246,9 +238,7 @@ def tag_runs(report: Report) -> None:
                 tags[f"repro/reference/{row.metric}"] = repr(row.reference)
             if row.delta is not None:
                 tags[f"repro/delta/{row.metric}"] = f"{row.delta:+.4f}"
-        c = tracking.client(outcome.target)
-        for key, value in tags.items():
-            c.set_tag(outcome.run_id, key, value)
+        tracking.set_tags(outcome.target, outcome.run_id, tags)
 
 
 def reproduce(recipe: Recipe, *, against_last_pass: bool = False) -> Report:

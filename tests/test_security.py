@@ -138,7 +138,7 @@ def test_no_shell_true_in_subprocess_calls():
             shell = _kw(node, "shell")
             if shell is not None and not (isinstance(shell, ast.Constant) and shell.value is False):
                 shell_calls.append(f"{path}:{node.lineno} shell=")
-    assert subprocess_calls >= 1  # the walk sees the git call in tracking.py
+    assert subprocess_calls >= 1  # the walk sees the git call in tracking/provenance.py
     assert not shell_calls, shell_calls
 
 

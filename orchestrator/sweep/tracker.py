@@ -10,7 +10,6 @@ import contextlib
 import json
 import logging
 import math
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -102,10 +101,9 @@ class SweepTracker(Callback):
         if existing:
             run_id = existing[0].info.run_id
             for extra in existing[1:]:  # never expected; keep one
-                tracking.client(self.target).set_tag(extra.info.run_id, "itr.superseded", "true")
+                tracking.set_tags(self.target, extra.info.run_id, {"itr.superseded": "true"})
             tracking.reopen_run(self.target, run_id)
-            self._logged[tid] = {int(m.step) for m in tracking.client(self.target).get_metric_history(run_id,
-                                                                                                      "epoch")}
+            self._logged[tid] = {step for step, _ in tracking.metric_history(self.target, run_id, "epoch")}
             log.info("trial %s continues in MLflow run %s (%d epochs logged)", tid, run_id, len(self._logged[tid]))
         else:
             params = {k: trial.config[k] for k in self.varied if k in trial.config}
@@ -129,10 +127,9 @@ class SweepTracker(Callback):
         tid = trial.trial_id
         step = int(result.get("epoch", result.get("training_iteration", 1) - 1))
         if tid not in self._located and "itr/node_id" in result:
-            c = tracking.client(self.target)
-            c.set_tag(run_id, "itr.ray_node_id", str(result["itr/node_id"]))
-            c.set_tag(run_id, "itr.ray_gcs_address", str(result["itr/gcs_address"]))
-            c.set_tag(run_id, "itr.hostname", str(result.get("hostname", "")))
+            tracking.set_tags(self.target, run_id, {"itr.ray_node_id": result["itr/node_id"],
+                                                    "itr.ray_gcs_address": result["itr/gcs_address"],
+                                                    "itr.hostname": result.get("hostname", "")})
             self._located.add(tid)
         value = result.get(self.metric)
         # the epoch index as MLflow steps, itr train and the leaderboard's "best epoch" count it (from 0)
@@ -148,12 +145,10 @@ class SweepTracker(Callback):
         self._ended.add(trial.trial_id)
         last = trial.last_result or {}
         epochs = int(last["epoch"]) + 1 if "epoch" in last else int(last.get("training_iteration", 0))
-        c = tracking.client(self.target)
-        c.set_tag(run_id, "itr.epochs_run", str(epochs))
         planned = self._planned.get(trial.trial_id, epochs)
-        if epochs < planned:
-            c.set_tag(run_id, "itr.stopped_early", "true")
-        tracking.end_run(self.target, run_id, "FINISHED")
+        tags = {"itr.epochs_run": epochs, **({"itr.stopped_early": "true"} if epochs < planned else {})}
+        tracking.send(self.target, run_id, *(tracking.tag_op(k, v) for k, v in tags.items()),
+                      tracking.end_op("FINISHED"))
         self._say(trial, "%s after %d epoch(s)", "stopped early by the scheduler" if epochs < planned else "finished",
                   epochs)
 
@@ -197,41 +192,25 @@ def open_parent_run(target: tracking.TrackingTarget, space: SearchSpace, name: s
     was killed before its first snapshot) the trials start over under new ids, so that run's children are
     marked superseded and ended."""
     parent = point.parent_run_id
-    if parent and _run_exists(target, parent):
+    if parent and tracking.run_exists(target, parent):
         tracking.reopen_run(target, parent)
         if not point.restorable:
             for run in tracking.child_runs(target, parent):
-                tracking.client(target).set_tag(run.info.run_id, "itr.superseded", "true")
+                tracking.set_tags(target, run.info.run_id, {"itr.superseded": "true"})
             end_running_children(target, parent, "superseded: the sweep restarted from scratch")
         return parent, False
     return _start_parent(target, space, name, folder), not point.restorable
 
 
-def _run_exists(target: tracking.TrackingTarget, run_id: str) -> bool:
-    try:
-        run = tracking.client(target).get_run(run_id)
-    except Exception:
-        return False
-    return run.info.lifecycle_stage == "active"
-
-
 def _start_parent(target: tracking.TrackingTarget, space: SearchSpace, name: str, folder: SweepFolder) -> str:
-    c = tracking.client(target)
-    exp_id = tracking.ensure_experiment(target)
-    tags = tracking.run_tags(space.base_config)
-    tags.pop("itr.loss_family", None)
-    tags.update({"mlflow.runName": f"sweep {name}", "itr.kind": "sweep", "itr.sweep": name,
-                 "itr.space_file": str(space.path), "itr.sweep_dir": str(folder)})
-    run = c.create_run(exp_id, run_name=f"sweep {name}", tags=tags)
-    run_id = run.info.run_id
-    tracking.log_params(target, run_id, space.settings())
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / space.path.name
-        copy.write_text(space.text, encoding="utf-8")
-        c.log_artifact(run_id, str(copy))
-        base = Path(tmp) / "base_config.yaml"
-        base.write_text(space.base_config.to_yaml(), encoding="utf-8")
-        c.log_artifact(run_id, str(base))
+    """The parent run: the base config's provenance, the search settings as params, the space file and the
+    resolved base config as artifacts."""
+    tags = {k: v for k, v in tracking.run_tags(space.base_config).items() if k != "itr.loss_family"}
+    tags.update({"itr.kind": "sweep", "itr.sweep": name, "itr.space_file": str(space.path),
+                 "itr.sweep_dir": str(folder)})
+    run_id = tracking.create_run(target, f"sweep {name}", tags, space.settings())
+    tracking.send(target, run_id, tracking.text_op(space.path.name, space.text),
+                  tracking.text_op("base_config.yaml", space.base_config.to_yaml()))
     return run_id
 
 
@@ -275,27 +254,26 @@ def publish_leaderboard(target: tracking.TrackingTarget, parent_run_id: str, spa
     records = leaderboard.records_from_mlflow(target, parent_run_id, space.metric)
     table = leaderboard.rows(records, space.varied, space.metric, space.mode)
     pngs: list[Path] = []
-    c = tracking.client(target)
     with leaderboard_folder(folder) as out:  # object storage: drawn locally, uploaded at the end
         csv_path = leaderboard.write_csv(out.local / "leaderboard.csv", table)
         log_scale = [k for k, d in space.distributions.items() if d.kind == "loguniform"]
         if plots:
             pngs = leaderboard.make_plots(records, space.varied, space.metric, space.mode, out.local / "plots",
                                           log_scale=log_scale)
-        c.log_artifact(parent_run_id, str(csv_path))
-        for p in pngs:
-            c.log_artifact(parent_run_id, str(p), "plots")
+        tracking.send(target, parent_run_id, tracking.artifact_op(csv_path),
+                      *(tracking.artifact_op(p, "plots") for p in pngs))
     published = out.published(pngs)
-    tracking.log_text_artifact(target, parent_run_id, "leaderboard.txt", leaderboard.format_table(table) + "\n")
-    best = table[0][f"best {space.metric}"] if table else None
-    if isinstance(best, float) and math.isfinite(best):
-        c.log_metric(parent_run_id, f"best/{space.metric}", best)
-        c.set_tag(parent_run_id, "itr.best_trial", table[0]["trial"])
-        c.set_tag(parent_run_id, "itr.best_run_id", table[0]["run_id"])
     counts: dict[str, int] = {}
     for r in records:
         counts[r.status] = counts.get(r.status, 0) + 1
-    c.set_tag(parent_run_id, "itr.trial_status_counts", json.dumps(counts, sort_keys=True))
+    writes = [tracking.text_op("leaderboard.txt", leaderboard.format_table(table) + "\n")]
+    best = table[0][f"best {space.metric}"] if table else None
+    if isinstance(best, float) and math.isfinite(best):
+        writes += [tracking.metrics_op({f"best/{space.metric}": best}, step=0),
+                   tracking.tag_op("itr.best_trial", table[0]["trial"]),
+                   tracking.tag_op("itr.best_run_id", table[0]["run_id"])]
+    writes.append(tracking.tag_op("itr.trial_status_counts", json.dumps(counts, sort_keys=True)))
+    tracking.send(target, parent_run_id, *writes)
     end_running_children(target, parent_run_id, "left running after the sweep ended")
     tracking.end_run(target, parent_run_id, "FINISHED")
     return table, records, published
