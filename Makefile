@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast test-all demo demo-train clean
+.PHONY: setup test test-fast test-all lint lint-duplicates format demo demo-train clean
 
 setup: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[test,teachers]"
+	$(PY) -m pip install -q -e ".[test,teachers,lint]"
 	touch $(STAMP)
 
 # `slow` tests (B = 2048 O(B^3) losses on the CPU: ~10 CPU-minutes) run with `make test-all`.
@@ -29,6 +29,23 @@ test-fast: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q
+
+# ruff (lint + format check), mypy (pyproject [tool.mypy]), and pylint's duplicate-code check alone (R0801:
+# no block of 6+ equal lines twice in orchestrator/ or methods/; imports, docstrings, comments, signatures ignored).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(MAKE) -s lint-duplicates
+
+lint-duplicates: $(STAMP)
+	$(VENV)/bin/pylint --disable=all --enable=R0801 --min-similarity-lines=6 --ignore-imports=y \
+	    --ignore-docstrings=y --ignore-comments=y --ignore-signatures=y --score=n orchestrator methods
+
+# Rewrites the files ruff can fix (imports, formatting); `make lint` checks the rest.
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 # The main job: a 4-trial ablation over loss families (search_spaces/smoke.yaml) on the built-in synthetic data.
 demo: $(STAMP)

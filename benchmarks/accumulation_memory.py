@@ -10,6 +10,7 @@ inputs and records the peak RSS again. The table gives the medians over ``--runs
 and the step's own part (peak after the step minus peak before it), and the ratios of accumulation to the whole
 batch. Writes ``benchmarks/results/accumulation_memory.json`` (``--out``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,14 +62,32 @@ def child(model_name: str, family: str, total: int, accum: int) -> dict[str, Any
     if cache is not None:
         cache.backward()
     optimizer.step()
-    return {"total": total, "accum_steps": accum, "micro_batch": total // accum, "loss": float(out.total.detach()),
-            "peak_before_mib": before, "peak_mib": peak_rss_mib(), "step_s": time.perf_counter() - t0}
+    return {
+        "total": total,
+        "accum_steps": accum,
+        "micro_batch": total // accum,
+        "loss": float(out.total.detach()),
+        "peak_before_mib": before,
+        "peak_mib": peak_rss_mib(),
+        "step_s": time.perf_counter() - t0,
+    }
 
 
 def measure(model_name: str, family: str, total: int, accum: int) -> dict[str, Any]:
     """``child`` in a fresh interpreter."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--model", model_name, "--family", family,
-           "--total", str(total), "--accum", str(accum)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        "--model",
+        model_name,
+        "--family",
+        family,
+        "--total",
+        str(total),
+        "--accum",
+        str(accum),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"child {total}/{accum} failed:\n{proc.stderr[-3000:]}")
@@ -78,13 +97,21 @@ def measure(model_name: str, family: str, total: int, accum: int) -> dict[str, A
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="itr-tiny-vit")
-    parser.add_argument("--family", default="infonce", choices=["infonce", "triplet"],
-                        help="a family without batch-side inputs (the memory at stake is the towers')")
+    parser.add_argument(
+        "--family",
+        default="infonce",
+        choices=["infonce", "triplet"],
+        help="a family without batch-side inputs (the memory at stake is the towers')",
+    )
     parser.add_argument("--total", type=int, default=512, help="B·K, the pairs one loss sees")
     parser.add_argument("--accum", type=int, default=8, help="K, the micro-batches of accumulation")
     parser.add_argument("--runs", type=int, default=3, help="fresh processes per configuration (median)")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="processes at a time (1 for step times; the memory figures are per process anyway)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="processes at a time (1 for step times; the memory figures are per process anyway)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "accumulation_memory.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -103,26 +130,52 @@ def main(argv: list[str] | None = None) -> int:
         done = list(pool.map(lambda accum: measure(args.model, args.family, args.total, accum), configs))
     for accum in (1, args.accum):
         runs = [r for r in done if r["accum_steps"] == accum]
-        rows.append({"accum_steps": accum, "micro_batch": args.total // accum, "runs": runs,
-                     "peak_mib": statistics.median(r["peak_mib"] for r in runs),
-                     "step_mib": statistics.median(r["peak_mib"] - r["peak_before_mib"] for r in runs),
-                     "step_s": statistics.median(r["step_s"] for r in runs),
-                     "loss": runs[0]["loss"]})
+        rows.append(
+            {
+                "accum_steps": accum,
+                "micro_batch": args.total // accum,
+                "runs": runs,
+                "peak_mib": statistics.median(r["peak_mib"] for r in runs),
+                "step_mib": statistics.median(r["peak_mib"] - r["peak_before_mib"] for r in runs),
+                "step_s": statistics.median(r["step_s"] for r in runs),
+                "loss": runs[0]["loss"],
+            }
+        )
     whole, acc = rows
-    ratios = {"peak": acc["peak_mib"] / whole["peak_mib"], "step": acc["step_mib"] / max(whole["step_mib"], 1e-9),
-              "time": acc["step_s"] / whole["step_s"]}
-    print(f"one step on B·K = {args.total} pairs, {args.model}, {args.family}, median of {args.runs} fresh "
-          f"processes ({platform.processor() or platform.machine()}, CPU)")
+    ratios = {
+        "peak": acc["peak_mib"] / whole["peak_mib"],
+        "step": acc["step_mib"] / max(whole["step_mib"], 1e-9),
+        "time": acc["step_s"] / whole["step_s"],
+    }
+    print(
+        f"one step on B·K = {args.total} pairs, {args.model}, {args.family}, median of {args.runs} fresh "
+        f"processes ({platform.processor() or platform.machine()}, CPU)"
+    )
     print("| configuration | peak RSS MiB | step's own peak MiB | step s | loss |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['accum_steps']} x {r['micro_batch']} | {r['peak_mib']:.0f} | {r['step_mib']:.0f} | "
-              f"{r['step_s']:.2f} | {r['loss']:.6f} |")
-    print(f"accumulation / whole batch: peak {ratios['peak']:.2f}, step's own {ratios['step']:.2f}, "
-          f"time {ratios['time']:.2f}")
+        print(
+            f"| {r['accum_steps']} x {r['micro_batch']} | {r['peak_mib']:.0f} | {r['step_mib']:.0f} | "
+            f"{r['step_s']:.2f} | {r['loss']:.6f} |"
+        )
+    print(
+        f"accumulation / whole batch: peak {ratios['peak']:.2f}, step's own {ratios['step']:.2f}, "
+        f"time {ratios['time']:.2f}"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "family": args.family, "total": args.total,
-                                    "rows": rows, "ratios": ratios, "python": sys.version.split()[0]}, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "family": args.family,
+                "total": args.total,
+                "rows": rows,
+                "ratios": ratios,
+                "python": sys.version.split()[0],
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -13,6 +13,7 @@ folder and prints a table of file sizes:
 
 Needs about 3x the checkpoint size of free disk in the temp folder (files are removed as they are measured).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,25 +45,51 @@ def measure(model: nn.Module, cfg: ExperimentConfig) -> dict[str, dict[str, int]
     out: dict[str, dict[str, int]] = {}
     with tempfile.TemporaryDirectory(prefix="itr-ckpt-bytes-") as tmp:
         old = Path(tmp) / "before"
-        atomic_save({"model": model.state_dict(), "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": 0, "global_step": 1, "best": None,
-                     "torch_rng": torch.get_rng_state(), "config_hash": cfg.config_hash()}, old / STATE_FILE)
-        atomic_save({"model": model.state_dict(), "model_name": cfg.model.name, "config_yaml": cfg.to_yaml(),
-                     "epoch": 0}, old / MODEL_FILE)
+        atomic_save(
+            {
+                "model": model.state_dict(),
+                "loss": loss_fn.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": 0,
+                "global_step": 1,
+                "best": None,
+                "torch_rng": torch.get_rng_state(),
+                "config_hash": cfg.config_hash(),
+            },
+            old / STATE_FILE,
+        )
+        atomic_save(
+            {"model": model.state_dict(), "model_name": cfg.model.name, "config_yaml": cfg.to_yaml(), "epoch": 0},
+            old / MODEL_FILE,
+        )
         out["before"] = _sizes(old, best_keeps_state=True)
         for f in old.iterdir():
             f.unlink()
         new = Path(tmp) / "after"
-        save_checkpoint(new, model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, epoch=0,
-                        global_step=1, best=None, cfg=cfg)
+        save_checkpoint(
+            new,
+            model=model,
+            loss_fn=loss_fn,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            epoch=0,
+            global_step=1,
+            best=None,
+            cfg=cfg,
+        )
         out["after"] = _sizes(new, best_keeps_state=False)
     return out
 
 
 def _sizes(folder: Path, *, best_keeps_state: bool) -> dict[str, int]:
     state, weights = (folder / STATE_FILE).stat().st_size, (folder / MODEL_FILE).stat().st_size
-    return {"state.pt": state, "model.pt": weights, "per epoch": state + weights,
-            "best folder": state + weights if best_keeps_state else weights}
+    return {
+        "state.pt": state,
+        "model.pt": weights,
+        "per epoch": state + weights,
+        "best folder": state + weights if best_keeps_state else weights,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,9 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model}: {n_params / 1e6:.1f} M parameters (fp32 weights {4 * n_params / 1e9:.3f} GB)")
     print(f"{'layout':<8} {'state.pt':>10} {'model.pt':>10} {'per epoch':>10} {'best folder':>12}  (GB)")
     for layout, row in sizes.items():
-        print(f"{layout:<8} " + " ".join(f"{row[k] / 1e9:>{w}.3f}" for k, w in
-                                         (("state.pt", 10), ("model.pt", 10), ("per epoch", 10),
-                                          ("best folder", 12))))
+        print(
+            f"{layout:<8} "
+            + " ".join(
+                f"{row[k] / 1e9:>{w}.3f}"
+                for k, w in (("state.pt", 10), ("model.pt", 10), ("per epoch", 10), ("best folder", 12))
+            )
+        )
     saved = 1 - sizes["after"]["per epoch"] / sizes["before"]["per epoch"]
     print(f"per epoch: {saved:.0%} fewer bytes written")
     return 0

@@ -13,6 +13,7 @@ inputs, CPU growth of the process's max RSS over the inputs):
     python benchmarks/evaluation.py                            # CPU, D = 256
     python benchmarks/evaluation.py --device cuda --dtype float16 --repeats 10
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,8 +73,9 @@ def run_one(name: str, device: str, dtype: str, dim: int, repeats: int) -> dict:
             prepared = eccv_rankings(img, txt, iids, cids, k=100)
             fn = lambda: eccv_metrics(*prepared)  # noqa: E731
     else:
-        teacher = torch.nn.functional.normalize(torch.randn(len(owners), 384, generator=torch.Generator()
-                                                            .manual_seed(1)), dim=1)
+        teacher = torch.nn.functional.normalize(
+            torch.randn(len(owners), 384, generator=torch.Generator().manual_seed(1)), dim=1
+        )
         rel = CaptionRelevance(teacher, owners, img.shape[0], "max", device=torch.device(device))
         kc = None if small else 1000
         fn = lambda: graded_metrics(img, txt, rel, kendall_candidates=kc)  # noqa: E731
@@ -98,8 +100,13 @@ def run_one(name: str, device: str, dtype: str, dim: int, repeats: int) -> dict:
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    return {"workload": name, "median_s": statistics.median(times or [first]), "first_s": first,
-            "peak_mib": max(0, peak) / 2**20, "repeats": repeats}
+    return {
+        "workload": name,
+        "median_s": statistics.median(times or [first]),
+        "first_s": first,
+        "peak_mib": max(0, peak) / 2**20,
+        "repeats": repeats,
+    }
 
 
 def main() -> None:
@@ -118,8 +125,20 @@ def main() -> None:
     for name in args.workloads:
         if name == "eccv_package" and args.device != "cpu":
             continue
-        cmd = [sys.executable, __file__, "--one", name, "--device", args.device, "--dtype", args.dtype,
-               "--dim", str(args.dim), "--repeats", str(args.repeats)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            name,
+            "--device",
+            args.device,
+            "--dtype",
+            args.dtype,
+            "--dim",
+            str(args.dim),
+            "--repeats",
+            str(args.repeats),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         if out.returncode != 0:
             print(f"{name}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -127,8 +146,18 @@ def main() -> None:
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = rows[-1]
         print(f"| {name} | {r['median_s']:.3f} s | {r['first_s']:.3f} s | {r['peak_mib']:.0f} MiB |", flush=True)
-    print(json.dumps({"date": datetime.date.today().isoformat(), "host": platform.node(), "device": args.device,
-                      "dtype": args.dtype, "dim": args.dim, "rows": rows}))
+    print(
+        json.dumps(
+            {
+                "date": datetime.date.today().isoformat(),
+                "host": platform.node(),
+                "device": args.device,
+                "dtype": args.dtype,
+                "dim": args.dim,
+                "rows": rows,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ the device; bf16 autocast on CUDA, fp32 on CPU):
 
 Warm-up steps are excluded; the figure is the median step time over ``--steps`` steps (CUDA synchronised).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -57,11 +59,13 @@ def experiment_config(family: str, model: str, batch: int) -> Any:
     """A validated ``ExperimentConfig`` for ``family`` (synthetic data, so ``exact`` relevance is allowed)."""
     from orchestrator.config import validate_config
 
-    tree: dict[str, Any] = {"data": {"format": "synthetic"}, "model": {"name": model},
-                            "loss": {"family": family}, "train": {"batch_size": max(batch, 2), "lr": 1e-4,
-                                                                  "min_lr": 1e-6, "warmup_steps": 10,
-                                                                  "grad_clip": 2.0},
-                            "tracking": {"enabled": False}}
+    tree: dict[str, Any] = {
+        "data": {"format": "synthetic"},
+        "model": {"name": model},
+        "loss": {"family": family},
+        "train": {"batch_size": max(batch, 2), "lr": 1e-4, "min_lr": 1e-6, "warmup_steps": 10, "grad_clip": 2.0},
+        "tracking": {"enabled": False},
+    }
     if family == "cusa":
         tree["teachers"] = {"image": "synthetic:attributes", "text": "synthetic:attributes"}
     return validate_config(tree, source=f"<benchmark {family}>")
@@ -129,15 +133,15 @@ def bare_step(model_name: str, batch: int, device: Any) -> Callable[[], None]:
     return step
 
 
-def our_step(family: str, model_name: str, batch: int, device: Any, accum: int = 1,
-             compile_backend: str | None = None) -> Callable[[], None]:
+def our_step(
+    family: str, model_name: str, batch: int, device: Any, accum: int = 1, compile_backend: str | None = None
+) -> Callable[[], None]:
     """(b): ``train_loop``'s per-step work for ``family`` on device-resident synthetic inputs (``accum`` > 1:
     as ``accum`` micro-batches with feature caching; ``compile_backend``: ``train.compile`` with that backend)."""
     import torch
 
-    from orchestrator.accumulation import feature_cache
-
     from methods import EmbeddingBatch
+    from orchestrator.accumulation import feature_cache
     from orchestrator.evaluation.embed import autocast_context
     from orchestrator.losses import build_loss
     from orchestrator.models.student import HEAD_OUTPUTS, build_student, forward_embeddings
@@ -149,8 +153,9 @@ def our_step(family: str, model_name: str, batch: int, device: Any, accum: int =
     student = build_student(cfg.model, heads=cfg.resolved_heads)
     model = student.model.to(device).train()
     loss_fn = build_loss(cfg).to(device)
-    optimizer = torch.optim.AdamW(param_groups([model, loss_fn], cfg.train.weight_decay), lr=cfg.train.lr,
-                                  betas=tuple(cfg.train.betas))
+    optimizer = torch.optim.AdamW(
+        param_groups([model, loss_fn], cfg.train.weight_decay), lr=cfg.train.lr, betas=tuple(cfg.train.betas)
+    )
     scheduler = cosine_with_warmup(optimizer, cfg.train, 10_000)
     base = getattr(model, "base", model)  # the open_clip model inside CUSA's HeadedDualEncoder
     images, tokens = synthetic_inputs(base, batch, device)
@@ -174,10 +179,12 @@ def our_step(family: str, model_name: str, batch: int, device: Any, accum: int =
             raise RuntimeError(f"benchmark does not know how to fake input {name!r} of {family}")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if compile_backend is not None:  # as train_loop does it (compile_for_training; no DDP in one process)
-        model = compile_for_training(model, cfg.train.model_copy(update={"compile": True,
-                                                                          "compile_backend": compile_backend}))
-    cache = feature_cache(model, forward_embeddings, accum, device=device,
-                          autocast=lambda: autocast_context(device, cfg.model.precision))
+        model = compile_for_training(
+            model, cfg.train.model_copy(update={"compile": True, "compile_backend": compile_backend})
+        )
+    cache = feature_cache(
+        model, forward_embeddings, accum, device=device, autocast=lambda: autocast_context(device, cfg.model.precision)
+    )
 
     def step() -> None:
         with autocast_context(device, cfg.model.precision):
@@ -222,8 +229,11 @@ def ray_infonce(model_name: str, batch: int, device: Any, warmup: int, steps: in
     try:
         if not ray.is_initialized():
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            ray.init(include_dashboard=False, log_to_driver=False,
-                     **({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(2, os.cpu_count() or 2)}))
+            ray.init(
+                include_dashboard=False,
+                log_to_driver=False,
+                **({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(2, os.cpu_count() or 2)}),
+            )
         if gpu and ray.cluster_resources().get("GPU", 0) < 1:
             return "Ray sees no GPU"
         trainer = TorchTrainer(
@@ -250,25 +260,32 @@ def eval_timing(device: Any, images: int, captions: int, dim: int) -> dict[str, 
     img = torch.nn.functional.normalize(torch.randn(images, dim, generator=g), dim=-1).to(device)
     txt = torch.nn.functional.normalize(torch.randn(captions, dim, generator=g), dim=-1).to(device)
     text_image = torch.arange(captions, device=device) * images // captions
-    few = text_image < min(100, images)        # warm-up (kernels, allocator): the first images, their captions
-    retrieval_metrics(img[:min(100, images)], txt[few], text_image[few])
+    few = text_image < min(100, images)  # warm-up (kernels, allocator): the first images, their captions
+    retrieval_metrics(img[: min(100, images)], txt[few], text_image[few])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     metrics = retrieval_metrics(img, txt, text_image)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return {"images": images, "captions": captions, "dim": dim, "seconds": time.perf_counter() - t0,
-            "rsum": metrics.get("rsum")}
+    return {
+        "images": images,
+        "captions": captions,
+        "dim": dim,
+        "seconds": time.perf_counter() - t0,
+        "rsum": metrics.get("rsum"),
+    }
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of the result rows."""
     cols = ["variant", "batch", "pairs_per_s", "ratio_to_bare", "peak_gib", "target", "note"]
+
     def cell(v: Any) -> str:
         if isinstance(v, float):
             return "nan" if math.isnan(v) else f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
         return "" if v is None else str(v)
+
     table = [cols] + [[cell(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in table)
@@ -283,11 +300,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="default 5 on CUDA, 1 on CPU")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--accum-steps", type=int, default=4, help="K of the accumK/infonce variant")
-    p.add_argument("--compile-backend", default=None, choices=["inductor", "aot_eager", "eager"],
-                   help="backend of the compiled/infonce variant (default inductor on CUDA, aot_eager on CPU)")
+    p.add_argument(
+        "--compile-backend",
+        default=None,
+        choices=["inductor", "aot_eager", "eager"],
+        help="backend of the compiled/infonce variant (default inductor on CUDA, aot_eager on CPU)",
+    )
     p.add_argument("--no-ray", action="store_true", help="skip the Ray Train variant (c)")
-    p.add_argument("--eval-size", type=int, nargs=3, default=None, metavar=("IMAGES", "CAPTIONS", "D"),
-                   help="evaluation timing size (default COCO 5K: 5000 25000 512 on CUDA, 500 2500 64 on CPU)")
+    p.add_argument(
+        "--eval-size",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("IMAGES", "CAPTIONS", "D"),
+        help="evaluation timing size (default COCO 5K: 5000 25000 512 on CUDA, 500 2500 64 on CPU)",
+    )
     p.add_argument("--out", default="gpu_throughput.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -307,8 +334,12 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict[str, Any]] = []
 
-    def measure(variant: str, batch: int, make: Callable[[], Callable[[], None]] | None = None,
-                done: tuple[float, float] | str | None = None) -> None:
+    def measure(
+        variant: str,
+        batch: int,
+        make: Callable[[], Callable[[], None]] | None = None,
+        done: tuple[float, float] | str | None = None,
+    ) -> None:
         note = ""
         try:
             result = done if done is not None else time_steps(make(), device, warmup, args.steps)  # type: ignore[misc]
@@ -334,8 +365,18 @@ def main(argv: list[str] | None = None) -> int:
             target = f">= {TARGET_SOFT_LABEL}"
         if target and ratio == ratio:
             target += " ok" if ratio >= float(target.split()[1]) else " MISSED"
-        rows.append({"variant": variant, "batch": batch, "seconds_per_step": seconds, "pairs_per_s": pps,
-                     "ratio_to_bare": ratio, "peak_gib": peak, "target": target, "note": note})
+        rows.append(
+            {
+                "variant": variant,
+                "batch": batch,
+                "seconds_per_step": seconds,
+                "pairs_per_s": pps,
+                "ratio_to_bare": ratio,
+                "peak_gib": peak,
+                "target": target,
+                "note": note,
+            }
+        )
         log.info("%s B=%d: %.1f pairs/s (ratio %.3f), peak %.2f GiB", variant, batch, pps, ratio, peak)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -350,8 +391,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             measure(accum_variant, batch, done=f"B={batch} is not split into {args.accum_steps} micro-batches")
         backend = args.compile_backend or ("inductor" if device.type == "cuda" else "aot_eager")
-        measure("compiled/infonce", batch, lambda: our_step("infonce", args.model, batch, device,
-                                                            compile_backend=backend))
+        measure(
+            "compiled/infonce", batch, lambda: our_step("infonce", args.model, batch, device, compile_backend=backend)
+        )
         if args.no_ray:
             measure("ray/infonce", batch, done="--no-ray")
         else:
@@ -363,17 +405,29 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(format_rows(rows))
-    print(f"\nevaluation {evaluation['images']} x {evaluation['captions']} (D={evaluation['dim']}): "
-          f"{evaluation['seconds']:.2f} s on {device}")
+    print(
+        f"\nevaluation {evaluation['images']} x {evaluation['captions']} (D={evaluation['dim']}): "
+        f"{evaluation['seconds']:.2f} s on {device}"
+    )
     fits_text = ("yes" if fits else "NO") if 1024 in args.batch_sizes else "not measured"
-    print(f"targets: ray/infonce / bare >= {TARGET_RAY_INFONCE}; ours/<soft-label family> / bare >= "
-          f"{TARGET_SOFT_LABEL}; B=1024 fits: {fits_text}")
+    print(
+        f"targets: ray/infonce / bare >= {TARGET_RAY_INFONCE}; ours/<soft-label family> / bare >= "
+        f"{TARGET_SOFT_LABEL}; B=1024 fits: {fits_text}"
+    )
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{os.cpu_count()}"
-    payload = {"device": device_name, "model": args.model, "torch": torch.__version__,
-               "python": platform.python_version(), "warmup": warmup, "steps": args.steps,
-               "precision": "bf16 autocast" if device.type == "cuda" else "fp32", "rows": rows,
-               "evaluation": evaluation, "b1024_fits": fits if 1024 in args.batch_sizes else None,
-               "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    payload = {
+        "device": device_name,
+        "model": args.model,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "warmup": warmup,
+        "steps": args.steps,
+        "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "rows": rows,
+        "evaluation": evaluation,
+        "b1024_fits": fits if 1024 in args.batch_sizes else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     Path(args.out).write_text(json.dumps(payload, indent=2, allow_nan=True))
     print(f"wrote {args.out}")
     if not args.no_ray:

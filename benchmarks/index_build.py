@@ -21,6 +21,7 @@ Copy-on-write: a forked child (``os.fork``, as DataLoader workers) reads every c
 300k-caption index; the growth of its ``Private_Dirty`` (``/proc/self/smaps_rollup``) is reported next to the same
 reads of a plain ``list[str]`` of the captions (each read writes the string's refcount, so its pages get copied).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,9 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -46,11 +48,13 @@ from orchestrator.data.columns import PathColumn  # noqa: E402
 from orchestrator.data.index import DatasetIndex  # noqa: E402
 from orchestrator.data.splits import load_split  # noqa: E402
 
-VOCAB = ("a an the man woman person people child dog cat horse bus train car truck plane boat bird pizza cake "
-         "table street kitchen room field beach water snow sky building sign clock bench phone laptop tennis "
-         "baseball skateboard surfboard giraffe elephant zebra sheep cow red blue green white black yellow large "
-         "small young old two three several sitting standing riding holding walking eating playing flying looking "
-         "on in at with near next to of under over front top side down up").split()
+VOCAB = (
+    "a an the man woman person people child dog cat horse bus train car truck plane boat bird pizza cake "
+    "table street kitchen room field beach water snow sky building sign clock bench phone laptop tennis "
+    "baseball skateboard surfboard giraffe elephant zebra sheep cow red blue green white black yellow large "
+    "small young old two three several sitting standing riding holding walking eating playing flying looking "
+    "on in at with near next to of under over front top side down up"
+).split()
 
 
 #: File loads above this many captions are not traced (tracemalloc would slow the JSON parse for minutes).
@@ -78,8 +82,10 @@ def write_captions_json(folder: Path, num_images: int, captions_per_image: int, 
     """``folder/train.json``: a captions_json list of ``{image, caption, image_id}`` records."""
     cols = make_records(num_images, captions_per_image, seed)
     ids, files = cols["image_ids"], cols["image_files"]
-    records = [{"image": files[i], "caption": c, "image_id": ids[i]}
-               for c, i in zip(cols["captions"], cols["caption_image"].tolist())]
+    records = [
+        {"image": files[i], "caption": c, "image_id": ids[i]}
+        for c, i in zip(cols["captions"], cols["caption_image"].tolist())
+    ]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "train.json"
     with path.open("w", encoding="utf-8") as fh:
@@ -92,8 +98,13 @@ def load(folder: Path) -> DatasetIndex:
 
 
 def build(cols: dict[str, list[Any]], root: str = "/data/coco") -> DatasetIndex:
-    return DatasetIndex(name="bench", image_ids=cols["image_ids"], captions=cols["captions"],
-                        caption_image=cols["caption_image"], image_paths=PathColumn(root, cols["image_files"]))
+    return DatasetIndex(
+        name="bench",
+        image_ids=cols["image_ids"],
+        captions=cols["captions"],
+        caption_image=cols["caption_image"],
+        image_paths=PathColumn(root, cols["image_files"]),
+    )
 
 
 def best_seconds(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
@@ -157,6 +168,7 @@ def forked_growth(read: Callable[[], None]) -> int:
 
 def read_everything(index: DatasetIndex) -> Callable[[], None]:
     """Every caption, image id and image path of ``index``, each once (the values are dropped)."""
+
     def read() -> None:
         for _ in index.captions:
             pass
@@ -165,6 +177,7 @@ def read_everything(index: DatasetIndex) -> Callable[[], None]:
         assert isinstance(index.image_paths, PathColumn)
         for _ in index.image_paths.strings():
             pass
+
     return read
 
 
@@ -180,17 +193,29 @@ def cow_row(index: DatasetIndex) -> dict[str, Any]:
             pass
 
     listed = forked_growth(read_list)
-    return {"captions": index.num_captions, "index_bytes": columns, "fork_growth_index": packed,
-            "list_bytes": list_bytes, "fork_growth_list": listed}
+    return {
+        "captions": index.num_captions,
+        "index_bytes": columns,
+        "fork_growth_index": packed,
+        "list_bytes": list_bytes,
+        "fork_growth_list": listed,
+    }
 
 
-def _row(what: str, index: DatasetIndex, seconds: tuple[float, float], kept: int | None,
-         peak: int | None) -> dict[str, Any]:
+def _row(
+    what: str, index: DatasetIndex, seconds: tuple[float, float], kept: int | None, peak: int | None
+) -> dict[str, Any]:
     n = index.num_captions
-    return {"what": what, "captions": n, "images": index.num_images, "seconds": seconds[0], "cpu_seconds": seconds[1],
-            "traced_bytes_per_caption": None if kept is None else kept / n,
-            "columns_bytes_per_caption": sum(index.column_nbytes().values()) / n,
-            "peak_bytes_per_caption": None if peak is None else peak / n}
+    return {
+        "what": what,
+        "captions": n,
+        "images": index.num_images,
+        "seconds": seconds[0],
+        "cpu_seconds": seconds[1],
+        "traced_bytes_per_caption": None if kept is None else kept / n,
+        "columns_bytes_per_caption": sum(index.column_nbytes().values()) / n,
+        "peak_bytes_per_caption": None if peak is None else peak / n,
+    }
 
 
 def load_row(folder: Path, images: int, per: int, repeats: int) -> tuple[dict[str, Any], DatasetIndex]:
@@ -218,8 +243,9 @@ def build_row(captions: int, per: int, repeats: int) -> dict[str, Any]:
 
 def commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -227,10 +253,18 @@ def commit() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--load-images", type=int, default=60000, help="images of the captions_json load (x5)")
-    parser.add_argument("--build-sizes", type=int, nargs="*", default=[1_000_000],
-                        help="captions of the build-from-lists rows (5 per image)")
-    parser.add_argument("--large", action="store_true",
-                        help="also 3.3M captions, CC3M-shaped (1 per image): the build and the file load")
+    parser.add_argument(
+        "--build-sizes",
+        type=int,
+        nargs="*",
+        default=[1_000_000],
+        help="captions of the build-from-lists rows (5 per image)",
+    )
+    parser.add_argument(
+        "--large",
+        action="store_true",
+        help="also 3.3M captions, CC3M-shaped (1 per image): the build and the file load",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="2-core CPU", help="how to name this machine in the results")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "index_build.json")
@@ -249,27 +283,45 @@ def main(argv: list[str] | None = None) -> int:
             del index
     for captions, per in builds:
         rows.append(build_row(captions, per, args.repeats if captions < 2_000_000 else 1))
-    print(f"dataset index, {args.device} ({platform.processor() or platform.machine()}), one process, "
-          f"commit {commit()}, best of {args.repeats}")
+    print(
+        f"dataset index, {args.device} ({platform.processor() or platform.machine()}), one process, "
+        f"commit {commit()}, best of {args.repeats}"
+    )
     print(f"load average before / after: {load_before} / {os.getloadavg()[0]:.1f}")
-    print("| what | captions | images | wall s | CPU s | bytes/caption (traced) | bytes/caption (columns) | "
-          "peak bytes/caption |")
+    print(
+        "| what | captions | images | wall s | CPU s | bytes/caption (traced) | bytes/caption (columns) | "
+        "peak bytes/caption |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         peak = "—" if r["peak_bytes_per_caption"] is None else f"{r['peak_bytes_per_caption']:.0f}"
         kept = "—" if r["traced_bytes_per_caption"] is None else f"{r['traced_bytes_per_caption']:.1f}"
-        print(f"| {r['what']} | {r['captions']:,} | {r['images']:,} | {r['seconds']:.2f} | "
-              f"{r['cpu_seconds']:.2f} | {kept} | "
-              f"{r['columns_bytes_per_caption']:.1f} | {peak} |")
-    print(f"forked child reading all {cow['captions']:,} captions, ids and paths: Private_Dirty +"
-          f"{cow['fork_growth_index'] / 2**20:.2f} MiB for an index of {cow['index_bytes'] / 2**20:.1f} MiB; "
-          f"the same captions as a list[str] ({cow['list_bytes'] / 2**20:.1f} MiB): "
-          f"+{cow['fork_growth_list'] / 2**20:.2f} MiB")
+        print(
+            f"| {r['what']} | {r['captions']:,} | {r['images']:,} | {r['seconds']:.2f} | "
+            f"{r['cpu_seconds']:.2f} | {kept} | "
+            f"{r['columns_bytes_per_caption']:.1f} | {peak} |"
+        )
+    print(
+        f"forked child reading all {cow['captions']:,} captions, ids and paths: Private_Dirty +"
+        f"{cow['fork_growth_index'] / 2**20:.2f} MiB for an index of {cow['index_bytes'] / 2**20:.1f} MiB; "
+        f"the same captions as a list[str] ({cow['list_bytes'] / 2**20:.1f} MiB): "
+        f"+{cow['fork_growth_list'] / 2**20:.2f} MiB"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "device": args.device, "commit": commit(),
-                                    "load_average_before": float(load_before),
-                                    "python": sys.version.split()[0], "rows": rows, "copy_on_write": cow},
-                                   indent=2))
+    args.out.write_text(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%d"),
+                "device": args.device,
+                "commit": commit(),
+                "load_average_before": float(load_before),
+                "python": sys.version.split()[0],
+                "rows": rows,
+                "copy_on_write": cow,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

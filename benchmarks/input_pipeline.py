@@ -26,6 +26,7 @@ RSS. torch and OpenMP use one thread. Results: a table on stdout and ``benchmark
 
     python benchmarks/input_pipeline.py [--images 5000] [--batches 4] [--runs 3] [--variants a b c]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,7 +84,7 @@ def _write_images(job: tuple[Path, list[int], int, tuple[int, int]]) -> None:
         rng = np.random.default_rng([seed, i])
         base = bases[int(rng.integers(len(bases)))]
         y0, x0 = int(rng.integers(base.shape[0] - size[1])), int(rng.integers(base.shape[1] - size[0]))
-        crop = base[y0:y0 + size[1], x0:x0 + size[0]]
+        crop = base[y0 : y0 + size[1], x0 : x0 + size[0]]
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
         gain = rng.uniform(0.8, 1.2, 3).astype(np.float32)
@@ -91,8 +92,9 @@ def _write_images(job: tuple[Path, list[int], int, tuple[int, int]]) -> None:
         Image.fromarray(pixels).save(root / "images" / f"{i:06d}.jpg", quality=90)
 
 
-def photo_like_split(root: Path, images: int, *, captions: int = 5, size: tuple[int, int] = (640, 480),
-                     seed: int = 0) -> Path:
+def photo_like_split(
+    root: Path, images: int, *, captions: int = 5, size: tuple[int, int] = (640, 480), seed: int = 0
+) -> Path:
     """A captions_json folder (``train.json``, ``images/``) of ``images`` distinct photo-like JPEGs, ``captions``
     each, written by every CPU (16 photo-like bases per process, then a crop, mirror and colour gain per image)."""
     import multiprocessing
@@ -102,8 +104,11 @@ def photo_like_split(root: Path, images: int, *, captions: int = 5, size: tuple[
     jobs = [(root, list(range(k, images, procs)), seed, size) for k in range(procs)]
     with multiprocessing.get_context("fork").Pool(procs) as pool:
         pool.map(_write_images, jobs)
-    records = [{"image": f"images/{i:06d}.jpg", "caption": f"a photo number {i} with shapes, view {k}",
-                "image_id": f"img{i}"} for i in range(images) for k in range(captions)]
+    records = [
+        {"image": f"images/{i:06d}.jpg", "caption": f"a photo number {i} with shapes, view {k}", "image_id": f"img{i}"}
+        for i in range(images)
+        for k in range(captions)
+    ]
     (root / "train.json").write_text(json.dumps(records))
     return root
 
@@ -159,17 +164,29 @@ def _rss() -> dict:
         key, _, value = line.partition(":")
         if key in ("RssAnon", "RssFile"):
             status[key] = int(value.split()[0]) / 1024
-    return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "anon_mib": status.get("RssAnon", float("nan")), "file_mib": status.get("RssFile", float("nan")),
-            "worker_peak_rss_mib": _workers_peak_mib()}
+    return {
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "anon_mib": status.get("RssAnon", float("nan")),
+        "file_mib": status.get("RssFile", float("nan")),
+        "worker_peak_rss_mib": _workers_peak_mib(),
+    }
 
 
 def _row(variant: str, pairs: int, seconds: float, cores: int, **extra) -> dict:
     import torch
 
     rate = pairs / seconds
-    return {"variant": variant, "pairs": pairs, "seconds": seconds, "pairs_per_s": rate, "cores": cores,
-            "per_core": rate / cores, "pinned": torch.cuda.is_available(), **_rss(), **extra}
+    return {
+        "variant": variant,
+        "pairs": pairs,
+        "seconds": seconds,
+        "pairs_per_s": rate,
+        "cores": cores,
+        "per_core": rate / cores,
+        "pinned": torch.cuda.is_available(),
+        **_rss(),
+        **extra,
+    }
 
 
 def measure_bare(root: Path, batch_size: int, batches: int) -> dict:
@@ -202,8 +219,7 @@ def _loader(index, images, batch_size: int, workers: int):
     from orchestrator.data.pipeline import TrainPairs, build_train_loader
 
     pairs = TrainPairs(index, images, _no_tokens)
-    return build_train_loader(pairs, _sampler(index, batch_size), workers=workers,
-                              pin_memory=torch.cuda.is_available())
+    return build_train_loader(pairs, _sampler(index, batch_size), workers=workers, pin_memory=torch.cuda.is_available())
 
 
 def measure_decode(root: Path, batch_size: int, batches: int, workers: int) -> dict:
@@ -285,9 +301,15 @@ def build_cache(root: Path, cache_dir: Path) -> dict:
     start = time.perf_counter()
     _, stats = decoded_images(index, transform, cache_dir, workers=workers)
     seconds = time.perf_counter() - start
-    return {"variant": "cache_build", "images": stats.computed, "seconds": seconds, "workers": workers,
-            "images_per_s": stats.computed / seconds,
-            "cache_mib": sum(p.stat().st_size for p in cache_dir.rglob("*") if p.is_file()) / 2**20, **_rss()}
+    return {
+        "variant": "cache_build",
+        "images": stats.computed,
+        "seconds": seconds,
+        "workers": workers,
+        "images_per_s": stats.computed / seconds,
+        "cache_mib": sum(p.stat().st_size for p in cache_dir.rglob("*") if p.is_file()) / 2**20,
+        **_rss(),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -315,11 +337,30 @@ def _child(args: argparse.Namespace) -> dict:
 
 
 def _fresh(kind: str, args: argparse.Namespace, root: Path, cache_dir: Path):
-    argv = [sys.executable, __file__, "--child", kind, "--root", str(root), "--cache-dir", str(cache_dir),
-            "--batch-size", str(args.batch_size), "--batches", str(args.batches),
-            "--bare-batches", str(args.bare_batches), "--shard-workers", str(args.shard_workers),
-            "--cache-batches", str(args.cache_batches), "--runs", str(args.runs),
-            "--workers", *[str(w) for w in args.workers]]
+    argv = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--root",
+        str(root),
+        "--cache-dir",
+        str(cache_dir),
+        "--batch-size",
+        str(args.batch_size),
+        "--batches",
+        str(args.batches),
+        "--bare-batches",
+        str(args.bare_batches),
+        "--shard-workers",
+        str(args.shard_workers),
+        "--cache-batches",
+        str(args.cache_batches),
+        "--runs",
+        str(args.runs),
+        "--workers",
+        *[str(w) for w in args.workers],
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.run(argv, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -336,23 +377,28 @@ def _median(runs: list[dict]) -> dict:
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
 def _table(rows: list[dict], anchor: float) -> str:
-    head = (f"{'variant':<16} {'pairs/s':>9} {'cores':>5} {'per core':>9} {'x (a)':>7} {'peak RSS':>9} "
-            f"{'anon':>6} {'file':>6} {'worker RSS':>10}  (MiB)")
+    head = (
+        f"{'variant':<16} {'pairs/s':>9} {'cores':>5} {'per core':>9} {'x (a)':>7} {'peak RSS':>9} "
+        f"{'anon':>6} {'file':>6} {'worker RSS':>10}  (MiB)"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         if "per_core" not in r:
             continue
-        lines.append(f"{r['variant']:<16} {r['pairs_per_s']:>9.1f} {r['cores']:>5} {r['per_core']:>9.1f} "
-                     f"{r['per_core'] / anchor:>7.1f} {r['peak_rss_mib']:>9.0f} "
-                     f"{r.get('anon_mib', float('nan')):>6.0f} {r.get('file_mib', float('nan')):>6.0f} "
-                     f"{r['worker_peak_rss_mib']:>10.0f}")
+        lines.append(
+            f"{r['variant']:<16} {r['pairs_per_s']:>9.1f} {r['cores']:>5} {r['per_core']:>9.1f} "
+            f"{r['per_core'] / anchor:>7.1f} {r['peak_rss_mib']:>9.0f} "
+            f"{r.get('anon_mib', float('nan')):>6.0f} {r.get('file_mib', float('nan')):>6.0f} "
+            f"{r['worker_peak_rss_mib']:>10.0f}"
+        )
     return "\n".join(lines)
 
 
@@ -385,8 +431,11 @@ def main(argv: list[str] | None = None) -> int:
         made_s = time.perf_counter() - t0
         print(f"{args.images} photo-like 640x480 JPEGs x 5 captions in {made_s:.0f} s", file=sys.stderr)
         build = _fresh("build", args, root, cache_dir)
-        print(f"cache built: {build['images']} images in {build['seconds']:.1f} s with {build['workers']} "
-              f"processes ({build['images_per_s']:.0f} images/s), {build['cache_mib']:.0f} MiB", file=sys.stderr)
+        print(
+            f"cache built: {build['images']} images in {build['seconds']:.1f} s with {build['workers']} "
+            f"processes ({build['images_per_s']:.0f} images/s), {build['cache_mib']:.0f} MiB",
+            file=sys.stderr,
+        )
         # (a) and (c) in rounds of fresh processes, so a change of load on a shared machine hits both alike
         kinds = [k for k in ("a", "c", "c8") if k[0] in args.variants]
         rounds: dict[str, list[dict]] = {k: [] for k in kinds}
@@ -403,8 +452,15 @@ def main(argv: list[str] | None = None) -> int:
         rows += [_median(rounds[k]) for k in ("c", "c8") if k in rounds]
         if "d" in args.variants:
             shard = _fresh("d", args, root, cache_dir)
-            rows.append({**shard, "variant": f"d_shards_w{shard['workers']}", "cores": max(1, shard["workers"]),
-                         "seconds": float("nan"), "pairs": shard["batches"] * args.batch_size})
+            rows.append(
+                {
+                    **shard,
+                    "variant": f"d_shards_w{shard['workers']}",
+                    "cores": max(1, shard["workers"]),
+                    "seconds": float("nan"),
+                    "pairs": shard["batches"] * args.batch_size,
+                }
+            )
         rows.append(_fresh("t", args, root, cache_dir))
     anchor = next((r["per_core"] for r in rows if r["variant"] == "a_bare"), None) or rows[0]["per_core"]
     print(_table(rows, anchor))
@@ -416,11 +472,23 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     load = os.getloadavg()
-    result = {"date": time.strftime("%Y-%m-%d"), "commit": _git_commit(), "images": args.images,
-              "captions_per_image": 5, "batch_size": args.batch_size, "image_size": IMAGE_SIZE,
-              "cpus": os.cpu_count(), "device": "cuda" if torch.cuda.is_available() else "cpu",
-              "loadavg_at_end": list(load), "data_seconds": made_s, "wall_seconds": time.perf_counter() - t_start,
-              "cache_build": build, "rows": rows, "per_core_ratio_to_a": ratios, "b_scaling": b_scaling}
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": _git_commit(),
+        "images": args.images,
+        "captions_per_image": 5,
+        "batch_size": args.batch_size,
+        "image_size": IMAGE_SIZE,
+        "cpus": os.cpu_count(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "loadavg_at_end": list(load),
+        "data_seconds": made_s,
+        "wall_seconds": time.perf_counter() - t_start,
+        "cache_build": build,
+        "rows": rows,
+        "per_core_ratio_to_a": ratios,
+        "b_scaling": b_scaling,
+    }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.output} ({result['wall_seconds']:.0f} s, load average {load[0]:.1f})", file=sys.stderr)

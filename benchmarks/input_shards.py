@@ -17,6 +17,7 @@ pinned when CUDA is there. Each worker count runs in a fresh process, so its pea
 ``measure_shards(pattern, workers=...)`` is the measurement itself, for ``benchmarks/input_pipeline.py`` (the
 side-by-side table of every input path) to import.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 RESULTS = Path(__file__).resolve().parent / "results" / "input_shards.json"
 
 
-def photo_like_dataset(root: Path, images: int, *, captions: int = 5, size: tuple[int, int] = (640, 480),
-                       seed: int = 0) -> Path:
+def photo_like_dataset(
+    root: Path, images: int, *, captions: int = 5, size: tuple[int, int] = (640, 480), seed: int = 0
+) -> Path:
     """A captions_json folder (``train.json``, ``images/``) of ``images`` photo-like JPEGs, ``captions`` each."""
     from PIL import Image, ImageDraw, ImageFilter
 
@@ -64,8 +66,10 @@ def photo_like_dataset(root: Path, images: int, *, captions: int = 5, size: tupl
         noisy = np.asarray(img, dtype=np.int16) + grain
         name = f"images/{i:06d}.jpg"
         Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(root / name, quality=90)
-        records += [{"image": name, "caption": f"a photo number {i} with shapes, view {k}", "image_id": f"img{i}"}
-                    for k in range(captions)]
+        records += [
+            {"image": name, "caption": f"a photo number {i} with shapes, view {k}", "image_id": f"img{i}"}
+            for k in range(captions)
+        ]
     (root / "train.json").write_text(json.dumps(records))
     return root
 
@@ -80,8 +84,15 @@ def write_benchmark_shards(root: Path, out: Path, shard_size: int = 250) -> str:
     return write_shards(index, out, shard_size=shard_size, progress=False).pattern
 
 
-def measure_shards(pattern: str, *, workers: int, batch_size: int = 256, image_size: int = 224,
-                   shuffle_buffer: int = 1000, tokenize: bool = True) -> dict:
+def measure_shards(
+    pattern: str,
+    *,
+    workers: int,
+    batch_size: int = 256,
+    image_size: int = 224,
+    shuffle_buffer: int = 1000,
+    tokenize: bool = True,
+) -> dict:
     """One epoch of the shards of ``pattern`` through the shard loader in this process; pairs/s and peak RSS.
     ``tokenize=False``: a zero (B, 77) token tensor instead of open_clip's tokenizer (the image side alone, as
     ``benchmarks/input_pipeline.py`` times every variant)."""
@@ -93,10 +104,18 @@ def measure_shards(pattern: str, *, workers: int, batch_size: int = 256, image_s
 
     shards = open_shards(DataConfig(format="webdataset", shards=pattern), progress=False)
     schedule = ShardSchedule(shards.num_samples, batch_size, 1)
-    dataset = ShardPairs(shards, preprocess=open_clip.image_transform(image_size, is_train=False),
-                         tokenizer=open_clip.get_tokenizer("ViT-B-32") if tokenize else _no_tokens,
-                         batch_size=batch_size, steps=len(schedule),
-                         seed=0, rank=0, world_size=1, shuffle_buffer=shuffle_buffer, clean_captions=True)
+    dataset = ShardPairs(
+        shards,
+        preprocess=open_clip.image_transform(image_size, is_train=False),
+        tokenizer=open_clip.get_tokenizer("ViT-B-32") if tokenize else _no_tokens,
+        batch_size=batch_size,
+        steps=len(schedule),
+        seed=0,
+        rank=0,
+        world_size=1,
+        shuffle_buffer=shuffle_buffer,
+        clean_captions=True,
+    )
     pinned = torch.cuda.is_available()
     loader = ShardLoader(dataset, schedule, num_workers=workers, pin_memory=pinned)
     batches, start, first = 0, time.perf_counter(), None
@@ -109,12 +128,23 @@ def measure_shards(pattern: str, *, workers: int, batch_size: int = 256, image_s
     timed = (batches - 1) * batch_size
     pairs_per_s = timed / (end - first) if batches > 1 else float("nan")
     to_mib = 1 / 1024  # ru_maxrss is in KiB on Linux
-    return {"variant": "d_webdataset_shards", "workers": workers, "batch_size": batch_size, "image_size": image_size,
-            "tokenized": tokenize, "batches": batches, "pairs": timed, "seconds": end - first,
-            "pairs_per_s": pairs_per_s, "cores": max(1, workers), "per_core": pairs_per_s / max(1, workers),
-            "first_batch_s": first - start, "pinned": pinned,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * to_mib,
-            "worker_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * to_mib if workers else 0.0}
+    return {
+        "variant": "d_webdataset_shards",
+        "workers": workers,
+        "batch_size": batch_size,
+        "image_size": image_size,
+        "tokenized": tokenize,
+        "batches": batches,
+        "pairs": timed,
+        "seconds": end - first,
+        "pairs_per_s": pairs_per_s,
+        "cores": max(1, workers),
+        "per_core": pairs_per_s / max(1, workers),
+        "first_batch_s": first - start,
+        "pinned": pinned,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * to_mib,
+        "worker_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * to_mib if workers else 0.0,
+    }
 
 
 def _no_tokens(texts) -> torch.Tensor:
@@ -122,9 +152,13 @@ def _no_tokens(texts) -> torch.Tensor:
 
 
 def _fresh_process(pattern: str, workers: int, batch_size: int) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", pattern, "--workers", str(workers),
-                           "--batch-size", str(batch_size)], capture_output=True, text=True, check=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", pattern, "--workers", str(workers), "--batch-size", str(batch_size)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -148,13 +182,22 @@ def main(argv: list[str] | None = None) -> int:
         rows = [_fresh_process(pattern, w, args.batch_size) for w in args.workers]
     print(f"{'variant':<22} {'workers':>7} {'pairs/s':>9} {'per core':>9} {'RSS MiB':>8} {'worker RSS':>10}")
     for r in rows:
-        print(f"{r['variant']:<22} {r['workers']:>7} {r['pairs_per_s']:>9.1f} {r['per_core']:>9.1f} "
-              f"{r['peak_rss_mib']:>8.0f} {r['worker_peak_rss_mib']:>10.0f}")
+        print(
+            f"{r['variant']:<22} {r['workers']:>7} {r['pairs_per_s']:>9.1f} {r['per_core']:>9.1f} "
+            f"{r['peak_rss_mib']:>8.0f} {r['worker_peak_rss_mib']:>10.0f}"
+        )
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
-                            capture_output=True, text=True).stdout.strip()
-    result = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "images": args.images, "cpus": os.cpu_count(),
-              "loadavg_at_end": list(os.getloadavg()), "rows": rows}
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True
+    ).stdout.strip()
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": commit,
+        "images": args.images,
+        "cpus": os.cpu_count(),
+        "loadavg_at_end": list(os.getloadavg()),
+        "rows": rows,
+    }
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 

@@ -9,6 +9,7 @@ measures the alternatives side by side on the GPU so the default can be chosen f
 Rows: S-NDCG (``smooth_ndcg_loss``) and the all-pairs hinge Kendall loss (``kendall_rank_loss``), both
 directions, forward + backward, median of ``--repeats`` after one warm-up call (which compiles).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,9 @@ def parse_tile(text: str) -> tuple[int, int, int]:
     try:
         j, k, w = (int(x) for x in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"tile must look like 32x128x4 (BLOCK_J x BLOCK_K x NUM_WARPS), got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"tile must look like 32x128x4 (BLOCK_J x BLOCK_K x NUM_WARPS), got {text!r}"
+        ) from None
     for v in (j, k, w):
         if v < 1 or v & (v - 1):
             raise argparse.ArgumentTypeError(f"tile sizes and warps must be powers of two, got {text!r}")
@@ -48,8 +51,11 @@ def time_tile(loss: str, B: int, tile: tuple[int, int, int], device: str, repeat
     g = torch.Generator(device=device).manual_seed(B)
     S = ((torch.rand(B, B, device=device, generator=g) * 2 - 1) * 0.4).requires_grad_(True)
     R = torch.rand(B, B, device=device, generator=g)
-    f = (lambda: fn.smooth_ndcg_loss(S, R, 0.01, kernel="triton")) if loss == "sndcg" else (
-        lambda: fn.kendall_rank_loss(S, R, 0.3, "hinge", kernel="triton"))
+    f = (
+        (lambda: fn.smooth_ndcg_loss(S, R, 0.01, kernel="triton"))
+        if loss == "sndcg"
+        else (lambda: fn.kendall_rank_loss(S, R, 0.3, "hinge", kernel="triton"))
+    )
 
     def step() -> None:
         f().backward()
@@ -79,8 +85,10 @@ def main() -> None:
     from methods import kernels
 
     if not kernels.supported(torch.zeros(1, device=args.device)):
-        sys.exit(f"kernel_tiles.py: the Triton kernels cannot run on {args.device!r} here "
-                 "(no triton, or a CPU without TRITON_INTERPRET=1)")
+        sys.exit(
+            f"kernel_tiles.py: the Triton kernels cannot run on {args.device!r} here "
+            "(no triton, or a CPU without TRITON_INTERPRET=1)"
+        )
     rows = []
     for loss in ("sndcg", "kendall"):
         for tile in args.tiles:
@@ -90,15 +98,19 @@ def main() -> None:
                     cells.append(f"{time_tile(loss, B, tile, args.device, args.repeats):.2f} ms")
                 except Exception as err:  # a tile this GPU cannot compile is a result
                     cells.append(f"{type(err).__name__}"[:24])
-                print(f"{loss:<8} tile {'x'.join(map(str, tile)):<10} B={B:<5} {cells[-1]}", file=sys.stderr,
-                      flush=True)
+                print(
+                    f"{loss:<8} tile {'x'.join(map(str, tile)):<10} B={B:<5} {cells[-1]}", file=sys.stderr, flush=True
+                )
             rows.append((loss, tile, cells))
 
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu (Triton interpreter)"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=REPO).stdout.strip()
-    print(f"# kernel tiles: forward+backward, both directions, median of {args.repeats}; "
-          f"{datetime.date.today()} {device_name} {commit}")
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+    ).stdout.strip()
+    print(
+        f"# kernel tiles: forward+backward, both directions, median of {args.repeats}; "
+        f"{datetime.date.today()} {device_name} {commit}"
+    )
     print(f"| loss | tile (J x K x warps) | {' | '.join(f'B={b}' for b in args.sizes)} |")
     print("|---|---|" + "---|" * len(args.sizes))
     for loss, tile, cells in rows:

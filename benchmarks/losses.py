@@ -11,6 +11,7 @@ features and caption groups (K = 5).
 On CUDA ``listwise`` and ``bcls_full`` run the fused Triton kernels (``kernel="auto"``) and the
 ``*_torch`` rows the blocked torch form, side by side.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,10 +65,16 @@ def run_one(family: str, B: int, device: str, repeats: int, D: int = 512) -> dic
     image = unit(B, D).requires_grad_(True)
     text = unit(B, D).requires_grad_(True)
     batch = EmbeddingBatch(
-        image_emb=image, text_emb=text, image_ids=torch.arange(B, device=dev),
-        image_uni=unit(B, D).requires_grad_(True), text_uni=unit(B, D).requires_grad_(True),
-        teacher_image=unit(B, 1280), teacher_text=unit(B, 384), caption_group_emb=unit(B, 5, 384),
-        caption_group_mask=torch.ones(B, 5, dtype=torch.bool, device=dev), text_caption_emb=unit(B, 384),
+        image_emb=image,
+        text_emb=text,
+        image_ids=torch.arange(B, device=dev),
+        image_uni=unit(B, D).requires_grad_(True),
+        text_uni=unit(B, D).requires_grad_(True),
+        teacher_image=unit(B, 1280),
+        teacher_text=unit(B, 384),
+        caption_group_emb=unit(B, 5, 384),
+        caption_group_mask=torch.ones(B, 5, dtype=torch.bool, device=dev),
+        text_caption_emb=unit(B, 384),
     )
 
     def step() -> None:
@@ -109,8 +116,12 @@ def measure(family: str, B: int, device: str, repeats: int) -> dict:
             return {"family": family, "B": B, "ms": None, "peak_mib": None, "note": f"{type(err).__name__}: {err}"[:60]}
         finally:
             torch.cuda.empty_cache()
-    proc = subprocess.run([sys.executable, __file__, "--device", device, "--repeats", str(repeats),
-                           "--one", family, str(B)], capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--device", device, "--repeats", str(repeats), "--one", family, str(B)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["?"])[-1]
         return {"family": family, "B": B, "ms": None, "peak_mib": None, "note": last[:60]}
@@ -121,8 +132,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512, 1024, 2048, 4096])
-    p.add_argument("--families", nargs="+", default=None,
-                   help="default: all (on CPU without the *_torch rows, which equal their auto rows there)")
+    p.add_argument(
+        "--families",
+        nargs="+",
+        default=None,
+        help="default: all (on CPU without the *_torch rows, which equal their auto rows there)",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--one", nargs=2, metavar=("FAMILY", "B"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -140,14 +155,26 @@ def main() -> None:
                 continue
             rows.append(measure(family, B, args.device, args.repeats))
             r = rows[-1]
-            print(f"{r['family']:<11} B={r['B']:<5} " + (f"{r['ms']:9.1f} ms {r['peak_mib']:9.1f} MiB" if r["ms"] is not None
-                                                         else r.get("note", "")), file=sys.stderr, flush=True)
+            print(
+                f"{r['family']:<11} B={r['B']:<5} "
+                + (f"{r['ms']:9.1f} ms {r['peak_mib']:9.1f} MiB" if r["ms"] is not None else r.get("note", "")),
+                file=sys.stderr,
+                flush=True,
+            )
 
     import torch
 
-    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{platform.processor() or 'cpu'} x{os.cpu_count()}"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    print(f"# losses: forward+backward, D=512, median of {args.repeats}; {datetime.date.today()} {device_name} {commit}")
+    device_name = (
+        torch.cuda.get_device_name(0)
+        if args.device.startswith("cuda")
+        else f"{platform.processor() or 'cpu'} x{os.cpu_count()}"
+    )
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+    ).stdout.strip()
+    print(
+        f"# losses: forward+backward, D=512, median of {args.repeats}; {datetime.date.today()} {device_name} {commit}"
+    )
     print(f"| family | {' | '.join(f'B={b}' for b in args.sizes)} |")
     print("|---|" + "---|" * len(args.sizes))
     for family in args.families:

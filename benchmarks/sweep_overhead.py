@@ -10,6 +10,7 @@ plots. Ray is started (and warmed up with one throw-away sweep) before anything 
 Peak RSS: the largest sum of RSS over this process and all its descendants (driver, GCS, raylet, agents, trial
 workers), sampled every 0.2 s during the timed sweep.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -105,11 +106,21 @@ def _space(folder: Path, name: str, trials: int, reports: int, concurrency: int,
         "data": {"format": "synthetic"},
         "model": {"name": "itr-tiny-vit"},
         "train": {"epochs": reports, "output_dir": str(folder / "runs")},
-        "tracking": {"enabled": tracking, "uri": f"sqlite:///{folder / 'mlflow.db'}",
-                     "artifact_dir": str(folder / "mlartifacts"), "experiment": "bench"},
+        "tracking": {
+            "enabled": tracking,
+            "uri": f"sqlite:///{folder / 'mlflow.db'}",
+            "artifact_dir": str(folder / "mlartifacts"),
+            "experiment": "bench",
+        },
     }
-    doc = {"name": name, "base": base, "space": {"train.seed": {"grid": list(range(trials))}},
-           "metric": "val/rsum", "max_concurrent_trials": concurrency, "resources": {"cpu": 1}}
+    doc = {
+        "name": name,
+        "base": base,
+        "space": {"train.seed": {"grid": list(range(trials))}},
+        "metric": "val/rsum",
+        "max_concurrent_trials": concurrency,
+        "resources": {"cpu": 1},
+    }
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -136,8 +147,9 @@ def main() -> int:
     init_ray()
     ray_up = time.perf_counter() - t0
     # warm-up: first actors, MLflow schema creation, matplotlib import (not timed)
-    run_sweep(load_space(_space(folder, "warmup", 2, 1, args.concurrency, True)), trial_fn=trivial_trial,
-              progress=False)
+    run_sweep(
+        load_space(_space(folder, "warmup", 2, 1, args.concurrency, True)), trial_fn=trivial_trial, progress=False
+    )
 
     rows = []
     for tracking in (True, False):
@@ -159,9 +171,11 @@ def main() -> int:
         plain_s = time.perf_counter() - t
         rows.append((name, args.trials, sweep_s, plain_s, (sweep_s - plain_s) / args.trials, peak_kb / 1024 / 1024))
 
-    print(f"\nRay up in {ray_up:.1f} s (not counted); {args.reports} reports per trial, "
-          f"{args.concurrency} trials at a time, checkpoints: {'1 KB each report' if args.checkpoint else 'none'}; "
-          f"{os.cpu_count()} CPUs\n")
+    print(
+        f"\nRay up in {ray_up:.1f} s (not counted); {args.reports} reports per trial, "
+        f"{args.concurrency} trials at a time, checkpoints: {'1 KB each report' if args.checkpoint else 'none'}; "
+        f"{os.cpu_count()} CPUs\n"
+    )
     header = ["sweep", "trials", "sweep s", "plain s", "overhead / trial s", "peak RSS (all procs) GB"]
     print(" | ".join(header))
     print(" | ".join("-" * len(h) for h in header))

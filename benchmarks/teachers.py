@@ -18,6 +18,7 @@ Rows per teacher:
 
 ``ratio`` is items/s relative to ``local encode``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,14 +61,15 @@ def load_index(need_captions: int, need_images: int) -> tuple[DatasetIndex, str]
 def time_local(encoder: TeacherEncoder, index: DatasetIndex, positions: np.ndarray, batch: int) -> float:
     start = time.perf_counter()
     n = 0
-    for pos, feats in _local_stream(encoder, index, positions, batch):
+    for pos, _feats in _local_stream(encoder, index, positions, batch):
         n += len(pos)
     assert n == len(positions)
     return time.perf_counter() - start
 
 
-def time_ray(encoder: TeacherEncoder, index: DatasetIndex, positions: np.ndarray, batch: int, actors: int,
-             device: str | None) -> float:
+def time_ray(
+    encoder: TeacherEncoder, index: DatasetIndex, positions: np.ndarray, batch: int, actors: int, device: str | None
+) -> float:
     """Wall seconds of one Ray Data job encoding ``positions`` (actor start and model load included)."""
     import ray
 
@@ -76,8 +78,9 @@ def time_ray(encoder: TeacherEncoder, index: DatasetIndex, positions: np.ndarray
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     start = time.perf_counter()
-    n = sum(len(pos) for pos, _ in ray_stream(encoder, index, positions, batch_size=batch, num_actors=actors,
-                                              device=device))
+    n = sum(
+        len(pos) for pos, _ in ray_stream(encoder, index, positions, batch_size=batch, num_actors=actors, device=device)
+    )
     assert n == len(positions)
     return time.perf_counter() - start
 
@@ -100,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
 
     device = args.device or default_device()
     index, source = load_index(args.items, args.image_items)
-    jobs = {"text": ("packaged:all-MiniLM-L6-v2", min(args.items, index.num_captions)),
-            "image": ("packaged:efficientnet-lite0", min(args.image_items, index.num_images))}
+    jobs = {
+        "text": ("packaged:all-MiniLM-L6-v2", min(args.items, index.num_captions)),
+        "image": ("packaged:efficientnet-lite0", min(args.image_items, index.num_images)),
+    }
     rows: list[tuple[str, str, int, float]] = []
     ray_started = False
     for modality in [m.strip() for m in args.teachers.split(",") if m.strip()]:
@@ -134,8 +139,10 @@ def main(argv: list[str] | None = None) -> int:
 
         ray.shutdown()
 
-    print(f"\nteacher throughput on {device} ({torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs), "
-          f"items from {source}, batch {args.batch_size}")
+    print(
+        f"\nteacher throughput on {device} ({torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs), "
+        f"items from {source}, batch {args.batch_size}"
+    )
     header = ("teacher", "path", "items", "seconds", "items/s", "ratio")
     print(f"| {header[0]:<28} | {header[1]:<22} | {header[2]:>6} | {header[3]:>8} | {header[4]:>8} | {header[5]:>5} |")
     print(f"|{'-' * 30}|{'-' * 24}|{'-' * 8}|{'-' * 10}|{'-' * 10}|{'-' * 7}|")

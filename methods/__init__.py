@@ -12,6 +12,7 @@ builds a registered family module. The other modules, by job:
 * ``dispatch``: Triton or torch for those losses, and the one piece of state (the build-failure fallback);
   ``kernels``: the fused Triton kernels.
 """
+
 from methods import families as _families  # noqa: F401  (registers the families)
 from methods.batch import EmbeddingBatch, LossOutput
 from methods.registry import build, families

@@ -1,4 +1,5 @@
 """What every loss family consumes (``EmbeddingBatch``) and returns (``LossOutput``)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -82,8 +83,10 @@ class EmbeddingBatch:
             return out
         B = self.image_ids.shape[0]
         if self.query_rows is not None and len(range(B)[self.query_rows]) != B:
-            raise ValueError("query_rows covers part of the batch but there is no process group to sum over "
-                             "the other ranks: initialise torch.distributed or set EmbeddingBatch.rank_sum")
+            raise ValueError(
+                "query_rows covers part of the batch but there is no process group to sum over "
+                "the other ranks: initialise torch.distributed or set EmbeddingBatch.rank_sum"
+            )
         return t
 
     def query_positives(self, multi_positive: bool = True) -> torch.Tensor:
@@ -103,8 +106,11 @@ class EmbeddingBatch:
 
     def available(self) -> set[str]:
         """Names of the optional inputs that are present."""
-        return {f.name for f in fields(self)
-                if f.name not in ("query_rows", "rank_sum") and getattr(self, f.name) is not None}
+        return {
+            f.name
+            for f in fields(self)
+            if f.name not in ("query_rows", "rank_sum") and getattr(self, f.name) is not None
+        }
 
 
 @dataclass

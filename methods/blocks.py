@@ -11,9 +11,10 @@ run them.
 
 Both limits are read at call time, so a test may lower them with ``monkeypatch.setattr(blocks, ...)``.
 """
+
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Sequence, Tuple
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -30,7 +31,7 @@ def default_chunk(rows_elements: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(1, rows_elements))
 
 
-def resolve_chunk(chunk_size: Optional[int], per_query_elements: int, num_queries: int) -> int:
+def resolve_chunk(chunk_size: int | None, per_query_elements: int, num_queries: int) -> int:
     """Queries per chunk: ``chunk_size`` (ValueError if < 1) or :func:`default_chunk`, clipped to [1, num_queries]."""
     if chunk_size is None:
         chunk = default_chunk(per_query_elements)
@@ -41,7 +42,7 @@ def resolve_chunk(chunk_size: Optional[int], per_query_elements: int, num_querie
     return max(1, min(chunk, max(1, num_queries)))
 
 
-def block_shape(Q: int, N: int, chunk: int, device: torch.device) -> Tuple[int, int]:
+def block_shape(Q: int, N: int, chunk: int, device: torch.device) -> tuple[int, int]:
     """(queries c, candidates jt) per block of the O(N^3) kernels; a block holds (c, jt, N) buffers.
 
     Queries go ``chunk`` at a time (the memory bound). On CPU blocks are cut further to about
@@ -57,7 +58,7 @@ def block_shape(Q: int, N: int, chunk: int, device: torch.device) -> Tuple[int, 
     return c, jt
 
 
-def blocks(Q: int, N: int, c: int, jt: int) -> Iterator[Tuple[int, int, int, int]]:
+def blocks(Q: int, N: int, c: int, jt: int) -> Iterator[tuple[int, int, int, int]]:
     """Blocks (q0, q1, j0, j1) covering the (Q, N) query x candidate grid, ``c`` queries x ``jt`` candidates."""
     for q0 in range(0, Q, c):
         q1 = min(Q, q0 + c)
@@ -65,7 +66,7 @@ def blocks(Q: int, N: int, c: int, jt: int) -> Iterator[Tuple[int, int, int, int
             yield q0, q1, j0, min(N, j0 + jt)
 
 
-def views(bufs: Sequence[torch.Tensor], shape: Tuple[int, int, int]) -> List[torch.Tensor]:
+def views(bufs: Sequence[torch.Tensor], shape: tuple[int, int, int]) -> list[torch.Tensor]:
     """Views of the preallocated flat buffers with a block's (c, jt, N) shape (no allocation per block)."""
     n = shape[0] * shape[1] * shape[2]
     return [b[:n].view(shape) for b in bufs]

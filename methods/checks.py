@@ -2,17 +2,17 @@
 (:mod:`methods.row_losses`). Each raises ValueError naming the argument; none syncs with the device beyond
 reading a 0-d temperature. Imports torch only.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
 
 import torch
 
 from methods.dispatch import check_kernel
 
 #: A temperature: a float, or a 0-d tensor that may receive a gradient (learnable).
-TensorOrFloat = Union[torch.Tensor, float]
+TensorOrFloat = torch.Tensor | float
 
 #: Surrogates of the Kendall discordance indicator (``methods.kendall_direction.penalty``).
 SURROGATES = ("hinge", "tanh", "sigmoid")
@@ -48,8 +48,9 @@ def positive_float(x: TensorOrFloat, name: str) -> float:
     return value
 
 
-def kendall_options(gap: float, surrogate: str, window: Optional[int], hard_k: Optional[int],
-                    temperature: float, kernel: str) -> Tuple[float, float]:
+def kendall_options(
+    gap: float, surrogate: str, window: int | None, hard_k: int | None, temperature: float, kernel: str
+) -> tuple[float, float]:
     """Check the Kendall options (ValueError); returns ``(gap, temperature)`` as floats."""
     check_kernel(kernel)
     if surrogate not in SURROGATES:
@@ -65,5 +66,14 @@ def kendall_options(gap: float, surrogate: str, window: Optional[int], hard_k: O
     return gap_f, temp_f
 
 
-__all__ = ["TensorOrFloat", "SURROGATES", "T2I_OPTIONS", "check_kernel", "check_square", "check_same_shape",
-           "check_t2i", "positive_float", "kendall_options"]
+__all__ = [
+    "TensorOrFloat",
+    "SURROGATES",
+    "T2I_OPTIONS",
+    "check_kernel",
+    "check_square",
+    "check_same_shape",
+    "check_t2i",
+    "positive_float",
+    "kendall_options",
+]

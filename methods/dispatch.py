@@ -16,10 +16,12 @@ same way: the failure is a property of the machine, not of the input). :meth:`Ke
 after fixing the toolchain in a long-lived process; tests replace :data:`DISPATCH` or its attributes with
 ``monkeypatch``. Everything else in :mod:`methods` is a pure function of its arguments.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -73,8 +75,11 @@ class KernelDispatch:
         if kernel != "auto" or isinstance(err, torch.cuda.OutOfMemoryError):
             raise err
         self.triton_failed = True
-        log.warning("Triton kernel failed (%s: %s); using the blocked torch form of the O(B^3) losses from now on",
-                    type(err).__name__, err)
+        log.warning(
+            "Triton kernel failed (%s: %s); using the blocked torch form of the O(B^3) losses from now on",
+            type(err).__name__,
+            err,
+        )
 
     def run(self, S: torch.Tensor, kernel: str, triton: Callable[[], T], blocked: Callable[[], T]) -> T:
         """``triton()`` where :meth:`use_triton` says so and it builds (see :meth:`fall_back`), else ``blocked()``."""

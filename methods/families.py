@@ -4,10 +4,12 @@ A family's constructor arguments are named like the fields of its config section
 ``loss`` sections), so the orchestrator builds one by ``methods.build(family, **section_fields)``. A temperature is
 given as a mapping ``{init, min, max, learnable}`` (:data:`TemperatureSpec`: the config's temperature fields).
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -17,7 +19,6 @@ from methods import row_losses as rows
 from methods.batch import EmbeddingBatch, LossOutput
 from methods.registry import register
 from methods.temperature import Temperature
-
 
 #: a temperature's settings: ``init``, ``min``, ``max`` (floats, 0 < min <= init <= max) and ``learnable``
 #: (optional, default True)
@@ -34,13 +35,17 @@ def build_temperature(spec: TemperatureSpec) -> Temperature:
     """The :class:`Temperature` of ``spec``; ValueError naming a missing or unknown key."""
     missing, unknown = {"init", "min", "max"} - set(spec), set(spec) - _TEMPERATURE_KEYS
     if missing or unknown:
-        raise ValueError(f"a temperature is {{init, min, max, learnable}}; missing {sorted(missing)}, "
-                         f"unknown {sorted(unknown)}")
+        raise ValueError(
+            f"a temperature is {{init, min, max, learnable}}; missing {sorted(missing)}, unknown {sorted(unknown)}"
+        )
     return Temperature(spec["init"], spec["min"], spec["max"], spec.get("learnable", True))
 
 
 #: InfoNCE's temperature (CUSA's released clamp)
 ITR_TEMPERATURE = temperature_spec(0.05, 0.01, 0.10)
+#: CUSA's soft-label temperatures (released code): cross-modal CSA, and uni-modal USA on each side
+CSA_TEMPERATURE = temperature_spec(0.45, 0.10, 0.99)
+USA_TEMPERATURE = temperature_spec(0.45, 0.10, 1.00)
 
 
 class LossFamily(nn.Module):
@@ -87,8 +92,9 @@ class InfoNCE(LossFamily):
     TERMS = ("infonce",)
     supports_local_loss = True
 
-    def __init__(self, temperature: TemperatureSpec = ITR_TEMPERATURE, reduction: str = "sum",
-                 multi_positive: bool = True) -> None:
+    def __init__(
+        self, temperature: TemperatureSpec = ITR_TEMPERATURE, reduction: str = "sum", multi_positive: bool = True
+    ) -> None:
         super().__init__(multi_positive)
         self.tau = build_temperature(temperature)
         self.reduction = reduction
@@ -96,8 +102,14 @@ class InfoNCE(LossFamily):
     def forward(self, batch: EmbeddingBatch) -> LossOutput:
         if batch.query_rows is not None:
             S_i2t, S_t2i = batch.query_similarities()
-            loss = F.infonce_rows(S_i2t, S_t2i, self.tau(), batch.query_positives(self.multi_positive),
-                                  reduction=self.reduction, validate=False)  # each row holds its own pair
+            loss = F.infonce_rows(
+                S_i2t,
+                S_t2i,
+                self.tau(),
+                batch.query_positives(self.multi_positive),
+                reduction=self.reduction,
+                validate=False,
+            )  # each row holds its own pair
             return LossOutput(total=loss, terms={"infonce": loss.detach()})
         positives = batch.positives() if self.multi_positive else None
         # positives from the ids hold the diagonal: no check (a host sync per step)
@@ -111,8 +123,14 @@ class Triplet(LossFamily):
 
     supports_local_loss = True
 
-    def __init__(self, margin: float = 0.2, mining: str = "hardest", soft_negative_tau: float = 0.05,
-                 selhn_eps: float = F.SELHN_DEFAULT_EPS, multi_positive: bool = True) -> None:
+    def __init__(
+        self,
+        margin: float = 0.2,
+        mining: str = "hardest",
+        soft_negative_tau: float = 0.05,
+        selhn_eps: float = F.SELHN_DEFAULT_EPS,
+        multi_positive: bool = True,
+    ) -> None:
         super().__init__(multi_positive)
         if mining not in {"hardest", "soft_negative", "selhn"}:
             raise ValueError(f"unknown triplet mining {mining!r}")
@@ -136,8 +154,16 @@ def _pair_term(fam: LossFamily, batch: EmbeddingBatch, S_i2t: torch.Tensor, S_t2
         positives = batch.positives() if fam.multi_positive else None
         return _triplet(S_i2t, fam.margin, fam.mining, positives, fam.soft_negative_tau, fam.selhn_eps)
     positives = batch.query_positives() if fam.multi_positive else None
-    return rows.triplet_rows(S_i2t, S_t2i, batch.query_columns(), fam.margin, fam.mining, positives,
-                             tau=fam.soft_negative_tau, eps=fam.selhn_eps)
+    return rows.triplet_rows(
+        S_i2t,
+        S_t2i,
+        batch.query_columns(),
+        fam.margin,
+        fam.mining,
+        positives,
+        tau=fam.soft_negative_tau,
+        eps=fam.selhn_eps,
+    )
 
 
 def _triplet(S: torch.Tensor, margin: float, mining: str, positives, sn_tau: float, eps: float) -> torch.Tensor:
@@ -173,8 +199,13 @@ class _RelevanceFamily(LossFamily):
             R.fill_diagonal_(1.0)
             return R
         # every group holds the pair's own caption (orchestrator.data.loader.caption_groups): no check, no sync
-        return F.caption_relevance(batch.caption_group_emb, batch.text_caption_emb, batch.caption_group_mask,
-                                   rescale=self.rescale, validate=False).to(batch.image_emb.dtype)
+        return F.caption_relevance(
+            batch.caption_group_emb,
+            batch.text_caption_emb,
+            batch.caption_group_mask,
+            rescale=self.rescale,
+            validate=False,
+        ).to(batch.image_emb.dtype)
 
     def relevance_lists(self, batch: EmbeddingBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(R_i2t, R_t2i)``, both (Q, N), the relevance rows of the query lists (``batch.query_rows``), as
@@ -183,8 +214,14 @@ class _RelevanceFamily(LossFamily):
         if self.relevance_source == "exact":
             R_i2t, R_t2i = rows.relevance_lists(batch.relevance, own, self.t2i_relevance)
         else:
-            R_i2t, R_t2i = rows.caption_relevance_rows(batch.caption_group_emb, batch.text_caption_emb, own,
-                                                       batch.caption_group_mask, self.rescale, self.t2i_relevance)
+            R_i2t, R_t2i = rows.caption_relevance_rows(
+                batch.caption_group_emb,
+                batch.text_caption_emb,
+                own,
+                batch.caption_group_mask,
+                self.rescale,
+                self.t2i_relevance,
+            )
         dtype = batch.image_emb.dtype
         return R_i2t.to(dtype), R_t2i.to(dtype)
 
@@ -196,10 +233,21 @@ class Listwise(_RelevanceFamily):
     TERMS = ("triplet", "sndcg", "relevance_mean")
     supports_local_loss = True
 
-    def __init__(self, weight: float = 0.5, tau: float = 0.01, margin: float = 0.2, mining: str = "hardest",
-                 t2i_relevance: str = "transpose", relevance: str = "teacher", rescale: bool = True,
-                 chunk_size: int | None = None, multi_positive: bool = True, soft_negative_tau: float = 0.05,
-                 selhn_eps: float = F.SELHN_DEFAULT_EPS, kernel: str = "auto") -> None:
+    def __init__(
+        self,
+        weight: float = 0.5,
+        tau: float = 0.01,
+        margin: float = 0.2,
+        mining: str = "hardest",
+        t2i_relevance: str = "transpose",
+        relevance: str = "teacher",
+        rescale: bool = True,
+        chunk_size: int | None = None,
+        multi_positive: bool = True,
+        soft_negative_tau: float = 0.05,
+        selhn_eps: float = F.SELHN_DEFAULT_EPS,
+        kernel: str = "auto",
+    ) -> None:
         super().__init__(multi_positive)
         if not 0 < weight < 1:
             raise ValueError(f"listwise weight must be in (0, 1), got {weight}")
@@ -215,16 +263,19 @@ class Listwise(_RelevanceFamily):
         pair = _pair_term(self, batch, S_i2t, S_t2i)
         if batch.query_rows is None:
             R = self.relevance(batch)
-            ndcg = F.smooth_ndcg_loss(S_i2t, R, tau=self.tau, t2i_relevance=self.t2i_relevance,
-                                      chunk_size=self.chunk_size, kernel=self.kernel)
+            ndcg = F.smooth_ndcg_loss(
+                S_i2t, R, tau=self.tau, t2i_relevance=self.t2i_relevance, chunk_size=self.chunk_size, kernel=self.kernel
+            )
         else:  # the query rows' lists only (a mean over rows: the ranks' mean is the global loss)
             R, R_t2i = self.relevance_lists(batch)
-            ndcg = rows.smooth_ndcg_rows(S_i2t, S_t2i, R, R_t2i, tau=self.tau, chunk_size=self.chunk_size,
-                                         kernel=self.kernel)
+            ndcg = rows.smooth_ndcg_rows(
+                S_i2t, S_t2i, R, R_t2i, tau=self.tau, chunk_size=self.chunk_size, kernel=self.kernel
+            )
         pair_w, list_w = (1 - self.weight) * pair, self.weight * ndcg
-        return LossOutput(total=pair_w + list_w,
-                          terms={"triplet": pair_w.detach(), "sndcg": list_w.detach(),
-                                 "relevance_mean": R.detach().mean()})  # local: this rank's rows
+        return LossOutput(
+            total=pair_w + list_w,
+            terms={"triplet": pair_w.detach(), "sndcg": list_w.detach(), "relevance_mean": R.detach().mean()},
+        )  # local: this rank's rows
 
 
 @register("bcls")
@@ -236,12 +287,25 @@ class BCLS(_RelevanceFamily):
 
     supports_local_loss = True
 
-    def __init__(self, margin: float = 0.2, mining: str = "soft_negative", soft_negative_tau: float = 0.05,
-                 kendall_weight: float = 1.0, gap: float = 0.3, surrogate: str = "hinge",
-                 surrogate_temperature: float = 0.1, window: int | None = 16, hard_k: int | None = None,
-                 t2i_relevance: str = "transpose", relevance: str = "teacher", rescale: bool = False,
-                 chunk_size: int | None = None, multi_positive: bool = True,
-                 selhn_eps: float = F.SELHN_DEFAULT_EPS, kernel: str = "auto") -> None:
+    def __init__(
+        self,
+        margin: float = 0.2,
+        mining: str = "soft_negative",
+        soft_negative_tau: float = 0.05,
+        kendall_weight: float = 1.0,
+        gap: float = 0.3,
+        surrogate: str = "hinge",
+        surrogate_temperature: float = 0.1,
+        window: int | None = 16,
+        hard_k: int | None = None,
+        t2i_relevance: str = "transpose",
+        relevance: str = "teacher",
+        rescale: bool = False,
+        chunk_size: int | None = None,
+        multi_positive: bool = True,
+        selhn_eps: float = F.SELHN_DEFAULT_EPS,
+        kernel: str = "auto",
+    ) -> None:
         super().__init__(multi_positive)
         self.margin, self.mining, self.soft_negative_tau, self.selhn_eps = margin, mining, soft_negative_tau, selhn_eps
         self.kendall_weight, self.gap, self.surrogate = kendall_weight, gap, surrogate
@@ -257,16 +321,24 @@ class BCLS(_RelevanceFamily):
     def forward(self, batch: EmbeddingBatch) -> LossOutput:
         S_i2t, S_t2i = batch.query_similarities()
         binary = _pair_term(self, batch, S_i2t, S_t2i)
-        options = dict(gap=self.gap, surrogate=self.surrogate, window=self.window, hard_k=self.hard_k,
-                       temperature=self.surrogate_temperature, chunk_size=self.chunk_size, kernel=self.kernel)
+        options = dict(
+            gap=self.gap,
+            surrogate=self.surrogate,
+            window=self.window,
+            hard_k=self.hard_k,
+            temperature=self.surrogate_temperature,
+            chunk_size=self.chunk_size,
+            kernel=self.kernel,
+        )
         if batch.query_rows is None:
             kendall = F.kendall_rank_loss(S_i2t, self.relevance(batch), t2i_relevance=self.t2i_relevance, **options)
         else:
             R_i2t, R_t2i = self.relevance_lists(batch)
             kendall = rows.kendall_rows(S_i2t, S_t2i, R_i2t, R_t2i, batch.sum_over_ranks, **options)
         kendall = self.kendall_weight * kendall
-        return LossOutput(total=binary + kendall,
-                          terms={f"triplet_{self.mining}": binary.detach(), "kendall": kendall.detach()})
+        return LossOutput(
+            total=binary + kendall, terms={f"triplet_{self.mining}": binary.detach(), "kendall": kendall.detach()}
+        )
 
 
 @register("cusa")
@@ -281,12 +353,19 @@ class CUSA(LossFamily):
 
     supports_local_loss = True
 
-    def __init__(self, temperature: TemperatureSpec = ITR_TEMPERATURE, reduction: str = "class_mean",
-                 alpha: float = 0.1, beta: float = 0.5,
-                 csa_temperature: TemperatureSpec = temperature_spec(0.45, 0.10, 0.99),
-                 usa_image_temperature: TemperatureSpec = temperature_spec(0.45, 0.10, 1.00),
-                 usa_text_temperature: TemperatureSpec = temperature_spec(0.45, 0.10, 1.00),
-                 teacher_temperature: float = 1.0, csa_mode: str = "each", multi_positive: bool = True) -> None:
+    def __init__(
+        self,
+        temperature: TemperatureSpec = ITR_TEMPERATURE,
+        reduction: str = "class_mean",
+        alpha: float = 0.1,
+        beta: float = 0.5,
+        csa_temperature: TemperatureSpec = CSA_TEMPERATURE,
+        usa_image_temperature: TemperatureSpec = USA_TEMPERATURE,
+        usa_text_temperature: TemperatureSpec = USA_TEMPERATURE,
+        teacher_temperature: float = 1.0,
+        csa_mode: str = "each",
+        multi_positive: bool = True,
+    ) -> None:
         super().__init__(multi_positive)
         if csa_mode not in {"each", "add", "dot"}:
             raise ValueError(f"unknown csa_mode {csa_mode!r}")
@@ -321,8 +400,14 @@ class CUSA(LossFamily):
             positives = batch.positives() if self.multi_positive else None
             itr = F.infonce(S_i2t, self.tau(), positives=positives, reduction=self.reduction, validate=False)
         else:  # positives from the ids hold each pair itself: no check (a host sync per step)
-            itr = F.infonce_rows(S_i2t, S_t2i, self.tau(), batch.query_positives(self.multi_positive),
-                                 reduction=self.reduction, validate=False)
+            itr = F.infonce_rows(
+                S_i2t,
+                S_t2i,
+                self.tau(),
+                batch.query_positives(self.multi_positive),
+                reduction=self.reduction,
+                validate=False,
+            )
         total, terms = itr, {"infonce": itr.detach()}
         if self.alpha > 0 or self.beta > 0:
             G_img, G_txt = self._cos(batch, batch.teacher_image), self._cos(batch, batch.teacher_text)
@@ -334,15 +419,27 @@ class CUSA(LossFamily):
             else:
                 target_i2t = target_t2i = torch.sqrt(G_img.clamp_min(0) * G_txt.clamp_min(0))
             tau_c = self.csa_tau()
-            csa = self.alpha * (F.soft_label_kl(S_i2t, target_i2t, tau_c, self.teacher_temperature)
-                                + F.soft_label_kl(S_t2i, target_t2i, tau_c, self.teacher_temperature)) / 2
+            csa = (
+                self.alpha
+                * (
+                    F.soft_label_kl(S_i2t, target_i2t, tau_c, self.teacher_temperature)
+                    + F.soft_label_kl(S_t2i, target_t2i, tau_c, self.teacher_temperature)
+                )
+                / 2
+            )
             total = total + csa
             terms["csa"] = csa.detach()
         if self.beta > 0:
             S_ii = batch.rows(batch.image_uni) @ batch.image_uni.T
             S_tt = batch.rows(batch.text_uni) @ batch.text_uni.T
-            usa = self.beta * (F.soft_label_kl(S_ii, G_img, self.usa_image_tau(), self.teacher_temperature)
-                               + F.soft_label_kl(S_tt, G_txt, self.usa_text_tau(), self.teacher_temperature)) / 2
+            usa = (
+                self.beta
+                * (
+                    F.soft_label_kl(S_ii, G_img, self.usa_image_tau(), self.teacher_temperature)
+                    + F.soft_label_kl(S_tt, G_txt, self.usa_text_tau(), self.teacher_temperature)
+                )
+                / 2
+            )
             total = total + usa
             terms["usa"] = usa.detach()
         return LossOutput(total=total, terms=terms)

@@ -21,10 +21,10 @@ in :mod:`methods.ndcg_direction` and :mod:`methods.kendall_direction` (blocked t
 O(B^2 + block) extra memory, or the fused Triton kernels of :mod:`methods.kernels` on CUDA, chosen by
 :mod:`methods.dispatch`, which also holds the one piece of state: the "Triton failed to build" fallback).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
 
 import torch
 
@@ -55,7 +55,7 @@ SELHN_DEFAULT_EPS = 0.01
 def infonce(
     S: torch.Tensor,
     tau: TensorOrFloat,
-    positives: Optional[torch.Tensor] = None,
+    positives: torch.Tensor | None = None,
     reduction: str = "sum",
     validate: bool = True,
 ) -> torch.Tensor:
@@ -127,8 +127,9 @@ def infonce_rows(
         equal parts of this is :func:`infonce` of the whole (N, N) batch.
     """
     if S_i2t.dim() != 2 or tuple(S_i2t.shape) != tuple(S_t2i.shape):
-        raise ValueError(f"S_i2t and S_t2i must be (Q, N) of the same shape, got {tuple(S_i2t.shape)} "
-                         f"and {tuple(S_t2i.shape)}")
+        raise ValueError(
+            f"S_i2t and S_t2i must be (Q, N) of the same shape, got {tuple(S_i2t.shape)} and {tuple(S_t2i.shape)}"
+        )
     check_same_shape(S_i2t, positives, "positives")
     if reduction not in ("sum", "class_mean"):
         raise ValueError(f"reduction must be 'sum' or 'class_mean', got {reduction!r}")
@@ -150,7 +151,7 @@ def infonce_rows(
 # ---------------------------------------------------------------------------------------------
 
 
-def _exclusion_mask(S: torch.Tensor, positives: Optional[torch.Tensor]) -> torch.Tensor:
+def _exclusion_mask(S: torch.Tensor, positives: torch.Tensor | None) -> torch.Tensor:
     """(B, B) bool: True where (i, j) is NOT a negative (the diagonal and any given positive)."""
     B = S.shape[0]
     eye = torch.eye(B, dtype=torch.bool, device=S.device)
@@ -160,7 +161,7 @@ def _exclusion_mask(S: torch.Tensor, positives: Optional[torch.Tensor]) -> torch
     return positives.to(device=S.device, dtype=torch.bool) | eye
 
 
-def _hinges(S: torch.Tensor, margin: float, excluded: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _hinges(S: torch.Tensor, margin: float, excluded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Hinge matrices for both directions, 0 at excluded (non-negative) entries.
 
     Returns (h_i2t, h_t2i), both (B, B): ``h_i2t[i, j] = [m - S_ii + S_ij]_+`` (anchor image i,
@@ -172,9 +173,7 @@ def _hinges(S: torch.Tensor, margin: float, excluded: torch.Tensor) -> Tuple[tor
     return h_i2t, h_t2i
 
 
-def triplet_hardest(
-    S: torch.Tensor, margin: float = 0.2, positives: Optional[torch.Tensor] = None
-) -> torch.Tensor:
+def triplet_hardest(S: torch.Tensor, margin: float = 0.2, positives: torch.Tensor | None = None) -> torch.Tensor:
     """VSE++ hardest-negative triplet loss (spec B.3 ``L_pair``).
 
     Args:
@@ -196,7 +195,7 @@ def triplet_soft_negative(
     S: torch.Tensor,
     margin: float = 0.2,
     tau: TensorOrFloat = 0.05,
-    positives: Optional[torch.Tensor] = None,
+    positives: torch.Tensor | None = None,
     *,
     detach_weights: bool = False,
 ) -> torch.Tensor:
@@ -239,7 +238,7 @@ def triplet_selhn(
     S: torch.Tensor,
     margin: float = 0.2,
     eps: float = SELHN_DEFAULT_EPS,
-    positives: Optional[torch.Tensor] = None,
+    positives: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Selectively-hard-negative triplet loss, SelHN (spec A.2; AAA-Zheng/RVSEPP ``loss.py``).
 
@@ -324,7 +323,7 @@ def smooth_ndcg_loss(
     R: torch.Tensor,
     tau: float = 0.01,
     t2i_relevance: str = "transpose",
-    chunk_size: Optional[int] = None,
+    chunk_size: int | None = None,
     kernel: str = "auto",
 ) -> torch.Tensor:
     """Listwise Smooth-NDCG loss over the whole in-batch list (spec B.3).
@@ -390,10 +389,10 @@ def kendall_rank_loss(
     gap: float = 0.3,
     surrogate: str = "hinge",
     t2i_relevance: str = "transpose",
-    window: Optional[int] = None,
-    hard_k: Optional[int] = None,
+    window: int | None = None,
+    hard_k: int | None = None,
     temperature: float = 0.1,
-    chunk_size: Optional[int] = None,
+    chunk_size: int | None = None,
     kernel: str = "auto",
 ) -> torch.Tensor:
     """Kendall-style pairwise ranking loss with label gap, optional SW-HS (spec A.3, A.4, A.8).
@@ -448,6 +447,18 @@ def kendall_rank_loss(
     return (l_i2t + l_t2i) / 2
 
 
-__all__ = ["infonce", "infonce_rows", "triplet_hardest", "triplet_soft_negative", "triplet_selhn", "soft_label_kl",
-           "caption_relevance", "smooth_ndcg_loss", "kendall_rank_loss", "check_kernel", "SELHN_DEFAULT_EPS",
-           "SNDCG_EXPONENT_CLAMP", "KERNELS"]
+__all__ = [
+    "infonce",
+    "infonce_rows",
+    "triplet_hardest",
+    "triplet_soft_negative",
+    "triplet_selhn",
+    "soft_label_kl",
+    "caption_relevance",
+    "smooth_ndcg_loss",
+    "kendall_rank_loss",
+    "check_kernel",
+    "SELHN_DEFAULT_EPS",
+    "SNDCG_EXPONENT_CLAMP",
+    "KERNELS",
+]

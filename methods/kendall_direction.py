@@ -13,10 +13,10 @@ form :func:`methods.row_losses.kendall_rows`. For query q, candidates j, k of a 
 * :func:`hard_k_sums`: SW-HS's hard-sample mining, the ``hard_k`` valid pairs with the largest penalty per row
   (among all pairs or within the window), selected without grad, then differentiated alone: O(Q hard_k) graph.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from methods import dispatch, kernels
 from methods.blocks import block_shape, blocks, resolve_chunk, views
 
-Sums = Tuple[torch.Tensor, torch.Tensor]
+Sums = tuple[torch.Tensor, torch.Tensor]
 
 
 def penalty(x: torch.Tensor, surrogate: str, temperature: float) -> torch.Tensor:
@@ -118,17 +118,19 @@ class KendallAllPairsTriton(torch.autograd.Function):
         return grad * g_num, None, None, None, None
 
 
-def all_pairs_sums(Sq: torch.Tensor, Rq: torch.Tensor, gap: float, surrogate: str, temperature: float, chunk: int,
-                   kernel: str) -> Sums:
+def all_pairs_sums(
+    Sq: torch.Tensor, Rq: torch.Tensor, gap: float, surrogate: str, temperature: float, chunk: int, kernel: str
+) -> Sums:
     """(sum of penalties, number of valid pairs) over all pairs of every query row; Sq, Rq (Q, N)."""
     return dispatch.DISPATCH.run(
-        Sq, kernel,
+        Sq,
+        kernel,
         triton=lambda: KendallAllPairsTriton.apply(Sq, Rq, gap, surrogate, temperature),
         blocked=lambda: KendallAllPairs.apply(Sq, Rq, gap, surrogate, temperature, chunk),
     )
 
 
-def window_pairs(Ss: torch.Tensor, Rs: torch.Tensor, window: int, gap: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def window_pairs(Ss: torch.Tensor, Rs: torch.Tensor, window: int, gap: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Sliding-window pairs on relevance-sorted rows.
 
     Ss, Rs: (c, N) scores / relevance with candidates sorted by relevance (descending).
@@ -145,22 +147,24 @@ def window_pairs(Ss: torch.Tensor, Rs: torch.Tensor, window: int, gap: float) ->
     return x, m
 
 
-def _window_chunk_sum(Ss: torch.Tensor, Rs: torch.Tensor, window: int, gap: float, surrogate: str,
-                      temperature: float) -> Sums:
+def _window_chunk_sum(
+    Ss: torch.Tensor, Rs: torch.Tensor, window: int, gap: float, surrogate: str, temperature: float
+) -> Sums:
     """:func:`window_sums` of one chunk of sorted rows Ss, Rs (c, N)."""
     x, m = window_pairs(Ss, Rs, window, gap)
     pen = penalty(x, surrogate, temperature)
     return torch.where(m, pen, torch.zeros_like(pen)).sum(), m.sum()
 
 
-def _sorted_by_relevance(Sq: torch.Tensor, Rq: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sorted_by_relevance(Sq: torch.Tensor, Rq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(order, Ss, Rs): each row's candidates by descending relevance (stable sort), (Q, N) each."""
     order = torch.sort(Rq, dim=1, descending=True, stable=True).indices
     return order, Sq.gather(1, order), Rq.gather(1, order)
 
 
-def window_sums(Sq: torch.Tensor, Rq: torch.Tensor, gap: float, surrogate: str, temperature: float, window: int,
-                chunk: int) -> Sums:
+def window_sums(
+    Sq: torch.Tensor, Rq: torch.Tensor, gap: float, surrogate: str, temperature: float, window: int, chunk: int
+) -> Sums:
     """(sum of penalties, number of valid pairs) over the pairs (p, p + 1 .. p + window) of each row's
     relevance-sorted candidates; Sq, Rq (Q, N), ``1 <= window <= N - 1``. Checkpointed per chunk when there are
     several, so the autograd graph holds one (chunk, N, window) block at a time."""
@@ -179,8 +183,16 @@ def window_sums(Sq: torch.Tensor, Rq: torch.Tensor, gap: float, surrogate: str, 
     return torch.stack(nums).sum(), torch.stack(cnts).sum()
 
 
-def _hardest_pairs(Sq: torch.Tensor, Rq: torch.Tensor, gap: float, surrogate: str, temperature: float,
-                   window: Optional[int], k: int, chunk: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _hardest_pairs(
+    Sq: torch.Tensor,
+    Rq: torch.Tensor,
+    gap: float,
+    surrogate: str,
+    temperature: float,
+    window: int | None,
+    k: int,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(j, k, valid), each (Q, k): per row the k valid pairs (j, k) with the largest penalty, as column indices
     of Sq; ``valid`` is False for padding where a row has fewer than k valid pairs. No grad; chunked."""
     Q, N = Sq.shape
@@ -214,8 +226,16 @@ def _hardest_pairs(Sq: torch.Tensor, Rq: torch.Tensor, gap: float, surrogate: st
     return j_idx, k_idx, valid
 
 
-def hard_k_sums(Sq: torch.Tensor, Rq: torch.Tensor, gap: float, surrogate: str, temperature: float,
-                window: Optional[int], hard_k: int, chunk: int) -> Sums:
+def hard_k_sums(
+    Sq: torch.Tensor,
+    Rq: torch.Tensor,
+    gap: float,
+    surrogate: str,
+    temperature: float,
+    window: int | None,
+    hard_k: int,
+    chunk: int,
+) -> Sums:
     """(sum of penalties, number of kept pairs) over the ``hard_k`` valid pairs with the largest penalty per row,
     among all pairs (``window=None``) or the window's; Sq, Rq (Q, N). The count is ``min(hard_k, valid pairs)``
     per row; only the kept pairs are differentiated."""
@@ -231,9 +251,9 @@ def kendall_sums(
     gap: float,
     surrogate: str,
     temperature: float,
-    window: Optional[int],
-    hard_k: Optional[int],
-    chunk_size: Optional[int],
+    window: int | None,
+    hard_k: int | None,
+    chunk_size: int | None,
     kernel: str = "torch",
 ) -> Sums:
     """One direction's (sum of penalties, number of pairs counted), 0-d each, for query rows Sq (Q, N) with
@@ -251,14 +271,31 @@ def kendall_sums(
     return window_sums(Sq, Rq, gap, surrogate, temperature, w, chunk)
 
 
-def kendall_direction(Sq: torch.Tensor, Rq: torch.Tensor, gap: float, surrogate: str, temperature: float,
-                      window: Optional[int], hard_k: Optional[int], chunk_size: Optional[int],
-                      kernel: str = "torch") -> torch.Tensor:
+def kendall_direction(
+    Sq: torch.Tensor,
+    Rq: torch.Tensor,
+    gap: float,
+    surrogate: str,
+    temperature: float,
+    window: int | None,
+    hard_k: int | None,
+    chunk_size: int | None,
+    kernel: str = "torch",
+) -> torch.Tensor:
     """0-d Kendall loss of one direction, ``sum of penalties / pairs counted`` (0 without a valid pair, keeping
     the graph), for query rows Sq (Q, N) with mask relevance rows Rq (Q, N); see :func:`kendall_sums`."""
     num, cnt = kendall_sums(Sq, Rq, gap, surrogate, temperature, window, hard_k, chunk_size, kernel)
     return num / cnt.clamp(min=1).to(num.dtype)
 
 
-__all__ = ["penalty", "KendallAllPairs", "KendallAllPairsTriton", "all_pairs_sums", "window_pairs", "window_sums",
-           "hard_k_sums", "kendall_sums", "kendall_direction"]
+__all__ = [
+    "penalty",
+    "KendallAllPairs",
+    "KendallAllPairsTriton",
+    "all_pairs_sums",
+    "window_pairs",
+    "window_sums",
+    "hard_k_sums",
+    "kendall_sums",
+    "kendall_direction",
+]

@@ -21,10 +21,10 @@ Triton is optional (it ships with CUDA builds of torch); :data:`AVAILABLE` says 
 imported. Kernels compute in the dtype of their (contiguous) inputs: float32 on the GPU, float64
 in the CPU interpreter tests.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Tuple
 
 import torch
 
@@ -90,8 +90,20 @@ if AVAILABLE:
         tl.store(OUT + q * N + offs_m, acc * inv_tau, mask=in_m)
 
     @triton.jit
-    def _kendall_kernel(S, R, NUM, CNT, GRAD, N, gap, inv_temp, SURROGATE: tl.constexpr,
-                        NEED_GRAD: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _kendall_kernel(
+        S,
+        R,
+        NUM,
+        CNT,
+        GRAD,
+        N,
+        gap,
+        inv_temp,
+        SURROGATE: tl.constexpr,
+        NEED_GRAD: tl.constexpr,
+        BLOCK_J: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         q = tl.program_id(0)
         offs_m = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
         in_m = offs_m < N
@@ -143,7 +155,7 @@ def supported(S: torch.Tensor) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _grid(Q: int, N: int) -> Tuple[int, int]:
+def _grid(Q: int, N: int) -> tuple[int, int]:
     return (Q, triton.cdiv(N, BLOCK_J))
 
 
@@ -156,8 +168,7 @@ def sndcg_ranks(S: torch.Tensor, tau: float, clamp: float) -> torch.Tensor:
     Sc = S.detach().to(_compute_dtype(S)).contiguous()
     Q, N = Sc.shape
     r1 = torch.empty_like(Sc)
-    _sndcg_rank_kernel[_grid(Q, N)](Sc, r1, N, 1.0 / tau, clamp, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K,
-                                    num_warps=NUM_WARPS)
+    _sndcg_rank_kernel[_grid(Q, N)](Sc, r1, N, 1.0 / tau, clamp, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
     return r1
 
 
@@ -168,14 +179,15 @@ def sndcg_rank_grad(S: torch.Tensor, g: torch.Tensor, tau: float, clamp: float) 
     gc = g.detach().to(dtype).contiguous()
     Q, N = Sc.shape
     out = torch.empty_like(Sc)
-    _sndcg_grad_kernel[_grid(Q, N)](Sc, gc, out, N, 1.0 / tau, clamp, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K,
-                                    num_warps=NUM_WARPS)
+    _sndcg_grad_kernel[_grid(Q, N)](
+        Sc, gc, out, N, 1.0 / tau, clamp, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS
+    )
     return out
 
 
 def kendall_all_pairs(
     S: torch.Tensor, R: torch.Tensor, gap: float, surrogate: str, temperature: float, need_grad: bool
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per (q, m) penalty sums, valid-pair counts and (optionally) ``dnum/dS``; all (Q, N). No autograd."""
     dtype = _compute_dtype(S)
     Sc = S.detach().to(dtype).contiguous()
@@ -184,7 +196,19 @@ def kendall_all_pairs(
     num = torch.empty_like(Sc)
     cnt = torch.empty_like(Sc)
     grad = torch.empty_like(Sc) if need_grad else num  # placeholder pointer when unused
-    _kendall_kernel[_grid(Q, N)](Sc, Rc, num, cnt, grad, N, gap, 1.0 / temperature,
-                                 SURROGATE=SURROGATE_CODES[surrogate], NEED_GRAD=need_grad, BLOCK_J=BLOCK_J,
-                                 BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
+    _kendall_kernel[_grid(Q, N)](
+        Sc,
+        Rc,
+        num,
+        cnt,
+        grad,
+        N,
+        gap,
+        1.0 / temperature,
+        SURROGATE=SURROGATE_CODES[surrogate],
+        NEED_GRAD=need_grad,
+        BLOCK_J=BLOCK_J,
+        BLOCK_K=BLOCK_K,
+        num_warps=NUM_WARPS,
+    )
     return num, cnt, (grad if need_grad else None)

@@ -15,6 +15,7 @@ kept whole:
 :func:`smooth_ndcg_direction` picks one through :data:`methods.dispatch.DISPATCH`. Same values and gradients as
 the naive form (tests/test_functional.py, tests/test_kernels.py, in float64).
 """
+
 from __future__ import annotations
 
 import math
@@ -161,12 +162,20 @@ def smooth_ndcg_direction(
     """0-d ``mean_q (1 - DCG_q / IDCG_q)`` for query rows Sq (Q, N), gains (Q, N), idcg (Q,); Triton or blocked
     torch as :data:`methods.dispatch.DISPATCH` decides for ``kernel``."""
     return dispatch.DISPATCH.run(
-        Sq, kernel,
+        Sq,
+        kernel,
         triton=lambda: SmoothNDCGDirectionTriton.apply(Sq, gains, idcg, tau, SNDCG_EXPONENT_CLAMP, kernel),
-        blocked=lambda: SmoothNDCGDirection.apply(Sq, gains.to(Sq.dtype), idcg.to(Sq.dtype), tau, chunk,
-                                                  SNDCG_EXPONENT_CLAMP),
+        blocked=lambda: SmoothNDCGDirection.apply(
+            Sq, gains.to(Sq.dtype), idcg.to(Sq.dtype), tau, chunk, SNDCG_EXPONENT_CLAMP
+        ),
     )
 
 
-__all__ = ["SNDCG_EXPONENT_CLAMP", "SmoothNDCGDirection", "SmoothNDCGDirectionTriton", "sndcg_rank_grad_blocked",
-           "ideal_dcg", "smooth_ndcg_direction"]
+__all__ = [
+    "SNDCG_EXPONENT_CLAMP",
+    "SmoothNDCGDirection",
+    "SmoothNDCGDirectionTriton",
+    "sndcg_rank_grad_blocked",
+    "ideal_dcg",
+    "smooth_ndcg_direction",
+]

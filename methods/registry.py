@@ -1,7 +1,9 @@
 """Loss families registered by name, so a config selects one with ``loss.family``."""
+
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from torch import nn
 

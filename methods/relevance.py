@@ -5,10 +5,10 @@ images' captions, the label matrix R of the listwise and BCLS losses. Imports to
 :func:`caption_relevance_block` any (I, J) block of it, which the query-row forms
 (:func:`methods.row_losses.caption_relevance_rows`) use. Both are constants: computed under ``no_grad``.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 def caption_relevance(
     caption_emb: torch.Tensor,
     text_emb: torch.Tensor,
-    caption_mask: Optional[torch.Tensor] = None,
+    caption_mask: torch.Tensor | None = None,
     rescale: bool = True,
     validate: bool = True,
 ) -> torch.Tensor:
@@ -58,8 +58,9 @@ def caption_relevance(
     return R
 
 
-def caption_relevance_block(caption_emb: torch.Tensor, text_emb: torch.Tensor, mask: Optional[torch.Tensor],
-                            rescale: bool) -> torch.Tensor:
+def caption_relevance_block(
+    caption_emb: torch.Tensor, text_emb: torch.Tensor, mask: torch.Tensor | None, rescale: bool
+) -> torch.Tensor:
     """(I, J) ``max_k cos(caption_emb[i, k], text_emb[j])`` (then ``(1 + R) / 2`` if ``rescale``), no grad.
 
     caption_emb (I, K, D), text_emb (J, D), mask (I, K) bool or None (True = a real caption).

@@ -19,10 +19,11 @@ Relevance comes as rows too: ``R_i2t`` (Q, N) = R[own, :] (the query images' rel
 ``R_t2i`` (Q, N) the rows the t2i lists are scored with: R.T[own, :] for ``t2i_relevance="transpose"``,
 R[own, :] (= ``R_i2t``) for ``"as_released"`` (see :func:`relevance_lists`).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from collections.abc import Callable
 
 import torch
 
@@ -36,10 +37,11 @@ from methods.relevance import caption_relevance_block
 RankSum = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _check_rows(S_i2t: torch.Tensor, S_t2i: torch.Tensor, own: torch.Tensor) -> Tuple[int, int]:
+def _check_rows(S_i2t: torch.Tensor, S_t2i: torch.Tensor, own: torch.Tensor) -> tuple[int, int]:
     if S_i2t.dim() != 2 or tuple(S_i2t.shape) != tuple(S_t2i.shape):
-        raise ValueError(f"S_i2t and S_t2i must be (Q, N) of the same shape, got {tuple(S_i2t.shape)} "
-                         f"and {tuple(S_t2i.shape)}")
+        raise ValueError(
+            f"S_i2t and S_t2i must be (Q, N) of the same shape, got {tuple(S_i2t.shape)} and {tuple(S_t2i.shape)}"
+        )
     Q, N = S_i2t.shape
     if own.dim() != 1 or own.shape[0] != Q:
         raise ValueError(f"own must be ({Q},) column indices, got shape {tuple(own.shape)}")
@@ -57,8 +59,15 @@ def _own_mask(own: torch.Tensor, N: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _triplet_direction(Sq: torch.Tensor, own: torch.Tensor, excluded: torch.Tensor, margin: float, mining: str,
-                       tau: TensorOrFloat, eps: float) -> torch.Tensor:
+def _triplet_direction(
+    Sq: torch.Tensor,
+    own: torch.Tensor,
+    excluded: torch.Tensor,
+    margin: float,
+    mining: str,
+    tau: TensorOrFloat,
+    eps: float,
+) -> torch.Tensor:
     """(Q,) per-anchor loss of one direction: anchor q's list Sq[q] (Q, N), positive at column own[q]."""
     d = Sq.gather(1, own.unsqueeze(1))  # (Q, 1): S of each anchor's own pair
     h = (margin - d + Sq).clamp(min=0).masked_fill(excluded, 0.0)
@@ -81,7 +90,7 @@ def triplet_rows(
     own: torch.Tensor,
     margin: float = 0.2,
     mining: str = "hardest",
-    positives: Optional[torch.Tensor] = None,
+    positives: torch.Tensor | None = None,
     tau: TensorOrFloat = 0.05,
     eps: float = SELHN_DEFAULT_EPS,
 ) -> torch.Tensor:
@@ -122,8 +131,9 @@ def _fill_own(R: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
     return R
 
 
-def relevance_lists(R: torch.Tensor, own: torch.Tensor, t2i_relevance: str = "transpose"
-                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+def relevance_lists(
+    R: torch.Tensor, own: torch.Tensor, t2i_relevance: str = "transpose"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(R_i2t, R_t2i)``, both (Q, N), from an exact (N, N) relevance (rows = images, columns = texts).
 
     R_i2t = R[own, :], R_t2i = R[:, own].T (``"transpose"``) or R_i2t (``"as_released"``); own entries set to 1
@@ -140,10 +150,10 @@ def caption_relevance_rows(
     caption_emb: torch.Tensor,
     text_emb: torch.Tensor,
     own: torch.Tensor,
-    caption_mask: Optional[torch.Tensor] = None,
+    caption_mask: torch.Tensor | None = None,
     rescale: bool = True,
     t2i_relevance: str = "transpose",
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`~methods.functional.caption_relevance` (RSC) for Q query rows: ``(R_i2t, R_t2i)``, both (Q, N).
 
     R_i2t[q, j] = max cosine of the captions of query image own[q] with text j: (Q, K, N) work.
@@ -157,11 +167,14 @@ def caption_relevance_rows(
     """
     check_t2i(t2i_relevance)
     if caption_emb.dim() != 3 or text_emb.dim() != 2 or text_emb.shape[0] != caption_emb.shape[0]:
-        raise ValueError(f"caption_emb must be (N, K, D) and text_emb (N, D), got {tuple(caption_emb.shape)} "
-                         f"and {tuple(text_emb.shape)}")
+        raise ValueError(
+            f"caption_emb must be (N, K, D) and text_emb (N, D), got {tuple(caption_emb.shape)} "
+            f"and {tuple(text_emb.shape)}"
+        )
     mask = None if caption_mask is None else caption_mask.to(device=caption_emb.device, dtype=torch.bool)
-    R_i2t = _fill_own(caption_relevance_block(caption_emb[own], text_emb, None if mask is None else mask[own],
-                                              rescale), own)
+    R_i2t = _fill_own(
+        caption_relevance_block(caption_emb[own], text_emb, None if mask is None else mask[own], rescale), own
+    )
     if t2i_relevance == "as_released":
         return R_i2t, R_i2t
     R_t2i = caption_relevance_block(caption_emb, text_emb[own], mask, rescale).t().contiguous()
@@ -173,10 +186,11 @@ def caption_relevance_rows(
 # ---------------------------------------------------------------------------------------------
 
 
-def _lists(S_i2t: torch.Tensor, S_t2i: torch.Tensor, R_i2t: torch.Tensor, R_t2i: torch.Tensor) -> Tuple[int, int]:
+def _lists(S_i2t: torch.Tensor, S_t2i: torch.Tensor, R_i2t: torch.Tensor, R_t2i: torch.Tensor) -> tuple[int, int]:
     if S_i2t.dim() != 2 or tuple(S_i2t.shape) != tuple(S_t2i.shape):
-        raise ValueError(f"S_i2t and S_t2i must be (Q, N) of the same shape, got {tuple(S_i2t.shape)} "
-                         f"and {tuple(S_t2i.shape)}")
+        raise ValueError(
+            f"S_i2t and S_t2i must be (Q, N) of the same shape, got {tuple(S_i2t.shape)} and {tuple(S_t2i.shape)}"
+        )
     check_same_shape(S_i2t, R_i2t, "R_i2t")
     check_same_shape(S_i2t, R_t2i, "R_t2i")
     Q, N = S_i2t.shape
@@ -189,7 +203,7 @@ def smooth_ndcg_rows(
     R_i2t: torch.Tensor,
     R_t2i: torch.Tensor,
     tau: float = 0.01,
-    chunk_size: Optional[int] = None,
+    chunk_size: int | None = None,
     kernel: str = "auto",
 ) -> torch.Tensor:
     """:func:`~methods.functional.smooth_ndcg_loss` for Q query rows (the same blocked / Triton kernels).
@@ -221,10 +235,10 @@ def kendall_rows(
     rank_sum: RankSum,
     gap: float = 0.3,
     surrogate: str = "hinge",
-    window: Optional[int] = None,
-    hard_k: Optional[int] = None,
+    window: int | None = None,
+    hard_k: int | None = None,
     temperature: float = 0.1,
-    chunk_size: Optional[int] = None,
+    chunk_size: int | None = None,
     kernel: str = "auto",
 ) -> torch.Tensor:
     """:func:`~methods.functional.kendall_rank_loss` for Q query rows of N candidates (SW-HS included).
@@ -244,7 +258,7 @@ def kendall_rows(
     Q, N = _lists(S_i2t, S_t2i, R_i2t, R_t2i)
     gap_f, temp_f = kendall_options(gap, surrogate, window, hard_k, temperature, kernel)
 
-    def sums(Sq: torch.Tensor, Rq: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def sums(Sq: torch.Tensor, Rq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         Rc = Rq.detach().to(device=Sq.device, dtype=Sq.dtype).contiguous()
         return kendall_sums(Sq.contiguous(), Rc, gap_f, surrogate, temp_f, window, hard_k, chunk_size, kernel)
 

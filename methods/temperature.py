@@ -1,4 +1,5 @@
 """A softmax temperature owned by a loss family: learnable or fixed, clamped before every forward pass."""
+
 from __future__ import annotations
 
 import torch

@@ -26,12 +26,13 @@ gradients, so DDP averages once per step. With ``scaling.gather_global_batch`` t
 features once (``orchestrator.distributed.global_batch``); the gather's backward hands each rank the gradient of
 its own rows, which is what the re-forwards consume.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import ContextManager
+from contextlib import AbstractContextManager as ContextManager
 
 import torch
 from torch import nn
@@ -55,13 +56,17 @@ def check_exact(model: nn.Module) -> None:
     Their batch statistics would be those of each micro-batch, not of the whole batch, and their running
     statistics would be updated by both the no-grad forward and the re-forward. Call it after ``model.train()``.
     """
-    bad = [name or type(module).__name__ for name, module in model.named_modules()
-           if isinstance(module, _BatchNorm) and module.training]
+    bad = [
+        name or type(module).__name__
+        for name, module in model.named_modules()
+        if isinstance(module, _BatchNorm) and module.training
+    ]
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise InexactAccumulationError(
             f"train.accum_steps > 1 is exact only without train-mode BatchNorm, and this model has {len(bad)} "
-            f"BatchNorm layer(s) that train ({shown}): use accum_steps 1, or lock that tower")
+            f"BatchNorm layer(s) that train ({shown}): use accum_steps 1, or lock that tower"
+        )
 
 
 class RngState:
@@ -88,8 +93,15 @@ class FeatureCache:
     buys (with dropout the result is then no longer exact).
     """
 
-    def __init__(self, forward: Forward, steps: int, *, device: torch.device,
-                 autocast: Callable[[], ContextManager] = contextlib.nullcontext, replay_rng: bool = True) -> None:
+    def __init__(
+        self,
+        forward: Forward,
+        steps: int,
+        *,
+        device: torch.device,
+        autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+        replay_rng: bool = True,
+    ) -> None:
         if steps < 2:
             raise ValueError(f"feature caching needs at least 2 micro-batches, got {steps}")
         self.forward, self.steps, self.device = forward, steps, device
@@ -151,8 +163,14 @@ class FeatureCache:
             self._inputs, self._rng, self._leaves, self._after, self.model = [], [], {}, None, None
 
 
-def feature_cache(model: nn.Module, forward: Forward, accum_steps: int, *, device: torch.device,
-                  autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> FeatureCache | None:
+def feature_cache(
+    model: nn.Module,
+    forward: Forward,
+    accum_steps: int,
+    *,
+    device: torch.device,
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+) -> FeatureCache | None:
     """The training loop's ``FeatureCache`` for ``train.accum_steps`` (``None`` for 1: the plain step).
 
     Checks exactness once, with the model in train mode as it trains: ``UserError`` (field

@@ -1,12 +1,14 @@
 """Checkpoint files: written atomically (temp file, then rename), read with ``weights_only=True``."""
+
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import torch
 

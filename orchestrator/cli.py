@@ -1,4 +1,5 @@
 """The ``itr`` command line. Bad input exits 2 with one line naming the file and field (``--debug``: traceback)."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,8 +7,8 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from orchestrator.errors import UserError
 from orchestrator.ui_server import ui_command  # the argv ``itr ui`` runs (re-exported for tests)
@@ -63,8 +64,7 @@ def cmd_teachers(args: argparse.Namespace) -> int:
     if cfg.teachers.image is None and cfg.teachers.text is None:
         from orchestrator.errors import UserError as _UE
 
-        raise _UE("no teacher configured (set teachers.image and/or teachers.text)", path=args.config,
-                  field="teachers")
+        raise _UE("no teacher configured (set teachers.image and/or teachers.text)", path=args.config, field="teachers")
     if cfg.teachers.backend == "ray":
         from orchestrator.run import init_ray
 
@@ -73,9 +73,17 @@ def cmd_teachers(args: argparse.Namespace) -> int:
     rows = []
     for role, feats in found.items():
         for side, stats in feats.stats.items():
-            rows.append({"split": role, "teacher": side, "items": stats.total, "computed": stats.computed,
-                         "reused": stats.reused, "seconds": float(stats.seconds),
-                         "features": str(feats.view_dirs.get(side, ""))})
+            rows.append(
+                {
+                    "split": role,
+                    "teacher": side,
+                    "items": stats.total,
+                    "computed": stats.computed,
+                    "reused": stats.reused,
+                    "seconds": float(stats.seconds),
+                    "features": str(feats.view_dirs.get(side, "")),
+                }
+            )
     print(format_table(rows, ["split", "teacher", "items", "computed", "reused", "seconds", "features"]))
     return 0
 
@@ -98,13 +106,30 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             init_ray()
         for role, feats in prepare_teacher_features(cfg, roles=roles).items():
             for side, st in feats.stats.items():
-                rows.append({"split": role, "cache": f"{side} teacher", "items": st.total, "computed": st.computed,
-                             "reused": st.reused, "seconds": float(st.seconds),
-                             "where": str(feats.view_dirs.get(side, ""))})
+                rows.append(
+                    {
+                        "split": role,
+                        "cache": f"{side} teacher",
+                        "items": st.total,
+                        "computed": st.computed,
+                        "reused": st.reused,
+                        "seconds": float(st.seconds),
+                        "where": str(feats.view_dirs.get(side, "")),
+                    }
+                )
     for role, towers in prepare_tower_features(cfg, roles=roles).items():
         for side, st in towers.stats.items():
-            rows.append({"split": role, "cache": f"locked {side} tower", "items": st.total, "computed": st.computed,
-                         "reused": st.reused, "seconds": float(st.seconds), "where": str(st.view_dir)})
+            rows.append(
+                {
+                    "split": role,
+                    "cache": f"locked {side} tower",
+                    "items": st.total,
+                    "computed": st.computed,
+                    "reused": st.reused,
+                    "seconds": float(st.seconds),
+                    "where": str(st.view_dir),
+                }
+            )
     if cfg.data.resolved_format == "webdataset" and "train" in roles and cfg.data.train_samples is None:
         import time
 
@@ -113,12 +138,29 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         t0, paths = time.perf_counter(), shard_paths(cfg.data.shards)
         known = len(recorded_counts(paths))  # the epoch length: shards without a recorded count are counted once
         shards = open_shards(cfg.data)
-        rows.append({"split": "train", "cache": "shard sample counts", "items": len(paths),
-                     "computed": len(paths) - known, "reused": known, "seconds": time.perf_counter() - t0,
-                     "where": str(paths[0].parent / SIZES_FILE) + f" ({shards.num_samples} samples)"})
+        rows.append(
+            {
+                "split": "train",
+                "cache": "shard sample counts",
+                "items": len(paths),
+                "computed": len(paths) - known,
+                "reused": known,
+                "seconds": time.perf_counter() - t0,
+                "where": str(paths[0].parent / SIZES_FILE) + f" ({shards.num_samples} samples)",
+            }
+        )
     for role, st in prepare_image_cache(cfg, roles=roles).items():
-        rows.append({"split": role, "cache": "decoded images", "items": st.images, "computed": st.computed,
-                     "reused": st.reused, "seconds": float(st.seconds), "where": str(st.store)})
+        rows.append(
+            {
+                "split": role,
+                "cache": "decoded images",
+                "items": st.images,
+                "computed": st.computed,
+                "reused": st.reused,
+                "seconds": float(st.seconds),
+                "where": str(st.store),
+            }
+        )
     if not rows:
         print("nothing to prepare: no teacher, no cached locked tower, and data.image_cache is not decoded")
         return 0
@@ -153,10 +195,13 @@ def cmd_write_shards(args: argparse.Namespace) -> int:
     role = {data.train_split: "train", data.val_split: "val", data.test_split: "test"}.get(args.split)
     if role is None:
         raise UserError(f"unknown split {args.split!r} (train, val or test)", field="--split")
-    written = write_shards(load_split(data, role), Path(args.out), shard_size=args.shard_size, prefix=args.prefix,
-                           captions=args.captions)
-    print(f"wrote {sum(written.counts)} samples in {len(written.paths)} shards; train on them with\n"
-          f"  data.shards: {written.pattern}")
+    written = write_shards(
+        load_split(data, role), Path(args.out), shard_size=args.shard_size, prefix=args.prefix, captions=args.captions
+    )
+    print(
+        f"wrote {sum(written.counts)} samples in {len(written.paths)} shards; train on them with\n"
+        f"  data.shards: {written.pattern}"
+    )
     return 0
 
 
@@ -166,11 +211,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from orchestrator.storage import is_uri
 
     opts = EvalOptions(
-        split=args.split or ("test" if args.eccv else "val"), folds=args.folds, eccv=args.eccv, eccv_k=args.eccv_k,
-        graded=args.graded, relevance=args.relevance, relevance_aggregation=args.relevance_agg,
+        split=args.split or ("test" if args.eccv else "val"),
+        folds=args.folds,
+        eccv=args.eccv,
+        eccv_k=args.eccv_k,
+        graded=args.graded,
+        relevance=args.relevance,
+        relevance_aggregation=args.relevance_agg,
         kendall_candidates=args.kendall_candidates,
         image_folder=Path(args.image_folder) if args.image_folder else None,
-        sts=Path(args.sts) if args.sts else None, report_dir=Path(args.report_dir) if args.report_dir else None,
+        sts=Path(args.sts) if args.sts else None,
+        report_dir=Path(args.report_dir) if args.report_dir else None,
         export_embeddings=Path(args.export_embeddings) if args.export_embeddings else None,
         json_out=Path(args.json) if args.json else None,
     )
@@ -221,25 +272,35 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     space = load_space(args.space, args.set)
     if args.dry_run:
-        print(f"sweep {args.name or space.name}: {space.num_trials} trial(s) of {', '.join(space.varied)}; "
-              f"metric {space.metric} ({space.mode}); scheduler {space.spec.scheduler.type}; base "
-              f"{space.base_source}")
+        print(
+            f"sweep {args.name or space.name}: {space.num_trials} trial(s) of {', '.join(space.varied)}; "
+            f"metric {space.metric} ({space.mode}); scheduler {space.spec.scheduler.type}; base "
+            f"{space.base_source}"
+        )
         return 0
     try:
-        result = run_sweep(space, resume=args.resume, name=args.name, verbose=1 if args.verbose else 0,
-                           progress=not args.quiet)
+        result = run_sweep(
+            space, resume=args.resume, name=args.name, verbose=1 if args.verbose else 0, progress=not args.quiet
+        )
     except KeyboardInterrupt:
-        print(f"\nsweep interrupted; continue it with: itr sweep {args.space} --resume"
-              + (f" --name {args.name}" if args.name else ""), file=sys.stderr)
+        print(
+            f"\nsweep interrupted; continue it with: itr sweep {args.space} --resume"
+            + (f" --name {args.name}" if args.name else ""),
+            file=sys.stderr,
+        )
         raise
     print()
-    print(f"sweep {result.name}: {len(result.records)} trial(s), metric {space.metric} ({space.mode}), "
-          f"{result.wall_s:.0f} s" + (" (resumed)" if result.resumed else ""))
+    print(
+        f"sweep {result.name}: {len(result.records)} trial(s), metric {space.metric} ({space.mode}), "
+        f"{result.wall_s:.0f} s" + (" (resumed)" if result.resumed else "")
+    )
     print(leaderboard.format_table(result.table) if result.table else "(no leaderboard: tracking is disabled)")
     print(f"\nsweep folder: {result.path}")
     if result.parent_run_id:
-        print(f"MLflow parent run {result.parent_run_id} in {result.tracking_uri} "
-              f"(leaderboard.csv and plots/ are its artifacts)")
+        print(
+            f"MLflow parent run {result.parent_run_id} in {result.tracking_uri} "
+            f"(leaderboard.csv and plots/ are its artifacts)"
+        )
         print(dashboard_hint(result.tracking_uri))
     finished = sum(1 for r in result.records if r.status in (leaderboard.STATUS_FINISHED, leaderboard.STATUS_STOPPED))
     return 0 if finished or not result.records else 1
@@ -256,8 +317,18 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         print(f"recipe {recipe.name}: runs {', '.join(f'{r.name} ({r.kind})' for r in recipe.runs)}")
         for name, value in recipe.inputs.items():
             print(f"  input {name} = {value}")
-        rows = [{"run": r.run, "metric": r.metric, "reference": r.relative_to or r.value, "tolerance": r.tolerance,
-                 "direction": r.direction, "enforced": r.enforce, "source": r.source} for r in recipe.references]
+        rows = [
+            {
+                "run": r.run,
+                "metric": r.metric,
+                "reference": r.relative_to or r.value,
+                "tolerance": r.tolerance,
+                "direction": r.direction,
+                "enforced": r.enforce,
+                "source": r.source,
+            }
+            for r in recipe.references
+        ]
         print(format_table(rows, ["run", "metric", "reference", "tolerance", "direction", "enforced", "source"]))
         return 0
     report = reproduce(recipe, against_last_pass=args.against_last_pass)
@@ -268,8 +339,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     for name, outcome in report.outcomes.items():
         where = f"MLflow run {outcome.run_id} in {outcome.target.uri}" if outcome.run_id and outcome.target else ""
-        print(f"run {name}: {'FAILED: ' + outcome.error if outcome.error else 'finished'} "
-              f"({outcome.wall_s:.0f} s) {where}".rstrip())
+        print(
+            f"run {name}: {'FAILED: ' + outcome.error if outcome.error else 'finished'} "
+            f"({outcome.wall_s:.0f} s) {where}".rstrip()
+        )
     regressed = sorted({f"{r.run} {r.metric}" for r in report.regressed})
     if report.passed:
         print(f"PASS: {len(report.rows)} metric(s) within tolerance")
@@ -314,22 +387,34 @@ def build_parser() -> argparse.ArgumentParser:
     th.add_argument("--splits", nargs="+", default=["train", "val", "test"], choices=["train", "val", "test"])
     th.set_defaults(func=cmd_teachers)
 
-    pr = sub.add_parser("prepare", help="fill every cache a config reads before training: teacher features, "
-                                        "locked-tower outputs and the decoded-image cache (data.image_cache_dir)")
+    pr = sub.add_parser(
+        "prepare",
+        help="fill every cache a config reads before training: teacher features, "
+        "locked-tower outputs and the decoded-image cache (data.image_cache_dir)",
+    )
     pr.add_argument("config", help="experiment YAML")
     pr.add_argument("--set", action="append", default=[], metavar="a.b=value")
     pr.add_argument("--splits", nargs="+", default=["train", "val", "test"], choices=["train", "val", "test"])
     pr.set_defaults(func=cmd_prepare)
 
-    cf = sub.add_parser("convert-features", help="convert a pickled .npy dict {image_id: array} (CUSA's Unicom "
-                                                 "features) into an .npz (ids, features) for teachers.image: file:")
-    cf.add_argument("input", metavar="IN.npy", help="the pickled dict; read with an unpickler that accepts only "
-                                                    "numpy arrays, dicts, lists, str and int")
+    cf = sub.add_parser(
+        "convert-features",
+        help="convert a pickled .npy dict {image_id: array} (CUSA's Unicom "
+        "features) into an .npz (ids, features) for teachers.image: file:",
+    )
+    cf.add_argument(
+        "input",
+        metavar="IN.npy",
+        help="the pickled dict; read with an unpickler that accepts only numpy arrays, dicts, lists, str and int",
+    )
     cf.add_argument("output", metavar="OUT.npz", help="written atomically; must differ from IN")
     cf.set_defaults(func=cmd_convert_features)
 
-    ws = sub.add_parser("write-shards", help="write a captions_json / karpathy split as webdataset tar shards "
-                                             "({key}.jpg + {key}.json) for data.format: webdataset")
+    ws = sub.add_parser(
+        "write-shards",
+        help="write a captions_json / karpathy split as webdataset tar shards "
+        "({key}.jpg + {key}.json) for data.format: webdataset",
+    )
     ws.add_argument("--root", required=True, help="captions_json: the folder with <split>.json; karpathy: image root")
     ws.add_argument("--annotations", help="karpathy: dataset_coco.json / dataset_flickr30k.json")
     ws.add_argument("--split", default="train", help="the split to write (default train)")
@@ -342,21 +427,35 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="retrieval metrics of a checkpoint on a split")
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a checkpoint folder or its model.pt")
-    src.add_argument("--embeddings", metavar="EMB.npz",
-                     help="evaluate exported embeddings instead (recall, --folds, --eccv, --report-dir)")
+    src.add_argument(
+        "--embeddings",
+        metavar="EMB.npz",
+        help="evaluate exported embeddings instead (recall, --folds, --eccv, --report-dir)",
+    )
     e.add_argument("--split", choices=["train", "val", "test"], help="default val (test with --eccv)")
     e.add_argument("--config", help="use this config instead of the one stored in the checkpoint")
     e.add_argument("--set", action="append", default=[], metavar="a.b=value")
     e.add_argument("--folds", type=int, metavar="N", help="also average over N image folds (COCO 1K: 5)")
-    e.add_argument("--eccv", action="store_true",
-                   help="ECCV Caption / CxC / COCO 1K+5K metrics (COCO 5K test split by COCO id; eccv-caption)")
+    e.add_argument(
+        "--eccv",
+        action="store_true",
+        help="ECCV Caption / CxC / COCO 1K+5K metrics (COCO 5K test split by COCO id; eccv-caption)",
+    )
     e.add_argument("--eccv-k", type=int, default=100, metavar="K", help="ranked list length for --eccv (>= 50)")
     e.add_argument("--graded", action="store_true", help="NDCG@10/25/all and Kendall's tau on graded relevance")
-    e.add_argument("--relevance", choices=["auto", "exact", "teacher"], default="auto",
-                   help="--graded relevance: the data's exact one, or the text teacher's caption similarity")
+    e.add_argument(
+        "--relevance",
+        choices=["auto", "exact", "teacher"],
+        default="auto",
+        help="--graded relevance: the data's exact one, or the text teacher's caption similarity",
+    )
     e.add_argument("--relevance-agg", choices=["max", "mean"], help="default: eval.relevance_aggregation")
-    e.add_argument("--kendall-candidates", type=int, metavar="N",
-                   help="Kendall's tau over N random candidates per direction (a fast estimate on big galleries)")
+    e.add_argument(
+        "--kendall-candidates",
+        type=int,
+        metavar="N",
+        help="Kendall's tau over N random candidates per direction (a fast estimate on big galleries)",
+    )
     e.add_argument("--image-folder", metavar="DIR|LIST", help="image->image R@1 (class = subfolder, or a list file)")
     e.add_argument("--sts", metavar="PAIRS.tsv", help="STS Spearman on sentence pairs with gold scores")
     e.add_argument("--report-dir", metavar="DIR", help="write recall curves, t-SNE, case study and metrics.json")
@@ -366,26 +465,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("sweep", help="run a Ray Tune search over a search space (search_spaces/*.yaml)")
     w.add_argument("space", help="search space YAML (see search_spaces/)")
-    w.add_argument("--resume", action="store_true",
-                   help="continue the interrupted sweep of this space (an error if there is none); "
-                        "rerunning without it also continues one that exists")
-    w.add_argument("--name", help="sweep name (default: the space's name or file stem); names the folder "
-                                  "<train.output_dir>/sweeps/<name>")
-    w.add_argument("--set", action="append", default=[], metavar="a.b=value",
-                   help="override a field of the base config (not a swept one)")
+    w.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted sweep of this space (an error if there is none); "
+        "rerunning without it also continues one that exists",
+    )
+    w.add_argument(
+        "--name",
+        help="sweep name (default: the space's name or file stem); names the folder <train.output_dir>/sweeps/<name>",
+    )
+    w.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="a.b=value",
+        help="override a field of the base config (not a swept one)",
+    )
     w.add_argument("--dry-run", action="store_true", help="validate the space and print the plan; run nothing")
     w.add_argument("--quiet", action="store_true", help="no per-epoch progress lines (itr -v sweep: Tune's tables too)")
     w.set_defaults(func=cmd_sweep)
 
-    r = sub.add_parser("reproduce", help="run a recipe (recipes/*.yaml) and compare it with its reference table; "
-                                         "exit 1 on a regression")
+    r = sub.add_parser(
+        "reproduce",
+        help="run a recipe (recipes/*.yaml) and compare it with its reference table; exit 1 on a regression",
+    )
     r.add_argument("recipe", help="recipe YAML (see recipes/)")
     r.add_argument("--set", action="append", default=[], metavar="a.b=value", help="override a field of every run")
-    r.add_argument("--input", action="append", default=[], metavar="NAME=PATH",
-                   help="supply one of the recipe's inputs (data, weights); default: its env variable")
+    r.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="supply one of the recipe's inputs (data, weights); default: its env variable",
+    )
     r.add_argument("--run", action="append", default=[], metavar="NAME", help="run only this run of the recipe")
-    r.add_argument("--against-last-pass", action="store_true",
-                   help="compare with the last passing reproduction of this recipe in MLflow instead of the paper")
+    r.add_argument(
+        "--against-last-pass",
+        action="store_true",
+        help="compare with the last passing reproduction of this recipe in MLflow instead of the paper",
+    )
     r.add_argument("--dry-run", action="store_true", help="validate the recipe and its inputs; run nothing")
     r.set_defaults(func=cmd_reproduce)
 

@@ -7,6 +7,7 @@ the concatenated batch (scale 1). With ``scaling.local_loss`` each rank computes
 rows (see ``methods.EmbeddingBatch.query_rows``); the families average so that the mean over ranks of the local
 losses is the global loss, which keeps the scale at 1.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -66,9 +67,9 @@ def local_rows(batch_size: int) -> slice:
     return slice(rank * batch_size, (rank + 1) * batch_size)
 
 
-def global_batch(emb: dict[str, torch.Tensor], image_ids: torch.Tensor, caption_ids: torch.Tensor, *,
-                 gather: bool, local_loss: bool
-                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, slice | None]:
+def global_batch(
+    emb: dict[str, torch.Tensor], image_ids: torch.Tensor, caption_ids: torch.Tensor, *, gather: bool, local_loss: bool
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, slice | None]:
     """What the loss sees: this rank's batch, or (``gather``) the gathered one with the rows it computes.
 
     Returns ``(emb, image_ids, caption_ids, query_rows)``; ``query_rows`` is None unless ``local_loss`` and
@@ -134,8 +135,9 @@ class MetricSums:
         names = self.names + list(snapshot)
         values = [] if self.total is None else [self.total / max(self.steps, 1)]
         if snapshot:
-            values.append(torch.stack([v.detach().reshape(()).to(self.device, torch.float64)
-                                       for v in snapshot.values()]))
+            values.append(
+                torch.stack([v.detach().reshape(()).to(self.device, torch.float64) for v in snapshot.values()])
+            )
         if not values:
             return {}
         total = torch.cat(values)

@@ -5,14 +5,16 @@ the step checkpoints between them, and the epoch's rank-averaged train metrics.
 :meth:`~EpochRunner.train_one_epoch` is the epoch body. The run's counters that a checkpoint resumes (global step,
 best score, the untrained model's metrics) live in :class:`RunCounters`.
 """
+
 from __future__ import annotations
 
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -83,8 +85,9 @@ class EpochRunner:
         if self.save_step is None and self.cfg.train.checkpoint_every_steps:
             log.warning("train.checkpoint_every_steps: this backend keeps epoch checkpoints only")
 
-    def train_one_epoch(self, epoch: int, *, first: int = 0, rng: dict[str, Any] | None = None,
-                        sums_state: dict[str, Any] | None = None) -> dict[str, float]:
+    def train_one_epoch(
+        self, epoch: int, *, first: int = 0, rng: dict[str, Any] | None = None, sums_state: dict[str, Any] | None = None
+    ) -> dict[str, float]:
         """Steps ``first`` .. ``steps_per_epoch - 1`` of ``epoch`` (``first`` > 0: a step checkpoint's epoch, with
         its RNG states ``rng`` and metric sums ``sums_state``); returns the epoch's train metrics, averaged over
         steps and ranks (one all-reduce)."""
@@ -95,16 +98,27 @@ class EpochRunner:
         restore_sums(sums, sums_state)
         clock, skipped_before = StepClock(), self.skipped.count  # host time: waiting for batches vs the steps
         t0 = time.perf_counter()
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step",
-                   leave=False, disable=not getattr(self.session, "progress", False) or self.session.rank != 0)
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+            unit="step",
+            leave=False,
+            disable=not getattr(self.session, "progress", False) or self.session.rank != 0,
+        )
 
         def checkpoint(done: int) -> None:
             self._step_checkpoint(epoch, done, sums)
             clock.resume()  # checkpoint time is not time waiting for data
 
-        for step, batch in run_steps(self.loader, start=first, stop=self.steps_per_epoch, save=checkpoint,
-                                     every=cfg.train.checkpoint_every_steps,
-                                     global_step=lambda: self.counters.global_step, rng=rng):
+        for step, batch in run_steps(
+            self.loader,
+            start=first,
+            stop=self.steps_per_epoch,
+            save=checkpoint,
+            every=cfg.train.checkpoint_every_steps,
+            global_step=lambda: self.counters.global_step,
+            rng=rng,
+        ):
             clock.arrived()
             out = self._step(epoch, step, batch)
             sums.add({"train/loss": out.total, **{f"train/{name}": v for name, v in out.terms.items()}})
@@ -131,8 +145,9 @@ class EpochRunner:
             else:  # leaves that require grad: the loss's backward below fills their gradients
                 emb = self.accumulation.embed(self.train_model, batch.images, batch.tokens)
         # gathered with gradients (scale 1 after DDP averaging); with local_loss, this rank's query rows
-        emb, image_ids, _, rows = global_batch(emb, batch.image_index, batch.caption_index, gather=self.gather,
-                                               local_loss=cfg.scaling.local_loss)
+        emb, image_ids, _, rows = global_batch(
+            emb, batch.image_index, batch.caption_index, gather=self.gather, local_loss=cfg.scaling.local_loss
+        )
         # row-wise inputs were built for this rank's rows: gathered like the ids (a collective, no host sync)
         extras = gather_row_inputs(batch.extras, gather_no_grad) if self.gather else batch.extras
         out = self.loss_fn(EmbeddingBatch(image_ids=image_ids, **emb, **extras, query_rows=rows))
@@ -147,8 +162,9 @@ class EpochRunner:
         # DDP would reject without find_unused_parameters): one all-reduce averages theirs.
         average_gradients(self.loss_params)
         if cfg.train.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
-                                           cfg.train.grad_clip)
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in self.optimizer.param_groups for p in g["params"]], cfg.train.grad_clip
+            )
         self.optimizer.step()
         self.scheduler.step()
         self.counters.global_step += 1
@@ -166,23 +182,39 @@ class EpochRunner:
                 save_rank_state(Path(tmp), rank, sums)
             self.save_step(Path(tmp), epoch, done)  # every rank, at the same step (Ray Train: all ranks report)
 
-    def save_checkpoint(self, directory: Path, *, epoch: int, position: tuple[int, int] | None = None,
-                        sums: MetricSums | None = None) -> None:
+    def save_checkpoint(
+        self, directory: Path, *, epoch: int, position: tuple[int, int] | None = None, sums: MetricSums | None = None
+    ) -> None:
         """The run's checkpoint into ``directory``: ``epoch`` the last complete one (see ``save_checkpoint``)."""
         c = self.counters
-        save_checkpoint(directory, model=self.model, loss_fn=self.loss_fn, optimizer=self.optimizer,
-                        scheduler=self.scheduler, epoch=epoch, global_step=c.global_step, best=c.best,
-                        cfg=self.cfg, initial=c.initial, position=position, sums=sums)
+        save_checkpoint(
+            directory,
+            model=self.model,
+            loss_fn=self.loss_fn,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            epoch=epoch,
+            global_step=c.global_step,
+            best=c.best,
+            cfg=self.cfg,
+            initial=c.initial,
+            position=position,
+            sums=sums,
+        )
 
-    def _epoch_metrics(self, epoch: int, sums: MetricSums, clock: StepClock, skipped_before: int,
-                       t0: float) -> dict[str, float]:
+    def _epoch_metrics(
+        self, epoch: int, sums: MetricSums, clock: StepClock, skipped_before: int, t0: float
+    ) -> dict[str, float]:
         """The epoch's train metrics. One all-reduce: the step means, the temperatures and the pipeline figures,
         averaged over ranks (identical ranks log rank 0's checkpointed temperatures; drifted ones would not)."""
-        temperatures = {f"train/temperature/{name.replace('.value', '')}": v
-                        for name, v in self.loss_fn.temperatures().items()}
-        pipeline = {"train/data_wait_fraction": clock.data_wait_fraction,  # per rank; averaged over ranks
-                    "train/pairs_per_s": clock.pairs_per_s(self.pairs_per_step),
-                    "train/skipped_images": float(self.skipped.count - skipped_before)}
+        temperatures = {
+            f"train/temperature/{name.replace('.value', '')}": v for name, v in self.loss_fn.temperatures().items()
+        }
+        pipeline = {
+            "train/data_wait_fraction": clock.data_wait_fraction,  # per rank; averaged over ranks
+            "train/pairs_per_s": clock.pairs_per_s(self.pairs_per_step),
+            "train/skipped_images": float(self.skipped.count - skipped_before),
+        }
         snapshot = {k: torch.tensor(v, dtype=torch.float64) for k, v in {**temperatures, **pipeline}.items()}
         metrics = sums.means(snapshot=snapshot)
         metrics["train/skipped_images"] = round(metrics["train/skipped_images"] * self.session.world_size)

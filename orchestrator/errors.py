@@ -1,4 +1,5 @@
 """User-facing errors: bad input that the CLI reports in one line and exits 2 for."""
+
 from __future__ import annotations
 
 

@@ -6,13 +6,14 @@ after a bounded flush, a sweep saving its state) handles it as it handles Ctrl-C
 :func:`deferred` holds SIGTERM and SIGINT back while a block that must not be cut in half runs (publishing a
 checkpoint folder); an interruption that a library wrapped in its own error is found by :func:`interruption_in`.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import signal
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,10 @@ def sigterm_between_steps() -> Iterator[HeldSigterm]:
     no step (an optimiser update) is cut in half. Elsewhere (no SIGTERM handler of ours, another thread) it
     changes nothing and ``received`` stays false."""
     held = HeldSigterm()
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not _raise_terminated:
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not _raise_terminated
+    ):
         yield held
         return
 
@@ -92,8 +95,11 @@ def deferred() -> Iterator[None]:
         yield
         return
     received: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
-                for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) is not None}  # None: set from C
+    previous = {
+        s: signal.signal(s, lambda signum, frame: received.append(signum))
+        for s in (signal.SIGTERM, signal.SIGINT)
+        if signal.getsignal(s) is not None
+    }  # None: set from C
     try:
         yield
     finally:

@@ -4,15 +4,17 @@ table, and matplotlib (Agg) plots: the metric against each varied parameter and 
 The rows are read back from MLflow (the sweep's nested child runs), so a resumed sweep's leaderboard covers
 every trial however many driver processes it took.
 """
+
 from __future__ import annotations
 
 import csv
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 STATUS_FINISHED = "finished"
 STATUS_STOPPED = "stopped early"
@@ -25,7 +27,7 @@ STATUS_RUNNING = "running"
 class TrialRecord:
     trial_id: str
     params: dict[str, Any]
-    curve: list[tuple[int, float]]          # (epoch, metric) in epoch order
+    curve: list[tuple[int, float]]  # (epoch, metric) in epoch order
     epochs_run: int
     status: str
     run_id: str | None = None
@@ -61,13 +63,23 @@ def records_from_mlflow(target, parent_run_id: str, metric: str) -> list[TrialRe
         curve = sorted(tracking.metric_history(target, run.info.run_id, metric))
         epochs = {step for step, _ in tracking.metric_history(target, run.info.run_id, "epoch")}
         params = json.loads(tags.get("itr.varied", "{}"))
-        out.append(TrialRecord(trial_id=tags["itr.trial_id"], params=params, curve=curve, epochs_run=len(epochs),
-                               status=_status(run), run_id=run.info.run_id, failure=tags.get("itr.failure")))
+        out.append(
+            TrialRecord(
+                trial_id=tags["itr.trial_id"],
+                params=params,
+                curve=curve,
+                epochs_run=len(epochs),
+                status=_status(run),
+                run_id=run.info.run_id,
+                failure=tags.get("itr.failure"),
+            )
+        )
     return out
 
 
 def rank(records: Sequence[TrialRecord], mode: str) -> list[TrialRecord]:
     """Best first; trials that never reported the metric last (in trial order)."""
+
     def key(r: TrialRecord):
         value, _ = r.best(mode)
         missing = not math.isfinite(value)
@@ -133,13 +145,22 @@ def _is_numeric(values: Sequence[Any]) -> bool:
 
 
 def _label(r: TrialRecord, varied: Sequence[str]) -> str:
-    parts = [f"{k.split('.')[-1]}={_cell(r.params[k]) if isinstance(r.params.get(k), float) else r.params.get(k)}"
-             for k in varied if k in r.params]
+    parts = [
+        f"{k.split('.')[-1]}={_cell(r.params[k]) if isinstance(r.params.get(k), float) else r.params.get(k)}"
+        for k in varied
+        if k in r.params
+    ]
     return ", ".join(parts) or r.trial_id
 
 
-def make_plots(records: Sequence[TrialRecord], varied: Sequence[str], metric: str, mode: str, out_dir: Path,
-               log_scale: Sequence[str] = ()) -> list[Path]:
+def make_plots(
+    records: Sequence[TrialRecord],
+    varied: Sequence[str],
+    metric: str,
+    mode: str,
+    out_dir: Path,
+    log_scale: Sequence[str] = (),
+) -> list[Path]:
     """PNG files in ``out_dir``: ``<metric>_vs_<param>.png`` for each varied parameter (a strip plot with the mean
     as a bar for categorical values, a scatter for numeric ones; log x for ``log_scale`` params) and
     ``learning_curves.png`` (the metric per epoch of every trial; dashed: stopped early, x: failed/killed)."""
@@ -160,8 +181,11 @@ def make_plots(records: Sequence[TrialRecord], varied: Sequence[str], metric: st
             continue
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
         xs = [p[0] for p in points]
-        if _is_numeric(xs) and len(set(xs)) > 1 and not (len(set(xs)) <= 4 and all(float(x).is_integer() for x in xs)
-                                                          and key.endswith("seed")):
+        if (
+            _is_numeric(xs)
+            and len(set(xs)) > 1
+            and not (len(set(xs)) <= 4 and all(float(x).is_integer() for x in xs) and key.endswith("seed"))
+        ):
             colors = ["tab:orange" if p[2].status == STATUS_STOPPED else "tab:blue" for p in points]
             ax.scatter(xs, [p[1] for p in points], c=colors, alpha=0.8, edgecolors="black", linewidths=0.5)
             if key in log_scale or (min(xs) > 0 and max(xs) / min(xs) >= 100):
@@ -172,14 +196,20 @@ def make_plots(records: Sequence[TrialRecord], varied: Sequence[str], metric: st
                 if str(x) not in cats:
                     cats.append(str(x))
             pos = {c: i for i, c in enumerate(cats)}
-            means = [sum(p[1] for p in points if str(p[0]) == c) / sum(1 for p in points if str(p[0]) == c)
-                     for c in cats]
+            means = [
+                sum(p[1] for p in points if str(p[0]) == c) / sum(1 for p in points if str(p[0]) == c) for c in cats
+            ]
             ax.bar(range(len(cats)), means, color="lightsteelblue", edgecolor="steelblue", label="mean")
             n = len(points)
             for i, (x, v, r) in enumerate(points):
                 jitter = ((i % 5) - 2) * 0.06 if n > 1 else 0.0
-                ax.scatter(pos[str(x)] + jitter, v, color="tab:orange" if r.status == STATUS_STOPPED else "black",
-                           s=22, zorder=3)
+                ax.scatter(
+                    pos[str(x)] + jitter,
+                    v,
+                    color="tab:orange" if r.status == STATUS_STOPPED else "black",
+                    s=22,
+                    zorder=3,
+                )
             ax.set_xticks(range(len(cats)))
             ax.set_xticklabels(cats, rotation=20 if max(len(c) for c in cats) > 8 else 0)
             lo = min(p[1] for p in points)
@@ -200,8 +230,9 @@ def make_plots(records: Sequence[TrialRecord], varied: Sequence[str], metric: st
     return paths
 
 
-def curve_styles(records: Sequence[TrialRecord], varied: Sequence[str], mode: str
-                 ) -> list[tuple[TrialRecord, int, str | None]]:
+def curve_styles(
+    records: Sequence[TrialRecord], varied: Sequence[str], mode: str
+) -> list[tuple[TrialRecord, int, str | None]]:
     """(trial, colour index, legend label or None) in drawing order for ``learning_curves_figure``.
 
     A colour per setting (the varied parameters other than the seed), numbered in leaderboard order of each
@@ -232,8 +263,9 @@ def curve_styles(records: Sequence[TrialRecord], varied: Sequence[str], mode: st
     return out
 
 
-def learning_curves_figure(records: Sequence[TrialRecord], varied: Sequence[str], metric: str, mode: str,
-                           path: Path) -> Path:
+def learning_curves_figure(
+    records: Sequence[TrialRecord], varied: Sequence[str], metric: str, mode: str, path: Path
+) -> Path:
     """``metric`` per epoch of every trial, styled by ``curve_styles``: one colour per setting, so the seeds of
     one setting read as a band; dashed with diamonds: stopped early; x: failed / killed. The legend sits right of
     the axes."""
@@ -248,9 +280,18 @@ def learning_curves_figure(records: Sequence[TrialRecord], varied: Sequence[str]
     for r, colour, label in styles:
         stopped = r.status == STATUS_STOPPED
         marker = "x" if r.status in (STATUS_FAILED, STATUS_KILLED) else ("D" if stopped else "o")
-        ax.plot([e for e, _ in r.curve], [v for _, v in r.curve], color=cmap(colour % cmap.N),
-                linestyle="--" if stopped else "-", marker=marker, markersize=6 if stopped else 3,
-                linewidth=1.2, alpha=0.85, zorder=3 if stopped else 2, label=label)
+        ax.plot(
+            [e for e, _ in r.curve],
+            [v for _, v in r.curve],
+            color=cmap(colour % cmap.N),
+            linestyle="--" if stopped else "-",
+            marker=marker,
+            markersize=6 if stopped else 3,
+            linewidth=1.2,
+            alpha=0.85,
+            zorder=3 if stopped else 2,
+            label=label,
+        )
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.set_title(f"learning curves ({metric}; one colour per setting; dashed, diamonds: stopped early)", fontsize=10)

@@ -1,4 +1,5 @@
 """Build a ``methods`` loss family from its validated config section (the only place the two meet)."""
+
 from __future__ import annotations
 
 from torch import nn

@@ -13,11 +13,13 @@ Where the names come from (nothing here is a list to extend by hand):
 
 Core layer: no Ray, no MLflow; torch only through the loss family (``train_metrics``).
 """
+
 from __future__ import annotations
 
 import difflib
 import json
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from orchestrator.errors import UserError
 
@@ -25,13 +27,22 @@ if TYPE_CHECKING:  # config imports this module; the types are only for annotati
     from orchestrator.config import EvalConfig, ExperimentConfig
 
 #: keys the training loop reports every epoch whatever the loss (besides its terms and temperatures)
-LOOP_METRICS = ("train/loss", "train/lr", "train/epoch_time_s", "train/pairs_per_s", "train/data_wait_fraction",
-                "train/skipped_images", "train/steps", "epoch")
+LOOP_METRICS = (
+    "train/loss",
+    "train/lr",
+    "train/epoch_time_s",
+    "train/pairs_per_s",
+    "train/data_wait_fraction",
+    "train/skipped_images",
+    "train/steps",
+    "epoch",
+)
 #: the loop's wall-clock metrics: they differ between two runs that are otherwise identical
 TIMING_METRICS = ("train/epoch_time_s", "train/pairs_per_s", "train/data_wait_fraction")
 #: ECCV Caption / CxC / COCO 1K+5K metrics of ``evaluation.eccv.eccv_metrics`` (each as ``<name>/<i2t|t2i>``)
 ECCV_METRICS = ("eccv_r1", "eccv_map_at_r", "eccv_rprecision") + tuple(
-    f"{p}_r{k}" for p in ("coco_1k", "coco_5k", "cxc") for k in (1, 5, 10))
+    f"{p}_r{k}" for p in ("coco_1k", "coco_5k", "cxc") for k in (1, 5, 10)
+)
 
 _train_cache: dict[str, tuple[str, ...]] = {}
 
@@ -39,16 +50,19 @@ _train_cache: dict[str, tuple[str, ...]] = {}
 def recall_metrics(ks: Iterable[int]) -> list[str]:
     """The keys of ``evaluation.recall.recall_from_ranks`` for these K (unprefixed: ``i2t_r1``, ``rsum``, ...)."""
     ks = [int(k) for k in ks]
-    return ([f"i2t_r{k}" for k in ks] + [f"t2i_r{k}" for k in ks]
-            + ["rsum", "i2t_medr", "t2i_medr", "i2t_meanr", "t2i_meanr"])
+    return (
+        [f"i2t_r{k}" for k in ks]
+        + [f"t2i_r{k}" for k in ks]
+        + ["rsum", "i2t_medr", "t2i_medr", "i2t_meanr", "t2i_meanr"]
+    )
 
 
-def validation_metrics(eval_cfg: "EvalConfig") -> list[str]:
+def validation_metrics(eval_cfg: EvalConfig) -> list[str]:
     """``val/*`` reported by every run of this evaluation section (at least at the last epoch); [] without val."""
     return [f"val/{m}" for m in recall_metrics(eval_cfg.ks)] if "val" in eval_cfg.splits else []
 
 
-def train_metrics(cfg: "ExperimentConfig") -> list[str]:
+def train_metrics(cfg: ExperimentConfig) -> list[str]:
     """``train/*`` (and ``epoch``) of ``cfg``: the loop's own keys, the loss family's terms and temperatures.
 
     Builds the loss module (cheap: no data, no model); the result is cached by the loss section."""
@@ -63,7 +77,7 @@ def train_metrics(cfg: "ExperimentConfig") -> list[str]:
     return list(_train_cache[key])
 
 
-def reported_metrics(cfg: "ExperimentConfig", *, train: bool = True) -> set[str]:
+def reported_metrics(cfg: ExperimentConfig, *, train: bool = True) -> set[str]:
     """Every key the training loop of ``cfg`` reports (the union over its epochs; the last epoch's report holds
     them all). ``train=False`` leaves out ``train/*`` (and ``epoch``), which need the loss module (torch)."""
     val = validation_metrics(cfg.eval)
@@ -93,8 +107,9 @@ def closest(name: str, names: Iterable[str], n: int = 3) -> list[str]:
     return difflib.get_close_matches(name, sorted(set(names)), n=n, cutoff=0.0)
 
 
-def unreported(name: str, names: Iterable[str], *, what: str = "this config",
-               cfg: "ExperimentConfig | None" = None) -> str:
+def unreported(
+    name: str, names: Iterable[str], *, what: str = "this config", cfg: ExperimentConfig | None = None
+) -> str:
     """The message for a metric ``name`` that is not among ``names``: the closest valid ones, and the setting
     of ``cfg`` that leaves it out where that is the reason."""
     names = set(names)
@@ -107,8 +122,9 @@ def unreported(name: str, names: Iterable[str], *, what: str = "this config",
     return f"{name!r} is not reported by {what}{why}{hint}"
 
 
-def require(name: str, names: Iterable[str], *, path: str | None = None, field: str | None = None,
-            what: str = "this config") -> None:
+def require(
+    name: str, names: Iterable[str], *, path: str | None = None, field: str | None = None, what: str = "this config"
+) -> None:
     """A ``UserError`` naming ``path``/``field`` and the closest valid names unless ``name`` is in ``names``."""
     names = set(names)
     if name not in names:

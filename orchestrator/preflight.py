@@ -5,6 +5,7 @@ run: the tracking store is reachable (or a usable SQLite file), ``train.output_d
 splits the loop reads load and verify. Each failure is a ``UserError`` (exit 2, one line) and nothing is written.
 ``check_tracking_uri`` is shared with ``itr ui``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,9 @@ PROBE_TIMEOUT_S = 3.0
 #: The first 16 bytes of every SQLite 3 database file.
 SQLITE_HEADER = b"SQLite format 3\x00"
 #: Tracking URI schemes MLflow ships stores for (database schemes may carry a driver: ``postgresql+psycopg2``).
-KNOWN_SCHEMES = frozenset({"http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks",
-                           "databricks-uc", "uc"})
+KNOWN_SCHEMES = frozenset(
+    {"http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc"}
+)
 
 
 def _plugin_schemes() -> set[str]:
@@ -38,7 +40,7 @@ def _plugin_schemes() -> set[str]:
 def sqlite_file(uri: str) -> Path | None:
     """The database file of a ``sqlite:`` URI (``None`` for an in-memory one); relative to the cwd as SQLAlchemy
     reads it (``sqlite:///rel.db``, ``sqlite:////abs.db``)."""
-    rest = uri[len("sqlite:"):].split("?", 1)[0]
+    rest = uri[len("sqlite:") :].split("?", 1)[0]
     if not rest.startswith("///"):
         return None  # sqlite:// (memory) or a form SQLAlchemy rejects itself
     db = rest[3:]
@@ -58,18 +60,24 @@ def check_sqlite(uri: str, *, field: str | None) -> None:
             with open(db, "rb") as fh:
                 head = fh.read(len(SQLITE_HEADER))
         except OSError as err:
-            raise UserError(f"cannot read the tracking database ({err.strerror or err})", path=str(db),
-                            field=field) from None
+            raise UserError(
+                f"cannot read the tracking database ({err.strerror or err})", path=str(db), field=field
+            ) from None
         if head and head != SQLITE_HEADER:
-            raise UserError("not an SQLite database (it does not start with 'SQLite format 3'); point the tracking "
-                            "URI at a database or at a file that does not exist yet", path=str(db), field=field)
+            raise UserError(
+                "not an SQLite database (it does not start with 'SQLite format 3'); point the tracking "
+                "URI at a database or at a file that does not exist yet",
+                path=str(db),
+                field=field,
+            )
         return
     node = db.absolute().parent
     while not node.exists() and node != node.parent:
         node = node.parent
     if not node.is_dir():
-        raise UserError(f"cannot create the tracking database: {node} is a file, not a folder", path=str(db),
-                        field=field)
+        raise UserError(
+            f"cannot create the tracking database: {node} is a file, not a folder", path=str(db), field=field
+        )
 
 
 def probe_server(uri: str, *, field: str | None, timeout_s: float = PROBE_TIMEOUT_S) -> None:
@@ -85,15 +93,19 @@ def probe_server(uri: str, *, field: str | None, timeout_s: float = PROBE_TIMEOU
         raise UserError(f"tracking server {uri} unreachable; set tracking.uri or start it", field=field) from None
 
 
-def check_tracking_uri(uri: str, *, field: str | None = "tracking.uri", probe: bool = True,
-                       timeout_s: float = PROBE_TIMEOUT_S) -> None:
+def check_tracking_uri(
+    uri: str, *, field: str | None = "tracking.uri", probe: bool = True, timeout_s: float = PROBE_TIMEOUT_S
+) -> None:
     """Fail with a one-line ``UserError`` unless ``uri`` is a tracking store MLflow can use right now: a known
     scheme, an SQLite file that is a database (or not there yet), a server that answers within ``timeout_s``."""
     scheme = urlparse(uri).scheme.lower() if "://" in uri or uri.startswith(("sqlite:", "file:")) else ""
     base = scheme.split("+", 1)[0]
     if scheme and base not in KNOWN_SCHEMES and scheme not in _plugin_schemes():
-        raise UserError(f"unknown tracking URI scheme {scheme!r} in {uri} (use sqlite:///PATH, http(s)://HOST:PORT, "
-                        "file:PATH, postgresql://, mysql://, mssql:// or databricks)", field=field)
+        raise UserError(
+            f"unknown tracking URI scheme {scheme!r} in {uri} (use sqlite:///PATH, http(s)://HOST:PORT, "
+            "file:PATH, postgresql://, mysql://, mssql:// or databricks)",
+            field=field,
+        )
     if base == "sqlite":
         check_sqlite(uri, field=field)
     elif base in ("http", "https") and probe:

@@ -4,6 +4,7 @@ Ray Train V2's PlacementGroupCleaner polls the state API, which needs the dashbo
 it logs "Failed to query Ray Train Controller actor state" several times a second. This wraps the driver's
 worker-log printer so those lines are dropped. Best effort: if Ray's internals differ, nothing is filtered.
 """
+
 from __future__ import annotations
 
 import logging

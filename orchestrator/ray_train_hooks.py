@@ -16,6 +16,7 @@ Why stop at once: Ray Train V2 retries every worker error up to ``FailureConfig.
 or a full disk would only repeat. A worker raises :class:`FatalWorkerError` for those; ``after_exception`` re-raises
 it, which Ray treats as a controller error and does not retry.
 """
+
 from __future__ import annotations
 
 import logging
@@ -50,8 +51,12 @@ def checkpoint_config(best_mode: str) -> CheckpointConfig:
 def step_report(epoch: int, step: int, best_mode: str) -> dict[str, float]:
     """The metrics of a step checkpoint's report (``step`` steps of ``epoch`` done): the marker and the position,
     no ``epoch`` key (what MLflow and Tune read as a finished epoch), and a score no epoch checkpoint is below."""
-    return {STEP_REPORT: 1.0, "checkpoint/epoch": float(epoch), "checkpoint/step": float(step),
-            SCORE: _STEP_SCORE if best_mode == "max" else -_STEP_SCORE}
+    return {
+        STEP_REPORT: 1.0,
+        "checkpoint/epoch": float(epoch),
+        "checkpoint/step": float(step),
+        SCORE: _STEP_SCORE if best_mode == "max" else -_STEP_SCORE,
+    }
 
 
 def is_step_report(metrics: dict[str, Any] | None) -> bool:
@@ -90,7 +95,7 @@ class FatalWorkerError(RuntimeError):
         return (type(self), (self.kind, self.message, self.fields))
 
     @classmethod
-    def wrap(cls, err: BaseException) -> "FatalWorkerError":
+    def wrap(cls, err: BaseException) -> FatalWorkerError:
         fields: dict[str, Any] = {}
         if isinstance(err, UserError):
             fields = {"detail": err.detail, "path": err.path, "field": err.field}
@@ -101,8 +106,9 @@ class FatalWorkerError(RuntimeError):
     def rebuild(self) -> Exception:
         """The original error as the driver should raise it (a ``UserError`` keeps exit code 2)."""
         if self.kind == "UserError" or "detail" in self.fields:
-            return UserError(self.fields.get("detail", self.message), path=self.fields.get("path"),
-                             field=self.fields.get("field"))
+            return UserError(
+                self.fields.get("detail", self.message), path=self.fields.get("path"), field=self.fields.get("field")
+            )
         if self.kind == "NonFiniteLossError":
             from orchestrator.train_loop import NonFiniteLossError
 
@@ -128,8 +134,15 @@ class TrainControllerHooks(UserCallback):
       counted, and when they exceed ``max_failures`` (the run is about to end) the queue is flushed too.
     """
 
-    def __init__(self, target: tracking.TrackingTarget | None, run_id: str | None, *, spill_dir: str,
-                 last_epoch: int, max_failures: int) -> None:
+    def __init__(
+        self,
+        target: tracking.TrackingTarget | None,
+        run_id: str | None,
+        *,
+        spill_dir: str,
+        last_epoch: int,
+        max_failures: int,
+    ) -> None:
         self.target = target
         self.run_id = run_id
         self.spill_dir = spill_dir
@@ -166,12 +179,19 @@ class TrainControllerHooks(UserCallback):
             logger.close()
 
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
-        fatal = [worker_exceptions[r] for r in sorted(worker_exceptions)
-                 if isinstance(worker_exceptions[r], FatalWorkerError)]
+        fatal = [
+            worker_exceptions[r]
+            for r in sorted(worker_exceptions)
+            if isinstance(worker_exceptions[r], FatalWorkerError)
+        ]
         if not fatal:
             self._failures += 1
-            log.warning("worker error %d of %d allowed: %s", self._failures, self.max_failures,
-                        "; ".join(f"rank {r}: {e.__class__.__name__}" for r, e in sorted(worker_exceptions.items())))
+            log.warning(
+                "worker error %d of %d allowed: %s",
+                self._failures,
+                self.max_failures,
+                "; ".join(f"rank {r}: {e.__class__.__name__}" for r, e in sorted(worker_exceptions.items())),
+            )
         if (fatal or self._failures > self.max_failures) and self.logger is not None:
             self.logger.close()
         if fatal:

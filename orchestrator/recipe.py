@@ -30,6 +30,7 @@ A reference row passes when the measured value is no worse than the reference by
 ±tolerance). Everything is validated before a run starts: errors are ``UserError``s naming the file, the line
 and the key. YAML is read with the safe loader only.
 """
+
 from __future__ import annotations
 
 import copy
@@ -82,7 +83,7 @@ class ReferenceSpec(StrictModel):
     enforce: bool = True
 
     @model_validator(mode="after")
-    def _one_reference(self) -> "ReferenceSpec":
+    def _one_reference(self) -> ReferenceSpec:
         if (self.value is None) == (self.relative_to is None):
             raise ValueError("give exactly one of value / relative_to")
         return self
@@ -106,7 +107,7 @@ class RunSpec(StrictModel):
     reference: dict[str, ReferenceSpec] = {}
 
     @model_validator(mode="after")
-    def _one_kind(self) -> "RunSpec":
+    def _one_kind(self) -> RunSpec:
         if (self.config is None) == (self.space is None):
             raise ValueError("give exactly one of config (an experiment) / space (a sweep)")
         if self.space is not None and self.evaluate:
@@ -166,7 +167,7 @@ class RecipeRun:
     space: SearchSpace | None
     evaluate: list[EvaluateSpec]
     references: list[Reference]
-    line: str                                     # "file:line" of the run's key, for messages
+    line: str  # "file:line" of the run's key, for messages
 
     @property
     def kind(self) -> str:
@@ -181,8 +182,8 @@ class RecipeRun:
 class Recipe:
     path: Path
     spec: RecipeSpec
-    runs: list[RecipeRun]                         # in execution order (a relative_to run before its user)
-    inputs: dict[str, str] = field(default_factory=dict)   # name -> resolved value (template applied)
+    runs: list[RecipeRun]  # in execution order (a relative_to run before its user)
+    inputs: dict[str, str] = field(default_factory=dict)  # name -> resolved value (template applied)
 
     @property
     def name(self) -> str:
@@ -196,7 +197,7 @@ class Recipe:
 # --------------------------------------------------------------------------------------------- loading
 def _find_file(ref: str, recipe: Path) -> Path | None:
     p = Path(ref).expanduser()
-    for c in ([p] if p.is_absolute() else [recipe.parent / p, Path.cwd() / p, REPO_ROOT / p]):
+    for c in [p] if p.is_absolute() else [recipe.parent / p, Path.cwd() / p, REPO_ROOT / p]:
         if c.is_file():
             return c.resolve()
     return None
@@ -212,8 +213,7 @@ def _parse_assignments(items: list[str], what: str) -> dict[str, str]:
     return out
 
 
-def resolve_inputs(spec: RecipeSpec, path: Path, given: dict[str, str], runs: set[str],
-                   where) -> dict[str, str]:
+def resolve_inputs(spec: RecipeSpec, path: Path, given: dict[str, str], runs: set[str], where) -> dict[str, str]:
     """Each needed input's value (template applied); a missing one is a UserError naming the path it looked for."""
     for name in given:
         if name not in spec.inputs:
@@ -225,8 +225,13 @@ def resolve_inputs(spec: RecipeSpec, path: Path, given: dict[str, str], runs: se
             continue
         how = " or ".join(filter(None, [f"set {inp.env}" if inp.env else None, f"pass --input {name}=PATH"]))
         env_value = os.environ.get(inp.env) if inp.env else None
-        raw, base = ((given[name], Path.cwd()) if name in given else (env_value, Path.cwd()) if env_value
-                     else (inp.default, path.parent))       # a default is relative to the recipe file
+        raw, base = (
+            (given[name], Path.cwd())
+            if name in given
+            else (env_value, Path.cwd())
+            if env_value
+            else (inp.default, path.parent)
+        )  # a default is relative to the recipe file
         if not raw:
             raise UserError(f"not supplied: {inp.help}; {how}", path=where("inputs", name), field=f"inputs.{name}")
         p = Path(raw).expanduser()
@@ -234,8 +239,9 @@ def resolve_inputs(spec: RecipeSpec, path: Path, given: dict[str, str], runs: se
         ok = {"dir": p.is_dir(), "file": p.is_file(), "any": p.exists()}[inp.kind]
         if not ok:
             what = {"dir": "folder", "file": "file", "any": "path"}[inp.kind]
-            raise UserError(f"{what} {p} does not exist ({inp.help}); {how}", path=where("inputs", name),
-                            field=f"inputs.{name}")
+            raise UserError(
+                f"{what} {p} does not exist ({inp.help}); {how}", path=where("inputs", name), field=f"inputs.{name}"
+            )
         out[name] = inp.template.format(path=str(p))
     return out
 
@@ -250,19 +256,24 @@ def _experiment_config(run: RunSpec, name: str, recipe: Path, overrides: list[st
     else:
         found = _find_file(str(run.config), recipe)
         if found is None:
-            raise UserError(f"config file {run.config!r} not found (relative to the recipe, the current folder or "
-                            f"the repo root)", path=where("runs", name, "config"), field=f"runs.{name}.config")
+            raise UserError(
+                f"config file {run.config!r} not found (relative to the recipe, the current folder or the repo root)",
+                path=where("runs", name, "config"),
+                field=f"runs.{name}.config",
+            )
         tree, source = read_yaml(found), str(found)
     try:
         tree = apply_overrides(tree, overrides)
         return validate_config(tree, source=source)
     except UserError as err:
-        raise UserError(f"{err.field + ': ' if err.field else ''}{err.detail}", path=where("runs", name),
-                        field=f"runs.{name}") from None
+        raise UserError(
+            f"{err.field + ': ' if err.field else ''}{err.detail}", path=where("runs", name), field=f"runs.{name}"
+        ) from None
 
 
-def _allowed_metrics(cfg: ExperimentConfig | None, evaluate: list[EvaluateSpec], space: SearchSpace | None,
-                     train: bool = True) -> set[str]:
+def _allowed_metrics(
+    cfg: ExperimentConfig | None, evaluate: list[EvaluateSpec], space: SearchSpace | None, train: bool = True
+) -> set[str]:
     """What ``reproduce`` measures for a run (``metrics_catalogue``; ``train=False``: without ``train/*``).
 
     An experiment: its last report, which holds every metric of the run (init/... included), plus its
@@ -279,8 +290,9 @@ def _allowed_metrics(cfg: ExperimentConfig | None, evaluate: list[EvaluateSpec],
     return allowed
 
 
-def _unmeasured(metric: str, cfg: ExperimentConfig | None, evaluate: list[EvaluateSpec],
-                space: SearchSpace | None) -> str | None:
+def _unmeasured(
+    metric: str, cfg: ExperimentConfig | None, evaluate: list[EvaluateSpec], space: SearchSpace | None
+) -> str | None:
     """Why ``reproduce`` will not measure ``metric`` for this run (the closest names it will), or None."""
     if metric in _allowed_metrics(cfg, evaluate, space, train=metric.startswith("train/")):
         return None
@@ -290,8 +302,9 @@ def _unmeasured(metric: str, cfg: ExperimentConfig | None, evaluate: list[Evalua
     return unreported(metric, _allowed_metrics(cfg, evaluate, space), what="this run", cfg=base) + why
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None, inputs: list[str] | None = None,
-                runs: list[str] | None = None) -> Recipe:
+def load_recipe(
+    path: str | Path, overrides: list[str] | None = None, inputs: list[str] | None = None, runs: list[str] | None = None
+) -> Recipe:
     """Read and fully validate a recipe (inputs present, every run's config valid, every metric reportable).
 
     ``overrides``: ``a.b=c`` applied to every run; ``inputs``: ``NAME=PATH``; ``runs``: run only these (and the
@@ -313,9 +326,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, inputs: li
     for name, run in spec.runs.items():
         for metric, ref in run.reference.items():
             if ref.relative_to is not None and (ref.relative_to not in spec.runs or ref.relative_to == name):
-                raise UserError(f"relative_to {ref.relative_to!r} is not another run of this recipe",
-                                path=where("runs", name, "reference", metric),
-                                field=f"runs.{name}.reference.{metric}")
+                raise UserError(
+                    f"relative_to {ref.relative_to!r} is not another run of this recipe",
+                    path=where("runs", name, "reference", metric),
+                    field=f"runs.{name}.reference.{metric}",
+                )
     order = _execution_order(spec, set(runs or spec.runs))
 
     # --- inputs, then each run's config (recipe config -> inputs -> run overrides -> --set -> repro tags)
@@ -329,22 +344,29 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, inputs: li
     measures: dict[str, tuple[ExperimentConfig | None, list[EvaluateSpec], SearchSpace | None]] = {}
     for name in order:
         run = spec.runs[name]
-        fills = [_override(spec.inputs[i].field, v) for i, v in values.items()
-                 if spec.inputs[i].runs is None or name in spec.inputs[i].runs]
+        fills = [
+            _override(spec.inputs[i].field, v)
+            for i, v in values.items()
+            if spec.inputs[i].runs is None or name in spec.inputs[i].runs
+        ]
         for text in run.overrides:
             try:
                 parse_override(text)
             except UserError as err:
-                raise UserError(err.detail, path=where("runs", name, "overrides"),
-                                field=f"runs.{name}.overrides") from None
+                raise UserError(
+                    err.detail, path=where("runs", name, "overrides"), field=f"runs.{name}.overrides"
+                ) from None
         all_overrides = fills + list(run.overrides) + cli
         tags = [_override(f"tracking.tags.{TAG_RECIPE}", recipe_name), _override(f"tracking.tags.{TAG_RUN}", name)]
         config, space = None, None
         if run.space is not None:
             found = _find_file(run.space, path)
             if found is None:
-                raise UserError(f"search space {run.space!r} not found", path=where("runs", name, "space"),
-                                field=f"runs.{name}.space")
+                raise UserError(
+                    f"search space {run.space!r} not found",
+                    path=where("runs", name, "space"),
+                    field=f"runs.{name}.space",
+                )
             space = load_space(found, all_overrides + tags)
         else:
             config = _experiment_config(run, name, path, all_overrides + tags, where)
@@ -355,14 +377,34 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, inputs: li
                 problem = _unmeasured(metric, *measures[who]) if ref.enforce else None
                 if problem:
                     what = "" if who == name else f" (the run it is relative_to, {who})"
-                    raise UserError(f"{problem}{what} (or mark the row enforce: false)",
-                                    path=where("runs", name, "reference", metric), field=f"runs.{name}.reference")
+                    raise UserError(
+                        f"{problem}{what} (or mark the row enforce: false)",
+                        path=where("runs", name, "reference", metric),
+                        field=f"runs.{name}.reference",
+                    )
             direction = ref.direction or ("higher" if default_mode(metric) == "max" else "lower")
-            references.append(Reference(run=name, metric=metric, value=ref.value, relative_to=ref.relative_to,
-                                        tolerance=ref.tolerance, direction=direction, source=ref.source,
-                                        enforce=ref.enforce))
-        loaded.append(RecipeRun(name=name, config=config, space=space, evaluate=list(run.evaluate),
-                                references=references, line=where("runs", name)))
+            references.append(
+                Reference(
+                    run=name,
+                    metric=metric,
+                    value=ref.value,
+                    relative_to=ref.relative_to,
+                    tolerance=ref.tolerance,
+                    direction=direction,
+                    source=ref.source,
+                    enforce=ref.enforce,
+                )
+            )
+        loaded.append(
+            RecipeRun(
+                name=name,
+                config=config,
+                space=space,
+                evaluate=list(run.evaluate),
+                references=references,
+                line=where("runs", name),
+            )
+        )
     return Recipe(path=path.resolve(), spec=spec, runs=loaded, inputs=values)
 
 

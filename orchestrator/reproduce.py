@@ -11,6 +11,7 @@ Tags on each MLflow run (the sweep's parent run for a sweep): ``repro/recipe``, 
 ``--against-last-pass`` takes each reference from ``repro/measured/<m>`` of the newest run of the same recipe and
 run tagged ``repro/status = pass`` (the recipe's own table where there is none yet), with the recipe's tolerances.
 """
+
 from __future__ import annotations
 
 import logging
@@ -91,8 +92,11 @@ def judge(reference: float, measured: float, tolerance: float, direction: str) -
     return abs(measured - reference) <= tolerance
 
 
-def compare(references: list[Reference], measured: dict[str, dict[str, float]],
-            baselines: dict[str, dict[str, tuple[float, str]]] | None = None) -> list[Row]:
+def compare(
+    references: list[Reference],
+    measured: dict[str, dict[str, float]],
+    baselines: dict[str, dict[str, tuple[float, str]]] | None = None,
+) -> list[Row]:
     """One row per reference. ``measured``: run -> metric -> value; ``baselines`` (``--against-last-pass``):
     run -> metric -> (value, source) replacing the recipe's reference where present."""
     rows = []
@@ -112,8 +116,18 @@ def compare(references: list[Reference], measured: dict[str, dict[str, float]],
             result = FAIL
         else:
             result = PASS if judge(value, got, ref.tolerance, ref.direction) else FAIL
-        rows.append(Row(run=ref.run, metric=ref.metric, reference=value, measured=got, tolerance=ref.tolerance,
-                        direction=ref.direction, result=result, source=source))
+        rows.append(
+            Row(
+                run=ref.run,
+                metric=ref.metric,
+                reference=value,
+                measured=got,
+                tolerance=ref.tolerance,
+                direction=ref.direction,
+                result=result,
+                source=source,
+            )
+        )
     return rows
 
 
@@ -140,8 +154,9 @@ def _run_experiment(run: RecipeRun, recipe: Recipe) -> RunOutcome:
         if not result.best_checkpoint:
             raise RuntimeError(f"run {run.name} left no checkpoint to evaluate on {spec.split}")
         scores = evaluate_checkpoint(result.best_checkpoint, spec)
-        log.info("run %s: %s rsum %.2f (best checkpoint)", run.name, spec.split,
-                 scores.get(f"{spec.split}/rsum", math.nan))
+        log.info(
+            "run %s: %s rsum %.2f (best checkpoint)", run.name, spec.split, scores.get(f"{spec.split}/rsum", math.nan)
+        )
         metrics.update(scores)
         if target is not None and result.run_id:
             tracking.log_metrics(target, result.run_id, scores, int(metrics.get("epoch", 0)))
@@ -196,8 +211,11 @@ def baselines_from_last_pass(recipe: Recipe) -> tuple[dict[str, dict[str, tuple[
     for run in recipe.runs:
         cfg = run.tracking_config
         if not cfg.enabled:
-            raise UserError("--against-last-pass needs MLflow tracking (tracking.enabled is false)",
-                            path=run.line, field=f"runs.{run.name}")
+            raise UserError(
+                "--against-last-pass needs MLflow tracking (tracking.enabled is false)",
+                path=run.line,
+                field=f"runs.{run.name}",
+            )
         target = tracking.resolve_target(cfg)
         found = last_passing_run(target, recipe.name, run.name)
         if found is None:
@@ -225,9 +243,14 @@ def tag_runs(report: Report) -> None:
             continue
         rows = [r for r in report.rows if r.run == name]
         failed = [r.metric for r in rows if r.result == FAIL]
-        tags = {TAG_RECIPE: report.recipe.name, TAG_RUN: name, "repro/against": report.against,
-                TAG_STATUS: STATUS_REGRESSED if failed or outcome.error else STATUS_PASS,
-                "repro/recipe_status": overall, "repro/recipe_file": str(report.recipe.path)}
+        tags = {
+            TAG_RECIPE: report.recipe.name,
+            TAG_RUN: name,
+            "repro/against": report.against,
+            TAG_STATUS: STATUS_REGRESSED if failed or outcome.error else STATUS_PASS,
+            "repro/recipe_status": overall,
+            "repro/recipe_file": str(report.recipe.path),
+        }
         if failed:
             tags["repro/regressed"] = ", ".join(failed)
         for row in rows:
@@ -243,12 +266,13 @@ def tag_runs(report: Report) -> None:
 
 def reproduce(recipe: Recipe, *, against_last_pass: bool = False) -> Report:
     """Run every run of ``recipe``, compare, tag MLflow; ``report.passed`` is the verdict."""
-    baselines, notes = (baselines_from_last_pass(recipe) if against_last_pass else (None, []))
+    baselines, notes = baselines_from_last_pass(recipe) if against_last_pass else (None, [])
     outcomes = {run.name: execute(run, recipe) for run in recipe.runs}
     measured = {name: o.metrics for name, o in outcomes.items()}
     rows = compare(recipe.references, measured, baselines)
-    report = Report(recipe=recipe, rows=rows, outcomes=outcomes, notes=notes,
-                    against="last-pass" if against_last_pass else "recipe")
+    report = Report(
+        recipe=recipe, rows=rows, outcomes=outcomes, notes=notes, against="last-pass" if against_last_pass else "recipe"
+    )
     tag_runs(report)
     return report
 
@@ -264,8 +288,17 @@ def report_rows(rows: list[Row]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
         delta = "-" if r.delta is None else f"{r.delta:+.2f}"
-        out.append({"run": r.run, "metric": r.metric, "reference": _num(r.reference), "measured": _num(r.measured),
-                    "delta": delta, "tolerance": f"{arrow[r.direction]}{r.tolerance:g}", "result": r.result})
+        out.append(
+            {
+                "run": r.run,
+                "metric": r.metric,
+                "reference": _num(r.reference),
+                "measured": _num(r.measured),
+                "delta": delta,
+                "tolerance": f"{arrow[r.direction]}{r.tolerance:g}",
+                "result": r.result,
+            }
+        )
     return out
 
 

@@ -1,4 +1,5 @@
 """``itr train``: one experiment through Ray Train (``TorchTrainer``, DDP) or in-process, tracked in one MLflow run."""
+
 from __future__ import annotations
 
 import logging
@@ -17,9 +18,9 @@ from orchestrator import preflight, tracking
 from orchestrator import storage as storage_uri
 from orchestrator.checkpoint import os_error_in
 from orchestrator.config import ExperimentConfig
+from orchestrator.data.image_cache import prepare_image_cache
 from orchestrator.errors import UserError
 from orchestrator.interrupts import interruption_in, keep_python_handlers
-from orchestrator.data.image_cache import prepare_image_cache
 from orchestrator.models.tower_cache import prepare_tower_features
 from orchestrator.ray_logs import filter_worker_logs
 from orchestrator.run_folders import KeyedFolder, claim_keyed_folder, new_run_folder
@@ -101,8 +102,10 @@ class RayTrainSession:
             os_error = os_error_in(err)
             if os_error is None:
                 raise
-            raise UserError(f"cannot write checkpoint ({os_error.strerror or os_error})",
-                            path=str(os_error.filename2 or os_error.filename or self._run_folder())) from None
+            raise UserError(
+                f"cannot write checkpoint ({os_error.strerror or os_error})",
+                path=str(os_error.filename2 or os_error.filename or self._run_folder()),
+            ) from None
 
     def _run_folder(self) -> str:
         """This run's folder in the Ray Train storage (where its checkpoints go)."""
@@ -128,11 +131,11 @@ def ray_worker(loop_config: dict[str, Any]) -> None:
 
     A non-finite loss or val embeddings, or bad input (``UserError``, e.g. a checkpoint that cannot be written)
     is raised as a ``FatalWorkerError``, which stops the run without the retries a restart could not help."""
+    import ray.train
+
     from orchestrator.evaluation.embed import NonFiniteEmbeddingsError
     from orchestrator.ray_train_hooks import FatalWorkerError
     from orchestrator.train_loop import NonFiniteLossError
-
-    import ray.train
 
     quiet_worker_logs()
     cfg = ExperimentConfig.model_validate(loop_config["config"])
@@ -141,10 +144,13 @@ def ray_worker(loop_config: dict[str, Any]) -> None:
     target = loop_config.get("target") or {}
     several_nodes = ctx.get_local_world_size() < ctx.get_world_size()
     try:  # system metrics from the first worker of each node (one series per node)
-        with system_metrics(target.get("uri"), loop_config.get("run_id"),
-                            interval_s=cfg.tracking.system_metrics_interval_s,
-                            enabled=cfg.tracking.system_metrics and ctx.get_local_rank() == 0,
-                            node_id=f"node{ctx.get_node_rank()}" if several_nodes else None):
+        with system_metrics(
+            target.get("uri"),
+            loop_config.get("run_id"),
+            interval_s=cfg.tracking.system_metrics_interval_s,
+            enabled=cfg.tracking.system_metrics and ctx.get_local_rank() == 0,
+            node_id=f"node{ctx.get_node_rank()}" if several_nodes else None,
+        ):
             train_loop(cfg, RayTrainSession(cfg))
     except (NonFiniteLossError, NonFiniteEmbeddingsError, UserError) as err:
         raise FatalWorkerError.wrap(err) from None
@@ -178,9 +184,15 @@ def ray_storage(cfg: ExperimentConfig) -> str:
     return (Path(cfg.train.output_dir).expanduser().resolve() / "ray").as_posix()
 
 
-def _fit_with_ray(cfg: ExperimentConfig, name: str, target: tracking.TrackingTarget | None,
-                  run_id: str | None, *, callbacks: list | None = None,
-                  storage_path: str | None = None) -> tuple[dict[str, float], str | None, str]:
+def _fit_with_ray(
+    cfg: ExperimentConfig,
+    name: str,
+    target: tracking.TrackingTarget | None,
+    run_id: str | None,
+    *,
+    callbacks: list | None = None,
+    storage_path: str | None = None,
+) -> tuple[dict[str, float], str | None, str]:
     """Fit ``cfg`` in a ``TorchTrainer`` named ``name`` (a rerun with the same name and storage resumes it).
 
     ``callbacks``: Ray Train callbacks (a sweep passes Tune's ``TuneReportCallback``); ``storage_path``: where the
@@ -201,10 +213,18 @@ def _fit_with_ray(cfg: ExperimentConfig, name: str, target: tracking.TrackingTar
     if gpu:
         resources["GPU"] = 1
     storage = storage_path or ray_storage(cfg)
-    hooks = TrainControllerHooks(target if run_id else None, run_id, spill_dir=str(spill_folder(storage, name)),
-                                 last_epoch=cfg.train.epochs - 1, max_failures=cfg.scaling.max_failures)
-    loop_config = {"config": cfg.model_dump(mode="json"), "run_id": run_id,
-                   "target": None if target is None else target.__dict__}
+    hooks = TrainControllerHooks(
+        target if run_id else None,
+        run_id,
+        spill_dir=str(spill_folder(storage, name)),
+        last_epoch=cfg.train.epochs - 1,
+        max_failures=cfg.scaling.max_failures,
+    )
+    loop_config = {
+        "config": cfg.model_dump(mode="json"),
+        "run_id": run_id,
+        "target": None if target is None else target.__dict__,
+    }
     trainer = TorchTrainer(
         ray_worker,
         train_loop_config=loop_config,
@@ -260,8 +280,15 @@ def prepare_teacher_features(cfg: ExperimentConfig, roles=("train", "val", "test
             continue
         feats = extract_split(cfg.teachers, index, progress=True, teachers=teachers)
         for side, stats in feats.stats.items():
-            log.info("teachers: %s %s: %d items, %d computed, %d reused (%.1f s)", index.name, side, stats.total,
-                     stats.computed, stats.reused, stats.seconds)
+            log.info(
+                "teachers: %s %s: %d items, %d computed, %d reused (%.1f s)",
+                index.name,
+                side,
+                stats.total,
+                stats.computed,
+                stats.reused,
+                stats.seconds,
+            )
         out[role] = feats
     return out
 
@@ -302,9 +329,16 @@ def spill_folder(storage: str, name: str) -> Path:
     return Path(storage) / name
 
 
-def _open_tracked_run(target: tracking.TrackingTarget, cfg: ExperimentConfig, name: str, run_dir: Path,
-                      keyed: KeyedFolder | None, *, config_source: str | None,
-                      parent_run_id: str | None) -> tuple[str, bool]:
+def _open_tracked_run(
+    target: tracking.TrackingTarget,
+    cfg: ExperimentConfig,
+    name: str,
+    run_dir: Path,
+    keyed: KeyedFolder | None,
+    *,
+    config_source: str | None,
+    parent_run_id: str | None,
+) -> tuple[str, bool]:
     """(MLflow run id, whether it is an earlier attempt's run reopened). A resumed keyed folder continues the run
     tagged with its key and folder (KILLED -> RUNNING); any other run starts a new one."""
     if keyed is not None and keyed.resumed:
@@ -315,13 +349,19 @@ def _open_tracked_run(target: tracking.TrackingTarget, cfg: ExperimentConfig, na
     tags = {"itr.config_source": config_source or "<defaults>"}
     if keyed is not None:
         tags.update({"itr.run_key": keyed.name, "itr.run_dir": str(run_dir)})
-    run_id = tracking.start_run(target, cfg, run_name=(cfg.tracking.run_name or name) if keyed else name,
-                                parent_run_id=parent_run_id, extra_tags=tags)
+    run_id = tracking.start_run(
+        target,
+        cfg,
+        run_name=(cfg.tracking.run_name or name) if keyed else name,
+        parent_run_id=parent_run_id,
+        extra_tags=tags,
+    )
     return run_id, False
 
 
-def run_experiment(cfg: ExperimentConfig, *, config_source: str | None = None,
-                   parent_run_id: str | None = None) -> RunResult:
+def run_experiment(
+    cfg: ExperimentConfig, *, config_source: str | None = None, parent_run_id: str | None = None
+) -> RunResult:
     """Train ``cfg`` end to end and record it in one MLflow run (FINISHED, FAILED with the reason, or KILLED when
     interrupted: Ctrl-C, SIGTERM).
 
@@ -344,8 +384,9 @@ def run_experiment(cfg: ExperimentConfig, *, config_source: str | None = None,
         root = Path(cfg.train.output_dir).expanduser().resolve() if local else Path(ray_storage(cfg))
         name, planned_dir, keyed = _run_folder(cfg, root)
     try:
-        result = _train_in_folder(cfg, target, name, planned_dir, keyed, config_source=config_source,
-                                  parent_run_id=parent_run_id)
+        result = _train_in_folder(
+            cfg, target, name, planned_dir, keyed, config_source=config_source, parent_run_id=parent_run_id
+        )
         if keyed is not None:
             keyed.mark_finished(result.run_id)
         return result
@@ -354,29 +395,47 @@ def run_experiment(cfg: ExperimentConfig, *, config_source: str | None = None,
             keyed.release()
 
 
-def _train_in_folder(cfg: ExperimentConfig, target: tracking.TrackingTarget | None, name: str, planned_dir: Path,
-                     keyed: KeyedFolder | None, *, config_source: str | None,
-                     parent_run_id: str | None) -> RunResult:
+def _train_in_folder(
+    cfg: ExperimentConfig,
+    target: tracking.TrackingTarget | None,
+    name: str,
+    planned_dir: Path,
+    keyed: KeyedFolder | None,
+    *,
+    config_source: str | None,
+    parent_run_id: str | None,
+) -> RunResult:
     """The run itself, in ``planned_dir``: open (or reopen) its MLflow run, train, end the run."""
     run_id = None
     local = cfg.scaling.backend == "local"
     logger: tracking.RunLogger | None = None  # buffered: a tracking outage never fails or stalls the run
     if target is not None:
-        run_id, reopened = _open_tracked_run(target, cfg, name, planned_dir, keyed, config_source=config_source,
-                                             parent_run_id=parent_run_id)
+        run_id, reopened = _open_tracked_run(
+            target, cfg, name, planned_dir, keyed, config_source=config_source, parent_run_id=parent_run_id
+        )
         logger = tracking.RunLogger(target, run_id, spill_dir=planned_dir)
         if not reopened:
             logger.log_text("config.yaml", cfg.to_yaml())
-        log.info("MLflow run %s in %s (experiment %r)%s", run_id, target.uri, target.experiment,
-                 ", continued" if reopened else "")
+        log.info(
+            "MLflow run %s in %s (experiment %r)%s",
+            run_id,
+            target.uri,
+            target.experiment,
+            ", continued" if reopened else "",
+        )
     try:
         if local:
             run_dir = planned_dir
             sinks = [logger] if logger is not None else []
-            session = LocalSession(run_dir, best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode,
-                                   sinks=sinks)
-            with system_metrics(target.uri if target else None, run_id, enabled=cfg.tracking.system_metrics,
-                                interval_s=cfg.tracking.system_metrics_interval_s):
+            session = LocalSession(
+                run_dir, best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode, sinks=sinks
+            )
+            with system_metrics(
+                target.uri if target else None,
+                run_id,
+                enabled=cfg.tracking.system_metrics,
+                interval_s=cfg.tracking.system_metrics_interval_s,
+            ):
                 metrics = train_loop(cfg, session)
             best_dir = session.best_checkpoint() or session.latest_checkpoint()
             best = str(best_dir) if best_dir else None
@@ -405,5 +464,10 @@ def _train_in_folder(cfg: ExperimentConfig, target: tracking.TrackingTarget | No
         logger.set_tag("itr.run_dir", run_dir_s)
         logger.end_run("FINISHED")
         logger.close()
-    return RunResult(metrics=metrics, run_id=run_id, tracking_uri=target.uri if target else None,
-                     best_checkpoint=best, run_dir=run_dir_s)
+    return RunResult(
+        metrics=metrics,
+        run_id=run_id,
+        tracking_uri=target.uri if target else None,
+        best_checkpoint=best,
+        run_dir=run_dir_s,
+    )

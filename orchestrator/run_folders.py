@@ -8,6 +8,7 @@
   second process at the same time (an exclusive ``flock`` on ``.itr.lock``, held for the run's lifetime) is
   refused with a one-line ``UserError`` naming the folder, before anything is written.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -76,11 +77,13 @@ def read_record(folder: Path) -> dict | None:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise UserError(f"unreadable run record ({err.__class__.__name__}); remove the folder to start over",
-                        path=str(path), field=FIELD) from None
+        raise UserError(
+            f"unreadable run record ({err.__class__.__name__}); remove the folder to start over",
+            path=str(path),
+            field=FIELD,
+        ) from None
     if not isinstance(record, dict):
-        raise UserError("not a run record of itr train; remove the folder to start over", path=str(path),
-                        field=FIELD)
+        raise UserError("not a run record of itr train; remove the folder to start over", path=str(path), field=FIELD)
     return record
 
 
@@ -99,8 +102,12 @@ def _lock(folder: Path) -> int:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise UserError(f"in use by another itr train (pid {holder}); two runs never share a folder: wait for it "
-                        f"to end or set another {FIELD}", path=str(folder), field=FIELD) from None
+        raise UserError(
+            f"in use by another itr train (pid {holder}); two runs never share a folder: wait for it "
+            f"to end or set another {FIELD}",
+            path=str(folder),
+            field=FIELD,
+        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
@@ -120,22 +127,38 @@ def claim_keyed_folder(root: Path, key: str, config_hash: str, *, resume: bool) 
         if record is None:
             strays = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE)
             if strays:
-                raise UserError(f"holds files but no {RUN_FILE} ({', '.join(strays[:3])}); it is no keyed run of "
-                                f"itr train: remove it or set another {FIELD}", path=str(folder), field=FIELD)
+                raise UserError(
+                    f"holds files but no {RUN_FILE} ({', '.join(strays[:3])}); it is no keyed run of "
+                    f"itr train: remove it or set another {FIELD}",
+                    path=str(folder),
+                    field=FIELD,
+                )
             _write_record(folder, {"run_key": key, "config_hash": config_hash, "status": "running"})
             log.info("run folder %s (run key %s)", folder, key)
             return KeyedFolder(key, folder, resumed=False, lock_fd=fd)
         stored = record.get("config_hash")
         if stored != config_hash:
-            raise UserError(f"holds a run of another config (config hash {stored}, this config's is {config_hash}); "
-                            f"a resumed run must keep its config: set another {FIELD}, or remove the folder to "
-                            "start over", path=str(folder), field=FIELD)
+            raise UserError(
+                f"holds a run of another config (config hash {stored}, this config's is {config_hash}); "
+                f"a resumed run must keep its config: set another {FIELD}, or remove the folder to "
+                "start over",
+                path=str(folder),
+                field=FIELD,
+            )
         if record.get("status") == "finished":
-            raise UserError(f"holds a finished run (MLflow run {record.get('mlflow_run_id') or '-'}); nothing to "
-                            f"resume: set another {FIELD} to train again", path=str(folder), field=FIELD)
+            raise UserError(
+                f"holds a finished run (MLflow run {record.get('mlflow_run_id') or '-'}); nothing to "
+                f"resume: set another {FIELD} to train again",
+                path=str(folder),
+                field=FIELD,
+            )
         if not resume:
-            raise UserError(f"holds an earlier attempt of this run and train.resume is false: remove the folder or "
-                            f"set another {FIELD}", path=str(folder), field=FIELD)
+            raise UserError(
+                f"holds an earlier attempt of this run and train.resume is false: remove the folder or "
+                f"set another {FIELD}",
+                path=str(folder),
+                field=FIELD,
+            )
         log.info("resuming the run in %s (run key %s)", folder, key)
         return KeyedFolder(key, folder, resumed=True, lock_fd=fd)
     except BaseException:

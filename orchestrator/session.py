@@ -3,14 +3,16 @@
 ``LocalSession`` runs in-process (tests, benchmarks, ``scaling.backend=local``); the Ray Train session lives
 in ``orchestrator.run`` so that this module (and the loop) never import Ray.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -50,8 +52,15 @@ class LocalSession:
     rank = 0
     world_size = 1
 
-    def __init__(self, run_dir: Path, *, best_metric: str = "val/rsum", best_mode: str = "max",
-                 sinks: list[MetricSink] | None = None, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        best_metric: str = "val/rsum",
+        best_mode: str = "max",
+        sinks: list[MetricSink] | None = None,
+        device: torch.device | None = None,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.best_metric = best_metric
@@ -68,8 +77,9 @@ class LocalSession:
         """The epoch checkpoint folders (with or without their training state), oldest first."""
         if not self.ckpt_root.is_dir():
             return []
-        return sorted(p for p in self.ckpt_root.glob("epoch_*")
-                      if (p / STATE_FILE).is_file() or (p / MODEL_FILE).is_file())
+        return sorted(
+            p for p in self.ckpt_root.glob("epoch_*") if (p / STATE_FILE).is_file() or (p / MODEL_FILE).is_file()
+        )
 
     def _step_checkpoints(self) -> list[Path]:
         if not self.ckpt_root.is_dir():

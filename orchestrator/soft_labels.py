@@ -3,6 +3,7 @@
 Teacher features are precomputed for the whole split (``orchestrator.teachers``; memory-mapped), so a batch
 only gathers rows. Exact relevance comes from datasets that know it (the synthetic data).
 """
+
 from __future__ import annotations
 
 from typing import Protocol
@@ -44,11 +45,17 @@ class BatchInputs:
         has_image = features is not None and features.image is not None
         has_text = features is not None and features.text is not None
         if has_image and features.image.shape[0] != index.num_images:
-            raise UserError(f"image teacher features have {features.image.shape[0]} rows for "
-                            f"{index.num_images} images", path=index.name, field="teachers.image")
+            raise UserError(
+                f"image teacher features have {features.image.shape[0]} rows for {index.num_images} images",
+                path=index.name,
+                field="teachers.image",
+            )
         if has_text and features.text.shape[0] != index.num_captions:
-            raise UserError(f"text teacher features have {features.text.shape[0]} rows for "
-                            f"{index.num_captions} captions", path=index.name, field="teachers.text")
+            raise UserError(
+                f"text teacher features have {features.text.shape[0]} rows for {index.num_captions} captions",
+                path=index.name,
+                field="teachers.text",
+            )
         available = set()
         if has_image:
             available.update(PROVIDES["teacher_image"])
@@ -58,8 +65,11 @@ class BatchInputs:
             available.update(PROVIDES["relevance"])
         missing = sorted(self.need - available)
         if missing:
-            raise UserError(f"the loss needs batch inputs {missing} that this data/teacher setup cannot provide",
-                            path=index.name, field="loss")
+            raise UserError(
+                f"the loss needs batch inputs {missing} that this data/teacher setup cannot provide",
+                path=index.name,
+                field="loss",
+            )
         self.available = available
 
     def __call__(self, image_index: np.ndarray, caption_index: np.ndarray) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@
   model validators such as ``min_lr <= lr``): every grid / choice value and both bounds of each range, i.e. the
   corners of the box of the continuous dimensions -- exact for rules monotone in each field.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,9 +24,17 @@ from orchestrator.config import ExperimentConfig
 MAX_COMBINATIONS = 100_000
 
 _NUMERIC = {"int", "float"}
-_DESCRIBE = {"int": "an integer", "float": "a number", "bool": "true/false", "choice": "one of fixed names",
-             "text": "text or a path", "sequence": "a list", "section": "a section", "mapping": "a mapping",
-             "mixed": "values of several types"}
+_DESCRIBE = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true/false",
+    "choice": "one of fixed names",
+    "text": "text or a path",
+    "sequence": "a list",
+    "section": "a section",
+    "mapping": "a mapping",
+    "mixed": "values of several types",
+}
 
 
 def _kind(tp: Any) -> str:
@@ -70,7 +79,7 @@ def field_kinds(dotted: str, families: list[str | None]) -> dict[str, str]:
     no model has that path (the value checks then report the unknown path)."""
     out: dict[str, str] = {}
     parts = dotted.split(".")
-    for family in (families if parts[0] == "loss" else [None]):
+    for family in families if parts[0] == "loss" else [None]:
         models: list[type[BaseModel]] = [ExperimentConfig]
         kind: str | None = None
         for i, part in enumerate(parts):
@@ -82,7 +91,7 @@ def field_kinds(dotted: str, families: list[str | None]) -> dict[str, str]:
             kind = _kind(annotation)
             if i == len(parts) - 1:
                 break
-            if kind == "mapping":       # tracking.tags.<name>: any key, a text value
+            if kind == "mapping":  # tracking.tags.<name>: any key, a text value
                 kind = "text" if i == len(parts) - 2 else None
                 break
             models = _models(annotation)
@@ -99,13 +108,15 @@ def field_kinds(dotted: str, families: list[str | None]) -> dict[str, str]:
 def type_mismatch(dotted: str, dist_kind: str, families: list[str | None]) -> str | None:
     """Why a ``dist_kind`` distribution cannot vary the field at ``dotted``, or None when it can."""
     if dist_kind in ("grid", "choice"):
-        return None                       # each value is validated by the field itself
+        return None  # each value is validated by the field itself
     for family, kind in field_kinds(dotted, families).items():
         of = f" (loss family {family})" if family else ""
         if dist_kind in ("uniform", "loguniform") and kind != "float":
             if kind == "int":
-                return (f"{dist_kind} samples fractional numbers, but the field takes an integer{of}; "
-                        f"use randint or an integer grid")
+                return (
+                    f"{dist_kind} samples fractional numbers, but the field takes an integer{of}; "
+                    f"use randint or an integer grid"
+                )
             return f"{dist_kind} samples numbers, but the field takes {_DESCRIBE[kind]}{of}; use grid or choice"
         if dist_kind == "randint" and kind not in _NUMERIC:
             return f"randint samples integers, but the field takes {_DESCRIBE[kind]}{of}; use grid or choice"

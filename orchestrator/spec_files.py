@@ -10,6 +10,7 @@
   internal steps and a plain message, with the count of the others (each kind of file words its message
   around it).
 """
+
 from __future__ import annotations
 
 import re
@@ -23,8 +24,16 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from orchestrator.errors import UserError
 from orchestrator.yaml_io import LineMap, YamlDoc, read_yaml_file
 
-__all__ = ["NAME_PATTERN", "FirstError", "SpecFile", "StrictModel", "first_error", "is_name", "located",
-           "read_spec_file"]
+__all__ = [
+    "NAME_PATTERN",
+    "FirstError",
+    "SpecFile",
+    "StrictModel",
+    "first_error",
+    "is_name",
+    "located",
+    "read_spec_file",
+]
 
 #: a name that becomes a folder, a run key or a tag: letters, digits, '.', '_' and '-', starting with a letter or
 #: digit (so never hidden, never ``..``)
@@ -110,8 +119,11 @@ class FirstError:
         return message + (f" (+{self.more} more)" if self.more else "")
 
 
-def first_error(err: ValidationError, union_tags: Mapping[str, Collection[str]] | None = None,
-                missing: str | None = "required key missing") -> FirstError:
+def first_error(
+    err: ValidationError,
+    union_tags: Mapping[str, Collection[str]] | None = None,
+    missing: str | None = "required key missing",
+) -> FirstError:
     """The first error of ``err``. ``union_tags``: field name -> the tags of its discriminated union (pydantic puts
     the tag right after the field in the location: ``loss.infonce.margin`` is reported as ``loss.margin``).
     ``missing``: the message for a required key that is absent (None: pydantic's own)."""
@@ -129,6 +141,12 @@ def first_error(err: ValidationError, union_tags: Mapping[str, Collection[str]] 
         message = "unknown key"
     elif first["type"] == "missing" and missing is not None:
         message = missing
-    return FirstError(loc=tuple(loc), message=message, type=first["type"], input=first.get("input"),
-                      has_input="input" in first, cause=(first.get("ctx") or {}).get("error"),
-                      more=len(errors) - 1)
+    return FirstError(
+        loc=tuple(loc),
+        message=message,
+        type=first["type"],
+        input=first.get("input"),
+        has_input="input" in first,
+        cause=(first.get("ctx") or {}).get("error"),
+        more=len(errors) - 1,
+    )

@@ -4,6 +4,7 @@ Each is off by default where it changes numerics against the papers (TF32: the p
 fp32). Gradient checkpointing (``model.grad_checkpointing``) is set where the model is built
 (``orchestrator.models.student.enable_grad_checkpointing``).
 """
+
 from __future__ import annotations
 
 import logging

@@ -9,6 +9,7 @@ endpoints come from the usual places pyarrow reads: ``AWS_*`` variables (``AWS_E
 S3-compatible store), instance roles, ``GOOGLE_APPLICATION_CREDENTIALS``, or URI query parameters
 (``s3://bucket/runs?endpoint_override=host:port&scheme=http``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -71,11 +72,21 @@ def check_reachable(uri: str, *, source: str | None = None, field: str = FIELD) 
 def check_uri_output_dir(cfg: ExperimentConfig, *, source: str | None = None) -> None:
     """A URI ``train.output_dir`` needs the Ray backend and no local-only feature; then its bucket must answer."""
     uri = cfg.train.output_dir
-    needs_local = [why for why, on in (("scaling.backend: local", cfg.scaling.backend == "local"),
-                                       ("train.run_key (a local lock)", cfg.train.run_key is not None)) if on]
+    needs_local = [
+        why
+        for why, on in (
+            ("scaling.backend: local", cfg.scaling.backend == "local"),
+            ("train.run_key (a local lock)", cfg.train.run_key is not None),
+        )
+        if on
+    ]
     if needs_local:
-        raise UserError(f"{uri} is object storage, which only scaling.backend: ray can write to; "
-                        f"{', '.join(needs_local)} needs a local folder", path=source, field=FIELD)
+        raise UserError(
+            f"{uri} is object storage, which only scaling.backend: ray can write to; "
+            f"{', '.join(needs_local)} needs a local folder",
+            path=source,
+            field=FIELD,
+        )
     check_reachable(uri, source=source)
 
 
@@ -160,8 +171,9 @@ def download_checkpoint(uri: str, dest: Path, *, field: str | None = "--checkpoi
         if info.type == pafs.FileType.File:
             files = [info]
         else:
-            files = [f for f in fs.get_file_info(pafs.FileSelector(path, recursive=False))
-                     if f.type == pafs.FileType.File]
+            files = [
+                f for f in fs.get_file_info(pafs.FileSelector(path, recursive=False)) if f.type == pafs.FileType.File
+            ]
         names = {f.base_name for f in files}
         if MODEL_FILE in names:
             files = [f for f in files if f.base_name != STATE_FILE]
@@ -173,7 +185,6 @@ def download_checkpoint(uri: str, dest: Path, *, field: str | None = "--checkpoi
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 - network, credentials, permissions
-        raise UserError(f"cannot read the checkpoint ({_fs_error(err)})",
-                        path=uri, field=field) from None
+        raise UserError(f"cannot read the checkpoint ({_fs_error(err)})", path=uri, field=field) from None
     log.info("downloaded %d file(s) of %s to %s", len(files), uri, dest)
     return dest / files[0].base_name if info.type == pafs.FileType.File else dest

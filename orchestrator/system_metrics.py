@@ -6,18 +6,20 @@ the process that trains: the driver on the local backend, and the first worker o
 ``node_id`` ``node<N>`` when the run spans several nodes, so the nodes' series stay apart). Best effort: a
 monitor that cannot start logs one WARNING and the run goes on.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def system_metrics(tracking_uri: str | None, run_id: str | None, *, interval_s: float, enabled: bool = True,
-                   node_id: str | None = None) -> Iterator[None]:
+def system_metrics(
+    tracking_uri: str | None, run_id: str | None, *, interval_s: float, enabled: bool = True, node_id: str | None = None
+) -> Iterator[None]:
     """Log system metrics of this node to run ``run_id`` every ``interval_s`` seconds while the block runs."""
     if not enabled or run_id is None or tracking_uri is None:
         yield
@@ -28,8 +30,9 @@ def system_metrics(tracking_uri: str | None, run_id: str | None, *, interval_s: 
 
         for name in ("mlflow.system_metrics", "mlflow.system_metrics.system_metrics_monitor"):
             logging.getLogger(name).setLevel(logging.WARNING)  # its start/stop chatter: our one line instead
-        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, node_id=node_id,
-                                       tracking_uri=tracking_uri, resume_logging=True)
+        monitor = SystemMetricsMonitor(
+            run_id, sampling_interval=interval_s, node_id=node_id, tracking_uri=tracking_uri, resume_logging=True
+        )
         monitor.start()
         log.info("system metrics every %gs to run %s%s", interval_s, run_id, f" as {node_id}" if node_id else "")
     except Exception as err:  # a missing psutil, an unreachable store: the run goes on without them

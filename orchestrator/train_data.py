@@ -6,6 +6,7 @@
 - :func:`train_batches`: this rank's batches of one epoch (a DataLoader whose workers build each whole batch with
   its soft-label inputs) and the sampler that orders them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,8 +18,14 @@ from orchestrator.config import ExperimentConfig
 from orchestrator.data.image_cache import image_input
 from orchestrator.data.leakage import check_leakage
 from orchestrator.data.loader import FeatureRows, TextInput
-from orchestrator.data.pipeline import (AugmentedImages, TrainPairs, WithGlobalIds, build_train_loader,
-                                        resolve_loader_workers, train_transform)
+from orchestrator.data.pipeline import (
+    AugmentedImages,
+    TrainPairs,
+    WithGlobalIds,
+    build_train_loader,
+    resolve_loader_workers,
+    train_transform,
+)
 from orchestrator.data.sampler import CaptionBatchSampler
 from orchestrator.data.shard_loader import shard_train_loader
 from orchestrator.data.shards import open_shards
@@ -46,8 +53,9 @@ class TrainData:
     streaming: bool
 
 
-def load_train_data(cfg: ExperimentConfig, session: Session, student: Student, cached: set[str] | frozenset[str],
-                    device: torch.device) -> TrainData:
+def load_train_data(
+    cfg: ExperimentConfig, session: Session, student: Student, cached: set[str] | frozenset[str], device: torch.device
+) -> TrainData:
     """The train and val splits with their inputs (``cached``: the sides whose locked tower's outputs are read
     from the tower cache)."""
     streaming = cfg.data.resolved_format == "webdataset"  # train pairs streamed from tar shards; eval map-style
@@ -73,8 +81,11 @@ def load_train_data(cfg: ExperimentConfig, session: Session, student: Student, c
     train_images, train_text = (None, None) if streaming else inputs(train_index, augmented=augment)
     if augment and not streaming:  # decoded and augmented in the loader workers, every epoch
         if "image" in cached:
-            raise UserError("a locked image tower with cached features sees no pixels to augment (set "
-                            "model.cache_locked_towers: false, or data.augment: none)", field="data.augment")
+            raise UserError(
+                "a locked image tower with cached features sees no pixels to augment (set "
+                "model.cache_locked_towers: false, or data.augment: none)",
+                field="data.augment",
+            )
         train_images = AugmentedImages(train_index, train_transform(student.model, cfg.data.augment_scale))
     val_images, val_text = inputs(val_index) if val_index is not None else (None, None)
     return TrainData(train_index, val_index, train_images, train_text, val_images, val_text, streaming)
@@ -85,18 +96,28 @@ def caption_sampler(cfg: ExperimentConfig, index, session: Session) -> CaptionBa
     guarantees hold over all of it); a batch larger than the data is a ``UserError`` on ``train.batch_size``."""
     try:
         return CaptionBatchSampler(
-            index.caption_image, cfg.train.batch_size * cfg.train.accum_steps, seed=cfg.train.seed,
-            unique_images=cfg.train.batch_sampler == "unique_images", rank=session.rank,
+            index.caption_image,
+            cfg.train.batch_size * cfg.train.accum_steps,
+            seed=cfg.train.seed,
+            unique_images=cfg.train.batch_sampler == "unique_images",
+            rank=session.rank,
             world_size=session.world_size,
         )
     except ValueError as err:
-        accum = f" (train.batch_size x train.accum_steps {cfg.train.accum_steps})" \
-            if cfg.train.accum_steps > 1 else ""
+        accum = f" (train.batch_size x train.accum_steps {cfg.train.accum_steps})" if cfg.train.accum_steps > 1 else ""
         raise UserError(f"{err}{accum}", path=index.source or index.name, field="train.batch_size") from None
 
 
-def train_batches(cfg: ExperimentConfig, data: TrainData, session: Session, student: Student,
-                  batch_inputs: BatchInputs, *, gather: bool, device: torch.device) -> tuple[Any, Any]:
+def train_batches(
+    cfg: ExperimentConfig,
+    data: TrainData,
+    session: Session,
+    student: Student,
+    batch_inputs: BatchInputs,
+    *,
+    gather: bool,
+    device: torch.device,
+) -> tuple[Any, Any]:
     """(loader, sampler) of this rank's training batches.
 
     Map-style data: whole batches (pixels, tokens, soft-label inputs) built in the loader workers and pinned for
@@ -106,15 +127,33 @@ def train_batches(cfg: ExperimentConfig, data: TrainData, session: Session, stud
     if data.streaming:
         augment = cfg.data.augment != "none"
         return shard_train_loader(
-            cfg, data.train_index, rank=session.rank, world_size=session.world_size, pin_memory=pin,
+            cfg,
+            data.train_index,
+            rank=session.rank,
+            world_size=session.world_size,
+            pin_memory=pin,
             tokenizer=student.tokenizer,
-            preprocess=train_transform(student.model, cfg.data.augment_scale) if augment else student.preprocess)
+            preprocess=train_transform(student.model, cfg.data.augment_scale) if augment else student.preprocess,
+        )
     sampler = caption_sampler(cfg, data.train_index, session)
-    pairs = TrainPairs(data.train_index, data.train_images, data.train_text,
-                       batch_inputs if batch_inputs.need else None, need=batch_inputs.need, gather=gather,
-                       bad_images=cfg.data.bad_images, seed=cfg.train.seed)
-    workers = resolve_loader_workers(cfg.data.loader_workers, backend=cfg.scaling.backend,
-                                     cpus_per_worker=cfg.scaling.cpus_per_worker)
-    loader = build_train_loader(pairs, ResumableBatches(WithGlobalIds(sampler)), workers=workers, pin_memory=pin,
-                                prefetch_factor=cfg.data.prefetch_factor)
+    pairs = TrainPairs(
+        data.train_index,
+        data.train_images,
+        data.train_text,
+        batch_inputs if batch_inputs.need else None,
+        need=batch_inputs.need,
+        gather=gather,
+        bad_images=cfg.data.bad_images,
+        seed=cfg.train.seed,
+    )
+    workers = resolve_loader_workers(
+        cfg.data.loader_workers, backend=cfg.scaling.backend, cpus_per_worker=cfg.scaling.cpus_per_worker
+    )
+    loader = build_train_loader(
+        pairs,
+        ResumableBatches(WithGlobalIds(sampler)),
+        workers=workers,
+        pin_memory=pin,
+        prefetch_factor=cfg.data.prefetch_factor,
+    )
     return loader, sampler

@@ -1,6 +1,7 @@
 """The training procedure, top to bottom. A plain function: call it without Ray (``LocalSession``) or inside a
 Ray Train worker (``orchestrator.run``); everything cluster-specific comes through the ``Session``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,17 +17,20 @@ from torch import nn
 
 from orchestrator.accumulation import feature_cache
 from orchestrator.config import ExperimentConfig, TrainConfig
-from orchestrator.epoch import NonFiniteLossError  # noqa: F401  (re-exported: callers catch it from here)
-from orchestrator.epoch import EpochRunner, RunCounters
+from orchestrator.epoch import (
+    EpochRunner,
+    NonFiniteLossError,  # noqa: F401  (re-exported: callers catch it from here)
+    RunCounters,
+)
 from orchestrator.evaluation.embed import autocast_context, encode_split, evaluate_embeddings
 from orchestrator.losses import build_loss
 from orchestrator.models.locked_towers import wrap_locked_towers
 from orchestrator.models.student import HEAD_OUTPUTS, build_student, forward_embeddings, unwrap
 from orchestrator.models.tower_cache import cached_sides
+from orchestrator.session import LocalSession, Session, is_better
 from orchestrator.soft_labels import BatchInputs
 from orchestrator.speed import compile_for_training, set_backend_flags
 from orchestrator.train_data import load_train_data, train_batches
-from orchestrator.session import LocalSession, Session, is_better
 from orchestrator.training_state import for_rank, load_training_state, mid_epoch
 
 log = logging.getLogger(__name__)
@@ -109,8 +113,9 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
 
     # --- optimiser, resume
-    optimizer = torch.optim.AdamW(param_groups([model, loss_fn], cfg.train.weight_decay), lr=cfg.train.lr,
-                                  betas=tuple(cfg.train.betas))
+    optimizer = torch.optim.AdamW(
+        param_groups([model, loss_fn], cfg.train.weight_decay), lr=cfg.train.lr, betas=tuple(cfg.train.betas)
+    )
     scheduler = cosine_with_warmup(optimizer, cfg.train, steps_per_epoch * cfg.train.epochs)
 
     start_epoch, counters = 0, RunCounters()
@@ -119,25 +124,59 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
         resumed_state = load_training_state(resume_from, model, loss_fn, optimizer, scheduler)
         resumed_state = for_rank(resumed_state, resume_from, session.rank)  # a step checkpoint: this rank's RNG, sums
         start_epoch = resumed_state["epoch"] + 1
-        counters = RunCounters(resumed_state["global_step"], resumed_state["best"],
-                               dict(resumed_state.get("initial") or {}))
+        counters = RunCounters(
+            resumed_state["global_step"], resumed_state["best"], dict(resumed_state.get("initial") or {})
+        )
         resumed_at = mid_epoch(resumed_state)  # (epoch, steps done) of a step checkpoint
-        log.info("resumed from %s (epoch %d done%s)", resume_from, resumed_state["epoch"],
-                 f", then {resumed_at[1]} steps of epoch {resumed_at[0]}" if resumed_at else "")
-    train_model = session.prepare_model(wrap_locked_towers(model, image_from_features="image" in cached,
-                                                           text_from_features="text" in cached))
+        log.info(
+            "resumed from %s (epoch %d done%s)",
+            resume_from,
+            resumed_state["epoch"],
+            f", then {resumed_at[1]} steps of epoch {resumed_at[0]}" if resumed_at else "",
+        )
+    train_model = session.prepare_model(
+        wrap_locked_towers(model, image_from_features="image" in cached, text_from_features="text" in cached)
+    )
     train_model = compile_for_training(train_model, cfg.train)  # after the DDP wrap (torch's advice)
     # train.accum_steps > 1: the batch's features cached without grad, the model's gradients by re-forwards
-    accumulation = feature_cache(train_model, forward_embeddings, cfg.train.accum_steps, device=device,
-                                 autocast=lambda: autocast_context(device, cfg.model.precision))
-    runner = EpochRunner(cfg, session, device, model, train_model, loss_fn, optimizer, scheduler, loader, sampler,
-                         data.train_images, accumulation, steps_per_epoch, gather, counters)
+    accumulation = feature_cache(
+        train_model,
+        forward_embeddings,
+        cfg.train.accum_steps,
+        device=device,
+        autocast=lambda: autocast_context(device, cfg.model.precision),
+    )
+    runner = EpochRunner(
+        cfg,
+        session,
+        device,
+        model,
+        train_model,
+        loss_fn,
+        optimizer,
+        scheduler,
+        loader,
+        sampler,
+        data.train_images,
+        accumulation,
+        steps_per_epoch,
+        gather,
+        counters,
+    )
     val_index = data.val_index
 
     def validate() -> dict[str, float]:
         # a model gone NaN/Inf raises NonFiniteEmbeddingsError here: the run fails, it never records RSUM 600
-        emb = encode_split(unwrap(train_model), val_index, data.val_images, data.val_text, device=device,
-                           batch_size=cfg.eval.batch_size, precision=cfg.model.precision, split="val")
+        emb = encode_split(
+            unwrap(train_model),
+            val_index,
+            data.val_images,
+            data.val_text,
+            device=device,
+            batch_size=cfg.eval.batch_size,
+            precision=cfg.model.precision,
+            split="val",
+        )
         return evaluate_embeddings(emb, ks=cfg.eval.ks, chunk_size=cfg.eval.chunk_size, device=device)
 
     if val_index is not None and session.rank == 0 and resume_from is None and cfg.train.eval_at_start:
@@ -147,8 +186,9 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, cfg.train.epochs):
         if resumed_at is not None and resumed_at[0] == epoch:  # continue a step checkpoint's epoch
-            metrics = runner.train_one_epoch(epoch, first=resumed_at[1], rng=resumed_state.get("rng"),
-                                             sums_state=resumed_state.get("sums"))
+            metrics = runner.train_one_epoch(
+                epoch, first=resumed_at[1], rng=resumed_state.get("rng"), sums_state=resumed_state.get("sums")
+            )
         else:
             metrics = runner.train_one_epoch(epoch)
         last = epoch + 1 == cfg.train.epochs

@@ -14,12 +14,14 @@ epoch's logged means -- are those of an uninterrupted run. With several DDP rank
 RNG states and sums go into the same folder as ``rank_RRRR.pt`` (:func:`save_rank_state`; rank 0's are in
 ``state.pt``), and each rank resumes from its own (:func:`for_rank`).
 """
+
 from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,8 +42,13 @@ def capture_rng() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -60,9 +67,21 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(directory: Path, *, model: nn.Module, loss_fn: nn.Module, optimizer, scheduler, epoch: int,
-                    global_step: int, best: float | None, cfg, initial: dict[str, float] | None = None,
-                    position: tuple[int, int] | None = None, sums=None) -> None:
+def save_checkpoint(
+    directory: Path,
+    *,
+    model: nn.Module,
+    loss_fn: nn.Module,
+    optimizer,
+    scheduler,
+    epoch: int,
+    global_step: int,
+    best: float | None,
+    cfg,
+    initial: dict[str, float] | None = None,
+    position: tuple[int, int] | None = None,
+    sums=None,
+) -> None:
     """Write ``directory/state.pt`` (everything but the weights), then ``directory/model.pt`` (the weights).
 
     ``epoch``: the last complete epoch (-1 before the first); ``position``: ``(epoch, steps done)`` for a step
@@ -83,8 +102,12 @@ def save_checkpoint(directory: Path, *, model: nn.Module, loss_fn: nn.Module, op
         "sums": None if sums is None else _sums_state(sums),
     }
     atomic_save(state, directory / STATE_FILE)
-    weights = {"model": model.state_dict(), "model_name": cfg.model.name, "config_yaml": cfg.to_yaml(),
-               "epoch": epoch if position is None else None}
+    weights = {
+        "model": model.state_dict(),
+        "model_name": cfg.model.name,
+        "config_yaml": cfg.to_yaml(),
+        "epoch": epoch if position is None else None,
+    }
     if position is not None:
         weights["position"] = state["position"]
     atomic_save(weights, directory / MODEL_FILE)
@@ -141,8 +164,9 @@ def for_rank(state: dict[str, Any], directory: Path, rank: int) -> dict[str, Any
         return state
     path = Path(directory) / rank_file(rank)
     if not path.is_file():
-        log.warning("%s has no %s: rank %d resumes with rank 0's RNG states and epoch sums", directory,
-                    rank_file(rank), rank)
+        log.warning(
+            "%s has no %s: rank %d resumes with rank 0's RNG states and epoch sums", directory, rank_file(rank), rank
+        )
         return state
     own = load_file(path)
     return {**state, "rng": own["rng"], "sums": own["sums"]}
@@ -183,8 +207,16 @@ class ResumableBatches:
         return max(0, len(self.sampler) - self.skip)
 
 
-def run_steps(loader: Iterable, *, start: int, stop: int, save: Callable[[int], None], every: int | None,
-              global_step: Callable[[], int], rng: dict[str, Any] | None = None) -> Iterator[tuple[int, Any]]:
+def run_steps(
+    loader: Iterable,
+    *,
+    start: int,
+    stop: int,
+    save: Callable[[int], None],
+    every: int | None,
+    global_step: Callable[[], int],
+    rng: dict[str, Any] | None = None,
+) -> Iterator[tuple[int, Any]]:
     """``(step, batch)`` for steps ``start`` .. ``stop - 1`` of an epoch, with the step checkpoints around them.
 
     - ``start > 0`` (a resume mid-epoch): the sampler skips ``start`` batches (``loader.batch_sampler`` is a
@@ -219,6 +251,9 @@ def run_steps(loader: Iterable, *, start: int, stop: int, save: Callable[[int], 
         if sigterm.received:
             if step > start:
                 save(step)
-            log.warning("SIGTERM: stopped after step %d of the epoch%s", step,
-                        " (step checkpoint saved)" if step > start else "")
+            log.warning(
+                "SIGTERM: stopped after step %d of the epoch%s",
+                step,
+                " (step checkpoint saved)" if step > start else "",
+            )
             raise Terminated("SIGTERM")

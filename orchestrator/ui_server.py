@@ -4,6 +4,7 @@ The server (``mlflow ui`` and the uvicorn processes it starts) runs in its own p
 SIGINT to ``itr ui`` are forwarded to that whole group; ``itr ui`` waits for it (at most ``grace_s``, then
 SIGKILLs the group) and exits 143 / 130. Bad arguments (port, tracking URI) fail before anything starts.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,8 +25,20 @@ STOP_GRACE_S = 10.0
 
 def ui_command(uri: str, host: str, port: int) -> list[str]:
     """The ``mlflow ui`` argv for ``uri`` (no shell; one worker)."""
-    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
-            "--workers", "1"]
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
 
 
 def check_port(port: int, field: str = "--port") -> None:
@@ -59,8 +72,11 @@ def serve(argv: list[str], env: dict[str, str], *, grace_s: float = STOP_GRACE_S
             if received and deadline is None:
                 deadline = time.monotonic() + grace_s
             if deadline is not None and time.monotonic() > deadline:
-                log.warning("MLflow UI server did not stop within %.0f s of %s; killing it", grace_s,
-                            signal.Signals(received[0]).name)
+                log.warning(
+                    "MLflow UI server did not stop within %.0f s of %s; killing it",
+                    grace_s,
+                    signal.Signals(received[0]).name,
+                )
                 _killpg(proc.pid, signal.SIGKILL)
                 deadline = float("inf")
             with contextlib.suppress(subprocess.TimeoutExpired):

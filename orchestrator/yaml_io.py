@@ -14,6 +14,7 @@ What it guarantees, before any Python object is built (so a hostile file is reje
 Every failure is a :class:`~orchestrator.errors.UserError` whose path is ``<source>:<line>`` and whose field is the
 dotted key path, so the CLI prints one line and exits 2.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -80,7 +81,7 @@ def _line(node: yaml.Node) -> int:
 
 
 def _short_tag(tag: str) -> str:
-    return "!!" + tag[len(_STD_PREFIX):] if tag.startswith(_STD_PREFIX) else tag
+    return "!!" + tag[len(_STD_PREFIX) :] if tag.startswith(_STD_PREFIX) else tag
 
 
 def _fail(message: str, source: str, line: int | None, path: list[str]) -> UserError:
@@ -111,13 +112,15 @@ def _check_graph(root: yaml.Node, loader: _Loader, source: str, budget: int) -> 
         if repeat:
             repeats += 1
             if repeats > budget:
-                raise _fail(f"YAML aliases expand to more than {budget} extra nodes (an alias bomb?)",
-                            source, site, path)
+                raise _fail(
+                    f"YAML aliases expand to more than {budget} extra nodes (an alias bomb?)", source, site, path
+                )
         else:
             seen.add(id(node))
             if node.tag not in allowed:
-                raise _fail(f"YAML tag {_short_tag(node.tag)} is not allowed (plain YAML data only)",
-                            source, _line(node), path)
+                raise _fail(
+                    f"YAML tag {_short_tag(node.tag)} is not allowed (plain YAML data only)", source, _line(node), path
+                )
             if isinstance(node, yaml.MappingNode):
                 _check_duplicates(node, loader, source, path)
         if isinstance(node, yaml.ScalarNode):
@@ -151,8 +154,12 @@ def _check_duplicates(node: yaml.MappingNode, loader: _Loader, source: str, path
         except TypeError:  # unhashable: the constructor reports it
             continue
         if earlier is not None:
-            raise _fail(f"key given twice (lines {earlier} and {_line(key_node)}); remove one",
-                        source, _line(key_node), path + [str(key_node.value)])
+            raise _fail(
+                f"key given twice (lines {earlier} and {_line(key_node)}); remove one",
+                source,
+                _line(key_node),
+                path + [str(key_node.value)],
+            )
         first[key] = _line(key_node)
 
 

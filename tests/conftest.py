@@ -1,4 +1,5 @@
 """Shared fixtures: offline environment, tiny configs, the coco-mini path (skip where absent)."""
+
 from __future__ import annotations
 
 import glob
@@ -30,17 +31,36 @@ def coco_mini() -> Path:
 def tiny_tree(tmp_path: Path, **sections) -> dict:
     """A config mapping for the tiny model on a small synthetic set, writing only under ``tmp_path``."""
     tree = {
-        "data": {"format": "synthetic",
-                 "synthetic": {"num_train_images": 160, "num_val_images": 40, "num_test_images": 40,
-                               "image_size": 32, "seed": 0},
-                 "loader_workers": 0},  # the data-pipeline tests cover the workers (default: auto)
+        "data": {
+            "format": "synthetic",
+            "synthetic": {
+                "num_train_images": 160,
+                "num_val_images": 40,
+                "num_test_images": 40,
+                "image_size": 32,
+                "seed": 0,
+            },
+            "loader_workers": 0,
+        },  # the data-pipeline tests cover the workers (default: auto)
         "model": {"name": "itr-tiny-vit"},
         "loss": {"family": "infonce"},
-        "train": {"epochs": 2, "batch_size": 16, "lr": 1e-3, "min_lr": 1e-5, "weight_decay": 0.1, "warmup_steps": 2,
-                  "seed": 0, "output_dir": str(tmp_path / "runs"), "max_steps_per_epoch": 6},
+        "train": {
+            "epochs": 2,
+            "batch_size": 16,
+            "lr": 1e-3,
+            "min_lr": 1e-5,
+            "weight_decay": 0.1,
+            "warmup_steps": 2,
+            "seed": 0,
+            "output_dir": str(tmp_path / "runs"),
+            "max_steps_per_epoch": 6,
+        },
         "scaling": {"backend": "local", "num_workers": 1},
-        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "artifact_dir": str(tmp_path / "mlartifacts"),
-                     "experiment": "test"},
+        "tracking": {
+            "uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "artifact_dir": str(tmp_path / "mlartifacts"),
+            "experiment": "test",
+        },
     }
     for section, values in sections.items():
         tree.setdefault(section, {}).update(values)

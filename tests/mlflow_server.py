@@ -13,6 +13,7 @@ The server runs in its own process group (``start_new_session``) with one worker
 off (stack-notes §2: about 6 processes, 0.5 GB, up in ~6 s), so ``stop`` takes every process it started down
 and nothing else. Its output goes to ``<root>/mlflow-server.log``; a failed start raises with the log's tail.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 __all__ = ["MlflowServer", "MlflowServerError", "free_port", "mlflow_server"]
 
@@ -58,8 +59,9 @@ class MlflowServer:
     Artifacts are proxied by the server (``mlflow-artifacts:/``), so artifact uploads need the server too.
     """
 
-    def __init__(self, root: Path, port: int | None = None, *, startup_timeout_s: float = 90.0,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, root: Path, port: int | None = None, *, startup_timeout_s: float = 90.0, env: dict[str, str] | None = None
+    ) -> None:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -92,19 +94,37 @@ class MlflowServer:
         except (urllib.error.URLError, OSError):
             return False
 
-    def start(self) -> "MlflowServer":
+    def start(self) -> MlflowServer:
         """Start the server (no-op while it runs) and wait until ``/health`` answers."""
         if self.is_running():
             return self
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self._extra_env}
         env.pop("MLFLOW_TRACKING_URI", None)
-        cmd = [*_mlflow_executable(), "server", "--host", self.host, "--port", str(self.port), "--workers", "1",
-               "--backend-store-uri", self.backend_store_uri,
-               "--artifacts-destination", self.artifacts_dir.as_uri()]
+        cmd = [
+            *_mlflow_executable(),
+            "server",
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            self.backend_store_uri,
+            "--artifacts-destination",
+            self.artifacts_dir.as_uri(),
+        ]
         log = open(self.log_path, "ab")
         try:
-            self._proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, start_new_session=True)
+            self._proc = subprocess.Popen(
+                cmd,
+                cwd=self.root,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         finally:
             log.close()
         self.wait_healthy()
@@ -121,8 +141,9 @@ class MlflowServer:
                 return
             time.sleep(0.3)
         self.stop()
-        raise MlflowServerError(f"mlflow server on {self.uri} not healthy after {timeout_s or self.startup_timeout_s}"
-                                f" s:\n{self.log_tail()}")
+        raise MlflowServerError(
+            f"mlflow server on {self.uri} not healthy after {timeout_s or self.startup_timeout_s} s:\n{self.log_tail()}"
+        )
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM the server's process group, SIGKILL what is left after ``timeout_s``; wait until the port is free."""
@@ -144,7 +165,7 @@ class MlflowServer:
         while self._port_in_use() and time.monotonic() < deadline:
             time.sleep(0.1)
 
-    def restart(self) -> "MlflowServer":
+    def restart(self) -> MlflowServer:
         self.stop()
         return self.start()
 
@@ -159,7 +180,7 @@ class MlflowServer:
         except OSError:
             return "<no log>"
 
-    def __enter__(self) -> "MlflowServer":
+    def __enter__(self) -> MlflowServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -6,6 +6,7 @@ The unit cases use float64 linear towers with dropout and the real ``methods`` f
 computed here independently: one forward over the B·K batch (or, with dropout, the K micro-batches forwarded
 with gradients into one graph, so that both draw the same dropout masks), one loss, one backward.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -72,10 +73,14 @@ def data() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
     ids = torch.arange(N)
     ids[7] = 1
-    return {"x_img": torch.randn(N, 6, generator=g, dtype=F64), "x_txt": torch.randn(N, 7, generator=g, dtype=F64),
-            "ids": ids, "teacher_image": torch.randn(N, 8, generator=g, dtype=F64),
-            "teacher_text": torch.randn(N, 8, generator=g, dtype=F64),
-            "relevance": torch.rand(N, N, generator=g, dtype=F64)}
+    return {
+        "x_img": torch.randn(N, 6, generator=g, dtype=F64),
+        "x_txt": torch.randn(N, 7, generator=g, dtype=F64),
+        "ids": ids,
+        "teacher_image": torch.randn(N, 8, generator=g, dtype=F64),
+        "teacher_text": torch.randn(N, 8, generator=g, dtype=F64),
+        "relevance": torch.rand(N, N, generator=g, dtype=F64),
+    }
 
 
 def extras(family: str, d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -95,7 +100,8 @@ def build(family: str, p: float) -> tuple[nn.Module, nn.Module]:
 
 def grads(model: nn.Module, loss: nn.Module) -> dict[str, torch.Tensor]:
     named = [(f"model.{k}", p) for k, p in model.named_parameters()] + [
-        (f"loss.{k}", p) for k, p in loss.named_parameters() if p.requires_grad]
+        (f"loss.{k}", p) for k, p in loss.named_parameters() if p.requires_grad
+    ]
     return {k: p.grad.detach().clone() for k, p in named}
 
 
@@ -131,7 +137,8 @@ def accumulated_step(family: str, p: float, *, replay_rng: bool = True) -> tuple
 def assert_same(a: tuple[float, dict], b: tuple[float, dict]) -> None:
     assert a[0] == pytest.approx(b[0], abs=1e-6)
     assert a[1].keys() == b[1].keys() and any(k.startswith("loss.") for k in a[1]) == any(
-        k.startswith("loss.") for k in b[1])
+        k.startswith("loss.") for k in b[1]
+    )
     for k in a[1]:
         torch.testing.assert_close(a[1][k], b[1][k], rtol=0, atol=1e-6, msg=k)
 
@@ -189,8 +196,14 @@ def test_a_batch_that_does_not_split_into_k_micro_batches_is_refused():
 
 # ------------------------------------------------------------------------------ two DDP ranks, gathered
 W = 2  # ranks; each holds B·K rows, the gathered batch W·B·K
-DDP_CASES = [("infonce", False), ("infonce", True), ("cusa", False), ("cusa", True), ("listwise", False),
-             ("bcls", False)]  # family, local_loss
+DDP_CASES = [
+    ("infonce", False),
+    ("infonce", True),
+    ("cusa", False),
+    ("cusa", True),
+    ("listwise", False),
+    ("bcls", False),
+]  # family, local_loss
 
 
 def _ddp_data() -> dict[str, torch.Tensor]:
@@ -199,10 +212,14 @@ def _ddp_data() -> dict[str, torch.Tensor]:
     n = W * N
     ids = torch.arange(n)
     ids[N + 1] = 1
-    return {"x_img": torch.randn(n, 6, generator=g, dtype=F64), "x_txt": torch.randn(n, 7, generator=g, dtype=F64),
-            "ids": ids, "teacher_image": torch.randn(n, 8, generator=g, dtype=F64),
-            "teacher_text": torch.randn(n, 8, generator=g, dtype=F64),
-            "relevance": torch.rand(n, n, generator=g, dtype=F64)}
+    return {
+        "x_img": torch.randn(n, 6, generator=g, dtype=F64),
+        "x_txt": torch.randn(n, 7, generator=g, dtype=F64),
+        "ids": ids,
+        "teacher_image": torch.randn(n, 8, generator=g, dtype=F64),
+        "teacher_text": torch.randn(n, 8, generator=g, dtype=F64),
+        "relevance": torch.rand(n, n, generator=g, dtype=F64),
+    }
 
 
 def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -239,8 +256,9 @@ def test_two_ranks_gathered_with_accumulation_equal_one_process_on_the_concatena
 
     import torch.multiprocessing as mp
 
-    context = mp.start_processes(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=W, join=False,
-                                 start_method="fork")  # the children share the imported torch
+    context = mp.start_processes(
+        _ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=W, join=False, start_method="fork"
+    )  # the children share the imported torch
     deadline = time.monotonic() + 120
     while not context.join(timeout=1):  # raises if a rank failed
         if time.monotonic() > deadline:
@@ -272,11 +290,20 @@ def test_train_loop_accum_steps_equals_one_batch_of_b_times_k(tmp_path):
     """Two steps of batch 4 x accum_steps 4 and of batch 16: the same loss and the same trained parameters."""
     runs = {}
     for name, batch, accum in (("whole", 16, 1), ("accum", 4, 4)):
-        tree = tiny_tree(tmp_path / name, train={"epochs": 1, "batch_size": batch, "accum_steps": accum,
-                                                 "max_steps_per_epoch": 2, "eval_at_start": False})
+        tree = tiny_tree(
+            tmp_path / name,
+            train={
+                "epochs": 1,
+                "batch_size": batch,
+                "accum_steps": accum,
+                "max_steps_per_epoch": 2,
+                "eval_at_start": False,
+            },
+        )
         cfg = validate_config(tree)
-        session = LocalSession(tmp_path / name / "run", best_metric=cfg.train.best_metric,
-                               best_mode=cfg.train.best_mode)
+        session = LocalSession(
+            tmp_path / name / "run", best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode
+        )
         train_loop(cfg, session)
         runs[name] = (session.history[-1], _weights(session))
     (h_whole, s_whole), (h_acc, s_acc) = runs["whole"], runs["accum"]
@@ -289,7 +316,7 @@ def test_train_loop_accum_steps_equals_one_batch_of_b_times_k(tmp_path):
         acc, whole = s_acc[k], s_whole[k]
         if k.endswith("attn.in_proj_bias"):  # the key bias: its exact gradient is 0 (softmax is shift-invariant),
             third = whole.shape[0] // 3  # so AdamW turns float32 rounding noise into steps of ~lr; q and v only
-            acc, whole = torch.cat([acc[:third], acc[2 * third:]]), torch.cat([whole[:third], whole[2 * third:]])
+            acc, whole = torch.cat([acc[:third], acc[2 * third :]]), torch.cat([whole[:third], whole[2 * third :]])
         torch.testing.assert_close(acc, whole, rtol=1e-4, atol=1e-5, msg=k)
 
 

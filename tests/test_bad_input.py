@@ -4,6 +4,7 @@ caches and checkpoints of another architecture.
 
 The CLI is called in-process (``orchestrator.cli.main``); one case runs it as a subprocess.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -62,8 +63,10 @@ def snapshot(folder: Path) -> set[str]:
 def base_tree(tmp: Path) -> dict[str, Any]:
     """A valid, tiny config that would write only under ``tmp`` (runs/, mlflow.db)."""
     return {
-        "data": {"format": "synthetic", "synthetic": {"num_train_images": 16, "num_val_images": 8,
-                                                      "num_test_images": 8, "image_size": 16}},
+        "data": {
+            "format": "synthetic",
+            "synthetic": {"num_train_images": 16, "num_val_images": 8, "num_test_images": 8, "image_size": 16},
+        },
         "model": {"name": "itr-tiny-vit"},
         "loss": {"family": "infonce"},
         "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "min_lr": 1e-5, "output_dir": str(tmp / "runs")},
@@ -97,22 +100,55 @@ def train_bad_config(tree: dict[str, Any], *needles: str, overrides: tuple[str, 
 
 
 # ------------------------------------------------------------------------------------- configs: properties
-POSITIVE_INT_FIELDS = ["train.epochs", "train.eval_every", "train.log_every_steps", "eval.batch_size",
-                       "eval.chunk_size", "scaling.num_workers", "data.synthetic.num_train_images",
-                       "data.synthetic.num_val_images", "teachers.batch_size", "teachers.num_actors"]
+POSITIVE_INT_FIELDS = [
+    "train.epochs",
+    "train.eval_every",
+    "train.log_every_steps",
+    "eval.batch_size",
+    "eval.chunk_size",
+    "scaling.num_workers",
+    "data.synthetic.num_train_images",
+    "data.synthetic.num_val_images",
+    "teachers.batch_size",
+    "teachers.num_actors",
+]
 POSITIVE_FLOAT_FIELDS = ["train.lr", "scaling.cpus_per_worker", "train.grad_clip"]
 NONNEG_FLOAT_FIELDS = ["train.weight_decay", "train.min_lr"]
 SECTIONS = ["data", "model", "loss", "teachers", "train", "scaling", "eval", "tracking", "data.synthetic"]
-KNOWN_KEYS = {"format", "root", "annotations", "name", "family", "epochs", "lr", "seed", "enabled", "uri",
-              "image", "text", "backend", "splits", "ks", "tags", "experiment", "chunk_size", "batch_size"}
+KNOWN_KEYS = {
+    "format",
+    "root",
+    "annotations",
+    "name",
+    "family",
+    "epochs",
+    "lr",
+    "seed",
+    "enabled",
+    "uri",
+    "image",
+    "text",
+    "backend",
+    "splits",
+    "ks",
+    "tags",
+    "experiment",
+    "chunk_size",
+    "batch_size",
+}
 
-not_a_number = st.one_of(st.text(alphabet="abcxyz", min_size=1, max_size=5), st.lists(st.integers(), max_size=2),
-                         st.dictionaries(st.sampled_from(["a", "b"]), st.integers(), min_size=1, max_size=1))
+not_a_number = st.one_of(
+    st.text(alphabet="abcxyz", min_size=1, max_size=5),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.sampled_from(["a", "b"]), st.integers(), min_size=1, max_size=1),
+)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(field=st.sampled_from(POSITIVE_INT_FIELDS),
-       value=st.one_of(st.integers(max_value=0), not_a_number, st.floats(min_value=0.1, max_value=9.9)))
+@given(
+    field=st.sampled_from(POSITIVE_INT_FIELDS),
+    value=st.one_of(st.integers(max_value=0), not_a_number, st.floats(min_value=0.1, max_value=9.9)),
+)
 def test_nonpositive_or_wrong_type_int_field(field, value):
     if isinstance(value, float) and value.is_integer():
         value += 0.5
@@ -123,9 +159,14 @@ def test_nonpositive_or_wrong_type_int_field(field, value):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(field=st.sampled_from(POSITIVE_FLOAT_FIELDS + NONNEG_FLOAT_FIELDS),
-       value=st.one_of(st.sampled_from([float("nan"), float("inf"), float("-inf")]),
-                       st.floats(max_value=-1e-9, allow_nan=False, allow_infinity=False), not_a_number))
+@given(
+    field=st.sampled_from(POSITIVE_FLOAT_FIELDS + NONNEG_FLOAT_FIELDS),
+    value=st.one_of(
+        st.sampled_from([float("nan"), float("inf"), float("-inf")]),
+        st.floats(max_value=-1e-9, allow_nan=False, allow_infinity=False),
+        not_a_number,
+    ),
+)
 def test_nan_negative_or_wrong_type_float_field(field, value):
     with tempfile.TemporaryDirectory() as tmp:
         tree = base_tree(Path(tmp))
@@ -134,10 +175,13 @@ def test_nan_negative_or_wrong_type_float_field(field, value):
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(section=st.sampled_from(SECTIONS),
-       key=st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=3, max_size=12).filter(
-           lambda k: k not in KNOWN_KEYS and not k.startswith("_")),
-       value=st.one_of(st.integers(), st.text(max_size=5), st.booleans()))
+@given(
+    section=st.sampled_from(SECTIONS),
+    key=st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=3, max_size=12).filter(
+        lambda k: k not in KNOWN_KEYS and not k.startswith("_")
+    ),
+    value=st.one_of(st.integers(), st.text(max_size=5), st.booleans()),
+)
 def test_unknown_key_is_named(section, key, value):
     with tempfile.TemporaryDirectory() as tmp:
         tree = base_tree(Path(tmp))
@@ -155,9 +199,10 @@ def test_unknown_key_is_named(section, key, value):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(field=st.sampled_from(["train.lr", "train.batch_size", "train.epochs", "loss.temperature.init",
-                              "eval.chunk_size"]),
-       text=st.sampled_from([".nan", "-1", "0", "abc", "[1, 2]", "-.inf"]))
+@given(
+    field=st.sampled_from(["train.lr", "train.batch_size", "train.epochs", "loss.temperature.init", "eval.chunk_size"]),
+    text=st.sampled_from([".nan", "-1", "0", "abc", "[1, 2]", "-.inf"]),
+)
 def test_bad_override_is_named_and_marked(field, text):
     with tempfile.TemporaryDirectory() as tmp:
         tree = base_tree(Path(tmp))
@@ -168,22 +213,25 @@ def test_bad_override_is_named_and_marked(field, text):
 
 
 # --------------------------------------------------------------------------------------- configs: by hand
-@pytest.mark.parametrize("mutate,needles", [
-    (lambda t: set_path(t, "train.betas", [float("nan"), 0.9]), ["train.betas"]),
-    (lambda t: set_path(t, "loss.family", "no_such_family"), ["loss"]),
-    (lambda t: set_path(t, "loss.temperature", {"init": 0.05, "min": 0.2, "max": 0.1}), ["loss.temperature"]),
-    (lambda t: set_path(t, "train.batch_size", 1), ["train.batch_size"]),
-    (lambda t: set_path(t, "data.synthetic.captions_per_image", [0, 3]), ["data.synthetic.captions_per_image"]),
-    (lambda t: set_path(t, "data.synthetic.captions_per_image", [4, 2]), ["data.synthetic.captions_per_image"]),
-    (lambda t: set_path(t, "data.synthetic.image_size", 8), ["data.synthetic.image_size"]),
-    (lambda t: set_path(t, "eval.ks", [0, 5]), ["eval.ks"]),
-    (lambda t: set_path(t, "train.min_lr", 1.0), ["train.min_lr"]),
-    (lambda t: set_path(t, "train.best_metric", "test/rsum"), ["train.best_metric"]),
-    (lambda t: set_path(t, "data.root", "/nonexistent/folder"), ["data.root", "does not exist"]),
-    (lambda t: set_path(t, "model", "ViT-B-32"), ["model"]),
-    (lambda t: set_path(t, "tracking.tags", {"a": [1, 2]}), ["tracking.tags.a"]),
-    (lambda t: set_path(t, "scaling.use_gpu", "sometimes"), ["scaling.use_gpu"]),
-])
+@pytest.mark.parametrize(
+    "mutate,needles",
+    [
+        (lambda t: set_path(t, "train.betas", [float("nan"), 0.9]), ["train.betas"]),
+        (lambda t: set_path(t, "loss.family", "no_such_family"), ["loss"]),
+        (lambda t: set_path(t, "loss.temperature", {"init": 0.05, "min": 0.2, "max": 0.1}), ["loss.temperature"]),
+        (lambda t: set_path(t, "train.batch_size", 1), ["train.batch_size"]),
+        (lambda t: set_path(t, "data.synthetic.captions_per_image", [0, 3]), ["data.synthetic.captions_per_image"]),
+        (lambda t: set_path(t, "data.synthetic.captions_per_image", [4, 2]), ["data.synthetic.captions_per_image"]),
+        (lambda t: set_path(t, "data.synthetic.image_size", 8), ["data.synthetic.image_size"]),
+        (lambda t: set_path(t, "eval.ks", [0, 5]), ["eval.ks"]),
+        (lambda t: set_path(t, "train.min_lr", 1.0), ["train.min_lr"]),
+        (lambda t: set_path(t, "train.best_metric", "test/rsum"), ["train.best_metric"]),
+        (lambda t: set_path(t, "data.root", "/nonexistent/folder"), ["data.root", "does not exist"]),
+        (lambda t: set_path(t, "model", "ViT-B-32"), ["model"]),
+        (lambda t: set_path(t, "tracking.tags", {"a": [1, 2]}), ["tracking.tags.a"]),
+        (lambda t: set_path(t, "scaling.use_gpu", "sometimes"), ["scaling.use_gpu"]),
+    ],
+)
 def test_hand_written_bad_configs(tmp_path, mutate, needles):
     tree = base_tree(tmp_path)
     mutate(tree)
@@ -191,8 +239,11 @@ def test_hand_written_bad_configs(tmp_path, mutate, needles):
 
 
 def test_not_yaml_and_not_a_mapping(tmp_path):
-    for text, needle in (("train: [1, 2\n", "not valid YAML"), ("- 1\n- 2\n", "top level must be a mapping"),
-                         ("train:\n  lr: 1\n lr: 2\n", "not valid YAML")):
+    for text, needle in (
+        ("train: [1, 2\n", "not valid YAML"),
+        ("- 1\n- 2\n", "top level must be a mapping"),
+        ("train:\n  lr: 1\n lr: 2\n", "not valid YAML"),
+    ):
         cfg = tmp_path / "bad.yaml"
         cfg.write_text(text)
         rc, lines, _ = run_cli(["train", str(cfg)], tmp_path)
@@ -209,8 +260,14 @@ def test_subprocess_bad_config_one_line_no_traceback(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml.safe_dump(tree))
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", str(cfg)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "train", str(cfg)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert_one_line_error(proc.returncode, lines, f"{cfg}:train.lr:", "greater than 0")
     assert proc.stdout == ""
@@ -233,9 +290,11 @@ def write_image(path: Path, kind: str = "ok") -> None:
 
 
 def good_records() -> list[dict[str, Any]]:
-    return [{"image": "img/a.jpg", "caption": "a red square", "image_id": "a"},
-            {"image": "img/a.jpg", "caption": "a square that is red", "image_id": "a"},
-            {"image": "img/b.jpg", "caption": "a blue circle", "image_id": "b"}]
+    return [
+        {"image": "img/a.jpg", "caption": "a red square", "image_id": "a"},
+        {"image": "img/a.jpg", "caption": "a square that is red", "image_id": "a"},
+        {"image": "img/b.jpg", "caption": "a blue circle", "image_id": "b"},
+    ]
 
 
 def data_tree(tmp: Path, **data: Any) -> dict[str, Any]:
@@ -274,8 +333,12 @@ CAPTIONS_JSON_CASES = {
     "image_id_null": (lambda r: r[2].update(image_id=None), {}, "header", ["train.json:[2].image_id"]),
     "image_id_bool": (lambda r: r[2].update(image_id=True), {}, "header", ["train.json:[2].image_id"]),
     "image_not_string": (lambda r: r[2].update(image=3), {}, "header", ["train.json:[2].image"]),
-    "duplicate_id_two_files": (lambda r: r[2].update(image_id="a"), {}, "header",
-                               ["train.json:[2].image", "names two files"]),
+    "duplicate_id_two_files": (
+        lambda r: r[2].update(image_id="a"),
+        {},
+        "header",
+        ["train.json:[2].image", "names two files"],
+    ),
     "image_file_missing": (None, {"a.jpg": "ok"}, "exists", ["b.jpg", "image file not found"]),
     "image_not_image": (None, {"a.jpg": "ok", "b.jpg": "text"}, "header", ["b.jpg", "not a readable image"]),
     "image_empty_file": (None, {"a.jpg": "empty", "b.jpg": "ok"}, "header", ["a.jpg", "not a readable image"]),
@@ -309,14 +372,31 @@ def test_missing_split_file_names_it(tmp_path):
 
 
 def karpathy_tree() -> dict[str, Any]:
-    return {"images": [
-        {"filename": "a.jpg", "filepath": "img", "cocoid": 1, "split": "train",
-         "sentences": [{"raw": "A red square.", "sentid": 10}, {"raw": "Red square", "sentid": 11}]},
-        {"filename": "b.jpg", "filepath": "img", "cocoid": 2, "split": "restval",
-         "sentences": [{"raw": "A blue circle.", "sentid": 12}]},
-        {"filename": "c.jpg", "filepath": "img", "cocoid": 3, "split": "val",
-         "sentences": [{"raw": "A green star.", "sentid": 13}]},
-    ]}
+    return {
+        "images": [
+            {
+                "filename": "a.jpg",
+                "filepath": "img",
+                "cocoid": 1,
+                "split": "train",
+                "sentences": [{"raw": "A red square.", "sentid": 10}, {"raw": "Red square", "sentid": 11}],
+            },
+            {
+                "filename": "b.jpg",
+                "filepath": "img",
+                "cocoid": 2,
+                "split": "restval",
+                "sentences": [{"raw": "A blue circle.", "sentid": 12}],
+            },
+            {
+                "filename": "c.jpg",
+                "filepath": "img",
+                "cocoid": 3,
+                "split": "val",
+                "sentences": [{"raw": "A green star.", "sentid": 13}],
+            },
+        ]
+    }
 
 
 KARPATHY_CASES = {
@@ -327,16 +407,24 @@ KARPATHY_CASES = {
     "missing_sentences": (lambda t: t["images"][1].pop("sentences"), ["dataset.json:images[1].sentences", "missing"]),
     "missing_filename": (lambda t: t["images"][0].pop("filename"), ["dataset.json:images[0].filename", "missing"]),
     "empty_sentences": (lambda t: t["images"][0].update(sentences=[]), ["dataset.json:images[0].sentences"]),
-    "sentence_without_raw": (lambda t: t["images"][0]["sentences"][1].pop("raw"),
-                             ["dataset.json:images[0].sentences[1].raw", "missing"]),
-    "raw_not_text": (lambda t: t["images"][1]["sentences"][0].update(raw=5),
-                     ["dataset.json:images[1].sentences[0].raw", "not text"]),
-    "raw_empty": (lambda t: t["images"][0]["sentences"][0].update(raw=" ... "),
-                  ["dataset.json:images[0].sentences[0].raw", "empty"]),
+    "sentence_without_raw": (
+        lambda t: t["images"][0]["sentences"][1].pop("raw"),
+        ["dataset.json:images[0].sentences[1].raw", "missing"],
+    ),
+    "raw_not_text": (
+        lambda t: t["images"][1]["sentences"][0].update(raw=5),
+        ["dataset.json:images[1].sentences[0].raw", "not text"],
+    ),
+    "raw_empty": (
+        lambda t: t["images"][0]["sentences"][0].update(raw=" ... "),
+        ["dataset.json:images[0].sentences[0].raw", "empty"],
+    ),
     "duplicate_cocoid": (lambda t: t["images"][1].update(cocoid=1), ["dataset.json:images[1]", "duplicate image id"]),
     "image_entry_not_object": (lambda t: t["images"].insert(0, "x"), ["dataset.json:images[0]", "not an object"]),
-    "duplicate_sentid": (lambda t: t["images"][1]["sentences"][0].update(sentid=10),
-                         ["dataset.json:images[1].sentences[0].sentid", "duplicate sentid"]),
+    "duplicate_sentid": (
+        lambda t: t["images"][1]["sentences"][0].update(sentid=10),
+        ["dataset.json:images[1].sentences[0].sentid", "duplicate sentid"],
+    ),
 }
 
 
@@ -357,11 +445,24 @@ def test_bad_karpathy(tmp_path, case):
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(records=st.lists(st.one_of(
-    st.fixed_dictionaries({}, optional={"image": st.one_of(st.just("img/a.jpg"), st.integers(), st.none()),
-                                        "caption": st.one_of(st.text(max_size=8), st.integers(), st.none()),
-                                        "image_id": st.one_of(st.text(max_size=3), st.integers(), st.booleans())}),
-    st.integers(), st.text(max_size=3)), min_size=0, max_size=4))
+@given(
+    records=st.lists(
+        st.one_of(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "image": st.one_of(st.just("img/a.jpg"), st.integers(), st.none()),
+                    "caption": st.one_of(st.text(max_size=8), st.integers(), st.none()),
+                    "image_id": st.one_of(st.text(max_size=3), st.integers(), st.booleans()),
+                },
+            ),
+            st.integers(),
+            st.text(max_size=3),
+        ),
+        min_size=0,
+        max_size=4,
+    )
+)
 def test_arbitrary_captions_json_records_fail_cleanly_or_load(records):
     """Whatever the records, the reader returns an index or raises a one-line UserError naming the file."""
     from orchestrator.data.formats import read_captions_json
@@ -381,8 +482,13 @@ def test_arbitrary_captions_json_records_fail_cleanly_or_load(records):
 def _tiny_index(name: str, captions: list[str]):
     from orchestrator.data.index import DatasetIndex
 
-    return DatasetIndex(name=name, image_ids=["x", "y"], captions=captions, caption_image=np.array([0, 0, 1]),
-                        renderer=lambda i: Image.new("RGB", (8, 8)))
+    return DatasetIndex(
+        name=name,
+        image_ids=["x", "y"],
+        captions=captions,
+        caption_image=np.array([0, 0, 1]),
+        renderer=lambda i: Image.new("RGB", (8, 8)),
+    )
 
 
 def test_teacher_view_of_another_dataset_or_wrong_shape(tmp_path):
@@ -391,8 +497,16 @@ def test_teacher_view_of_another_dataset_or_wrong_shape(tmp_path):
     index = _tiny_index("a", ["one", "two", "three"])
     other = _tiny_index("b", ["uno", "dos", "tres"])
     view = tmp_path / "view"
-    write_view(view, np.ones((3, 4), np.float32), index=index, modality="text", identity="t", spec="s",
-               preprocessing="p", digest="d")
+    write_view(
+        view,
+        np.ones((3, 4), np.float32),
+        index=index,
+        modality="text",
+        identity="t",
+        spec="s",
+        preprocessing="p",
+        digest="d",
+    )
     assert open_view(view, index, modality="text").shape == (3, 4)
     with pytest.raises(UserError) as info:
         open_view(view, other, modality="text")
@@ -425,8 +539,15 @@ def test_check_features_other_dataset_and_wrong_shape():
     feats = SplitTeacherFeatures(index_name="a", content_hash=index.content_hash(), image=np.ones((3, 4), np.float32))
     with pytest.raises(UserError, match=r"teachers: image teacher features have shape \(3, 4\), expected \(2, D\)"):
         check_features(feats, index)
-    check_features(SplitTeacherFeatures(index_name="a", content_hash=index.content_hash(),
-                                        image=np.ones((2, 4), np.float32), text=np.ones((3, 5), np.float32)), index)
+    check_features(
+        SplitTeacherFeatures(
+            index_name="a",
+            content_hash=index.content_hash(),
+            image=np.ones((2, 4), np.float32),
+            text=np.ones((3, 5), np.float32),
+        ),
+        index,
+    )
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -437,14 +558,22 @@ def test_eval_checkpoint_of_another_architecture(tmp_path):
     from orchestrator.config import validate_config
     from orchestrator.models.student import build_student
 
-    small = validate_config({"data": {"format": "synthetic", "synthetic": {
-        "num_train_images": 8, "num_val_images": 8, "num_test_images": 8, "image_size": 16}},
-        "model": {"name": "itr-small-vit"}})
+    small = validate_config(
+        {
+            "data": {
+                "format": "synthetic",
+                "synthetic": {"num_train_images": 8, "num_val_images": 8, "num_test_images": 8, "image_size": 16},
+            },
+            "model": {"name": "itr-small-vit"},
+        }
+    )
     tiny = build_student(validate_config({"model": {"name": "itr-tiny-vit"}}).model)
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    atomic_save({"model": tiny.model.state_dict(), "model_name": "itr-small-vit", "config_yaml": small.to_yaml(),
-                 "epoch": 0}, ckpt / MODEL_FILE)
+    atomic_save(
+        {"model": tiny.model.state_dict(), "model_name": "itr-small-vit", "config_yaml": small.to_yaml(), "epoch": 0},
+        ckpt / MODEL_FILE,
+    )
     before = snapshot(tmp_path)
     rc, lines, _ = run_cli(["eval", "--checkpoint", str(ckpt), "--json", str(tmp_path / "m.json")], tmp_path)
     assert_one_line_error(rc, lines, f"{ckpt / MODEL_FILE}:", "does not fit model 'itr-small-vit'")

@@ -1,5 +1,6 @@
 """The GPU benchmark must not fail on the lent machine, where device time is scarce: run it whole on the CPU at a
 toy size (every variant, the Ray Train one included, and the evaluation timing) and check it measured each."""
+
 from __future__ import annotations
 
 import json
@@ -18,15 +19,46 @@ REPO = Path(__file__).resolve().parent.parent
 def test_gpu_throughput_script_measures_every_variant_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_throughput.py"), "--device", "cpu",
-                           "--model", "itr-tiny-vit", "--batch-sizes", "8", "--steps", "1", "--warmup", "1",
-                           "--eval-size", "40", "200", "16", "--out", str(out)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "gpu_throughput.py"),
+            "--device",
+            "cpu",
+            "--model",
+            "itr-tiny-vit",
+            "--batch-sizes",
+            "8",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--eval-size",
+            "40",
+            "200",
+            "16",
+            "--out",
+            str(out),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     variants = {row["variant"]: row for row in result["rows"]}
-    assert set(variants) == {"bare", "ours/infonce", "ours/cusa", "ours/listwise", "ours/bcls", "accum4/infonce",
-                             "compiled/infonce", "ray/infonce"}
+    assert set(variants) == {
+        "bare",
+        "ours/infonce",
+        "ours/cusa",
+        "ours/listwise",
+        "ours/bcls",
+        "accum4/infonce",
+        "compiled/infonce",
+        "ray/infonce",
+    }
     for name, row in variants.items():
         assert math.isfinite(row["pairs_per_s"]) and row["pairs_per_s"] > 0, (name, row["note"])
         assert math.isfinite(row["ratio_to_bare"]), name
@@ -37,9 +69,23 @@ def test_losses_benchmark_measures_every_family_it_names(tmp_path):
     """Every row of the table is a measurement (the *_torch rows included), at a toy size on the CPU."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     families = ["listwise", "bcls_full", "listwise_torch", "bcls_full_torch", "cusa"]
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "losses.py"), "--sizes", "24", "--repeats", "1",
-                           "--families", *families], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "losses.py"),
+            "--sizes",
+            "24",
+            "--repeats",
+            "1",
+            "--families",
+            *families,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "B=" not in line]
     assert [r.split(" | ")[0][2:] for r in rows] == families
@@ -49,16 +95,43 @@ def test_losses_benchmark_measures_every_family_it_names(tmp_path):
 def test_kernel_tiles_benchmark_times_every_tile_in_the_interpreter(tmp_path):
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernel_tiles.py"), "--device", "cpu",
-                           "--sizes", "12", "--repeats", "1", "--tiles", "8x16x1", "16x8x2"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "kernel_tiles.py"),
+            "--device",
+            "cpu",
+            "--sizes",
+            "12",
+            "--repeats",
+            "1",
+            "--tiles",
+            "8x16x1",
+            "16x8x2",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| s") or line.startswith("| k")]
-    assert [r.split(" | ")[:2] for r in rows] == [["| sndcg", "8x16x1"], ["| sndcg", "16x8x2"],
-                                                  ["| kendall", "8x16x1"], ["| kendall", "16x8x2"]]
+    assert [r.split(" | ")[:2] for r in rows] == [
+        ["| sndcg", "8x16x1"],
+        ["| sndcg", "16x8x2"],
+        ["| kendall", "8x16x1"],
+        ["| kendall", "16x8x2"],
+    ]
     assert all(r.endswith(" ms |") for r in rows), proc.stdout
-    bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernel_tiles.py"), "--tiles", "24x16x4"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "kernel_tiles.py"), "--tiles", "24x16x4"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "powers of two" in bad.stderr
 
 

@@ -1,4 +1,5 @@
 """Config validation: one-line errors naming the file and dotted field; overrides; exit code 2 from the CLI."""
+
 from __future__ import annotations
 
 import subprocess
@@ -58,7 +59,9 @@ def test_nan_hyperparameter_rejected(tmp_path):
 
 
 def test_loss_union_field_is_named_without_tag(tmp_path):
-    msg = error_of(write(tmp_path, {"loss": {"family": "infonce", "temperature": {"init": 0.5, "min": 0.01, "max": 0.1}}}))
+    msg = error_of(
+        write(tmp_path, {"loss": {"family": "infonce", "temperature": {"init": 0.5, "min": 0.01, "max": 0.1}}})
+    )
     assert ":loss.temperature.init:" in msg and "outside" in msg
 
 
@@ -93,8 +96,9 @@ def test_invalid_yaml_names_line(tmp_path):
 
 
 def test_overrides_parse_yaml_values(tmp_path):
-    tree = apply_overrides({"train": {"epochs": 1}}, ["train.epochs=3", "train.grad_clip=null", "model.name=RN50",
-                                                       "eval.ks=[1,5]"])
+    tree = apply_overrides(
+        {"train": {"epochs": 1}}, ["train.epochs=3", "train.grad_clip=null", "model.name=RN50", "eval.ks=[1,5]"]
+    )
     assert tree == {"train": {"epochs": 3, "grad_clip": None}, "model": {"name": "RN50"}, "eval": {"ks": [1, 5]}}
     cfg = load_config(write(tmp_path, {}), ["loss.family=triplet", "loss.margin=0.3"])
     assert cfg.loss.family == "triplet" and cfg.loss.margin == 0.3
@@ -106,12 +110,15 @@ def test_relative_paths_resolve_against_the_launch_folder_not_the_workers(tmp_pa
     launch.mkdir(), worker.mkdir()
     monkeypatch.chdir(launch)
     cfg = load_config(write(tmp_path, {"tracking": {"artifact_dir": "art"}}), ["train.output_dir=out"])
-    assert cfg.teachers.cache_dir == launch / ".itr_cache" / "teachers"          # a default, resolved too
+    assert cfg.teachers.cache_dir == launch / ".itr_cache" / "teachers"  # a default, resolved too
     assert cfg.train.output_dir == launch / "out" and cfg.tracking.artifact_dir == launch / "art"
-    monkeypatch.chdir(worker)                                                   # what a Ray Train worker does
+    monkeypatch.chdir(worker)  # what a Ray Train worker does
     again = ExperimentConfig.model_validate(cfg.model_dump(mode="json"))
-    assert (again.teachers.cache_dir, again.train.output_dir, again.tracking.artifact_dir) == \
-        (cfg.teachers.cache_dir, cfg.train.output_dir, cfg.tracking.artifact_dir)
+    assert (again.teachers.cache_dir, again.train.output_dir, again.tracking.artifact_dir) == (
+        cfg.teachers.cache_dir,
+        cfg.train.output_dir,
+        cfg.tracking.artifact_dir,
+    )
     assert ExperimentConfig().teachers.cache_dir == worker / ".itr_cache" / "teachers"
 
 
@@ -122,8 +129,9 @@ def test_auto_format_from_root(coco_mini, tmp_path):
 
 
 def test_random_sampler_needs_multi_positive_loss(tmp_path):
-    msg = error_of(write(tmp_path, {"loss": {"family": "triplet", "multi_positive": False},
-                                    "train": {"batch_sampler": "random"}}))
+    msg = error_of(
+        write(tmp_path, {"loss": {"family": "triplet", "multi_positive": False}, "train": {"batch_sampler": "random"}})
+    )
     assert "batch_sampler" in msg
 
 
@@ -144,8 +152,9 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path, capsys):
 
 def test_cli_subprocess_no_traceback(tmp_path):
     path = write(tmp_path, {"model": {"nmae": "x"}})
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", str(path)], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "train", str(path)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"error: {path}:model.nmae: unknown key"
@@ -165,6 +174,10 @@ def test_cross_field_errors_name_the_field(tmp_path):
 def test_relevance_source_and_heads_resolve():
     cfg = ExperimentConfig.model_validate({"loss": {"family": "bcls"}})
     assert cfg.relevance_source == "exact" and cfg.resolved_heads == "none"
-    cfg = ExperimentConfig.model_validate({"loss": {"family": "cusa", "beta": 0.0},
-                                           "teachers": {"image": "synthetic:attributes", "text": "synthetic:attributes"}})
+    cfg = ExperimentConfig.model_validate(
+        {
+            "loss": {"family": "cusa", "beta": 0.0},
+            "teachers": {"image": "synthetic:attributes", "text": "synthetic:attributes"},
+        }
+    )
     assert cfg.resolved_heads == "cross" and cfg.relevance_source is None

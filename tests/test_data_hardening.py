@@ -3,6 +3,7 @@ root, coerced Karpathy ids, 16-bit images, symlink loops and a ``model.pretraine
 
 Datasets are built in tmp folders (a few small PNGs); the CLI is called in-process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,7 @@ import yaml
 from PIL import Image
 
 from orchestrator.config import DataConfig
-from orchestrator.data.formats import read_captions_json, read_karpathy
+from orchestrator.data.formats import read_karpathy
 from orchestrator.data.splits import load_split
 from orchestrator.errors import UserError
 from tests.test_bad_input import assert_one_line_error, base_tree, run_cli, snapshot
@@ -62,14 +63,34 @@ def records(*rows: tuple[str, str, str]) -> list[dict[str, str]]:
 def karpathy_images() -> list[dict[str, Any]]:
     """train: cocoids 1, 2 (restval); val: 3; test: 4. sentids 10..14."""
     return [
-        {"filename": "a.png", "filepath": "img", "cocoid": 1, "split": "train",
-         "sentences": [{"raw": "a red square", "sentid": 10}, {"raw": "red square", "sentid": 11}]},
-        {"filename": "b.png", "filepath": "img", "cocoid": 2, "split": "restval",
-         "sentences": [{"raw": "a blue circle", "sentid": 12}]},
-        {"filename": "c.png", "filepath": "img", "cocoid": 3, "split": "val",
-         "sentences": [{"raw": "a green star", "sentid": 13}]},
-        {"filename": "d.png", "filepath": "img", "cocoid": 4, "split": "test",
-         "sentences": [{"raw": "a grey line", "sentid": 14}]},
+        {
+            "filename": "a.png",
+            "filepath": "img",
+            "cocoid": 1,
+            "split": "train",
+            "sentences": [{"raw": "a red square", "sentid": 10}, {"raw": "red square", "sentid": 11}],
+        },
+        {
+            "filename": "b.png",
+            "filepath": "img",
+            "cocoid": 2,
+            "split": "restval",
+            "sentences": [{"raw": "a blue circle", "sentid": 12}],
+        },
+        {
+            "filename": "c.png",
+            "filepath": "img",
+            "cocoid": 3,
+            "split": "val",
+            "sentences": [{"raw": "a green star", "sentid": 13}],
+        },
+        {
+            "filename": "d.png",
+            "filepath": "img",
+            "cocoid": 4,
+            "split": "test",
+            "sentences": [{"raw": "a grey line", "sentid": 14}],
+        },
     ]
 
 
@@ -91,11 +112,18 @@ def test_captions_json_image_outside_root_is_refused(tmp_path, bad):
     data = tmp_path / "data"
     write_png(data / "img" / "a.png")
     write_png(tmp_path / "outside.png")
-    (data / "train.json").write_text(json.dumps(records(("img/a.png", "a cat", "a"), ("img/a.png", "a dog", "a"),
-                                                        (bad, "a leak", "b"))))
+    (data / "train.json").write_text(
+        json.dumps(records(("img/a.png", "a cat", "a"), ("img/a.png", "a dog", "a"), (bad, "a leak", "b")))
+    )
     (data / "val.json").write_text(json.dumps(records(("img/a.png", "a cat", "a"))))
-    line = train_must_fail(tmp_path, captions_tree(tmp_path, data), f"{data / 'train.json'}:[2].image:", repr(bad),
-                           "outside the dataset root", "data.allow_outside_root")
+    line = train_must_fail(
+        tmp_path,
+        captions_tree(tmp_path, data),
+        f"{data / 'train.json'}:[2].image:",
+        repr(bad),
+        "outside the dataset root",
+        "data.allow_outside_root",
+    )
     assert "not a readable image" not in line
 
 
@@ -103,8 +131,9 @@ def test_allow_outside_root_opts_in_and_dotdot_names_stay_inside(tmp_path):
     data = tmp_path / "data"
     write_png(data / "img" / "..a.png")  # a name starting with '..' is not a parent reference
     write_png(tmp_path / "outside.png", value=7)
-    (data / "train.json").write_text(json.dumps(records(("img/..a.png", "inside", "a"),
-                                                        ("img/./../../outside.png", "outside", "b"))))
+    (data / "train.json").write_text(
+        json.dumps(records(("img/..a.png", "inside", "a"), ("img/./../../outside.png", "outside", "b")))
+    )
     with pytest.raises(UserError, match=r"\[1\]\.image: image path .* is outside the dataset root"):
         load_split(DataConfig(root=data), "train")
     index = load_split(DataConfig(root=data, allow_outside_root=True), "train")
@@ -115,9 +144,14 @@ def test_allow_outside_root_opts_in_and_dotdot_names_stay_inside(tmp_path):
     assert load_split(DataConfig(root=data), "train").image_paths == [data / "img" / "..a.png"]
 
 
-@pytest.mark.parametrize("field,value,where", [("filename", "/etc/passwd", "filename"),
-                                               ("filepath", "../..", "filepath"),
-                                               ("filename", "../../../x.png", "filename")])
+@pytest.mark.parametrize(
+    "field,value,where",
+    [
+        ("filename", "/etc/passwd", "filename"),
+        ("filepath", "../..", "filepath"),
+        ("filename", "../../../x.png", "filename"),
+    ],
+)
 def test_karpathy_image_outside_root_is_refused(tmp_path, field, value, where):
     images = karpathy_images()
     images[1][field] = value
@@ -133,8 +167,12 @@ def test_symlink_loop_image_is_one_line_naming_it(tmp_path):
     os.symlink("loop.png", data / "img" / "loop.png")  # points at itself
     (data / "train.json").write_text(json.dumps(records(("img/a.png", "a cat", "a"), ("img/loop.png", "a loop", "b"))))
     for verify in ("exists", "header"):
-        train_must_fail(tmp_path, captions_tree(tmp_path, data, verify_images=verify),
-                        f"{data / 'img' / 'loop.png'}: ", "symlink loop")
+        train_must_fail(
+            tmp_path,
+            captions_tree(tmp_path, data, verify_images=verify),
+            f"{data / 'img' / 'loop.png'}: ",
+            "symlink loop",
+        )
     index = load_split(DataConfig(root=data, verify_images="none"), "train")
     with pytest.raises(UserError) as info:
         index.load_image(1)
@@ -142,14 +180,17 @@ def test_symlink_loop_image_is_one_line_naming_it(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ Karpathy coercions
-@pytest.mark.parametrize("mutate,where,what", [
-    (lambda t: t[0].update(cocoid={"a": 1}), "images[0].cocoid", "cocoid must be"),
-    (lambda t: t[0].update(cocoid=True), "images[0].cocoid", "cocoid must be"),
-    (lambda t: t[0].update(cocoid=1.5), "images[0].cocoid", "cocoid must be"),
-    (lambda t: t[0]["sentences"][1].update(sentid=[11]), "images[0].sentences[1].sentid", "sentid must be"),
-    (lambda t: t[1].update(filename=5), "images[1].filename", "must be a non-empty string"),
-    (lambda t: t[1].update(filepath={"x": 1}), "images[1].filepath", "must be a string"),
-])
+@pytest.mark.parametrize(
+    "mutate,where,what",
+    [
+        (lambda t: t[0].update(cocoid={"a": 1}), "images[0].cocoid", "cocoid must be"),
+        (lambda t: t[0].update(cocoid=True), "images[0].cocoid", "cocoid must be"),
+        (lambda t: t[0].update(cocoid=1.5), "images[0].cocoid", "cocoid must be"),
+        (lambda t: t[0]["sentences"][1].update(sentid=[11]), "images[0].sentences[1].sentid", "sentid must be"),
+        (lambda t: t[1].update(filename=5), "images[1].filename", "must be a non-empty string"),
+        (lambda t: t[1].update(filepath={"x": 1}), "images[1].filepath", "must be a string"),
+    ],
+)
 def test_karpathy_ids_and_paths_are_not_coerced(tmp_path, mutate, where, what):
     images = karpathy_images()
     mutate(images)
@@ -213,8 +254,11 @@ def leaky_captions(tmp: Path) -> Path:
     for name in ("a", "b", "v", "t"):
         write_png(data / "img" / f"{name}.png")
     (data / "train.json").write_text(json.dumps(records(("img/a.png", "a cat", "a"), ("img/b.png", "a dog", "b"))))
-    (data / "val.json").write_text(json.dumps(records(("img/a.png", "a cat again", "a"),
-                                                      ("img/./b.png", "the dog", "z"), ("img/v.png", "a vase", "v"))))
+    (data / "val.json").write_text(
+        json.dumps(
+            records(("img/a.png", "a cat again", "a"), ("img/./b.png", "the dog", "z"), ("img/v.png", "a vase", "v"))
+        )
+    )
     (data / "test.json").write_text(json.dumps(records(("img/t.png", "a tree", "t"))))
     return data
 
@@ -228,16 +272,25 @@ def test_captions_json_leakage_warns_by_default_naming_count_splits_examples(tmp
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
     msg = warnings[0]
-    for needle in ("2 of 3 images of split 'val' are also in split 'train'", "1 image id ('a')",
-                   "2 image files (img/a.png, img/b.png)", "data.leakage: error"):
+    for needle in (
+        "2 of 3 images of split 'val' are also in split 'train'",
+        "1 image id ('a')",
+        "2 image files (img/a.png, img/b.png)",
+        "data.leakage: error",
+    ):
         assert needle in msg, (needle, msg)
     assert "split 'test'" not in msg
 
 
 def test_captions_json_leakage_is_an_error_with_the_switch(tmp_path):
     data = leaky_captions(tmp_path)
-    line = train_must_fail(tmp_path, captions_tree(tmp_path, data, leakage="error"),
-                           f"{data / 'val.json'}:data.leakage:", "2 of 3 images of split 'val'", "('a')")
+    line = train_must_fail(
+        tmp_path,
+        captions_tree(tmp_path, data, leakage="error"),
+        f"{data / 'val.json'}:data.leakage:",
+        "2 of 3 images of split 'val'",
+        "('a')",
+    )
     assert "img/b.png" in line
 
 
@@ -250,8 +303,15 @@ def test_clean_splits_and_coco_mini_pass_silently(tmp_path, caplog, coco_mini):
 
 def test_karpathy_leakage_by_cocoid_and_sentid(tmp_path, caplog):
     images = karpathy_images()
-    images.append({"filename": "e.png", "filepath": "img", "cocoid": 1, "split": "test",  # cocoid of a train image
-                   "sentences": [{"raw": "again", "sentid": 15}]})
+    images.append(
+        {
+            "filename": "e.png",
+            "filepath": "img",
+            "cocoid": 1,
+            "split": "test",  # cocoid of a train image
+            "sentences": [{"raw": "again", "sentid": 15}],
+        }
+    )
     images[2]["sentences"][0]["sentid"] = 11  # a train sentid, on a val image
     ann, root = write_karpathy(tmp_path, images)
     cfg = DataConfig(annotations=ann, root=root)
@@ -284,8 +344,9 @@ def test_pretrained_not_a_weights_file_is_one_line(tmp_path, kind):
     tree = base_tree(tmp_path)
     tree["model"]["pretrained"] = str(path)
     tree["tracking"] = {"enabled": False}
-    line = train_must_fail(tmp_path, tree, f"{path}:model.pretrained: not a weights file "
-                                           "(torch.load weights_only=True refused it: ")
+    line = train_must_fail(
+        tmp_path, tree, f"{path}:model.pretrained: not a weights file (torch.load weights_only=True refused it: "
+    )
     assert "weights_only=False" not in line and line.endswith(")")
     assert len(line) < 400
 
@@ -311,10 +372,10 @@ def test_pretrained_of_another_architecture_still_does_not_fit(tmp_path):
 class PixelMean:
     """A stand-in teacher (not the code under test): one feature, the mean of the RGB pixels it is given."""
 
-    def to(self, device: str) -> "PixelMean":
+    def to(self, device: str) -> PixelMean:
         return self
 
-    def load(self) -> "PixelMean":
+    def load(self) -> PixelMean:
         return self
 
     def encode(self, items) -> np.ndarray:

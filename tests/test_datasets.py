@@ -1,4 +1,5 @@
 """Dataset formats, validation before training, and the training batch sampler."""
+
 from __future__ import annotations
 
 import json
@@ -52,7 +53,9 @@ def write_captions(tmp_path: Path, records) -> Path:
 
 
 def test_captions_json_missing_field_names_record(tmp_path):
-    path = write_captions(tmp_path, [{"image": "a.jpg", "caption": "x", "image_id": "1"}, {"image": "b.jpg", "image_id": "2"}])
+    path = write_captions(
+        tmp_path, [{"image": "a.jpg", "caption": "x", "image_id": "1"}, {"image": "b.jpg", "image_id": "2"}]
+    )
     with pytest.raises(UserError, match=r"train\.json:\[1\]\.caption: missing field"):
         read_captions_json(path, name="t")
 
@@ -75,16 +78,23 @@ def test_captions_json_not_json_and_empty(tmp_path):
 
 
 def test_captions_json_one_id_two_files(tmp_path):
-    path = write_captions(tmp_path, [{"image": "a.jpg", "caption": "x", "image_id": "1"},
-                                     {"image": "b.jpg", "caption": "y", "image_id": "1"}])
+    path = write_captions(
+        tmp_path,
+        [{"image": "a.jpg", "caption": "x", "image_id": "1"}, {"image": "b.jpg", "caption": "y", "image_id": "1"}],
+    )
     with pytest.raises(UserError, match=r"\[1\]\.image: image_id '1' names two files"):
         read_captions_json(path, name="t")
 
 
 def test_missing_image_fails_before_training_naming_file(tmp_path):
     make_images(tmp_path / "images", ["a.jpg"])
-    path = write_captions(tmp_path, [{"image": "images/a.jpg", "caption": "x", "image_id": "1"},
-                                     {"image": "images/gone.jpg", "caption": "y", "image_id": "2"}])
+    path = write_captions(
+        tmp_path,
+        [
+            {"image": "images/a.jpg", "caption": "x", "image_id": "1"},
+            {"image": "images/gone.jpg", "caption": "y", "image_id": "2"},
+        ],
+    )
     cfg = DataConfig(root=tmp_path)
     with pytest.raises(UserError) as info:
         load_split(cfg, "train")
@@ -115,9 +125,17 @@ def karpathy_fixture(tmp_path: Path) -> tuple[Path, Path]:
     for k, split in enumerate(["train", "restval", "val", "test", "test"]):
         name = f"COCO_{k:03d}.jpg"
         names.append(name)
-        images.append({"filepath": "val2014", "filename": name, "split": split, "cocoid": 100 + k,
-                       "sentences": [{"raw": f"Caption {s} of image {k}.", "sentid": 1000 + 10 * k + s}
-                                     for s in range(k % 3 + 1)]})
+        images.append(
+            {
+                "filepath": "val2014",
+                "filename": name,
+                "split": split,
+                "cocoid": 100 + k,
+                "sentences": [
+                    {"raw": f"Caption {s} of image {k}.", "sentid": 1000 + 10 * k + s} for s in range(k % 3 + 1)
+                ],
+            }
+        )
     make_images(tmp_path / "coco" / "val2014", names)
     ann = tmp_path / "dataset_coco.json"
     ann.write_text(json.dumps({"images": images, "dataset": "coco"}))

@@ -5,6 +5,7 @@ Two gloo processes (``torch.multiprocessing``, float64, tiny linear towers and t
 every distributed case once (module fixture); the tests compare what each rank saw with one process computing
 the same thing on the concatenated batch, here in the test process.
 """
+
 from __future__ import annotations
 
 import sys
@@ -40,13 +41,21 @@ CASES = {  # case: (the real family, its options), in float64, with every learna
     "listwise-rsc": ("listwise", dict(relevance="teacher", kernel="torch", tau=0.1, mining="selhn", selhn_eps=0.3)),
     "bcls": ("bcls", dict(relevance="exact", kernel="torch", surrogate="sigmoid", window=None)),
     # window and hard_k that keep different numbers of pairs on the two ranks (14 and 13 at step 0)
-    "bcls-swhs": ("bcls", dict(relevance="teacher", t2i_relevance="as_released", kernel="torch", window=3, hard_k=5,
-                               gap=0.3)),
+    "bcls-swhs": (
+        "bcls",
+        dict(relevance="teacher", t2i_relevance="as_released", kernel="torch", window=3, hard_k=5, gap=0.3),
+    ),
 }
 GRAD_CASES = [(c, False) for c in CASES] + [(c, True) for c, (f, _) in CASES.items() if f in LOCAL_LOSS_FAMILIES]
 STEPS = 4
-STEP_CASES = [("infonce", True, False), ("infonce", True, True), ("infonce", False, False),
-              ("cusa", True, False), ("cusa", True, True), ("cusa", False, False)]  # family, gather, local_loss
+STEP_CASES = [
+    ("infonce", True, False),
+    ("infonce", True, True),
+    ("infonce", False, False),
+    ("cusa", True, False),
+    ("cusa", True, True),
+    ("cusa", False, False),
+]  # family, gather, local_loss
 
 
 class Towers(nn.Module):
@@ -73,13 +82,17 @@ def global_data(step: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
     mask = torch.ones(N, 3, dtype=torch.bool)
     mask[0, 1:] = mask[4, 2] = False  # images with fewer captions
-    return {"x_img": torch.randn(N, 6, generator=g, dtype=F64), "x_txt": torch.randn(N, 7, generator=g, dtype=F64),
-            "ids": torch.tensor([0, 1, 2, 3, 1, 4]) + 10 * step,
-            "teacher_image": torch.randn(N, 8, generator=g, dtype=F64),
-            "teacher_text": torch.randn(N, 8, generator=g, dtype=F64),
-            "relevance": torch.rand(N, N, generator=g, dtype=F64),
-            "caption_group_emb": torch.randn(N, 3, 4, generator=g, dtype=F64), "caption_group_mask": mask,
-            "text_caption_emb": torch.randn(N, 4, generator=g, dtype=F64)}
+    return {
+        "x_img": torch.randn(N, 6, generator=g, dtype=F64),
+        "x_txt": torch.randn(N, 7, generator=g, dtype=F64),
+        "ids": torch.tensor([0, 1, 2, 3, 1, 4]) + 10 * step,
+        "teacher_image": torch.randn(N, 8, generator=g, dtype=F64),
+        "teacher_text": torch.randn(N, 8, generator=g, dtype=F64),
+        "relevance": torch.rand(N, N, generator=g, dtype=F64),
+        "caption_group_emb": torch.randn(N, 3, 4, generator=g, dtype=F64),
+        "caption_group_mask": mask,
+        "text_caption_emb": torch.randn(N, 4, generator=g, dtype=F64),
+    }
 
 
 def build(case: str, **options) -> tuple[nn.Module, nn.Module]:
@@ -93,8 +106,11 @@ def extras(case: str, data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if family == "cusa":
         names = ("teacher_image", "teacher_text")
     elif family in ("listwise", "bcls"):
-        names = ("relevance",) if params["relevance"] == "exact" else ("caption_group_emb", "caption_group_mask",
-                                                                        "text_caption_emb")
+        names = (
+            ("relevance",)
+            if params["relevance"] == "exact"
+            else ("caption_group_emb", "caption_group_mask", "text_caption_emb")
+        )
     else:
         names = ()
     return {k: data[k] for k in names}
@@ -105,8 +121,9 @@ def loss_params(loss: nn.Module) -> list[nn.Parameter]:
 
 
 def grads(model: nn.Module, loss: nn.Module) -> dict[str, torch.Tensor]:
-    named = [(f"model.{k}", p) for k, p in model.named_parameters()] + [(f"loss.{k}", p) for k, p in
-                                                                        loss.named_parameters() if p.requires_grad]
+    named = [(f"model.{k}", p) for k, p in model.named_parameters()] + [
+        (f"loss.{k}", p) for k, p in loss.named_parameters() if p.requires_grad
+    ]
     return {k: p.grad.detach().clone() for k, p in named}
 
 
@@ -115,8 +132,7 @@ def _rank_step(ddp: nn.Module, loss: nn.Module, case: str, data, rank: int, gath
     """One step's loss on this rank, as ``train_loop`` composes it (global_batch -> family -> backward -> sync)."""
     mine = slice(rank * B, (rank + 1) * B)
     emb = ddp(data["x_img"][mine], data["x_txt"][mine])
-    emb, ids, _, rows = global_batch(emb, data["ids"][mine], data["ids"][mine], gather=gather,
-                                     local_loss=local_loss)
+    emb, ids, _, rows = global_batch(emb, data["ids"][mine], data["ids"][mine], gather=gather, local_loss=local_loss)
     side = extras(case, data)
     if not gather:  # this rank's own batch only
         side = {k: (v[mine][:, mine] if k == "relevance" else v[mine]) for k, v in side.items()}
@@ -150,10 +166,15 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 losses.append(float(out.total.detach()))
                 terms.append({k: float(v) for k, v in out.terms.items()})
             temps = {k: float(v) for k, v in loss.temperatures().items()}
-            logged = sums.means(snapshot={f"train/temperature/{k}": torch.tensor(v, dtype=F64)
-                                          for k, v in temps.items()})
-            results["train"][(family, gather, local_loss)] = {"temperatures": temps, "losses": losses,
-                                                              "terms": terms, "logged": logged}
+            logged = sums.means(
+                snapshot={f"train/temperature/{k}": torch.tensor(v, dtype=F64) for k, v in temps.items()}
+            )
+            results["train"][(family, gather, local_loss)] = {
+                "temperatures": temps,
+                "losses": losses,
+                "terms": terms,
+                "logged": logged,
+            }
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -164,8 +185,9 @@ def ranks(tmp_path_factory) -> list[dict]:
     """Every distributed case, run once by two gloo ranks: [rank 0's results, rank 1's]."""
     tmp = tmp_path_factory.mktemp("ddp")
     # fork (as DataLoader workers do): the children share the imported torch, ~5 s less than spawn here
-    context = mp.start_processes(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=False,
-                                 start_method="fork")
+    context = mp.start_processes(
+        _worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=False, start_method="fork"
+    )
     deadline = time.monotonic() + 120
     while not context.join(timeout=1):  # raises if a rank failed
         if time.monotonic() > deadline:
@@ -208,7 +230,9 @@ def close(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
 
 
-@pytest.mark.parametrize("case,local_loss", GRAD_CASES, ids=[f"{c}-{'local' if l else 'full'}" for c, l in GRAD_CASES])
+@pytest.mark.parametrize(
+    "case,local_loss", GRAD_CASES, ids=[f"{c}-{'local' if loc else 'full'}" for c, loc in GRAD_CASES]
+)
 def test_gradients_after_ddp_equal_one_process_on_the_concatenated_batch(ranks, case, local_loss):
     """Scale 1: every rank's gradients after DDP averaging (model and loss parameters) are those of one process
     computing the loss on the concatenated batch. Measured difference ~1e-16 (float64). Without gradients
@@ -244,7 +268,7 @@ def reference_training(family: str, gather: bool) -> tuple[dict[str, float], lis
     return loss.temperatures(), losses
 
 
-CASE_IDS = [f"{f}-{'gather' if g else 'own'}{'-local' if l else ''}" for f, g, l in STEP_CASES]
+CASE_IDS = [f"{f}-{'gather' if g else 'own'}{'-local' if loc else ''}" for f, g, loc in STEP_CASES]
 
 
 @pytest.mark.parametrize("case", STEP_CASES, ids=CASE_IDS)
@@ -290,8 +314,10 @@ def local_parts(loss: nn.Module, batch: dict, world: int, block: int) -> list:
     """Each of ``world`` ranks' ``query_rows`` output on the gathered ``batch``, in one process (Kendall's pair
     counts summed over the ranks as the all-reduce would), each ``total / world`` back-propagated at once (a
     temperature's in-place clamp ends the previous part's graph): the gradients are those of the ranks' mean."""
-    run = lambda r, rank_sum: loss(EmbeddingBatch(**batch, query_rows=slice(r * block, (r + 1) * block),  # noqa: E731
-                                                  rank_sum=rank_sum))
+
+    def run(r, rank_sum):
+        return loss(EmbeddingBatch(**batch, query_rows=slice(r * block, (r + 1) * block), rank_sum=rank_sum))
+
     per_rank, parts = emulated_rank_sum(run, world), []
     for r in range(world):
         parts.append(per_rank(r))
@@ -359,11 +385,19 @@ def test_local_loss_builds_only_its_query_rows(case):
     unit = lambda *shape: nn.functional.normalize(torch.randn(*shape, generator=g, dtype=F64), dim=-1)  # noqa: E731
     mask = torch.rand(n, 3, generator=g) < 0.7
     mask[:, 0] = True
-    batch = dict(image_emb=unit(n, 5).requires_grad_(), text_emb=unit(n, 5).requires_grad_(),
-                 image_ids=torch.arange(n) // 2, image_uni=unit(n, 4), text_uni=unit(n, 4),
-                 teacher_image=unit(n, 8), teacher_text=unit(n, 8),
-                 relevance=torch.rand(n, n, generator=g, dtype=F64), caption_group_emb=unit(n, 3, 4),
-                 caption_group_mask=mask, text_caption_emb=unit(n, 4))
+    batch = dict(
+        image_emb=unit(n, 5).requires_grad_(),
+        text_emb=unit(n, 5).requires_grad_(),
+        image_ids=torch.arange(n) // 2,
+        image_uni=unit(n, 4),
+        text_uni=unit(n, 4),
+        teacher_image=unit(n, 8),
+        teacher_text=unit(n, 8),
+        relevance=torch.rand(n, n, generator=g, dtype=F64),
+        caption_group_emb=unit(n, 3, 4),
+        caption_group_mask=mask,
+        text_caption_emb=unit(n, 4),
+    )
     _, loss = build(case)
     counted = {}
     for name, rows in (("global", None), ("local", slice(block, 2 * block))):
@@ -399,8 +433,9 @@ def test_kendall_local_loss_needs_the_other_ranks_counts():
     not silently normalised by this rank's own pair count."""
     data = global_data(0)
     model, loss = build("bcls")
-    batch = EmbeddingBatch(image_ids=data["ids"], **model(data["x_img"], data["x_txt"]), **extras("bcls", data),
-                           query_rows=slice(0, B))
+    batch = EmbeddingBatch(
+        image_ids=data["ids"], **model(data["x_img"], data["x_txt"]), **extras("bcls", data), query_rows=slice(0, B)
+    )
     with pytest.raises(ValueError, match="no process group to sum over the other ranks"):
         loss(batch)
     whole = EmbeddingBatch(**{**vars(batch), "query_rows": slice(0, N)})  # one rank with every row needs no sum
@@ -440,8 +475,9 @@ def test_local_loss_refused_for_a_family_without_query_rows(tmp_path, monkeypatc
     tree = base_tree(tmp_path)
     tree["loss"] = {"family": "listwise"}
     tree["scaling"].update(gather_global_batch=True, local_loss=True)
-    line = train_bad_config(tree, ":scaling.local_loss: ", "not supported by loss family 'listwise'",
-                            "supported: infonce, cusa")
+    line = train_bad_config(
+        tree, ":scaling.local_loss: ", "not supported by loss family 'listwise'", "supported: infonce, cusa"
+    )
     assert line.endswith("supported: infonce, cusa"), line
 
 
@@ -468,8 +504,16 @@ def test_ray_train_two_workers_keep_one_temperature(tmp_path):
     from orchestrator.run import run_experiment
     from tests.conftest import tiny_tree
 
-    tree = tiny_tree(tmp_path, scaling={"backend": "ray", "num_workers": 2, "gather_global_batch": True,
-                                        "local_loss": True, "cpus_per_worker": 1})
+    tree = tiny_tree(
+        tmp_path,
+        scaling={
+            "backend": "ray",
+            "num_workers": 2,
+            "gather_global_batch": True,
+            "local_loss": True,
+            "cpus_per_worker": 1,
+        },
+    )
     tree["train"].update(epochs=1, eval_at_start=False, log_every_steps=1000)
     tree["eval"] = {"reports": False}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -1,6 +1,7 @@
 """deploy/: every manifest parses, has the fields its kind requires, runs ``itr`` subcommands that exist on paths
 that exist, asks for consistent resources, and holds no credentials in plain text. No kubectl or docker here:
 the structure is checked against the Kubernetes / KubeRay ``ray.io/v1`` schemas' required fields by hand."""
+
 from __future__ import annotations
 
 import configparser
@@ -58,8 +59,12 @@ def pod_specs(doc: dict) -> list[tuple[str, dict]]:
 
 
 def containers() -> list[tuple[Path, str, dict]]:
-    return [(p, where, c) for p, d in all_docs() for where, pod in pod_specs(d)
-            for c in pod.get("initContainers", []) + pod["containers"]]
+    return [
+        (p, where, c)
+        for p, d in all_docs()
+        for where, pod in pod_specs(d)
+        for c in pod.get("initContainers", []) + pod["containers"]
+    ]
 
 
 def quantity(value) -> float:
@@ -83,7 +88,7 @@ def itr_commands(text: str) -> list[list[str]]:
 def repo_path(arg: str) -> Path | None:
     """The repository file an image path (``/app/x``) or a relative path names, None for other paths."""
     if arg.startswith("/app/"):
-        return REPO / arg[len("/app/"):]
+        return REPO / arg[len("/app/") :]
     if arg.endswith((".yaml", ".yml")) and not arg.startswith("/"):
         return REPO / arg
     return None
@@ -93,8 +98,12 @@ def repo_path(arg: str) -> Path | None:
 def test_every_manifest_parses_and_has_the_fields_of_its_kind():
     files = k8s_files()
     assert {f.relative_to(DEPLOY).as_posix() for f in files} >= {
-        "kuberay/raycluster.yaml", "kuberay/rayjob-sweep.yaml", "kuberay/shared-volume.yaml", "mlflow/k8s.yaml",
-        "cron/reproduce-cronjob.yaml"}
+        "kuberay/raycluster.yaml",
+        "kuberay/rayjob-sweep.yaml",
+        "kuberay/shared-volume.yaml",
+        "mlflow/k8s.yaml",
+        "cron/reproduce-cronjob.yaml",
+    }
     kinds = set()
     for path, doc in all_docs():
         where = f"{path.name}:{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
@@ -104,8 +113,14 @@ def test_every_manifest_parses_and_has_the_fields_of_its_kind():
         if doc["kind"] not in ("Namespace", "ConfigMap"):
             assert isinstance(doc.get("spec"), dict), where
         kinds.add(doc["kind"])
-        expected_api = {"RayCluster": "ray.io/v1", "RayJob": "ray.io/v1", "CronJob": "batch/v1", "Job": "batch/v1",
-                        "Deployment": "apps/v1", "StatefulSet": "apps/v1"}.get(doc["kind"], "v1")
+        expected_api = {
+            "RayCluster": "ray.io/v1",
+            "RayJob": "ray.io/v1",
+            "CronJob": "batch/v1",
+            "Job": "batch/v1",
+            "Deployment": "apps/v1",
+            "StatefulSet": "apps/v1",
+        }.get(doc["kind"], "v1")
         assert doc["apiVersion"] == expected_api, where
     assert {"RayCluster", "RayJob", "CronJob", "Deployment", "StatefulSet", "Service", "PersistentVolumeClaim"} <= kinds
 
@@ -118,7 +133,7 @@ def test_workloads_select_their_own_pods_and_services_find_them():
             labels = doc["spec"]["template"]["metadata"]["labels"]
             assert selector.items() <= labels.items(), f"{path.name}:{doc['metadata']['name']}"
             labels_by_pod.append(labels)
-    for path, doc in docs_of("Service"):
+    for _path, doc in docs_of("Service"):
         selector = doc["spec"]["selector"]
         assert any(selector.items() <= labels.items() for labels in labels_by_pod), doc["metadata"]["name"]
         assert doc["spec"].get("type", "ClusterIP") == "ClusterIP", "services stay inside the cluster"
@@ -126,7 +141,7 @@ def test_workloads_select_their_own_pods_and_services_find_them():
 
 # ------------------------------------------------------------------------------------------- KubeRay
 def test_raycluster_head_is_cpu_only_and_gpu_group_autoscales_within_bounds():
-    (path, cluster), = docs_of("RayCluster")
+    ((path, cluster),) = docs_of("RayCluster")
     spec = cluster["spec"]
     assert spec["rayVersion"] == RAY_PIN
     assert spec["enableInTreeAutoscaling"] is True
@@ -156,11 +171,11 @@ def test_raycluster_head_is_cpu_only_and_gpu_group_autoscales_within_bounds():
 
 
 def test_rayjob_targets_the_raycluster_and_runs_an_existing_sweep():
-    (_, cluster), = docs_of("RayCluster")
-    (_, job), = docs_of("RayJob")
+    ((_, cluster),) = docs_of("RayCluster")
+    ((_, job),) = docs_of("RayJob")
     spec = job["spec"]
     assert spec["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
-    assert "rayClusterSpec" not in spec            # uses the running cluster, creates none
+    assert "rayClusterSpec" not in spec  # uses the running cluster, creates none
     assert spec["submissionMode"] in ("K8sJobMode", "HTTPMode", "SidecarMode")
     commands = itr_commands(spec["entrypoint"])
     assert len(commands) == 1 and spec["entrypoint"].lstrip().startswith("itr ")
@@ -188,7 +203,7 @@ def test_every_project_container_runs_this_version_of_the_project_image():
             assert match.group("tag") == VERSION, f"{path.name}:{where}: {image} is not version {VERSION}"
         if "itr-mlflow-server" in image:
             assert image.rsplit(":", 1)[1] >= MLFLOW_MIN
-    assert found >= 4    # head, GPU workers, RayJob submitter, the CronJobs
+    assert found >= 4  # head, GPU workers, RayJob submitter, the CronJobs
 
 
 def test_commands_call_itr_subcommands_that_exist_on_files_that_exist():
@@ -210,9 +225,11 @@ def test_commands_call_itr_subcommands_that_exist_on_files_that_exist():
                         assert target.is_file(), f"{name}: {item}"
     assert {"sweep", "reproduce"} <= seen
     # the recipes the loops submit
-    (_, nightly), = [(p, d) for p, d in docs_of("CronJob") if d["metadata"]["name"] == "itr-reproduce-nightly"]
-    env = {e["name"]: e.get("value") for e in
-           nightly["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    ((_, nightly),) = [(p, d) for p, d in docs_of("CronJob") if d["metadata"]["name"] == "itr-reproduce-nightly"]
+    env = {
+        e["name"]: e.get("value")
+        for e in nightly["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
     script = (DEPLOY / "cron" / "reproduce-nightly.sh").read_text()
     vm_recipes = re.search(r'RECIPES="\$\{RECIPES:-([^}]*)\}"', script).group(1)
     for recipes in (env["RECIPES"], vm_recipes):
@@ -223,7 +240,7 @@ def test_commands_call_itr_subcommands_that_exist_on_files_that_exist():
 
 def test_cronjobs_and_crontab_schedule_the_reproductions():
     cron_field = r"(\*|\d+(-\d+)?(,\d+(-\d+)?)*)(/\d+)?"
-    for path, doc in docs_of("CronJob"):
+    for _path, doc in docs_of("CronJob"):
         spec = doc["spec"]
         fields = spec["schedule"].split()
         assert len(fields) == 5 and all(re.fullmatch(cron_field, f) for f in fields), spec["schedule"]
@@ -232,13 +249,16 @@ def test_cronjobs_and_crontab_schedule_the_reproductions():
         assert job["backoffLimit"] == 0 and job["template"]["spec"]["restartPolicy"] == "Never"
         text = yaml.safe_dump(job)
         assert "itr reproduce" in text and "--against-last-pass" in text and "ray job submit" in text
-    lines = [ln for ln in (DEPLOY / "cron" / "crontab").read_text().splitlines()
-             if ln.strip() and not ln.startswith("#") and "=" not in ln.split()[0]]
+    lines = [
+        ln
+        for ln in (DEPLOY / "cron" / "crontab").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#") and "=" not in ln.split()[0]
+    ]
     assert len(lines) == 1
     fields = lines[0].split()
     assert all(re.fullmatch(cron_field, f) for f in fields[:5])
     script = fields[5]
-    assert script.startswith("/opt/itr/") and (REPO / script[len("/opt/itr/"):]).is_file()
+    assert script.startswith("/opt/itr/") and (REPO / script[len("/opt/itr/") :]).is_file()
     assert (DEPLOY / "cron" / "reproduce-nightly.sh").stat().st_mode & 0o111, "the script must be executable"
 
 
@@ -266,7 +286,7 @@ def test_credentials_come_only_from_secret_refs():
                 assert "value" not in env, f"{path.name}:{where}: {env['name']} in plain text"
                 assert "secretKeyRef" in env["valueFrom"], f"{path.name}:{where}: {env['name']}"
             elif "$(" in str(env.get("value", "")):
-                refs = re.findall(r"\$\((\w+)\)", env["value"])   # built from secret variables defined earlier
+                refs = re.findall(r"\$\((\w+)\)", env["value"])  # built from secret variables defined earlier
                 names = [e["name"] for e in container["env"]]
                 assert all(r in names[: names.index(env["name"])] for r in refs), env["name"]
     assert checked >= 8
@@ -276,8 +296,11 @@ PLAIN_CREDENTIALS = [
     (r"AKIA[0-9A-Z]{16}", "an AWS access key id"),
     (r"-----BEGIN [A-Z ]*PRIVATE KEY-----", "a private key"),
     (r"\b[a-z][a-z0-9+.-]*://[^\s:/@$]+:[^\s@$({]+@", "a URL with a literal password"),
-    (r"(?i)[a-z_]*(password|passwd|secret|token|access_key)[a-z_]*[ \t]*[:=][ \t]*['\"]?(?![$({\s])"
-     r"[A-Za-z0-9+/_\-]{6,}", "a credential assigned a literal value"),
+    (
+        r"(?i)[a-z_]*(password|passwd|secret|token|access_key)[a-z_]*[ \t]*[:=][ \t]*['\"]?(?![$({\s])"
+        r"[A-Za-z0-9+/_\-]{6,}",
+        "a credential assigned a literal value",
+    ),
     (r"(?i)--(password|token)[= ]+(?!\"?\$)\S+", "a credential on a command line"),
     (r"ghp_[A-Za-z0-9]{20,}|xox[bp]-[A-Za-z0-9-]{10,}", "an API token"),
 ]
@@ -300,24 +323,37 @@ def test_no_plain_text_credentials_in_any_deploy_file():
     assert ".env" in (DEPLOY / "mlflow" / ".gitignore").read_text().split()
 
 
-@pytest.mark.parametrize("text", ["password: hunter2hunter2", "AWS_SECRET_ACCESS_KEY=abcdefgh12345",
-                                  "postgresql://mlflow:s3cretpw@db:5432/mlflow", "AKIAIOSFODNN7EXAMPLE",
-                                  "mc alias set s http://m:9000 admin --password=abc123"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "password: hunter2hunter2",
+        "AWS_SECRET_ACCESS_KEY=abcdefgh12345",
+        "postgresql://mlflow:s3cretpw@db:5432/mlflow",
+        "AKIAIOSFODNN7EXAMPLE",
+        "mc alias set s http://m:9000 admin --password=abc123",
+    ],
+)
 def test_the_credential_scan_catches_plain_text(text):
     assert credential_hits(text), text
 
 
-@pytest.mark.parametrize("text", ["valueFrom: {secretKeyRef: {name: s, key: password}}",
-                                  "postgresql://mlflow:$(POSTGRES_PASSWORD)@mlflow-postgres:5432/mlflow",
-                                  "MLFLOW_AUTH_ADMIN_PASSWORD: ${MLFLOW_AUTH_ADMIN_PASSWORD:?set it}",
-                                  "POSTGRES_PASSWORD=", "--from-literal=password=\"$RAY_PW\""])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "valueFrom: {secretKeyRef: {name: s, key: password}}",
+        "postgresql://mlflow:$(POSTGRES_PASSWORD)@mlflow-postgres:5432/mlflow",
+        "MLFLOW_AUTH_ADMIN_PASSWORD: ${MLFLOW_AUTH_ADMIN_PASSWORD:?set it}",
+        "POSTGRES_PASSWORD=",
+        '--from-literal=password="$RAY_PW"',
+    ],
+)
 def test_the_credential_scan_lets_references_through(text):
     assert not credential_hits(text), text
 
 
 # ------------------------------------------------------------------------------------ MLflow server
 def test_mlflow_server_uses_postgres_s3_and_basic_auth():
-    (_, deployment), = [(p, d) for p, d in docs_of("Deployment") if d["metadata"]["name"] == "mlflow"]
+    ((_, deployment),) = [(p, d) for p, d in docs_of("Deployment") if d["metadata"]["name"] == "mlflow"]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e for e in container["env"]}
     assert env["MLFLOW_BACKEND_STORE_URI"]["value"].startswith("postgresql://")
@@ -325,14 +361,17 @@ def test_mlflow_server_uses_postgres_s3_and_basic_auth():
     assert "--app-name" in container["command"] and "basic-auth" in container["command"]
     assert container["command"][container["command"].index("--workers") + 1] != "0"
     hosts = env["MLFLOW_SERVER_ALLOWED_HOSTS"]["value"].split(",")
-    (_, cluster), = docs_of("RayCluster")
-    uri = next(e["value"] for e in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
-               if e["name"] == "MLFLOW_TRACKING_URI")
+    ((_, cluster),) = docs_of("RayCluster")
+    uri = next(
+        e["value"]
+        for e in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+        if e["name"] == "MLFLOW_TRACKING_URI"
+    )
     client_host = re.match(r"https?://([^/]+)", uri).group(1)
     import fnmatch
 
     assert any(fnmatch.fnmatch(client_host, h) for h in hosts), "the server would reject the Ray pods' Host header"
-    (_, configmap), = docs_of("ConfigMap")
+    ((_, configmap),) = docs_of("ConfigMap")
     shipped, mounted = configparser.ConfigParser(), configparser.ConfigParser()
     shipped.read_string((DEPLOY / "mlflow" / "basic_auth.ini").read_text())
     mounted.read_string(configmap["data"]["basic_auth.ini"])

@@ -1,4 +1,5 @@
 """methods/dispatch.py: the kernel choice of the O(B^3) losses and its one piece of state (CPU only, no Triton)."""
+
 from __future__ import annotations
 
 import logging
@@ -41,8 +42,10 @@ def test_auto_falls_back_after_one_build_failure_until_reset(monkeypatch, caplog
     assert d.run(S, "auto", lambda: "triton", lambda: "torch") == "triton"
 
 
-@pytest.mark.parametrize("kernel,err", [("triton", RuntimeError("PTX assembly failed")),
-                                        ("auto", torch.cuda.OutOfMemoryError("CUDA out of memory"))])
+@pytest.mark.parametrize(
+    "kernel,err",
+    [("triton", RuntimeError("PTX assembly failed")), ("auto", torch.cuda.OutOfMemoryError("CUDA out of memory"))],
+)
 def test_forced_triton_and_out_of_memory_raise_and_leave_the_state_alone(monkeypatch, kernel, err):
     """'triton' means the kernels or an error; running out of memory is not a build failure (torch would need more)."""
     d = as_on_a_gpu(monkeypatch)

@@ -1,4 +1,5 @@
 """ECCV Caption / CxC / COCO 1K+5K through the eccv-caption reference package, and ``itr eval --eccv``."""
+
 from __future__ import annotations
 
 import json
@@ -12,12 +13,13 @@ import torch
 pytest.importorskip("eccv_caption")
 
 from orchestrator.cli import main  # noqa: E402
-from orchestrator.evaluation import eccv_metrics, retrieval_metrics  # noqa: E402
 from orchestrator.evaluation import eccv as eccv_module  # noqa: E402
+from orchestrator.evaluation import eccv_metrics, retrieval_metrics  # noqa: E402
 from orchestrator.evaluation.eccv import eccv_rankings  # noqa: E402
 
 EXPECTED_METRICS = ["eccv_r1", "eccv_map_at_r", "eccv_rprecision"] + [
-    f"{name}_r{k}" for name in ("coco_1k", "coco_5k", "cxc") for k in (1, 5, 10)]
+    f"{name}_r{k}" for name in ("coco_1k", "coco_5k", "cxc") for k in (1, 5, 10)
+]
 
 
 def fresh_reference():
@@ -76,8 +78,19 @@ def test_eccv_metrics_equal_100x_package_compute_all_metrics(ref):
     i2t, t2i = random_rankings_with_positives(ref, rng)
     ours = eccv_metrics(i2t, t2i)
     theirs = fresh_reference().compute_all_metrics(
-        i2t, t2i, target_metrics=("eccv_r1", "eccv_map_at_r", "eccv_rprecision", "coco_1k_recalls",
-                                  "coco_5k_recalls", "cxc_recalls"), Ks=(1, 5, 10), verbose=False)
+        i2t,
+        t2i,
+        target_metrics=(
+            "eccv_r1",
+            "eccv_map_at_r",
+            "eccv_rprecision",
+            "coco_1k_recalls",
+            "coco_5k_recalls",
+            "cxc_recalls",
+        ),
+        Ks=(1, 5, 10),
+        verbose=False,
+    )
     assert sorted(ours) == sorted(f"{m}/{d}" for m in EXPECTED_METRICS for d in ("i2t", "t2i"))
     for metric in EXPECTED_METRICS:
         for direction in ("i2t", "t2i"):
@@ -106,8 +119,9 @@ def test_rankings_from_embeddings_match_a_float64_argsort():
     img = rng.standard_normal((37, 8))
     txt = rng.standard_normal((90, 8))
     iids, cids = rng.permutation(1000)[:37] + 5, rng.permutation(10**6)[:90] + 7
-    i2t, t2i = eccv_rankings(torch.from_numpy(img), torch.from_numpy(txt), iids.tolist(), cids.tolist(), k=20,
-                             chunk_size=6)
+    i2t, t2i = eccv_rankings(
+        torch.from_numpy(img), torch.from_numpy(txt), iids.tolist(), cids.tolist(), k=20, chunk_size=6
+    )
     sims = img @ txt.T
     for r, i in enumerate(iids):
         assert i2t[int(i)] == cids[np.argsort(-sims[r], kind="stable")[:20]].tolist()
@@ -121,8 +135,9 @@ def standin_embeddings(test_split, noise: float, seed: int = 0):
     iids, cids, text_image = test_split
     gen = torch.Generator().manual_seed(seed)
     img = torch.nn.functional.normalize(torch.randn(len(iids), 32, generator=gen), dim=1)
-    txt = torch.nn.functional.normalize(img[torch.from_numpy(text_image)] + noise * torch.randn(len(cids), 32,
-                                                                                                generator=gen), dim=1)
+    txt = torch.nn.functional.normalize(
+        img[torch.from_numpy(text_image)] + noise * torch.randn(len(cids), 32, generator=gen), dim=1
+    )
     return img, txt
 
 
@@ -130,8 +145,14 @@ def test_itr_eval_eccv_on_a_synthetic_5k_standin(tmp_path, test_split, capsys):
     iids, cids, text_image = test_split
     img, txt = standin_embeddings(test_split, noise=0.3)
     npz = tmp_path / "coco5k_standin.npz"
-    np.savez(npz, image_emb=img.numpy(), text_emb=txt.numpy(), image_ids=iids, text_image_ids=iids[text_image],
-             caption_ids=cids)
+    np.savez(
+        npz,
+        image_emb=img.numpy(),
+        text_emb=txt.numpy(),
+        image_ids=iids,
+        text_image_ids=iids[text_image],
+        caption_ids=cids,
+    )
     out = tmp_path / "m.json"
     assert main(["eval", "--embeddings", str(npz), "--eccv", "--folds", "5", "--json", str(out)]) == 0
     metrics = json.loads(out.read_text())["metrics"]
@@ -159,8 +180,14 @@ def test_itr_eval_eccv_missing_test_images_exits_2(tmp_path, test_split, capsys)
     keep_txt = keep_img[text_image]
     remap = np.cumsum(keep_img) - 1
     npz = tmp_path / "partial.npz"
-    np.savez(npz, image_emb=img.numpy()[keep_img], text_emb=txt.numpy()[keep_txt], image_ids=iids[keep_img],
-             text_image_ids=iids[keep_img][remap[text_image[keep_txt]]], caption_ids=cids[keep_txt])
+    np.savez(
+        npz,
+        image_emb=img.numpy()[keep_img],
+        text_emb=txt.numpy()[keep_txt],
+        image_ids=iids[keep_img],
+        text_image_ids=iids[keep_img][remap[text_image[keep_txt]]],
+        caption_ids=cids[keep_txt],
+    )
     assert main(["eval", "--embeddings", str(npz), "--eccv"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(npz) in err[0] and "1 of the 5000 COCO 5K test images are missing" in err[0]
@@ -168,8 +195,13 @@ def test_itr_eval_eccv_missing_test_images_exits_2(tmp_path, test_split, capsys)
 
 def test_missing_package_is_a_one_line_user_error(tmp_path, monkeypatch, capsys):
     npz = tmp_path / "e.npz"
-    np.savez(npz, image_emb=np.eye(2, dtype=np.float32), text_emb=np.eye(2, dtype=np.float32),
-             image_ids=np.array(["1", "2"]), text_image_ids=np.array(["1", "2"]))
+    np.savez(
+        npz,
+        image_emb=np.eye(2, dtype=np.float32),
+        text_emb=np.eye(2, dtype=np.float32),
+        image_ids=np.array(["1", "2"]),
+        text_image_ids=np.array(["1", "2"]),
+    )
     eccv_module.eccv_reference.cache_clear()
     monkeypatch.setitem(sys.modules, "eccv_caption", None)  # import fails
     try:

@@ -5,6 +5,7 @@ checked array by array, and a tiny val split warns.
 References are independent: naive float64 loops, ``scipy.stats.rankdata(method="max")``, hand-computed cases.
 The CLI is called in-process (``orchestrator.cli.main``).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ from orchestrator.evaluation.recall import fold_metrics, ranks, retrieval_metric
 from orchestrator.session import LocalSession
 from orchestrator.train_loop import train_loop
 from tests.conftest import tiny_tree
-from tests.test_bad_input import assert_one_line_error, run_cli, snapshot
+from tests.test_bad_input import assert_one_line_error, run_cli
 
 
 # ------------------------------------------------------------------------------------------------ references
@@ -137,8 +138,11 @@ def test_non_finite_embeddings_are_refused_by_ranks():
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-VAL_RECORDS = [{"image": f"img/v{i}.jpg", "caption": f"caption {c} of image {i}", "image_id": f"v{i}"}
-               for i in range(12) for c in range(2)]
+VAL_RECORDS = [
+    {"image": f"img/v{i}.jpg", "caption": f"caption {c} of image {i}", "image_id": f"v{i}"}
+    for i in range(12)
+    for c in range(2)
+]
 
 
 @pytest.fixture(scope="module")
@@ -179,13 +183,17 @@ def contents(folder: Path) -> dict[str, bytes]:
 def test_eval_of_a_nan_checkpoint_is_an_error_naming_split_and_count(data_ckpt, tmp_path):
     ckpt = shutil.copytree(data_ckpt["ckpt"], tmp_path / "nan_ckpt")
     state = torch.load(ckpt / "model.pt", weights_only=True)
-    state["model"] = {k: (torch.full_like(v, float("nan")) if v.is_floating_point() else v)
-                      for k, v in state["model"].items()}
+    state["model"] = {
+        k: (torch.full_like(v, float("nan")) if v.is_floating_point() else v) for k, v in state["model"].items()
+    }
     torch.save(state, ckpt / "model.pt")
     out = tmp_path / "m.json"
     rc, lines, stdout = run_cli(["eval", "--checkpoint", str(ckpt), "--json", str(out)], tmp_path)
-    assert_one_line_error(rc, lines, f"{ckpt / 'model.pt'}: val split: 12 of 12 image embeddings and 24 of 24 "
-                          "caption embeddings are not finite")
+    assert_one_line_error(
+        rc,
+        lines,
+        f"{ckpt / 'model.pt'}: val split: 12 of 12 image embeddings and 24 of 24 caption embeddings are not finite",
+    )
     assert not out.exists() and stdout == ""
 
 
@@ -193,8 +201,13 @@ def test_npz_with_nan_rows_is_an_error_naming_the_array(tmp_path):
     path = tmp_path / "emb.npz"
     img = np.eye(3, dtype=np.float32)
     img[2, 0] = np.nan
-    np.savez(path, image_emb=img, text_emb=np.eye(3, dtype=np.float32), image_ids=np.array(["a", "b", "c"]),
-             text_image_ids=np.array(["a", "b", "c"]))
+    np.savez(
+        path,
+        image_emb=img,
+        text_emb=np.eye(3, dtype=np.float32),
+        image_ids=np.array(["a", "b", "c"]),
+        text_image_ids=np.array(["a", "b", "c"]),
+    )
     rc, lines, _ = run_cli(["eval", "--embeddings", str(path)], tmp_path)
     assert_one_line_error(rc, lines, f"{path}:image_emb: 1 of 3 rows are not finite")
 
@@ -203,11 +216,29 @@ def test_training_whose_model_goes_nan_fails_instead_of_scoring(tmp_path):
     from orchestrator.evaluation.embed import NonFiniteEmbeddingsError
 
     # one AdamW step at lr 1e30 blows the weights up; the loss of that step was still finite
-    cfg = validate_config(tiny_tree(tmp_path, train={"epochs": 1, "max_steps_per_epoch": 1, "lr": 1e30,
-                                                     "min_lr": 0.0, "warmup_steps": 0, "weight_decay": 0.0,
-                                                     "eval_at_start": False},
-                                    data={"synthetic": {"num_train_images": 16, "num_val_images": 8,
-                                                        "num_test_images": 8, "image_size": 32, "seed": 0}}))
+    cfg = validate_config(
+        tiny_tree(
+            tmp_path,
+            train={
+                "epochs": 1,
+                "max_steps_per_epoch": 1,
+                "lr": 1e30,
+                "min_lr": 0.0,
+                "warmup_steps": 0,
+                "weight_decay": 0.0,
+                "eval_at_start": False,
+            },
+            data={
+                "synthetic": {
+                    "num_train_images": 16,
+                    "num_val_images": 8,
+                    "num_test_images": 8,
+                    "image_size": 32,
+                    "seed": 0,
+                }
+            },
+        )
+    )
     session = LocalSession(tmp_path / "run", best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode)
     with pytest.raises(NonFiniteEmbeddingsError, match=r"val split: \d+ of 8 image embeddings"):
         train_loop(cfg, session)
@@ -217,15 +248,24 @@ def test_training_whose_model_goes_nan_fails_instead_of_scoring(tmp_path):
 # ------------------------------------------------------------------------------------------------ case 2: real model
 def test_trained_coco_mini_model_metrics_do_not_move(coco_mini, tmp_path):
     """Real-valued embeddings of a trained model do not tie: the new convention gives the old numbers."""
-    tree = tiny_tree(tmp_path, train={"epochs": 1, "max_steps_per_epoch": 3, "batch_size": 16,
-                                      "eval_at_start": False})
+    tree = tiny_tree(tmp_path, train={"epochs": 1, "max_steps_per_epoch": 3, "batch_size": 16, "eval_at_start": False})
     tree["data"] = {"root": str(coco_mini)}
     cfg = validate_config(tree)
     session = LocalSession(tmp_path / "run", best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode)
     train_loop(cfg, session)
     emb_file, js = tmp_path / "emb.npz", tmp_path / "m.json"
-    rc, lines, _ = run_cli(["eval", "--checkpoint", str(session.latest_checkpoint()), "--export-embeddings",
-                            str(emb_file), "--json", str(js)], tmp_path)
+    rc, lines, _ = run_cli(
+        [
+            "eval",
+            "--checkpoint",
+            str(session.latest_checkpoint()),
+            "--export-embeddings",
+            str(emb_file),
+            "--json",
+            str(js),
+        ],
+        tmp_path,
+    )
     assert rc == 0, lines
     got = json.loads(js.read_text())["metrics"]
     data = np.load(emb_file)
@@ -259,14 +299,17 @@ def refused(data_ckpt, tmp_path, argv: list[str], *needles: str) -> None:
     assert contents(tmp_path) == before_tmp
 
 
-@pytest.mark.parametrize("target, flag, needle", [
-    ("ckpt/model.pt", "--export-embeddings", "is an input of this command (the checkpoint)"),
-    ("ckpt/state.pt", "--json", "would overwrite a file of the checkpoint folder"),
-    ("data/val.json", "--json", "is an input of this command (the val split's annotations)"),
-    ("data/train.json", "--export-embeddings", "would overwrite a file of the dataset (data.root)"),
-    ("data/img/v3.jpg", "--json", "is an input of this command (a dataset image)"),
-    ("cache/some-view/text.npy", "--export-embeddings", "would overwrite a file of the teacher cache"),
-])
+@pytest.mark.parametrize(
+    "target, flag, needle",
+    [
+        ("ckpt/model.pt", "--export-embeddings", "is an input of this command (the checkpoint)"),
+        ("ckpt/state.pt", "--json", "would overwrite a file of the checkpoint folder"),
+        ("data/val.json", "--json", "is an input of this command (the val split's annotations)"),
+        ("data/train.json", "--export-embeddings", "would overwrite a file of the dataset (data.root)"),
+        ("data/img/v3.jpg", "--json", "is an input of this command (a dataset image)"),
+        ("cache/some-view/text.npy", "--export-embeddings", "would overwrite a file of the teacher cache"),
+    ],
+)
 def test_an_output_that_is_an_input_is_refused_before_anything_runs(data_ckpt, tmp_path, target, flag, needle):
     out = data_ckpt["root"] / target
     refused(data_ckpt, tmp_path, ["--checkpoint", str(data_ckpt["ckpt"]), flag, str(out)], f"{out}:{flag}: ", needle)
@@ -276,23 +319,44 @@ def test_links_to_inputs_and_colliding_outputs_are_refused(data_ckpt, tmp_path):
     val = data_ckpt["data"] / "val.json"
     ckpt = str(data_ckpt["ckpt"])
     (tmp_path / "link.json").symlink_to(val)
-    refused(data_ckpt, tmp_path, ["--checkpoint", ckpt, "--json", str(tmp_path / "link.json")], "link.json:--json: ",
-            "is an input")
+    refused(
+        data_ckpt,
+        tmp_path,
+        ["--checkpoint", ckpt, "--json", str(tmp_path / "link.json")],
+        "link.json:--json: ",
+        "is an input",
+    )
     os.link(data_ckpt["ckpt"] / "model.pt", tmp_path / "hard.pt")  # same file, another name (samefile)
-    refused(data_ckpt, tmp_path, ["--checkpoint", ckpt, "--export-embeddings", str(tmp_path / "hard.pt")],
-            "hard.pt:--export-embeddings: is an input of this command (the checkpoint)")
+    refused(
+        data_ckpt,
+        tmp_path,
+        ["--checkpoint", ckpt, "--export-embeddings", str(tmp_path / "hard.pt")],
+        "hard.pt:--export-embeddings: is an input of this command (the checkpoint)",
+    )
     os.unlink(tmp_path / "hard.pt")
-    refused(data_ckpt, tmp_path, ["--checkpoint", ckpt, "--json", str(tmp_path / "x"), "--export-embeddings",
-                                  str(tmp_path / "x")], "x:--export-embeddings: is also the output of --json")
-    refused(data_ckpt, tmp_path, ["--checkpoint", ckpt, "--report-dir", str(tmp_path / "r"), "--json",
-                                  str(tmp_path / "r" / "metrics.json")],
-            "metrics.json:--report-dir: is also the output of --json")
+    refused(
+        data_ckpt,
+        tmp_path,
+        ["--checkpoint", ckpt, "--json", str(tmp_path / "x"), "--export-embeddings", str(tmp_path / "x")],
+        "x:--export-embeddings: is also the output of --json",
+    )
+    refused(
+        data_ckpt,
+        tmp_path,
+        ["--checkpoint", ckpt, "--report-dir", str(tmp_path / "r"), "--json", str(tmp_path / "r" / "metrics.json")],
+        "metrics.json:--report-dir: is also the output of --json",
+    )
 
 
 def test_embeddings_input_is_not_overwritten(tmp_path):
     emb = tmp_path / "emb.npz"
-    np.savez(emb, image_emb=np.eye(3, dtype=np.float32), text_emb=np.eye(3, dtype=np.float32),
-             image_ids=np.array(["a", "b", "c"]), text_image_ids=np.array(["a", "b", "c"]))
+    np.savez(
+        emb,
+        image_emb=np.eye(3, dtype=np.float32),
+        text_emb=np.eye(3, dtype=np.float32),
+        image_ids=np.array(["a", "b", "c"]),
+        text_image_ids=np.array(["a", "b", "c"]),
+    )
     before = emb.read_bytes()
     rc, lines, _ = run_cli(["eval", "--embeddings", str(emb), "--json", str(emb)], tmp_path)
     assert_one_line_error(rc, lines, f"{emb}:--json: is an input of this command (--embeddings)")
@@ -302,16 +366,21 @@ def test_embeddings_input_is_not_overwritten(tmp_path):
 def test_export_to_a_folder_is_refused_and_leaves_no_temp_file(data_ckpt, tmp_path):
     target = tmp_path / "out"
     target.mkdir()
-    refused(data_ckpt, tmp_path, ["--checkpoint", str(data_ckpt["ckpt"]), "--export-embeddings", str(target)],
-            f"{target}:--export-embeddings: is a folder")
+    refused(
+        data_ckpt,
+        tmp_path,
+        ["--checkpoint", str(data_ckpt["ckpt"]), "--export-embeddings", str(target)],
+        f"{target}:--export-embeddings: is a folder",
+    )
     assert list(target.iterdir()) == []
 
 
 def test_a_good_eval_writes_exactly_its_outputs(data_ckpt, tmp_path):
     before = contents(data_ckpt["root"])
     emb, js = tmp_path / "deep" / "emb.npz", tmp_path / "m.json"
-    rc, lines, _ = run_cli(["eval", "--checkpoint", str(data_ckpt["ckpt"]), "--export-embeddings", str(emb),
-                            "--json", str(js)], tmp_path)
+    rc, lines, _ = run_cli(
+        ["eval", "--checkpoint", str(data_ckpt["ckpt"]), "--export-embeddings", str(emb), "--json", str(js)], tmp_path
+    )
     assert rc == 0, lines
     assert sorted(contents(tmp_path)) == ["deep/emb.npz", "m.json"]  # no temp files, no write-check files
     assert contents(data_ckpt["root"]) == before
@@ -355,10 +424,19 @@ def test_unwritable_outputs_fail_before_the_evaluation(data_ckpt, tmp_path, monk
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     ok = tmp_path / "ok.npz"
-    for flag, target in (("--json", blocker / "m.json"), ("--export-embeddings", blocker / "sub" / "e.npz"),
-                         ("--report-dir", blocker)):
-        argv = ["--checkpoint", str(data_ckpt["ckpt"]), "--export-embeddings" if flag != "--export-embeddings"
-                else "--json", str(ok), flag, str(target)]
+    for flag, target in (
+        ("--json", blocker / "m.json"),
+        ("--export-embeddings", blocker / "sub" / "e.npz"),
+        ("--report-dir", blocker),
+    ):
+        argv = [
+            "--checkpoint",
+            str(data_ckpt["ckpt"]),
+            "--export-embeddings" if flag != "--export-embeddings" else "--json",
+            str(ok),
+            flag,
+            str(target),
+        ]
         refused(data_ckpt, tmp_path, argv, f":{flag}: ")
     assert encoded == []  # refused before the model ran
 
@@ -369,29 +447,41 @@ def test_read_only_folder_fails_before_the_evaluation(data_ckpt, tmp_path):
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        refused(data_ckpt, tmp_path, ["--checkpoint", str(data_ckpt["ckpt"]), "--json", str(locked / "m.json")],
-                "m.json:--json: cannot write here")
+        refused(
+            data_ckpt,
+            tmp_path,
+            ["--checkpoint", str(data_ckpt["ckpt"]), "--json", str(locked / "m.json")],
+            "m.json:--json: cannot write here",
+        )
     finally:
         locked.chmod(0o700)
 
 
 # ------------------------------------------------------------------------------------------------ case 12f
 def save_npz(path: Path, **changes) -> Path:
-    arrays = {"image_emb": np.eye(3, dtype=np.float32), "text_emb": np.eye(3, dtype=np.float32),
-              "image_ids": np.array(["a", "b", "c"]), "text_image_ids": np.array(["a", "b", "c"]), **changes}
+    arrays = {
+        "image_emb": np.eye(3, dtype=np.float32),
+        "text_emb": np.eye(3, dtype=np.float32),
+        "image_ids": np.array(["a", "b", "c"]),
+        "text_image_ids": np.array(["a", "b", "c"]),
+        **changes,
+    }
     np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
     return path
 
 
-@pytest.mark.parametrize("changes, field, needle", [
-    ({"image_emb": np.array([np.eye(3), "x", None], dtype=object)}, "image_emb", "an object array"),
-    ({"text_image_ids": np.array(["a", 1, None], dtype=object)}, "text_image_ids", "an object array"),
-    ({"caption_ids": np.array([{"id": 1}] * 3, dtype=object)}, "caption_ids", "an object array"),
-    ({"image_emb": np.array(["x", "y", "z"])}, "image_emb", "expected a 2-D numeric array, got 1-D <U1"),
-    ({"text_emb": np.eye(3, 2, dtype=np.float32)}, "text_emb", "2 columns, but image_emb has 3"),
-    ({"image_ids": np.array([["a", "b", "c"]])}, "image_ids", "expected a 1-D array"),
-    ({"caption_ids": np.array(["1", "2"])}, "caption_ids", "2 ids for 3 captions"),
-])
+@pytest.mark.parametrize(
+    "changes, field, needle",
+    [
+        ({"image_emb": np.array([np.eye(3), "x", None], dtype=object)}, "image_emb", "an object array"),
+        ({"text_image_ids": np.array(["a", 1, None], dtype=object)}, "text_image_ids", "an object array"),
+        ({"caption_ids": np.array([{"id": 1}] * 3, dtype=object)}, "caption_ids", "an object array"),
+        ({"image_emb": np.array(["x", "y", "z"])}, "image_emb", "expected a 2-D numeric array, got 1-D <U1"),
+        ({"text_emb": np.eye(3, 2, dtype=np.float32)}, "text_emb", "2 columns, but image_emb has 3"),
+        ({"image_ids": np.array([["a", "b", "c"]])}, "image_ids", "expected a 1-D array"),
+        ({"caption_ids": np.array(["1", "2"])}, "caption_ids", "2 ids for 3 captions"),
+    ],
+)
 def test_bad_npz_arrays_are_one_line_errors_naming_file_and_array(tmp_path, changes, field, needle):
     path = save_npz(tmp_path / "emb.npz", **changes)
     rc, lines, stdout = run_cli(["eval", "--embeddings", str(path)], tmp_path)
@@ -403,17 +493,25 @@ def test_bad_npz_arrays_are_one_line_errors_naming_file_and_array(tmp_path, chan
 def test_a_tiny_split_warns_and_a_big_one_does_not(tmp_path, caplog):
     from orchestrator.evaluation.embed import MIN_EVAL_IMAGES, warn_small_split
 
-    path = save_npz(tmp_path / "one.npz", image_emb=np.ones((1, 3), np.float32), text_emb=np.ones((2, 3), np.float32),
-                    image_ids=np.array(["a"]), text_image_ids=np.array(["a", "a"]))
+    path = save_npz(
+        tmp_path / "one.npz",
+        image_emb=np.ones((1, 3), np.float32),
+        text_emb=np.ones((2, 3), np.float32),
+        image_ids=np.array(["a"]),
+        text_image_ids=np.array(["a", "a"]),
+    )
     with caplog.at_level(logging.WARNING, logger="orchestrator"):
         rc, lines, stdout = run_cli(["eval", "--embeddings", str(path)], tmp_path)
     assert rc == 0 and '"rsum": 600.0' in stdout  # one image: perfect whatever the model, hence the warning
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warned == [f"{path} has only 1 image: retrieval metrics over fewer than {MIN_EVAL_IMAGES} images are "
-                      "unreliable; R@1 and above are 100 for any model"]
+    assert warned == [
+        f"{path} has only 1 image: retrieval metrics over fewer than {MIN_EVAL_IMAGES} images are "
+        "unreliable; R@1 and above are 100 for any model"
+    ]
     assert warn_small_split(MIN_EVAL_IMAGES, "val split") is None
-    assert warn_small_split(40, "val split") == ("val split has only 40 images: retrieval metrics over fewer than "
-                                                 f"{MIN_EVAL_IMAGES} images are unreliable")
+    assert warn_small_split(40, "val split") == (
+        f"val split has only 40 images: retrieval metrics over fewer than {MIN_EVAL_IMAGES} images are unreliable"
+    )
     assert warn_small_split(8, "val split").endswith("; R@10 and above are 100 for any model")
 
 
@@ -452,8 +550,13 @@ def test_graded_metrics_of_a_collapsed_model_are_worst_case_and_tau_zero():
     rel = rng.random((9, 20)) * (rng.random((9, 20)) < 0.5)
     rel[0] = 0.0  # no relevant caption: tau undefined for that query, skipped
     dense = torch.from_numpy(rel)
-    got = graded_metrics(torch.ones(9, 4, dtype=torch.float64), torch.ones(20, 4, dtype=torch.float64),
-                         lambda im, cap: dense[im][:, cap], ks=(5,), chunk_size=4)
+    got = graded_metrics(
+        torch.ones(9, 4, dtype=torch.float64),
+        torch.ones(20, 4, dtype=torch.float64),
+        lambda im, cap: dense[im][:, cap],
+        ks=(5,),
+        chunk_size=4,
+    )
     zeros = np.zeros_like(rel)
     assert got["i2t_ndcg5"] == pytest.approx(np.mean(naive_pessimistic_ndcg(zeros, rel, 5)), abs=1e-12)
     assert got["t2i_ndcg_all"] == pytest.approx(np.mean(naive_pessimistic_ndcg(zeros.T, rel.T, None)), abs=1e-12)

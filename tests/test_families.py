@@ -1,4 +1,5 @@
 """Loss families: composition of the functional terms, CUSA against a naive float64 reading of the paper."""
+
 from __future__ import annotations
 
 import math
@@ -33,9 +34,16 @@ def make_batch(B: int = 6, D: int = 5, seed: int = 0, dtype=torch.float64) -> Em
     mask = torch.ones(B, K, dtype=torch.bool)
     mask[0, 2] = mask[1, 1:] = False
     return EmbeddingBatch(
-        image_emb=unit(r(B, D)), text_emb=unit(r(B, D)), image_ids=torch.tensor([0, 1, 2, 2, 3, 4][:B]),
-        image_uni=unit(r(B, D)), text_uni=unit(r(B, D)), teacher_image=r(B, 7), teacher_text=r(B, 4),
-        caption_group_emb=r(B, K, 4), caption_group_mask=mask, text_caption_emb=r(B, 4),
+        image_emb=unit(r(B, D)),
+        text_emb=unit(r(B, D)),
+        image_ids=torch.tensor([0, 1, 2, 2, 3, 4][:B]),
+        image_uni=unit(r(B, D)),
+        text_uni=unit(r(B, D)),
+        teacher_image=r(B, 7),
+        teacher_text=r(B, 4),
+        caption_group_emb=r(B, K, 4),
+        caption_group_mask=mask,
+        text_caption_emb=r(B, 4),
         relevance=torch.rand(B, B, generator=g, dtype=dtype),
     )
 
@@ -81,8 +89,14 @@ def test_cusa_matches_naive_paper_formulas():
     pos = [[float(ids[i] == ids[j]) for j in range(B)] for i in range(B)]
     infonce = (ce(S, pos) + ce(ST, pos)) / 2
     csa = 0.1 * (naive_kl_rows(S, G_i, 0.45, 1.0) + naive_kl_rows(ST, G_t, 0.45, 1.0)) / 2
-    usa = 0.5 * (naive_kl_rows(cos_matrix(b.image_uni), G_i, 0.45, 1.0)
-                 + naive_kl_rows(cos_matrix(b.text_uni), G_t, 0.45, 1.0)) / 2
+    usa = (
+        0.5
+        * (
+            naive_kl_rows(cos_matrix(b.image_uni), G_i, 0.45, 1.0)
+            + naive_kl_rows(cos_matrix(b.text_uni), G_t, 0.45, 1.0)
+        )
+        / 2
+    )
     assert float(out.terms["infonce"]) == pytest.approx(infonce, rel=1e-9)
     assert float(out.terms["csa"]) == pytest.approx(csa, rel=1e-9)
     assert float(out.terms["usa"]) == pytest.approx(usa, rel=1e-9)
@@ -91,8 +105,9 @@ def test_cusa_matches_naive_paper_formulas():
 
 def test_cusa_temperatures_clamped_and_learned():
     fam = methods.build("cusa").double()
-    assert fam.temperatures() == pytest.approx({"tau": 0.05, "csa_tau": 0.45, "usa_image_tau": 0.45,
-                                                "usa_text_tau": 0.45})
+    assert fam.temperatures() == pytest.approx(
+        {"tau": 0.05, "csa_tau": 0.45, "usa_image_tau": 0.45, "usa_text_tau": 0.45}
+    )
     with torch.no_grad():
         fam.tau.value.fill_(5.0)
         fam.csa_tau.value.fill_(0.0)
@@ -109,8 +124,14 @@ def test_cusa_add_and_dot_modes():
     S = b.image_emb @ b.text_emb.T
     for mode, target in (("add", (G_i + G_t) / 2), ("dot", torch.sqrt(G_i.clamp_min(0) * G_t.clamp_min(0)))):
         out = methods.build("cusa", beta=0.0, csa_mode=mode).double()(b)
-        expected = 0.1 * (naive_kl_rows(S.tolist(), target.tolist(), 0.45, 1.0)
-                          + naive_kl_rows(S.T.tolist(), target.tolist(), 0.45, 1.0)) / 2
+        expected = (
+            0.1
+            * (
+                naive_kl_rows(S.tolist(), target.tolist(), 0.45, 1.0)
+                + naive_kl_rows(S.T.tolist(), target.tolist(), 0.45, 1.0)
+            )
+            / 2
+        )
         assert float(out.terms["csa"]) == pytest.approx(expected, rel=1e-9)
 
 
@@ -135,8 +156,9 @@ def test_bcls_is_triplet_sn_plus_weighted_kendall():
     out = fam(b)
     S = b.similarity()
     R = F.caption_relevance(b.caption_group_emb, b.text_caption_emb, b.caption_group_mask, rescale=False)
-    expected = (F.triplet_soft_negative(S, 0.2, tau=0.05, positives=b.positives())
-                + 0.7 * F.kendall_rank_loss(S, R, gap=0.3, window=2, hard_k=3))
+    expected = F.triplet_soft_negative(S, 0.2, tau=0.05, positives=b.positives()) + 0.7 * F.kendall_rank_loss(
+        S, R, gap=0.3, window=2, hard_k=3
+    )
     assert float(out.total.detach()) == pytest.approx(float(expected), rel=1e-12)
 
 
@@ -160,7 +182,11 @@ def test_every_family_builds_from_config_and_backpropagates(family):
     assert set(out.terms) and all(torch.isfinite(v) for v in out.terms.values())
     # permuting the batch leaves the loss unchanged
     perm = torch.tensor([3, 0, 5, 1, 4, 2])
-    pb = EmbeddingBatch(**{k: (v[perm][:, perm] if k == "relevance" else v[perm]) if torch.is_tensor(v) else v
-                           for k, v in vars(b).items()})
+    pb = EmbeddingBatch(
+        **{
+            k: (v[perm][:, perm] if k == "relevance" else v[perm]) if torch.is_tensor(v) else v
+            for k, v in vars(b).items()
+        }
+    )
     pb.image_emb = pb.image_emb.detach()
     assert float(fam(pb).total.detach()) == pytest.approx(float(out.total.detach()), rel=1e-9, abs=1e-12)

@@ -6,6 +6,7 @@ undisturbed run with the same seed, the run's own config, the files on disk). Pr
 their own session (``start_new_session``) and are killed by session id, never by name, so other Ray clusters and
 MLflow servers on the machine survive.
 """
+
 from __future__ import annotations
 
 import errno
@@ -30,8 +31,14 @@ from tests.mlflow_server import free_port, mlflow_server
 from tests.test_sweep import wait_for
 
 ITR = str(Path(sys.executable).with_name("itr"))
-ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
-       "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "RAY_AUTH_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",
+    "OMP_NUM_THREADS": "1",
+}
 NON_FINITE = re.compile(r"NonFiniteLossError: non-finite loss at epoch 0, step \d+ \(terms: infonce\)")
 
 
@@ -91,8 +98,15 @@ def kill_session(sid: int, timeout: float = 20.0) -> None:
 
 def start_itr(args: list[str], cwd: Path, log: Path, **env) -> subprocess.Popen:
     with open(log, "wb") as out:
-        return subprocess.Popen([ITR, *args], cwd=cwd, env={**os.environ, **ENV, **env}, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        return subprocess.Popen(
+            [ITR, *args],
+            cwd=cwd,
+            env={**os.environ, **ENV, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
 
 def only_run(client, experiment: str):
@@ -123,8 +137,7 @@ def write_config(tmp_path: Path, tree: dict) -> Path:
 def fault_tree(tmp_path: Path, *, epochs: int, steps_per_epoch: int, **sections) -> dict:
     """The tiny model on 480 synthetic images: ~0.1 s per step on a loaded 2-core box; no report figures."""
     tree = tiny_tree(tmp_path, **sections)
-    tree["train"].update(epochs=epochs, max_steps_per_epoch=steps_per_epoch, eval_at_start=False,
-                         log_every_steps=1000)
+    tree["train"].update(epochs=epochs, max_steps_per_epoch=steps_per_epoch, eval_at_start=False, log_every_steps=1000)
     tree["data"]["synthetic"]["num_train_images"] = 480
     tree.setdefault("eval", {})["reports"] = False
     return tree
@@ -151,8 +164,13 @@ def test_sigkilled_train_worker_resumes_and_matches_an_undisturbed_run(tmp_path)
     from orchestrator.run import run_experiment
 
     epochs = 4
-    tree = fault_tree(tmp_path, epochs=epochs, steps_per_epoch=20, scaling={"backend": "ray", "num_workers": 1},
-                      tracking={"run_name": "killed"})
+    tree = fault_tree(
+        tmp_path,
+        epochs=epochs,
+        steps_per_epoch=20,
+        scaling={"backend": "ray", "num_workers": 1},
+        tracking={"run_name": "killed"},
+    )
     config = write_config(tmp_path, tree)
     log = tmp_path / "train.log"
     client = MlflowClient(tracking_uri=tree["tracking"]["uri"])
@@ -176,8 +194,12 @@ def test_sigkilled_train_worker_resumes_and_matches_an_undisturbed_run(tmp_path)
     killer.start()
     try:
         # the undisturbed run: same config and seed, in-process on one thread (as the worker: cpus_per_worker 1)
-        ref_tree = dict(tree, scaling={"backend": "local"}, tracking={"enabled": False},
-                        train=dict(tree["train"], output_dir=str(tmp_path / "reference")))
+        ref_tree = dict(
+            tree,
+            scaling={"backend": "local"},
+            tracking={"enabled": False},
+            train=dict(tree["train"], output_dir=str(tmp_path / "reference")),
+        )
         assert torch.get_num_threads() == 1  # one_torch_thread
         reference = run_experiment(validate_config(ref_tree)).metrics
         killer.join(timeout=300)
@@ -220,9 +242,15 @@ def test_mlflow_server_down_30s_mid_run_loses_nothing(tmp_path, monkeypatch):
     log = tmp_path / "train.log"
     with mlflow_server(tmp_path / "server") as server:
         client = MlflowClient(tracking_uri=server.uri)
-        proc = start_itr(["train", str(config)], tmp_path, log, MLFLOW_TRACKING_URI=server.uri,
-                         MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0",
-                         MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+        proc = start_itr(
+            ["train", str(config)],
+            tmp_path,
+            log,
+            MLFLOW_TRACKING_URI=server.uri,
+            MLFLOW_HTTP_REQUEST_MAX_RETRIES="1",
+            MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0",
+            MLFLOW_HTTP_REQUEST_TIMEOUT="10",
+        )
         try:
             wait_for(lambda: 0 in logged_epochs(client, "outage"), 120, "epoch 0 in MLflow", proc, log)
             done_before = len(re.findall(r"INFO orchestrator\.train_loop: epoch \d+:", log.read_text()))
@@ -246,15 +274,16 @@ def test_mlflow_server_down_30s_mid_run_loses_nothing(tmp_path, monkeypatch):
         rid = run.info.run_id
         for key in ("epoch", "train/loss", "train/lr", "train/temperature/tau", "val/rsum", "val/t2i_r5"):
             assert steps(client, rid, key) == list(range(epochs)), key
-        monkeypatch.chdir(tmp_path)                   # relative path defaults resolve where itr ran
+        monkeypatch.chdir(tmp_path)  # relative path defaults resolve where itr ran
         cfg = validate_config(tree)
         assert run.data.params == tracking.redact(cfg.flat_params())
         assert run.data.tags["itr.run_dir"] and run.data.tags["itr.config_hash"] == cfg.config_hash()
         assert {a.path for a in client.list_artifacts(rid)} >= {"config.yaml", "final_metrics.json"}
         final = json.loads(Path(client.download_artifacts(rid, "final_metrics.json", str(tmp_path))).read_text())
         assert final["epoch"] == epochs - 1 and final["val/rsum"] == pytest.approx(run.data.metrics["val/rsum"])
-        assert yaml.safe_load(Path(client.download_artifacts(rid, "config.yaml", str(tmp_path))).read_text()) \
-            == yaml.safe_load(cfg.to_yaml())
+        assert yaml.safe_load(
+            Path(client.download_artifacts(rid, "config.yaml", str(tmp_path))).read_text()
+        ) == yaml.safe_load(cfg.to_yaml())
     assert not list(tmp_path.rglob(f"{tracking.UNSENT_PREFIX}*")), "nothing should have been spilled"
 
 
@@ -298,8 +327,11 @@ def test_unreachable_store_spills_a_replayable_local_copy(tmp_path, sqlite_store
     assert tracking.replay_unsent(spilled[0], tracking_uri=uri) == 6
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["itr.run_dir"] == "somewhere"
-    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == \
-        [(0, 1.0), (1, 0.5), (2, pytest.approx(1 / 3))]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == [
+        (0, 1.0),
+        (1, 0.5),
+        (2, pytest.approx(1 / 3)),
+    ]
     assert "checkpoint/score" not in run.data.metrics
     assert [a.path for a in client.list_artifacts(run_id)] == ["final_metrics.json"]
     assert not spilled[0].exists()
@@ -314,7 +346,7 @@ def test_replayed_calls_are_idempotent_and_rejected_ones_do_not_block_the_queue(
     logger.log_params({"train.lr": "0.001"})
     logger.log_metrics({"val/rsum": 12.5}, 0, timestamp_ms=1_000)
     logger.log_metrics({"val/rsum": 12.5}, 0, timestamp_ms=1_000)  # the same call again
-    logger.log_params({"train.lr": "0.002"})                        # rejected: params are immutable
+    logger.log_params({"train.lr": "0.002"})  # rejected: params are immutable
     logger.log_metrics({"val/rsum": 20.0}, 1, timestamp_ms=2_000)
     assert logger.close(timeout_s=30) is True
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val/rsum")] == [(0, 12.5), (1, 20.0)]
@@ -357,8 +389,9 @@ def test_non_finite_loss_on_ray_train_is_not_retried(tmp_path, ray_cluster):
     from orchestrator.run import run_experiment
     from orchestrator.train_loop import NonFiniteLossError
 
-    tree = fault_tree(tmp_path, epochs=3, steps_per_epoch=5, train={"lr": 1e30},
-                      scaling={"backend": "ray", "max_failures": 2})
+    tree = fault_tree(
+        tmp_path, epochs=3, steps_per_epoch=5, train={"lr": 1e30}, scaling={"backend": "ray", "max_failures": 2}
+    )
     t0 = time.monotonic()
     with pytest.raises(NonFiniteLossError) as info:
         run_experiment(validate_config(tree))
@@ -393,8 +426,13 @@ def test_non_finite_trial_fails_with_reason_and_the_sweep_goes_on(tmp_path, ray_
 
     base = fault_tree(tmp_path, epochs=2, steps_per_epoch=4)
     base["tracking"]["experiment"] = "sweeps"
-    doc = {"name": "nan", "base": base, "space": {"train.lr": {"grid": [1e-3, 1e30]}},
-           "max_concurrent_trials": 2, "resources": {"cpu": 1}}
+    doc = {
+        "name": "nan",
+        "base": base,
+        "space": {"train.lr": {"grid": [1e-3, 1e30]}},
+        "max_concurrent_trials": 2,
+        "resources": {"cpu": 1},
+    }
     path = tmp_path / "nan.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     result = run_sweep(load_space(path), progress=False)
@@ -489,8 +527,7 @@ def test_atomic_save_into_a_read_only_folder_is_a_user_error(tmp_path):
         folder.chmod(0o755)
 
 
-def test_disk_full_during_training_exits_2_naming_the_file_and_keeps_the_last_checkpoint(tmp_path, monkeypatch,
-                                                                                        capsys):
+def test_disk_full_during_training_exits_2_naming_the_file_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
     """``itr train`` (in-process backend): epoch 0's checkpoint is written (two files), epoch 1's first file hits
     a full disk. Exit 2 with one line naming the file; the epoch-0 checkpoint still loads; no temp file is left;
     the MLflow run is FAILED with the reason."""

@@ -5,6 +5,7 @@ docs/methods-spec.md, with torch.autograd.gradcheck, for permutation invariance,
 documented limits / released-code variants. R is deliberately asymmetric (spec E) so that a
 direction reading the wrong index is caught.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,9 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 import pytest
@@ -68,7 +70,7 @@ def leaf(S: torch.Tensor) -> torch.Tensor:
     return S.detach().clone().requires_grad_(True)
 
 
-def value_and_grad(f: Callable[[torch.Tensor], torch.Tensor], S: torch.Tensor) -> Tuple[float, torch.Tensor]:
+def value_and_grad(f: Callable[[torch.Tensor], torch.Tensor], S: torch.Tensor) -> tuple[float, torch.Tensor]:
     x = leaf(S)
     out = f(x)
     assert out.dim() == 0
@@ -83,7 +85,7 @@ def assert_matches(f: Callable, naive: Callable, S: torch.Tensor) -> None:
     torch.testing.assert_close(g1, g2, **GRAD_TOL)
 
 
-def perm_all(P: torch.Tensor, *mats: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+def perm_all(P: torch.Tensor, *mats: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [None if m is None else m[P][:, P] for m in mats]
 
 
@@ -210,7 +212,7 @@ def naive_kl(student, teacher, s_tau, t_tau=1.0):
     return total / Bq
 
 
-def naive_relevance(caps: np.ndarray, texts: np.ndarray, mask: Optional[np.ndarray], rescale: bool) -> np.ndarray:
+def naive_relevance(caps: np.ndarray, texts: np.ndarray, mask: np.ndarray | None, rescale: bool) -> np.ndarray:
     B, K, _ = caps.shape
     R = np.zeros((B, B))
     for i in range(B):
@@ -231,7 +233,7 @@ def _sig_clamped(z):
     return torch.sigmoid(torch.clamp(z, -50.0, 50.0))
 
 
-def _ndcg_query(scores: List, rel: List[float], idcg_rel: List[float], tau: float):
+def _ndcg_query(scores: list, rel: list[float], idcg_rel: list[float], tau: float):
     """1 - DCG/IDCG for one query: scores[c] = S of candidate c, rel = gains' relevance."""
     n = len(scores)
     dcg = 0.0
@@ -293,10 +295,10 @@ def naive_kendall(S, R, gap=0.3, surrogate="hinge", t2i="transpose", window=None
     B = S.shape[0]
     Rl = R.tolist()
     args = (gap, surrogate, temperature, window, hard_k)
-    pens_i2t: List = []
+    pens_i2t: list = []
     for i in range(B):
         pens_i2t += _kendall_query([S[i, j] for j in range(B)], Rl[i], *args)
-    pens_t2i: List = []
+    pens_t2i: list = []
     for j in range(B):  # query text j, candidate images k with scores S_kj
         rel = [Rl[k][j] for k in range(B)] if t2i == "transpose" else Rl[j]  # R_kj or released R_jk
         pens_t2i += _kendall_query([S[k, j] for k in range(B)], rel, *args)
@@ -325,7 +327,7 @@ def released_sndcg(S, R, tau):
         z = ((X[:, None, :] - X[:, :, None]) / tau).clamp(-50, 50)  # [q, j, k] = (X_qk - X_qj)/tau
         return 1 + (torch.sigmoid(z) * not_self[None]).sum(-1)
 
-    gains = 2 ** R - 1
+    gains = 2**R - 1
     ideal = 1 + (R[:, None, :] > R[:, :, None]).to(S.dtype).sum(-1)
     idcg = (gains / torch.log2(1 + ideal)).sum(1)
     l_i2t = (1 - (gains / torch.log2(1 + ranks(S))).sum(1) / idcg).mean()
@@ -413,9 +415,7 @@ def test_triplet_hardest_excludes_positives():
 def test_triplet_soft_negative_matches_naive(ids, tau):
     S = rand_S(7, 7)
     P = None if ids is None else positives_from_ids(ids)
-    assert_matches(
-        lambda x: triplet_soft_negative(x, 0.2, tau, P), lambda x: naive_triplet_sn(x, 0.2, tau, P), S
-    )
+    assert_matches(lambda x: triplet_soft_negative(x, 0.2, tau, P), lambda x: naive_triplet_sn(x, 0.2, tau, P), S)
 
 
 def test_triplet_soft_negative_limits():
@@ -469,7 +469,9 @@ def test_triplet_selhn_limits_and_default():
     S = rand_S(7, 12)
     assert fn.SELHN_DEFAULT_EPS == 0.01
     torch.testing.assert_close(triplet_selhn(S, 0.2, eps=0.0), triplet_hardest(S, 0.2), **VAL_TOL)
-    torch.testing.assert_close(triplet_selhn(S, 0.2, eps=1e9), triplet_soft_negative(S, 0.2, 1e12), rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(
+        triplet_selhn(S, 0.2, eps=1e9), triplet_soft_negative(S, 0.2, 1e12), rtol=1e-7, atol=1e-9
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,7 +487,10 @@ def test_soft_label_kl_matches_naive_and_kl_div(s_tau, t_tau):
         lambda x: soft_label_kl(x, teacher, s_tau, t_tau), lambda x: naive_kl(x, teacher, s_tau, t_tau), student
     )
     ref = F.kl_div(
-        torch.log_softmax(student / s_tau, 1), torch.log_softmax(teacher / t_tau, 1), reduction="batchmean", log_target=True
+        torch.log_softmax(student / s_tau, 1),
+        torch.log_softmax(teacher / t_tau, 1),
+        reduction="batchmean",
+        log_target=True,
     )
     torch.testing.assert_close(soft_label_kl(student, teacher, s_tau, t_tau), ref, **VAL_TOL)
 
@@ -566,12 +571,21 @@ def test_smooth_ndcg_as_released_matches_released_formula():
 def test_smooth_ndcg_ties_and_perfect_ranking():
     B = 5
     R = torch.tensor(
-        [[1.0, 0.5, 0.5, 0.2, 0.5], [0.3, 1.0, 0.3, 0.3, 0.9], [0.2, 0.2, 1.0, 0.7, 0.7],
-         [0.6, 0.1, 0.6, 1.0, 0.1], [0.4, 0.4, 0.4, 0.4, 1.0]], dtype=DT)
+        [
+            [1.0, 0.5, 0.5, 0.2, 0.5],
+            [0.3, 1.0, 0.3, 0.3, 0.9],
+            [0.2, 0.2, 1.0, 0.7, 0.7],
+            [0.6, 0.1, 0.6, 1.0, 0.1],
+            [0.4, 0.4, 0.4, 0.4, 1.0],
+        ],
+        dtype=DT,
+    )
     S = rand_S(B, 23)
     assert_matches(lambda x: smooth_ndcg_loss(x, R, 0.05), lambda x: naive_sndcg(x, R, 0.05), S)
     # a ranking consistent with R and tau -> 0 gives NDCG -> 1 (i2t), ties excepted
-    Rd = torch.tensor([[1.0, 0.8, 0.6, 0.4], [0.8, 1.0, 0.4, 0.6], [0.6, 0.4, 1.0, 0.8], [0.4, 0.6, 0.8, 1.0]], dtype=DT)
+    Rd = torch.tensor(
+        [[1.0, 0.8, 0.6, 0.4], [0.8, 1.0, 0.4, 0.6], [0.6, 0.4, 1.0, 0.8], [0.4, 0.6, 0.8, 1.0]], dtype=DT
+    )
     assert float(smooth_ndcg_loss(Rd, Rd, 1e-4)) == pytest.approx(0.0, abs=1e-12)
 
 
@@ -626,7 +640,10 @@ def test_kendall_as_released_is_itm_cls_rcloss():
     assert_matches(
         lambda x: kendall_rank_loss(x, R, 0.3, "hinge", "as_released"), lambda x: released_rcloss_kendall(x, R, 0.3), S
     )
-    assert abs(float(kendall_rank_loss(S, R, 0.1)) - float(kendall_rank_loss(S, R, 0.1, t2i_relevance="as_released"))) > 1e-6
+    assert (
+        abs(float(kendall_rank_loss(S, R, 0.1)) - float(kendall_rank_loss(S, R, 0.1, t2i_relevance="as_released")))
+        > 1e-6
+    )
 
 
 @pytest.mark.parametrize("surrogate", ["hinge", "tanh", "sigmoid"])
@@ -680,7 +697,9 @@ def test_kendall_hard_k_by_hand():
     #   row 2: (2,0) 0.3, (2,1) 0.5, (0,1) 0.2
     # t2i (transpose), column j, relevance R_kj, hinge relu(S_lj - S_kj):
     #   col 0: 0.1, 0.3, 0;  col 1: 0.5, 0.6, 0.1;  col 2: 0.2, 0.8, 0.6
-    full = ((0.4 + 0.2 + 0.2 + 0.2 + 0.9 + 0.3 + 0.5 + 0.2) / 9 + (0.1 + 0.3 + 0.5 + 0.6 + 0.1 + 0.2 + 0.8 + 0.6) / 9) / 2
+    full = (
+        (0.4 + 0.2 + 0.2 + 0.2 + 0.9 + 0.3 + 0.5 + 0.2) / 9 + (0.1 + 0.3 + 0.5 + 0.6 + 0.1 + 0.2 + 0.8 + 0.6) / 9
+    ) / 2
     top1 = ((0.4 + 0.9 + 0.5) / 3 + (0.3 + 0.6 + 0.8) / 3) / 2
     top2 = ((0.6 + 1.1 + 0.8) / 6 + (0.4 + 1.1 + 1.4) / 6) / 2
     assert float(kendall_rank_loss(S, R, gap=0.0)) == pytest.approx(full, rel=1e-12)
@@ -819,7 +838,12 @@ def _peak_extra_mb(B: int) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
-        [sys.executable, "-c", _MEM_SCRIPT, str(B)], capture_output=True, text=True, env=env, cwd=str(REPO), timeout=3600
+        [sys.executable, "-c", _MEM_SCRIPT, str(B)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(REPO),
+        timeout=3600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -869,42 +893,61 @@ def emulated_rank_sum(run: Callable[[int, Callable], Any], world: int) -> Callab
 
 # name: (square loss f(S, R, P), its row form g(S_i2t, S_t2i, R_i2t, R_t2i, own, P_rows, rank_sum), t2i)
 ROW_CASES = {
-    "triplet_hardest": (lambda S, R, P: triplet_hardest(S, 0.2, P),
-                        lambda a, b, ri, rt, own, P, rs: row_losses.triplet_rows(a, b, own, 0.2, "hardest", P),
-                        "transpose"),
-    "triplet_hardest_diagonal": (lambda S, R, P: triplet_hardest(S, 0.3),
-                                 lambda a, b, ri, rt, own, P, rs: row_losses.triplet_rows(a, b, own, 0.3), "transpose"),
-    "triplet_soft_negative": (lambda S, R, P: triplet_soft_negative(S, 0.2, 0.1, P),
-                              lambda a, b, ri, rt, own, P, rs: row_losses.triplet_rows(a, b, own, 0.2,
-                                                                                       "soft_negative", P, tau=0.1),
-                              "transpose"),
-    "triplet_selhn": (lambda S, R, P: triplet_selhn(S, 0.2, 0.15, P),
-                      lambda a, b, ri, rt, own, P, rs: row_losses.triplet_rows(a, b, own, 0.2, "selhn", P, eps=0.15),
-                      "transpose"),
-    "smooth_ndcg": (lambda S, R, P: smooth_ndcg_loss(S, R, 0.05, chunk_size=2),
-                    lambda a, b, ri, rt, own, P, rs: row_losses.smooth_ndcg_rows(a, b, ri, rt, 0.05, chunk_size=2),
-                    "transpose"),
-    "smooth_ndcg_released": (lambda S, R, P: smooth_ndcg_loss(S, R, 0.05, "as_released"),
-                             lambda a, b, ri, rt, own, P, rs: row_losses.smooth_ndcg_rows(a, b, ri, rt, 0.05),
-                             "as_released"),
-    "kendall": (lambda S, R, P: kendall_rank_loss(S, R, 0.2, chunk_size=2),
-                lambda a, b, ri, rt, own, P, rs: row_losses.kendall_rows(a, b, ri, rt, rs, 0.2, chunk_size=2),
-                "transpose"),
-    "kendall_released_tanh": (lambda S, R, P: kendall_rank_loss(S, R, 0.1, "tanh", "as_released"),
-                              lambda a, b, ri, rt, own, P, rs: row_losses.kendall_rows(a, b, ri, rt, rs, 0.1, "tanh"),
-                              "as_released"),
-    "kendall_sw_hs": (lambda S, R, P: kendall_rank_loss(S, R, 0.05, "sigmoid", window=2, hard_k=4),
-                      lambda a, b, ri, rt, own, P, rs: row_losses.kendall_rows(a, b, ri, rt, rs, 0.05, "sigmoid",
-                                                                               window=2, hard_k=4),
-                      "transpose"),
-    "kendall_window_hinge": (lambda S, R, P: kendall_rank_loss(S, R, 0.1, window=3),
-                             lambda a, b, ri, rt, own, P, rs: row_losses.kendall_rows(a, b, ri, rt, rs, 0.1,
-                                                                                      window=3),
-                             "transpose"),
-    "kendall_hard_k": (lambda S, R, P: kendall_rank_loss(S, R, 0.1, "sigmoid", hard_k=5),
-                       lambda a, b, ri, rt, own, P, rs: row_losses.kendall_rows(a, b, ri, rt, rs, 0.1, "sigmoid",
-                                                                                hard_k=5),
-                       "transpose"),
+    "triplet_hardest": (
+        lambda S, R, P: triplet_hardest(S, 0.2, P),
+        lambda a, b, ri, rt, own, P, rs: row_losses.triplet_rows(a, b, own, 0.2, "hardest", P),
+        "transpose",
+    ),
+    "triplet_hardest_diagonal": (
+        lambda S, R, P: triplet_hardest(S, 0.3),
+        lambda a, b, ri, rt, own, P, rs: row_losses.triplet_rows(a, b, own, 0.3),
+        "transpose",
+    ),
+    "triplet_soft_negative": (
+        lambda S, R, P: triplet_soft_negative(S, 0.2, 0.1, P),
+        lambda a, b, ri, rt, own, P, rs: row_losses.triplet_rows(a, b, own, 0.2, "soft_negative", P, tau=0.1),
+        "transpose",
+    ),
+    "triplet_selhn": (
+        lambda S, R, P: triplet_selhn(S, 0.2, 0.15, P),
+        lambda a, b, ri, rt, own, P, rs: row_losses.triplet_rows(a, b, own, 0.2, "selhn", P, eps=0.15),
+        "transpose",
+    ),
+    "smooth_ndcg": (
+        lambda S, R, P: smooth_ndcg_loss(S, R, 0.05, chunk_size=2),
+        lambda a, b, ri, rt, own, P, rs: row_losses.smooth_ndcg_rows(a, b, ri, rt, 0.05, chunk_size=2),
+        "transpose",
+    ),
+    "smooth_ndcg_released": (
+        lambda S, R, P: smooth_ndcg_loss(S, R, 0.05, "as_released"),
+        lambda a, b, ri, rt, own, P, rs: row_losses.smooth_ndcg_rows(a, b, ri, rt, 0.05),
+        "as_released",
+    ),
+    "kendall": (
+        lambda S, R, P: kendall_rank_loss(S, R, 0.2, chunk_size=2),
+        lambda a, b, ri, rt, own, P, rs: row_losses.kendall_rows(a, b, ri, rt, rs, 0.2, chunk_size=2),
+        "transpose",
+    ),
+    "kendall_released_tanh": (
+        lambda S, R, P: kendall_rank_loss(S, R, 0.1, "tanh", "as_released"),
+        lambda a, b, ri, rt, own, P, rs: row_losses.kendall_rows(a, b, ri, rt, rs, 0.1, "tanh"),
+        "as_released",
+    ),
+    "kendall_sw_hs": (
+        lambda S, R, P: kendall_rank_loss(S, R, 0.05, "sigmoid", window=2, hard_k=4),
+        lambda a, b, ri, rt, own, P, rs: row_losses.kendall_rows(a, b, ri, rt, rs, 0.05, "sigmoid", window=2, hard_k=4),
+        "transpose",
+    ),
+    "kendall_window_hinge": (
+        lambda S, R, P: kendall_rank_loss(S, R, 0.1, window=3),
+        lambda a, b, ri, rt, own, P, rs: row_losses.kendall_rows(a, b, ri, rt, rs, 0.1, window=3),
+        "transpose",
+    ),
+    "kendall_hard_k": (
+        lambda S, R, P: kendall_rank_loss(S, R, 0.1, "sigmoid", hard_k=5),
+        lambda a, b, ri, rt, own, P, rs: row_losses.kendall_rows(a, b, ri, rt, rs, 0.1, "sigmoid", hard_k=5),
+        "transpose",
+    ),
 }
 
 
@@ -960,8 +1003,9 @@ def test_caption_relevance_rows_are_the_rows_of_the_square_relevance(rescale, t2
     R = naive_relevance(caps, texts, mask, rescale)
     np.fill_diagonal(R, 1.0)
     own = torch.tensor([4, 5, 6])
-    R_i2t, R_t2i = row_losses.caption_relevance_rows(torch.tensor(caps), torch.tensor(texts), own,
-                                                     torch.tensor(mask), rescale, t2i)
+    R_i2t, R_t2i = row_losses.caption_relevance_rows(
+        torch.tensor(caps), torch.tensor(texts), own, torch.tensor(mask), rescale, t2i
+    )
     assert R_i2t.shape == R_t2i.shape == (3, N) and not R_i2t.requires_grad
     np.testing.assert_allclose(R_i2t.numpy(), R[4:], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(R_t2i.numpy(), (R[4:] if t2i == "as_released" else R[:, 4:].T), rtol=1e-12, atol=1e-12)

@@ -1,4 +1,5 @@
 """Graded-relevance evaluation: NDCG@K against sklearn, Kendall's tau-b against scipy, relevance against loops."""
+
 from __future__ import annotations
 
 import warnings
@@ -40,8 +41,9 @@ def test_graded_metrics_match_sklearn_ndcg_and_scipy_kendall(chunk_size):
     rel = rng.random((23, 61)) * (rng.random((23, 61)) < 0.4)  # sparse graded gains, many exact zeros
     rel[3] = 0.0  # an image query with no relevant caption: NDCG 0 (sklearn's convention), tau undefined
     sims = img @ txt.T
-    got = graded_metrics(torch.from_numpy(img), torch.from_numpy(txt), dense(rel), ks=(1, 10, 25),
-                         chunk_size=chunk_size)
+    got = graded_metrics(
+        torch.from_numpy(img), torch.from_numpy(txt), dense(rel), ks=(1, 10, 25), chunk_size=chunk_size
+    )
     for k, key in ((1, "ndcg1"), (10, "ndcg10"), (25, "ndcg25"), (None, "ndcg_all")):
         assert got[f"i2t_{key}"] == pytest.approx(ndcg_score(rel, sims, k=k), abs=1e-12)
         assert got[f"t2i_{key}"] == pytest.approx(ndcg_score(rel.T, sims.T, k=k), abs=1e-12)
@@ -130,13 +132,16 @@ def test_exact_relevance_of_synthetic_data_and_kendall_candidate_subset():
     img = rng.standard_normal((index.num_images, 8))
     txt = rng.standard_normal((index.num_captions, 8))
     sims = img @ txt.T
-    got = graded_metrics(torch.from_numpy(img), torch.from_numpy(txt), exact, ks=(10,), kendall_candidates=11,
-                         seed=3, chunk_size=5)
+    got = graded_metrics(
+        torch.from_numpy(img), torch.from_numpy(txt), exact, ks=(10,), kendall_candidates=11, seed=3, chunk_size=5
+    )
     assert got["i2t_ndcg10"] == pytest.approx(ndcg_score(full, sims, k=10), abs=1e-6)
     # the subset is the documented draw: randperm(seed) of the candidates, first 11, ascending
     cols = torch.randperm(index.num_captions, generator=torch.Generator().manual_seed(3))[:11].sort().values.numpy()
     rows = torch.randperm(index.num_images, generator=torch.Generator().manual_seed(3))[:11].sort().values.numpy()
-    assert got["i2t_kendall_tau"] == pytest.approx(scipy_tau_mean(sims[:, cols], full[:, cols].astype(np.float32)),
-                                                   abs=1e-6)
-    assert got["t2i_kendall_tau"] == pytest.approx(scipy_tau_mean(sims.T[:, rows],
-                                                                  full.T[:, rows].astype(np.float32)), abs=1e-6)
+    assert got["i2t_kendall_tau"] == pytest.approx(
+        scipy_tau_mean(sims[:, cols], full[:, cols].astype(np.float32)), abs=1e-6
+    )
+    assert got["t2i_kendall_tau"] == pytest.approx(
+        scipy_tau_mean(sims.T[:, rows], full.T[:, rows].astype(np.float32)), abs=1e-6
+    )

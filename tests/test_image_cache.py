@@ -1,5 +1,6 @@
 """The decoded-image cache (``data.image_cache: decoded``): exact pixels, content addressing, crash safety, no
 JPEG opened once it is built, and bad input."""
+
 from __future__ import annotations
 
 import builtins
@@ -15,19 +16,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import tiny_tree
+from PIL import Image
+from test_bad_input import assert_one_line_error, run_cli
+
 from orchestrator.config import DataConfig, ExperimentConfig, ModelConfig
 from orchestrator.data import image_cache_build
-from orchestrator.data.image_cache import (DecodedImages, DecodeImages, PixelStore, decoded_images, image_input,
-                                           prepare_image_cache)
+from orchestrator.data.image_cache import (
+    DecodedImages,
+    DecodeImages,
+    PixelStore,
+    decoded_images,
+    image_input,
+    prepare_image_cache,
+)
 from orchestrator.data.loader import ImageTensorCache
 from orchestrator.data.pixels import split_preprocess
 from orchestrator.data.splits import load_split
 from orchestrator.errors import UserError
 from orchestrator.models.student import build_student
-from test_bad_input import assert_one_line_error, run_cli
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -40,7 +47,7 @@ def coco_subset(root: Path, coco: Path, n_train: int, n_val: int = 0) -> Path:
         if rec["image"] not in order:
             order.append(rec["image"])
     (root / "images").mkdir(parents=True)
-    for split, chosen in (("train", order[:n_train]), ("val", order[n_train:n_train + n_val])):
+    for split, chosen in (("train", order[:n_train]), ("val", order[n_train : n_train + n_val])):
         if not chosen:
             continue
         for rel in chosen:
@@ -112,8 +119,7 @@ def test_a_transform_that_cannot_be_split_is_refused_naming_the_model():
     for needle, transform in cases.items():
         with pytest.raises(UserError) as err:
             split_preprocess(transform, "my-model")
-        assert err.value.field == "model.name" and "my-model" in str(err.value) and needle in str(err.value), \
-            err.value
+        assert err.value.field == "model.name" and "my-model" in str(err.value) and needle in str(err.value), err.value
         assert "data.image_cache: tensor_ram" in str(err.value)
 
 
@@ -188,7 +194,7 @@ def test_a_torn_tail_is_never_read_and_is_truncated_by_the_next_writer(tmp_path,
         fh.write(os.urandom(2 * store.row_bytes))
     with open(store.keys_path, "ab") as fh:  # one key of a row that has pixels, then a torn record
         fh.write(os.urandom(32) + b"\x07" * 17)
-    extra_key = store.keys_path.read_bytes()[3 * 32:4 * 32]
+    extra_key = store.keys_path.read_bytes()[3 * 32 : 4 * 32]
     assert np.array_equal(store.keys(), np.append(before, np.frombuffer(extra_key, "S32")))  # pixels exist
     with open(store.keys_path, "r+b") as fh:  # a zero-filled record (a crash that lost the data): the end
         fh.seek(3 * 32)
@@ -232,8 +238,7 @@ def test_two_builders_at_once_decode_each_image_once(tmp_path, coco_mini, tiny_t
     assert store_files(store) == (12, 12) and len(set(store.keys().tolist())) == 12
 
 
-def test_process_pool_build_gives_the_rows_of_the_in_process_build(tmp_path, coco_mini, tiny_transform,
-                                                                     monkeypatch):
+def test_process_pool_build_gives_the_rows_of_the_in_process_build(tmp_path, coco_mini, tiny_transform, monkeypatch):
     _, transform = tiny_transform
     root = coco_subset(tmp_path / "data", coco_mini, 9)
     index = load_split(DataConfig(root=root), "train")
@@ -258,9 +263,9 @@ def corrupt_dataset(tmp_path: Path, coco: Path, n: int = 8, bad: int = 5) -> tup
     return root, broken
 
 
-def test_a_jpeg_that_fails_to_decode_stops_the_build_naming_it_and_leaves_no_partial_row(tmp_path, coco_mini,
-                                                                                          tiny_transform,
-                                                                                          monkeypatch):
+def test_a_jpeg_that_fails_to_decode_stops_the_build_naming_it_and_leaves_no_partial_row(
+    tmp_path, coco_mini, tiny_transform, monkeypatch
+):
     _, transform = tiny_transform
     root, broken = corrupt_dataset(tmp_path, coco_mini)
     index = load_split(DataConfig(root=root), "train")
@@ -281,8 +286,9 @@ def test_a_jpeg_that_fails_to_decode_stops_the_build_naming_it_and_leaves_no_par
 @pytest.mark.parametrize("command", ["prepare", "train"])
 def test_a_jpeg_that_fails_to_decode_exits_2_with_one_line_naming_it(tmp_path, coco_mini, command):
     root, broken = corrupt_dataset(tmp_path, coco_mini)
-    tree = tiny_tree(tmp_path, data={"format": "captions_json", "root": str(root),
-                                     "image_cache_dir": str(tmp_path / "cache")})
+    tree = tiny_tree(
+        tmp_path, data={"format": "captions_json", "root": str(root), "image_cache_dir": str(tmp_path / "cache")}
+    )
     del tree["data"]["synthetic"]
     config = tmp_path / "c.yaml"
     config.write_text(json.dumps(tree))
@@ -296,8 +302,9 @@ def test_an_unwritable_cache_folder_exits_2_naming_the_field(tmp_path, coco_mini
     root = coco_subset(tmp_path / "data", coco_mini, 3)
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    tree = tiny_tree(tmp_path, data={"format": "captions_json", "root": str(root),
-                                     "image_cache_dir": str(blocker / "cache")})
+    tree = tiny_tree(
+        tmp_path, data={"format": "captions_json", "root": str(root), "image_cache_dir": str(blocker / "cache")}
+    )
     del tree["data"]["synthetic"]
     config = tmp_path / "c.yaml"
     config.write_text(json.dumps(tree))
@@ -329,8 +336,9 @@ def test_sources_by_option_and_a_pickled_cache_reopens_its_map_lazily(tmp_path, 
 
 def test_prepare_builds_once_then_finds_everything(tmp_path, coco_mini):
     root = coco_subset(tmp_path / "data", coco_mini, 5, 3)
-    tree = tiny_tree(tmp_path, data={"format": "captions_json", "root": str(root),
-                                     "image_cache_dir": str(tmp_path / "cache")})
+    tree = tiny_tree(
+        tmp_path, data={"format": "captions_json", "root": str(root), "image_cache_dir": str(tmp_path / "cache")}
+    )
     del tree["data"]["synthetic"]
     config = tmp_path / "c.yaml"
     config.write_text(json.dumps(tree))
@@ -375,10 +383,18 @@ def run_counting_epochs(tmp_path: Path, root: Path, monkeypatch, name: str, **da
     from orchestrator.session import LocalSession
     from orchestrator.train_loop import train_loop
 
-    tree = tiny_tree(tmp_path, data={"format": "captions_json", "root": str(root), "loader_workers": 0,
-                                     "image_cache_dir": str(tmp_path / "cache"), **data},
-                     train={"batch_size": 8, "max_steps_per_epoch": 3, "output_dir": str(tmp_path / name)},
-                     tracking={"enabled": False})
+    tree = tiny_tree(
+        tmp_path,
+        data={
+            "format": "captions_json",
+            "root": str(root),
+            "loader_workers": 0,
+            "image_cache_dir": str(tmp_path / "cache"),
+            **data,
+        },
+        train={"batch_size": 8, "max_steps_per_epoch": 3, "output_dir": str(tmp_path / name)},
+        tracking={"enabled": False},
+    )
     del tree["data"]["synthetic"]
     cfg = ExperimentConfig.model_validate(tree)
     counter = OpenCounter(monkeypatch)
@@ -451,9 +467,12 @@ def test_input_pipeline_benchmark_measures_each_path_in_process(tmp_path):
         assert img.size == (640, 480) and img.format == "JPEG"
     build = bench.build_cache(root, tmp_path / "cache")
     assert build["images"] == 8 and build["images_per_s"] > 0
-    rows = [bench.measure_bare(root, 4, 2), bench.measure_decode(root, 4, 2, 0),
-            bench.measure_cache(root, tmp_path / "cache", 4, 3, True),
-            bench.measure_cache(root, tmp_path / "cache", 4, 3, False)]
+    rows = [
+        bench.measure_bare(root, 4, 2),
+        bench.measure_decode(root, 4, 2, 0),
+        bench.measure_cache(root, tmp_path / "cache", 4, 3, True),
+        bench.measure_cache(root, tmp_path / "cache", 4, 3, False),
+    ]
     assert [r["variant"] for r in rows] == ["a_bare", "b_decode_w0", "c_cache", "c_cache_uint8"]
     assert [r["pairs"] for r in rows] == [8, 8, 12, 12]
     assert all(r["pairs_per_s"] > 0 and r["peak_rss_mib"] > 0 for r in rows)

@@ -6,6 +6,7 @@ Memory is measured independently of the index's own accounting: ``tracemalloc`` 
 child's ``Private_Dirty`` while it reads every caption, next to the same reads of a ``list[str]`` (which must grow,
 or the measurement would not show anything).
 """
+
 from __future__ import annotations
 
 import gc
@@ -114,9 +115,14 @@ def naive_index(num_images: int, seed: int) -> tuple[DatasetIndex, list[list[int
     rng.shuffle(owner)
     captions = [f"caption {c} of image {int(i)}" for c, i in enumerate(owner)]
     ids = [f"img-{i}" for i in range(num_images)]
-    index = DatasetIndex(name="n", image_ids=ids, captions=captions, caption_image=owner,
-                         image_paths=[Path(f"/data/{i}.jpg") for i in range(num_images)],
-                         caption_ids=[f"s{c}" for c in range(len(owner))])
+    index = DatasetIndex(
+        name="n",
+        image_ids=ids,
+        captions=captions,
+        caption_image=owner,
+        image_paths=[Path(f"/data/{i}.jpg") for i in range(num_images)],
+        caption_ids=[f"s{c}" for c in range(len(owner))],
+    )
     groups = [[c for c in range(len(owner)) if owner[c] == i] for i in range(num_images)]
     return index, groups, captions
 
@@ -145,20 +151,31 @@ def test_content_hash_follows_content_and_survives_pickling():
     assert index.content_hash() == again.content_hash() == pickle.loads(pickle.dumps(index)).content_hash()
     edited = list(captions)
     edited[5] += "!"
-    other = DatasetIndex(name="n", image_ids=list(index.image_ids), captions=edited,
-                         caption_image=index.caption_image, image_paths=list(index.image_paths))
+    other = DatasetIndex(
+        name="n",
+        image_ids=list(index.image_ids),
+        captions=edited,
+        caption_image=index.caption_image,
+        image_paths=list(index.image_paths),
+    )
     assert other.content_hash() != index.content_hash()
 
 
 def test_index_refuses_inconsistent_columns():
     with pytest.raises(ValueError, match="not unique"):
-        DatasetIndex(name="x", image_ids=["a", "a"], captions=["c", "d"], caption_image=[0, 1],
-                     image_paths=[Path("/a"), Path("/b")])
+        DatasetIndex(
+            name="x",
+            image_ids=["a", "a"],
+            captions=["c", "d"],
+            caption_image=[0, 1],
+            image_paths=[Path("/a"), Path("/b")],
+        )
     with pytest.raises(ValueError, match="caption_image values"):
         DatasetIndex(name="x", image_ids=["a"], captions=["c"], caption_image=[1], image_paths=[Path("/a")])
     with pytest.raises(UserError, match="image 'b' has no caption"):
-        DatasetIndex(name="x", image_ids=["a", "b"], captions=["c"], caption_image=[0],
-                     image_paths=[Path("/a"), Path("/b")])
+        DatasetIndex(
+            name="x", image_ids=["a", "b"], captions=["c"], caption_image=[0], image_paths=[Path("/a"), Path("/b")]
+        )
 
 
 # --------------------------------------------------------------------------------------------------- memory
@@ -187,9 +204,11 @@ def test_index_memory_per_caption_at_200k_and_its_linear_growth(tmp_path):
     assert index_l.num_captions == 200_000
     per_caption = mem_l / index_l.num_captions
     own = sum(index_l.column_nbytes().values())
-    sys.stderr.write(f"\nindex memory: 100k captions {mem_s / 1e6:.2f} MB, 200k {mem_l / 1e6:.2f} MB "
-                     f"({per_caption:.1f} B/caption; columns {own / index_l.num_captions:.1f} B/caption), "
-                     f"ratio {mem_l / mem_s:.3f}\n")
+    sys.stderr.write(
+        f"\nindex memory: 100k captions {mem_s / 1e6:.2f} MB, 200k {mem_l / 1e6:.2f} MB "
+        f"({per_caption:.1f} B/caption; columns {own / index_l.num_captions:.1f} B/caption), "
+        f"ratio {mem_l / mem_s:.3f}\n"
+    )
     assert per_caption <= 200
     assert 1.9 <= mem_l / mem_s <= 2.1
     assert abs(mem_l - own) < 0.05 * own  # nothing besides the columns is kept (no per-record objects)
@@ -200,13 +219,20 @@ def test_a_forked_reader_does_not_copy_the_index():
     """A child reading every caption, id and path grows by far less than the index; a list[str] of the same
     captions is copied page by page (the check can see copy-on-write)."""
     cols = make_records(40_000, 5)
-    index = DatasetIndex(name="cow", image_ids=cols["image_ids"], captions=cols["captions"],
-                         caption_image=cols["caption_image"], image_paths=PathColumn("/data", cols["image_files"]))
+    index = DatasetIndex(
+        name="cow",
+        image_ids=cols["image_ids"],
+        captions=cols["captions"],
+        caption_image=cols["caption_image"],
+        image_paths=PathColumn("/data", cols["image_files"]),
+    )
     del cols
     row = cow_row(index)
-    sys.stderr.write(f"\nfork growth: index {row['fork_growth_index'] / 2**20:.2f} MiB of "
-                     f"{row['index_bytes'] / 2**20:.1f} MiB; list[str] {row['fork_growth_list'] / 2**20:.2f} MiB of "
-                     f"{row['list_bytes'] / 2**20:.1f} MiB\n")
+    sys.stderr.write(
+        f"\nfork growth: index {row['fork_growth_index'] / 2**20:.2f} MiB of "
+        f"{row['index_bytes'] / 2**20:.1f} MiB; list[str] {row['fork_growth_list'] / 2**20:.2f} MiB of "
+        f"{row['list_bytes'] / 2**20:.1f} MiB\n"
+    )
     assert row["fork_growth_list"] > 0.5 * row["list_bytes"]
     assert row["fork_growth_index"] < 0.15 * row["index_bytes"]
     assert forked_growth(read_everything(index)) < 0.15 * row["index_bytes"]
@@ -362,8 +388,10 @@ def test_ranks_starting_together_check_the_files_once(tmp_path):
     index = load_split(DataConfig(root=data), "train", verify=False)
     ctx = multiprocessing.get_context("fork")
     barrier, out = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_verify_in_child, args=(index.image_paths, str(tmp_path / "m"), barrier, out))
-             for _ in range(2)]
+    procs = [
+        ctx.Process(target=_verify_in_child, args=(index.image_paths, str(tmp_path / "m"), barrier, out))
+        for _ in range(2)
+    ]
     for p in procs:
         p.start()
     parsed = sorted(out.get(timeout=60) for _ in procs)
@@ -390,8 +418,14 @@ def test_leakage_matches_a_file_spelt_relative_and_absolute(tmp_path):
     """With data.allow_outside_root, '../data/img/0.png' becomes an absolute path inside the root: still the same
     file as 'img/0.png' of the train split."""
     data = image_tree(tmp_path / "data", count=3)
-    (data / "val.json").write_text(json.dumps([{"image": "../data/img/0.png", "caption": "again", "image_id": "v"},
-                                               {"image": "img/2.png", "caption": "two", "image_id": "w"}]))
+    (data / "val.json").write_text(
+        json.dumps(
+            [
+                {"image": "../data/img/0.png", "caption": "again", "image_id": "v"},
+                {"image": "img/2.png", "caption": "two", "image_id": "w"},
+            ]
+        )
+    )
     cfg = DataConfig(root=data, allow_outside_root=True)
     train, val = load_split(cfg, "train", verify=False), load_split(cfg, "val", verify=False)
     assert val.image_paths.has_absolute()
@@ -407,11 +441,12 @@ def test_index_build_benchmark_measures_every_row(tmp_path):
     from benchmarks import index_build
 
     out = tmp_path / "index_build.json"
-    assert index_build.main(["--load-images", "300", "--build-sizes", "2000", "--repeats", "1", "--out",
-                             str(out)]) == 0
+    assert index_build.main(["--load-images", "300", "--build-sizes", "2000", "--repeats", "1", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert [(r["what"], r["captions"]) for r in result["rows"]] == [("load captions_json", 1500),
-                                                                   ("build from lists", 2000)]
+    assert [(r["what"], r["captions"]) for r in result["rows"]] == [
+        ("load captions_json", 1500),
+        ("build from lists", 2000),
+    ]
     for row in result["rows"]:
         assert row["seconds"] > 0 and 50 < row["traced_bytes_per_caption"] < 200
     assert result["copy_on_write"]["captions"] == 1500 and result["device"] == "2-core CPU"

@@ -1,5 +1,6 @@
 """The training input pipeline (issue 15, items 2 and 6): batches built in loader workers with their soft-label
 inputs, the augmented path and its unreadable-image policy, and the starvation metrics in the MLflow record."""
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,16 @@ import torch.multiprocessing as mp
 
 from orchestrator.config import validate_config
 from orchestrator.data.loader import TextInput
-from orchestrator.data.pipeline import (AugmentedImages, BatchIds, StepClock, TrainPairs, WithGlobalIds,
-                                        build_train_loader, gather_row_inputs, resolve_loader_workers,
-                                        train_transform)
+from orchestrator.data.pipeline import (
+    AugmentedImages,
+    StepClock,
+    TrainPairs,
+    WithGlobalIds,
+    build_train_loader,
+    gather_row_inputs,
+    resolve_loader_workers,
+    train_transform,
+)
 from orchestrator.data.sampler import CaptionBatchSampler
 from orchestrator.data.splits import load_split
 from orchestrator.data.synthetic import build_synthetic_split
@@ -40,8 +48,10 @@ def synthetic_index(images: int = 48):
 def fake_features(index, seed: int = 0) -> SimpleNamespace:
     """Teacher features of ``index``: (num_images, 6) and (num_captions, 5) float32 rows."""
     rng = np.random.default_rng(seed)
-    return SimpleNamespace(image=rng.standard_normal((index.num_images, 6)).astype(np.float32),
-                           text=rng.standard_normal((index.num_captions, 5)).astype(np.float32))
+    return SimpleNamespace(
+        image=rng.standard_normal((index.num_images, 6)).astype(np.float32),
+        text=rng.standard_normal((index.num_captions, 5)).astype(np.float32),
+    )
 
 
 class PidRecordingInputs(BatchInputs):
@@ -74,8 +84,13 @@ def test_soft_label_inputs_are_built_in_the_loader_workers_and_equal_the_direct_
     inputs = PidRecordingInputs(index, features, TEACHER_INPUTS)
     direct = BatchInputs(index, features, TEACHER_INPUTS)
     sampler = CaptionBatchSampler(index.caption_image, 8, seed=1)
-    pairs = TrainPairs(index, lambda i: torch.full((3, 4, 4), float(i)), TextInput(tokenizer=lambda t: None),
-                       inputs, need=TEACHER_INPUTS)
+    pairs = TrainPairs(
+        index,
+        lambda i: torch.full((3, 4, 4), float(i)),
+        TextInput(tokenizer=lambda t: None),
+        inputs,
+        need=TEACHER_INPUTS,
+    )
     pairs.text = tokens  # (B, 1) caption indices as "tokens"
     loader = build_train_loader(pairs, WithGlobalIds(sampler), workers=2, pin_memory=False)
     seen = 0
@@ -99,8 +114,14 @@ def _gather_worker(rank: int, init: str, out: str) -> None:
         features = fake_features(index)
         need = TEACHER_INPUTS | {"relevance"}
         sampler = CaptionBatchSampler(index.caption_image, 6, seed=2, rank=rank, world_size=2)
-        pairs = TrainPairs(index, lambda i: torch.zeros(3, 2, 2), TextInput(tokenizer=lambda t: None),
-                           BatchInputs(index, features, need), need=need, gather=True)
+        pairs = TrainPairs(
+            index,
+            lambda i: torch.zeros(3, 2, 2),
+            TextInput(tokenizer=lambda t: None),
+            BatchInputs(index, features, need),
+            need=need,
+            gather=True,
+        )
         pairs.text = tokens
         direct = BatchInputs(index, features, need)
         for step, ids in enumerate(WithGlobalIds(sampler)):
@@ -118,8 +139,9 @@ def _gather_worker(rank: int, init: str, out: str) -> None:
 def test_gathered_row_inputs_equal_those_of_the_global_batch(tmp_path):
     """With ``gather_global_batch``: each rank builds its own rows' inputs; gathered, they equal the inputs of the
     concatenated global batch, and the pairwise relevance is the global batch's (2 gloo processes)."""
-    context = mp.start_processes(_gather_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-                                 join=False, start_method="fork")
+    context = mp.start_processes(
+        _gather_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False, start_method="fork"
+    )
     while not context.join(timeout=60):
         pass
     assert int((tmp_path / "ok0").read_text()) > 2 and (tmp_path / "ok1").is_file()
@@ -128,12 +150,19 @@ def test_gathered_row_inputs_equal_those_of_the_global_batch(tmp_path):
 def test_loader_workers_train_exactly_like_the_main_process(tmp_path):
     """The same run with the batches (and the listwise caption groups) built in 1 worker process or in the
     training process: the same losses, bit for bit."""
+
     def run(workers: int) -> dict[str, float]:
-        tree = tiny_tree(tmp_path / str(workers), data={"loader_workers": workers},
-                         loss={"family": "listwise", "relevance": "teacher", "kernel": "torch"},
-                         train={"epochs": 1, "eval_at_start": False, "max_steps_per_epoch": 4},
-                         teachers={"image": "synthetic:attributes", "text": "synthetic:attributes",
-                                   "cache_dir": str(tmp_path / "cache")})
+        tree = tiny_tree(
+            tmp_path / str(workers),
+            data={"loader_workers": workers},
+            loss={"family": "listwise", "relevance": "teacher", "kernel": "torch"},
+            train={"epochs": 1, "eval_at_start": False, "max_steps_per_epoch": 4},
+            teachers={
+                "image": "synthetic:attributes",
+                "text": "synthetic:attributes",
+                "cache_dir": str(tmp_path / "cache"),
+            },
+        )
         return train_loop(validate_config(tree), LocalSession(tmp_path / str(workers) / "session"))
 
     main, worker = run(0), run(1)
@@ -153,9 +182,15 @@ def test_augmented_images_are_open_clips_train_transform_and_differ_per_draw():
     index = synthetic_index(8)
     images = AugmentedImages(index, train_transform(student.model, (0.5, 1.0)))
     pp = open_clip.get_model_preprocess_cfg(student.model)
-    reference = open_clip.image_transform(pp["size"], is_train=True, mean=pp["mean"], std=pp["std"],
-                                          interpolation=pp["interpolation"], resize_mode=pp["resize_mode"],
-                                          aug_cfg=AugmentationCfg(scale=(0.5, 1.0)))
+    reference = open_clip.image_transform(
+        pp["size"],
+        is_train=True,
+        mean=pp["mean"],
+        std=pp["std"],
+        interpolation=pp["interpolation"],
+        resize_mode=pp["resize_mode"],
+        aug_cfg=AugmentationCfg(scale=(0.5, 1.0)),
+    )
     torch.manual_seed(5)
     ours = images(3)
     torch.manual_seed(5)
@@ -171,7 +206,7 @@ def mini_coco(tmp_path: Path, coco_mini: Path, images: int = 24, broken: int | N
     (root / "images").mkdir(parents=True)
     records = json.loads((coco_mini / "train.json").read_text())
     order = list(dict.fromkeys(r["image_id"] for r in records))
-    train_ids, val_ids = set(order[:images]), set(order[images:images + 8])
+    train_ids, val_ids = set(order[:images]), set(order[images : images + 8])
     for split, ids in (("train", train_ids), ("val", val_ids)):
         keep = [r for r in records if r["image_id"] in ids]
         (root / f"{split}.json").write_text(json.dumps(keep))
@@ -187,10 +222,19 @@ def mini_coco(tmp_path: Path, coco_mini: Path, images: int = 24, broken: int | N
 
 
 def augmented_tree(tmp_path: Path, root: Path, **data) -> dict:
-    tree = tiny_tree(tmp_path, data={"format": "captions_json", "root": str(root), "augment": "open_clip",
-                                     "verify_images": "header", "loader_workers": 1, **data},
-                     train={"epochs": 1, "batch_size": 8, "eval_at_start": False, "max_steps_per_epoch": None},
-                     tracking={"system_metrics_interval_s": 0.5})
+    tree = tiny_tree(
+        tmp_path,
+        data={
+            "format": "captions_json",
+            "root": str(root),
+            "augment": "open_clip",
+            "verify_images": "header",
+            "loader_workers": 1,
+            **data,
+        },
+        train={"epochs": 1, "batch_size": 8, "eval_at_start": False, "max_steps_per_epoch": None},
+        tracking={"system_metrics_interval_s": 0.5},
+    )
     tree["data"].pop("synthetic")
     return tree
 
@@ -208,8 +252,7 @@ def test_an_unreadable_image_mid_epoch_fails_naming_the_file_by_default(tmp_path
     assert_one_line_error(rc, lines, bad.name)
 
 
-def test_skip_policy_replaces_unreadable_images_counts_them_and_logs_the_pipeline_metrics(tmp_path, coco_mini,
-                                                                                          caplog):
+def test_skip_policy_replaces_unreadable_images_counts_them_and_logs_the_pipeline_metrics(tmp_path, coco_mini, caplog):
     """``data.bad_images: skip`` on the augmented path: the run finishes, the skipped image is named in a WARNING
     and counted in ``train/skipped_images``; the run's MLflow record holds ``train/pairs_per_s``,
     ``train/data_wait_fraction`` and system metrics."""
@@ -245,6 +288,7 @@ def test_skip_policy_replaces_unreadable_images_counts_them_and_logs_the_pipelin
 # ------------------------------------------------------------------------------------------ starvation
 def test_step_clock_sees_a_starved_step():
     """A loader that takes 40 ms per batch before a 10 ms step waits about 80 % of the time; a warm one ~0 %."""
+
     def measure(delay: float) -> StepClock:
         clock = StepClock()
         for _ in range(5):

@@ -5,6 +5,7 @@ code with numpy), in float64, against the naive float64 loops of test_functional
 blocked torch form; tiles are shrunk so that every kernel loops over several candidate tiles and
 ends on a partial one. The CUDA test compiles them for real (skipped without a GPU).
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,8 +50,10 @@ def both_ways(f, S, device):
 
     S stays a CPU float64 leaf; f sees it moved to ``device`` (the gradient flows back).
     """
-    return (value_and_grad(lambda x: f(x.to(device), "triton"), S),
-            value_and_grad(lambda x: f(x.to(device), "torch"), S))
+    return (
+        value_and_grad(lambda x: f(x.to(device), "triton"), S),
+        value_and_grad(lambda x: f(x.to(device), "torch"), S),
+    )
 
 
 @pytest.mark.parametrize("t2i", ["transpose", "as_released"])
@@ -85,7 +88,8 @@ def test_kendall_kernel_matches_naive_loops(kernel_device, surrogate, t2i, gap):
     R[:, 2] = R[:, 3]  # tied relevance: with gap 0 no pair
     S[:, 4] = S[:, 5]  # tied scores: the hinge's derivative at 0 is 0, as autograd's relu
     (v, g), _ = both_ways(
-        lambda x, k: fn.kendall_rank_loss(x, R, gap, surrogate, t2i, temperature=0.2, kernel=k), S, kernel_device)
+        lambda x, k: fn.kendall_rank_loss(x, R, gap, surrogate, t2i, temperature=0.2, kernel=k), S, kernel_device
+    )
     v_ref, g_ref = value_and_grad(lambda x: naive_kendall(x, R, gap, surrogate, t2i, temperature=0.2), S)
     assert v == pytest.approx(v_ref, rel=1e-10, abs=1e-10)
     torch.testing.assert_close(g, g_ref, **GRAD_TOL)
@@ -95,13 +99,15 @@ def test_kendall_kernel_reproduces_released_rcloss_and_counts(kernel_device):
     """as_released + hinge = ITM_CLS RCLoss; the pair count equals the (B, B, B) mask's sum exactly."""
     B = 17
     S, R = rand_S(B, 60), rand_R(B, 60)
-    (v, g), _ = both_ways(lambda x, k: fn.kendall_rank_loss(x, R, 0.3, "hinge", "as_released", kernel=k), S,
-                         kernel_device)
+    (v, g), _ = both_ways(
+        lambda x, k: fn.kendall_rank_loss(x, R, 0.3, "hinge", "as_released", kernel=k), S, kernel_device
+    )
     v_ref, g_ref = value_and_grad(lambda x: released_rcloss_kendall(x, R, 0.3), S)
     assert v == pytest.approx(v_ref, rel=1e-10, abs=1e-10)
     torch.testing.assert_close(g, g_ref, **GRAD_TOL)
-    num, cnt, grad = kernels.kendall_all_pairs(S.to(kernel_device), R.to(kernel_device), 0.3, "hinge", 0.1,
-                                               need_grad=False)
+    num, cnt, grad = kernels.kendall_all_pairs(
+        S.to(kernel_device), R.to(kernel_device), 0.3, "hinge", 0.1, need_grad=False
+    )
     assert grad is None
     assert int(cnt.sum()) == int(((R[:, :, None] - R[:, None, :]) > 0.3).sum())
 
@@ -109,8 +115,7 @@ def test_kendall_kernel_reproduces_released_rcloss_and_counts(kernel_device):
 def test_kendall_kernel_no_valid_pair_is_zero_with_a_graph(kernel_device):
     B = 9
     S = leaf(rand_S(B, 61))
-    out = fn.kendall_rank_loss(S.to(kernel_device), torch.full((B, B), 0.5, dtype=torch.float64), 0.3,
-                               kernel="triton")
+    out = fn.kendall_rank_loss(S.to(kernel_device), torch.full((B, B), 0.5, dtype=torch.float64), 0.3, kernel="triton")
     out.backward()
     assert float(out.detach()) == 0.0 and torch.count_nonzero(S.grad) == 0
 
@@ -120,18 +125,23 @@ def test_triton_paths_pass_gradcheck(kernel_device):
     S, R = rand_S(B, 70), rand_R(B, 70)
     S, R = S.to(kernel_device), R.to(kernel_device)
     assert torch.autograd.gradcheck(
-        lambda x: fn.smooth_ndcg_loss(x, R, 0.2, kernel="triton"), (leaf(S),), fast_mode=True)
+        lambda x: fn.smooth_ndcg_loss(x, R, 0.2, kernel="triton"), (leaf(S),), fast_mode=True
+    )
     assert torch.autograd.gradcheck(
-        lambda x: fn.kendall_rank_loss(x, R, 0.2, "sigmoid", temperature=0.3, kernel="triton"), (leaf(S),),
-        fast_mode=True)
+        lambda x: fn.kendall_rank_loss(x, R, 0.2, "sigmoid", temperature=0.3, kernel="triton"),
+        (leaf(S),),
+        fast_mode=True,
+    )
 
 
 def test_float32_inputs_match_the_torch_form(kernel_device):
     """What the GPU runs: float32 end to end."""
     B = 13
     S, R = rand_S(B, 80).float(), rand_R(B, 80).float()
-    for f in (lambda x, k: fn.smooth_ndcg_loss(x, R, 0.01, kernel=k),
-              lambda x, k: fn.kendall_rank_loss(x, R, 0.3, "tanh", kernel=k)):
+    for f in (
+        lambda x, k: fn.smooth_ndcg_loss(x, R, 0.01, kernel=k),
+        lambda x, k: fn.kendall_rank_loss(x, R, 0.3, "tanh", kernel=k),
+    ):
         (v, g), (v_t, g_t) = both_ways(f, S, kernel_device)
         assert v == pytest.approx(v_t, rel=1e-5, abs=1e-6)
         torch.testing.assert_close(g, g_t, rtol=1e-4, atol=1e-6)
@@ -149,7 +159,8 @@ def test_auto_runs_torch_on_cpu_and_triton_needs_a_gpu(monkeypatch):
     S, R = rand_S(8, 90), rand_R(8, 90)
     assert float(fn.smooth_ndcg_loss(S, R)) == float(fn.smooth_ndcg_loss(S, R, kernel="torch"))
     assert float(fn.kendall_rank_loss(S, R, window=None)) == float(
-        fn.kendall_rank_loss(S, R, window=None, kernel="torch"))
+        fn.kendall_rank_loss(S, R, window=None, kernel="torch")
+    )
     with pytest.raises(ValueError, match="kernel='triton' needs triton and a CUDA tensor"):
         fn.smooth_ndcg_loss(S, R, kernel="triton")
     with pytest.raises(ValueError, match="kernel must be one of"):
@@ -165,8 +176,9 @@ def test_auto_falls_back_to_torch_once_when_a_kernel_fails_to_build(monkeypatch,
         raise RuntimeError("PTX assembly failed")
 
     monkeypatch.setattr(dispatch.DISPATCH, "triton_failed", False)
-    monkeypatch.setattr(dispatch.DISPATCH, "use_triton",
-                        lambda S, kernel: kernel == "triton" or not dispatch.DISPATCH.triton_failed)
+    monkeypatch.setattr(
+        dispatch.DISPATCH, "use_triton", lambda S, kernel: kernel == "triton" or not dispatch.DISPATCH.triton_failed
+    )
     monkeypatch.setattr(kernels, "sndcg_ranks", broken)
     S, R = rand_S(8, 91), rand_R(8, 91)
     with caplog.at_level(logging.WARNING, logger="methods.dispatch"):
@@ -189,9 +201,11 @@ def test_cuda_kernels_match_the_torch_form_in_less_memory(B):
     # the default picks the kernels for float32 / bfloat16 CUDA scores, the torch form for float64
     use_triton = dispatch.DISPATCH.use_triton
     assert use_triton(S, "auto") and use_triton(S.bfloat16(), "auto") and not use_triton(S.double(), "auto")
-    for name, f in (("sndcg", lambda x, k: fn.smooth_ndcg_loss(x, R, 0.01, kernel=k)),
-                    ("kendall", lambda x, k: fn.kendall_rank_loss(x, R, 0.3, "hinge", kernel=k)),
-                    ("kendall_sigmoid", lambda x, k: fn.kendall_rank_loss(x, R, 0.3, "sigmoid", kernel=k))):
+    for name, f in (
+        ("sndcg", lambda x, k: fn.smooth_ndcg_loss(x, R, 0.01, kernel=k)),
+        ("kendall", lambda x, k: fn.kendall_rank_loss(x, R, 0.3, "hinge", kernel=k)),
+        ("kendall_sigmoid", lambda x, k: fn.kendall_rank_loss(x, R, 0.3, "sigmoid", kernel=k)),
+    ):
         results = {}
         for k in ("torch", "triton"):
             torch.cuda.synchronize()
@@ -235,8 +249,9 @@ def test_half_precision_scores_keep_float32_ranks(kernel_device):
     B = 12
     S, R = rand_S(B, 95).to(torch.bfloat16), rand_R(B, 95).float()
     gains, idcg = torch.pow(2.0, R) - 1.0, ndcg_direction.ideal_dcg(R)
-    one = ndcg_direction.SmoothNDCGDirectionTriton.apply(S.to(kernel_device), gains.to(kernel_device),
-                                                          idcg.to(kernel_device), 0.05, 50.0, "triton")
+    one = ndcg_direction.SmoothNDCGDirectionTriton.apply(
+        S.to(kernel_device), gains.to(kernel_device), idcg.to(kernel_device), 0.05, 50.0, "triton"
+    )
     ref = ndcg_direction.SmoothNDCGDirection.apply(S.float(), gains, idcg, 0.05, B, 50.0)
     assert one.dtype == torch.bfloat16 and float(one) == float(ref.to(torch.bfloat16))
     v16 = fn.smooth_ndcg_loss(S.to(kernel_device), R, 0.05, kernel="triton")
@@ -250,8 +265,10 @@ def test_no_grad_and_non_contiguous_scores(kernel_device):
     S, R = rand_S(B, 97).t(), rand_R(B, 97)
     assert not S.is_contiguous()
     with torch.no_grad():
-        for f in (lambda k: fn.smooth_ndcg_loss(S.to(kernel_device), R, 0.05, kernel=k),
-                  lambda k: fn.kendall_rank_loss(S.to(kernel_device), R, 0.3, "sigmoid", kernel=k)):
+        for f in (
+            lambda k: fn.smooth_ndcg_loss(S.to(kernel_device), R, 0.05, kernel=k),
+            lambda k: fn.kendall_rank_loss(S.to(kernel_device), R, 0.3, "sigmoid", kernel=k),
+        ):
             assert float(f("triton")) == pytest.approx(float(f("torch")), rel=1e-12, abs=1e-12)
 
 

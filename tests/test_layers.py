@@ -5,6 +5,7 @@
   never the edges (run, sweep, tracking, reproduce, cli, ...); Ray inside a function only in the modules whose job is
   to run a cache build or an extraction on a Ray cluster (``RAY_BACKENDS``); MLflow nowhere.
 """
+
 from __future__ import annotations
 
 import ast
@@ -16,11 +17,24 @@ import pytest
 from tests.conftest import REPO
 
 #: the edges: the only modules that may import Ray and MLflow at will
-EDGES = {"orchestrator.run", "orchestrator.sweep", "orchestrator.tracking",
-         "orchestrator.reproduce", "orchestrator.cli", "orchestrator.ray_train_hooks", "orchestrator.ray_logs",
-         "orchestrator.system_metrics", "orchestrator.ui_server", "orchestrator.leaderboard",
-         "orchestrator.search_space", "orchestrator.preflight", "orchestrator.storage", "orchestrator.run_folders",
-         "orchestrator.recipe", "orchestrator.space_checks"}
+EDGES = {
+    "orchestrator.run",
+    "orchestrator.sweep",
+    "orchestrator.tracking",
+    "orchestrator.reproduce",
+    "orchestrator.cli",
+    "orchestrator.ray_train_hooks",
+    "orchestrator.ray_logs",
+    "orchestrator.system_metrics",
+    "orchestrator.ui_server",
+    "orchestrator.leaderboard",
+    "orchestrator.search_space",
+    "orchestrator.preflight",
+    "orchestrator.storage",
+    "orchestrator.run_folders",
+    "orchestrator.recipe",
+    "orchestrator.space_checks",
+}
 #: core modules that may import Ray inside a function, and why
 RAY_BACKENDS = {
     "orchestrator.teachers.ray_backend": "teachers.backend ray: the Ray Data actor pool",
@@ -79,8 +93,11 @@ def violations(source: str, module: str) -> list[str]:
         if root == "mlflow":
             found.append(f"{module} imports {name}: the core never imports MLflow")
         elif root == "ray" and (module_level or module not in RAY_BACKENDS):
-            found.append(f"{module} imports {name}" + (" at module level" if module_level else "")
-                         + ": the core imports Ray only inside a Ray backend's functions")
+            found.append(
+                f"{module} imports {name}"
+                + (" at module level" if module_level else "")
+                + ": the core imports Ray only inside a Ray backend's functions"
+            )
         elif is_edge(name) and module_level:
             found.append(f"{module} imports the edge {name} at module level")
         elif name == "orchestrator.teachers.ray_backend" and module_level:
@@ -94,7 +111,8 @@ def project_modules() -> list[Path]:
 
 def test_the_checker_flags_each_kind_of_breach():
     assert violations("import numpy\n", "methods.functional") == [
-        "methods.functional imports numpy: methods/ imports torch only"]
+        "methods.functional imports numpy: methods/ imports torch only"
+    ]
     assert violations("import math\nimport torch\nfrom .batch import X\n", "methods.functional") == []
     assert violations("import mlflow\n", "orchestrator.data.loader")
     assert violations("import ray\n", "orchestrator.train_loop")

@@ -1,13 +1,14 @@
 """Locked towers: frozen prefixes run in eval mode, their outputs are cached once, and a cached run trains exactly
 like an uncached one."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_tree
 from PIL import Image
 
-from conftest import tiny_tree
 from orchestrator.config import ExperimentConfig, ModelConfig
 from orchestrator.data.splits import load_split
 from orchestrator.models.locked_towers import LockedTowerModel, split_image_tower, split_text_tower, wrap_locked_towers
@@ -19,8 +20,9 @@ from orchestrator.train_loop import train_loop
 
 def _images(student, n=3, seed=0):
     rng = np.random.default_rng(seed)
-    return torch.stack([student.preprocess(Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)))
-                        for _ in range(n)])
+    return torch.stack(
+        [student.preprocess(Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8))) for _ in range(n)]
+    )
 
 
 def test_tiny_locked_image_tower_splits_whole_and_features_path_matches_pixels():
@@ -62,8 +64,13 @@ def test_lit_student_lock_keeps_efficientnet_activations():
 
 
 def test_tower_cache_second_pass_recomputes_nothing(tmp_path):
-    cfg = ExperimentConfig.model_validate(tiny_tree(tmp_path, model={"name": "itr-tiny-vit", "lock_image": True},
-                                                   teachers={"cache_dir": str(tmp_path / "cache")}))
+    cfg = ExperimentConfig.model_validate(
+        tiny_tree(
+            tmp_path,
+            model={"name": "itr-tiny-vit", "lock_image": True},
+            teachers={"cache_dir": str(tmp_path / "cache")},
+        )
+    )
     student = build_student(cfg.model)
     index = load_split(cfg.data, "val")
     sides = cached_sides(student.model, True)
@@ -81,9 +88,11 @@ def test_tower_cache_second_pass_recomputes_nothing(tmp_path):
 def test_cached_run_trains_exactly_like_uncached(tmp_path):
     results = {}
     for cache in (True, False):
-        tree = tiny_tree(tmp_path / str(cache), model={"name": "itr-tiny-vit", "lock_image": True,
-                                                       "cache_locked_towers": cache},
-                         teachers={"cache_dir": str(tmp_path / "cache")})
+        tree = tiny_tree(
+            tmp_path / str(cache),
+            model={"name": "itr-tiny-vit", "lock_image": True, "cache_locked_towers": cache},
+            teachers={"cache_dir": str(tmp_path / "cache")},
+        )
         cfg = ExperimentConfig.model_validate(tree)
         session = LocalSession(tmp_path / str(cache) / "run", best_metric=cfg.train.best_metric)
         results[cache] = train_loop(cfg, session)

@@ -2,6 +2,7 @@
 reaches the family's constructor argument of the same name (``build_loss`` is generic); the defaults agree; the
 one experiment-dependent value (``relevance: auto``) is resolved by the section's hook; and a family registered
 later brings its own section, selectable by ``loss.family`` like the built-in ones."""
+
 from __future__ import annotations
 
 import contextlib
@@ -17,14 +18,25 @@ import methods
 from methods import EmbeddingBatch, LossOutput
 from methods import registry as family_registry
 from methods.families import ITR_TEMPERATURE, LossFamily, build_temperature
-from orchestrator.config import (LossSection, PositiveFloat, RelevanceLossSection, TemperatureConfig,
-                                 loss_families, register_loss_section, validate_config)
+from orchestrator.config import (
+    LossSection,
+    PositiveFloat,
+    RelevanceLossSection,
+    TemperatureConfig,
+    loss_families,
+    register_loss_section,
+    validate_config,
+)
 from orchestrator.errors import UserError
 from orchestrator.losses import build_loss
 
 #: the families' Temperature modules, by the section field that configures them (state_dict names kept)
-TEMPERATURE_MODULES = {"temperature": "tau", "csa_temperature": "csa_tau",
-                       "usa_image_temperature": "usa_image_tau", "usa_text_temperature": "usa_text_tau"}
+TEMPERATURE_MODULES = {
+    "temperature": "tau",
+    "csa_temperature": "csa_tau",
+    "usa_image_temperature": "usa_image_tau",
+    "usa_text_temperature": "usa_text_tau",
+}
 #: attributes named unlike their field
 ATTRIBUTE = {"relevance": "relevance_source"}
 TEACHERS = {"image": "synthetic:attributes", "text": "synthetic:attributes"}
@@ -56,23 +68,53 @@ def test_every_registered_family_has_a_section():
 
 #: for each family, every field set to a valid value other than its default
 NON_DEFAULT = {
-    "infonce": {"temperature": {"init": 0.07, "min": 0.02, "max": 0.2, "learnable": False},
-                "reduction": "class_mean", "multi_positive": False},
-    "triplet": {"margin": 0.3, "mining": "selhn", "soft_negative_tau": 0.2, "selhn_eps": 0.05,
-                "multi_positive": False},
-    "listwise": {"weight": 0.3, "tau": 0.05, "margin": 0.25, "mining": "soft_negative",
-                 "t2i_relevance": "as_released", "relevance": "teacher", "rescale": False, "chunk_size": 8,
-                 "kernel": "torch", "multi_positive": False},
-    "bcls": {"margin": 0.15, "mining": "hardest", "soft_negative_tau": 0.1, "kendall_weight": 0.5, "gap": 0.1,
-             "surrogate": "tanh", "surrogate_temperature": 0.3, "window": 4, "hard_k": 3,
-             "t2i_relevance": "as_released", "relevance": "teacher", "rescale": True, "chunk_size": 16,
-             "kernel": "torch", "multi_positive": False},
-    "cusa": {"temperature": {"init": 0.06, "min": 0.02, "max": 0.3, "learnable": False},
-             "reduction": "sum", "alpha": 0.2, "beta": 0.7,
-             "csa_temperature": {"init": 0.5, "min": 0.2, "max": 0.9, "learnable": False},
-             "usa_image_temperature": {"init": 0.3, "min": 0.25, "max": 0.8, "learnable": True},
-             "usa_text_temperature": {"init": 0.6, "min": 0.15, "max": 0.7, "learnable": False},
-             "teacher_temperature": 0.8, "csa_mode": "dot", "multi_positive": False},
+    "infonce": {
+        "temperature": {"init": 0.07, "min": 0.02, "max": 0.2, "learnable": False},
+        "reduction": "class_mean",
+        "multi_positive": False,
+    },
+    "triplet": {"margin": 0.3, "mining": "selhn", "soft_negative_tau": 0.2, "selhn_eps": 0.05, "multi_positive": False},
+    "listwise": {
+        "weight": 0.3,
+        "tau": 0.05,
+        "margin": 0.25,
+        "mining": "soft_negative",
+        "t2i_relevance": "as_released",
+        "relevance": "teacher",
+        "rescale": False,
+        "chunk_size": 8,
+        "kernel": "torch",
+        "multi_positive": False,
+    },
+    "bcls": {
+        "margin": 0.15,
+        "mining": "hardest",
+        "soft_negative_tau": 0.1,
+        "kendall_weight": 0.5,
+        "gap": 0.1,
+        "surrogate": "tanh",
+        "surrogate_temperature": 0.3,
+        "window": 4,
+        "hard_k": 3,
+        "t2i_relevance": "as_released",
+        "relevance": "teacher",
+        "rescale": True,
+        "chunk_size": 16,
+        "kernel": "torch",
+        "multi_positive": False,
+    },
+    "cusa": {
+        "temperature": {"init": 0.06, "min": 0.02, "max": 0.3, "learnable": False},
+        "reduction": "sum",
+        "alpha": 0.2,
+        "beta": 0.7,
+        "csa_temperature": {"init": 0.5, "min": 0.2, "max": 0.9, "learnable": False},
+        "usa_image_temperature": {"init": 0.3, "min": 0.25, "max": 0.8, "learnable": True},
+        "usa_text_temperature": {"init": 0.6, "min": 0.15, "max": 0.7, "learnable": False},
+        "teacher_temperature": 0.8,
+        "csa_mode": "dot",
+        "multi_positive": False,
+    },
 }
 
 
@@ -87,29 +129,39 @@ def test_build_loss_gives_the_family_every_field(family):
     values = NON_DEFAULT[family]
     default = section_class(family)().model_dump(exclude={"family"})
     assert all(values[k] != default[k] for k in values), "a value equal to its default proves nothing"
-    cfg = validate_config({"loss": {"family": family, **values}, "teachers": TEACHERS,
-                           "train": {"batch_sampler": "unique_images"}})
+    cfg = validate_config(
+        {"loss": {"family": family, **values}, "teachers": TEACHERS, "train": {"batch_sampler": "unique_images"}}
+    )
     module = build_loss(cfg)
     assert type(module) is family_registry.family_class(family)
     for name, value in values.items():
         if name in TEMPERATURE_MODULES:
             tau = getattr(module, TEMPERATURE_MODULES[name])
             assert (float(tau.value.detach()), tau.low, tau.high, tau.value.requires_grad) == pytest.approx(
-                (value["init"], value["min"], value["max"], value["learnable"]), rel=1e-6), name
+                (value["init"], value["min"], value["max"], value["learnable"]), rel=1e-6
+            ), name
         else:
             assert getattr(module, ATTRIBUTE.get(name, name)) == value, name
 
 
 @pytest.mark.parametrize("family", ["listwise", "bcls"])
-@pytest.mark.parametrize("relevance,text_teacher,data,resolved", [
-    ("auto", None, "synthetic", "exact"),
-    ("auto", "synthetic:attributes", "synthetic", "teacher"),
-    ("teacher", "synthetic:attributes", "synthetic", "teacher"),
-    ("exact", None, "synthetic", "exact"),
-])
+@pytest.mark.parametrize(
+    "relevance,text_teacher,data,resolved",
+    [
+        ("auto", None, "synthetic", "exact"),
+        ("auto", "synthetic:attributes", "synthetic", "teacher"),
+        ("teacher", "synthetic:attributes", "synthetic", "teacher"),
+        ("exact", None, "synthetic", "exact"),
+    ],
+)
 def test_relevance_auto_is_resolved_from_the_experiment(family, relevance, text_teacher, data, resolved):
-    cfg = validate_config({"loss": {"family": family, "relevance": relevance}, "teachers": {"text": text_teacher},
-                           "data": {"format": data}})
+    cfg = validate_config(
+        {
+            "loss": {"family": family, "relevance": relevance},
+            "teachers": {"text": text_teacher},
+            "data": {"format": data},
+        }
+    )
     assert isinstance(cfg.loss, RelevanceLossSection)
     assert cfg.loss.relevance == relevance  # the config keeps what was written
     assert cfg.relevance_source == resolved == cfg.loss.family_kwargs(cfg)["relevance"]
@@ -118,9 +170,11 @@ def test_relevance_auto_is_resolved_from_the_experiment(family, relevance, text_
 
 def test_family_kwargs_are_the_fields_by_name():
     cfg = validate_config({"loss": {"family": "infonce", "reduction": "class_mean"}})
-    assert cfg.loss.family_kwargs(cfg) == {"multi_positive": True, "reduction": "class_mean",
-                                           "temperature": {"init": 0.05, "min": 0.01, "max": 0.10,
-                                                           "learnable": True}}
+    assert cfg.loss.family_kwargs(cfg) == {
+        "multi_positive": True,
+        "reduction": "class_mean",
+        "temperature": {"init": 0.05, "min": 0.01, "max": 0.10, "learnable": True},
+    }
 
 
 def test_a_temperature_spec_with_a_missing_or_unknown_key_is_refused():
@@ -184,12 +238,16 @@ def naive_diagonal_hinge(image: list[list[float]], text: list[list[float]], marg
 def test_a_family_registered_later_is_configured_by_its_own_section():
     with registered_diagonal_hinge():
         assert loss_families()[-1] == "diagonal_hinge"
-        cfg = validate_config({"loss": {"family": "diagonal_hinge", "margin": 0.3,
-                                        "temperature": {"init": 0.2, "min": 0.1, "max": 1.0}}})
+        cfg = validate_config(
+            {"loss": {"family": "diagonal_hinge", "margin": 0.3, "temperature": {"init": 0.2, "min": 0.1, "max": 1.0}}}
+        )
         assert isinstance(cfg.loss, DiagonalHingeLoss)
         assert cfg.model_dump(mode="json")["loss"] == {
-            "family": "diagonal_hinge", "multi_positive": True, "margin": 0.3,
-            "temperature": {"init": 0.2, "min": 0.1, "max": 1.0, "learnable": True}}
+            "family": "diagonal_hinge",
+            "multi_positive": True,
+            "margin": 0.3,
+            "temperature": {"init": 0.2, "min": 0.1, "max": 1.0, "learnable": True},
+        }
         module = build_loss(cfg).double()
         g = torch.Generator().manual_seed(3)
         image = torch.nn.functional.normalize(torch.randn(5, 4, generator=g, dtype=torch.float64), dim=-1)
@@ -198,21 +256,25 @@ def test_a_family_registered_later_is_configured_by_its_own_section():
         tau = float(module.tau.value.detach())  # 0.2 as the float32 parameter held it before .double()
         assert tau == pytest.approx(0.2, rel=1e-7) and module.margin == 0.3
         assert float(out.total.detach()) == pytest.approx(
-            naive_diagonal_hinge(image.tolist(), text.tolist(), 0.3, tau), rel=1e-12)
+            naive_diagonal_hinge(image.tolist(), text.tolist(), 0.3, tau), rel=1e-12
+        )
 
         # its fields are checked like the built-in ones, errors name them; the shared flag works for it too
-        for loss, field, needle in [({"margin": -1}, "loss.margin", "greater than 0"),
-                                    ({"margin_typo": 1}, "loss.margin_typo", "unknown key"),
-                                    ({"temperature": {"init": 2.0, "min": 0.1, "max": 1.0}}, "loss.temperature.init",
-                                     "outside [min, max]")]:
+        for loss, field, needle in [
+            ({"margin": -1}, "loss.margin", "greater than 0"),
+            ({"margin_typo": 1}, "loss.margin_typo", "unknown key"),
+            ({"temperature": {"init": 2.0, "min": 0.1, "max": 1.0}}, "loss.temperature.init", "outside [min, max]"),
+        ]:
             with pytest.raises(UserError) as err:
                 validate_config({"loss": {"family": "diagonal_hinge", **loss}})
             assert err.value.field == field and needle in err.value.detail, err.value
         with pytest.raises(UserError, match="loss 'diagonal_hinge' has multi_positive=false"):
-            validate_config({"loss": {"family": "diagonal_hinge", "multi_positive": False},
-                             "train": {"batch_sampler": "random"}})
-        with pytest.raises(UserError, match="expected tags: 'infonce', 'triplet', 'listwise', 'bcls', 'cusa', "
-                                            "'diagonal_hinge'"):
+            validate_config(
+                {"loss": {"family": "diagonal_hinge", "multi_positive": False}, "train": {"batch_sampler": "random"}}
+            )
+        with pytest.raises(
+            UserError, match="expected tags: 'infonce', 'triplet', 'listwise', 'bcls', 'cusa', 'diagonal_hinge'"
+        ):
             validate_config({"loss": {"family": "nope"}})
 
     # gone again: the registries and ExperimentConfig are as before

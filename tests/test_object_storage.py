@@ -5,6 +5,7 @@ prints the metrics the run logged for that epoch; the local backend and local-on
 one line naming train.output_dir; a missing bucket is exit 2 before anything starts. Step checkpoints on Ray in
 S3: tests/test_ray_step_checkpoints.py; sweeps in S3: tests/test_sweep_storage.py (both reuse ``s3_endpoint``).
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,12 @@ def s3_endpoint():
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
@@ -102,16 +107,21 @@ def test_ray_storage_and_checkpoint_uris_stay_uris():
     cfg = validate_config({"train": {"output_dir": "s3://b/runs?scheme=http"}, "scaling": {"backend": "ray"}})
     assert ray_storage(cfg) == "s3://b/runs/ray?scheme=http"
     assert join("s3://b/runs", "ray", "x") == "s3://b/runs/ray/x"
-    assert to_uri("s3://b/runs/ray?scheme=http", "b/runs/ray/x/checkpoint_1") == \
-        "s3://b/runs/ray/x/checkpoint_1?scheme=http"
+    assert (
+        to_uri("s3://b/runs/ray?scheme=http", "b/runs/ray/x/checkpoint_1")
+        == "s3://b/runs/ray/x/checkpoint_1?scheme=http"
+    )
     assert not str(spill_folder("s3://b/runs/ray", "x")).startswith(str(Path.cwd()))
 
 
 # --------------------------------------------------------------------------------- refused uses
-@pytest.mark.parametrize("extra, needle", [
-    ({"scaling": {"backend": "local"}}, "scaling.backend: local"),
-    ({"scaling": {"backend": "ray"}, "train": {"run_key": "k1"}}, "train.run_key"),
-])
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        ({"scaling": {"backend": "local"}}, "scaling.backend: local"),
+        ({"scaling": {"backend": "ray"}, "train": {"run_key": "k1"}}, "train.run_key"),
+    ],
+)
 def test_uri_output_dir_needs_ray_and_no_local_only_feature(tmp_path, s3_endpoint, extra, needle):
     tree = tiny_tree(tmp_path)
     for section, values in extra.items():
@@ -164,9 +174,12 @@ def test_two_worker_ray_run_checkpoints_into_s3_and_eval_reads_them(tmp_path, s3
     import ray
     from mlflow.tracking import MlflowClient
 
-    tree = tiny_tree(tmp_path, scaling={"backend": "ray", "num_workers": 2, "cpus_per_worker": 1},
-                     train={"epochs": 2, "max_steps_per_epoch": 3, "output_dir": f"s3://{BUCKET}/runs"},
-                     tracking={"run_name": "s3run"})
+    tree = tiny_tree(
+        tmp_path,
+        scaling={"backend": "ray", "num_workers": 2, "cpus_per_worker": 1},
+        train={"epochs": 2, "max_steps_per_epoch": 3, "output_dir": f"s3://{BUCKET}/runs"},
+        tracking={"run_name": "s3run"},
+    )
     tree.setdefault("eval", {})["reports"] = False
     try:
         rc, err, out = run_cli(["train", str(write_config(tmp_path, tree))], tmp_path)
@@ -208,8 +221,13 @@ def test_sigkilled_worker_resumes_from_the_s3_checkpoint(tmp_path, s3_endpoint):
     from tests.test_faults import cmdline, fault_tree, kill_session, logged_epochs, session_pids, start_itr, wait_for
 
     epochs = 4
-    tree = fault_tree(tmp_path, epochs=epochs, steps_per_epoch=20, scaling={"backend": "ray", "num_workers": 1},
-                      tracking={"run_name": "killed"})
+    tree = fault_tree(
+        tmp_path,
+        epochs=epochs,
+        steps_per_epoch=20,
+        scaling={"backend": "ray", "num_workers": 1},
+        tracking={"run_name": "killed"},
+    )
     tree["train"]["output_dir"] = f"s3://{BUCKET}/killed"
     config = write_config(tmp_path, tree)
     log = tmp_path / "train.log"
@@ -235,8 +253,12 @@ def test_sigkilled_worker_resumes_from_the_s3_checkpoint(tmp_path, s3_endpoint):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the worker (cpus_per_worker 1)
     try:
-        ref_tree = dict(tree, scaling={"backend": "local"}, tracking={"enabled": False},
-                        train=dict(tree["train"], output_dir=str(tmp_path / "reference")))
+        ref_tree = dict(
+            tree,
+            scaling={"backend": "local"},
+            tracking={"enabled": False},
+            train=dict(tree["train"], output_dir=str(tmp_path / "reference")),
+        )
         reference = run_experiment(validate_config(ref_tree)).metrics
         killer.join(timeout=300)
         rc = proc.wait(timeout=300)

@@ -1,4 +1,5 @@
 """One experiment through Ray Train (2 DDP workers on CPU) recorded in one MLflow run, read back via MlflowClient."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,12 @@ def ray_cluster():
 def test_two_worker_ray_train_run_is_tracked_in_mlflow(tmp_path, ray_cluster):
     from mlflow.tracking import MlflowClient
 
-    tree = tiny_tree(tmp_path, scaling={"backend": "ray", "num_workers": 2, "cpus_per_worker": 1},
-                     train={"epochs": 2, "max_steps_per_epoch": 4}, tracking={"run_name": "ddp"})
+    tree = tiny_tree(
+        tmp_path,
+        scaling={"backend": "ray", "num_workers": 2, "cpus_per_worker": 1},
+        train={"epochs": 2, "max_steps_per_epoch": 4},
+        tracking={"run_name": "ddp"},
+    )
     cfg = validate_config(tree)
     result = run_experiment(cfg, config_source="inline")
 

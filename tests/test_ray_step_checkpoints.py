@@ -13,6 +13,7 @@ main thread, and one rank alone cannot make the collective report. Ray Train res
 checkpoint, so ``checkpoint_every_steps`` bounds the steps a preemption loses (the local backend saves one at the
 SIGTERM: tests/test_step_checkpoints.py).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,13 +27,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.ray_train_hooks import (TrainControllerHooks, _epoch_reports_class,
-                                          checkpoint_config, is_step_report, step_report)
+from orchestrator.ray_train_hooks import (
+    TrainControllerHooks,
+    _epoch_reports_class,
+    checkpoint_config,
+    is_step_report,
+    step_report,
+)
 from tests.test_object_storage import BUCKET, objects, s3_endpoint, write_config  # noqa: F401 - a fixture
 
 # ------------------------------------------------------------------------------- Ray's retention
 RETENTION = [  # (folder, an epoch's selection metric in mode max, or a step report's position)
-    ("e0", -1e30),      # epoch 0, not evaluated (train.eval_every: 2)
+    ("e0", -1e30),  # epoch 0, not evaluated (train.eval_every: 2)
     ("s1", (1, 3)),
     ("s2", (1, 6)),
     ("e1", 5.0),
@@ -155,8 +161,11 @@ def test_each_rank_resumes_a_step_checkpoint_with_its_own_rng_and_sums(tmp_path,
     torch.manual_seed(11)
     save_rank_state(tmp_path, 1, sums)
     want = torch.rand(3)  # what rank 1 draws next
-    rank0 = {"position": {"epoch": 2, "step": 3}, "rng": capture_rng(),
-             "sums": {"names": ["train/loss"], "total": torch.tensor([9.0], dtype=torch.float64), "steps": 3}}
+    rank0 = {
+        "position": {"epoch": 2, "step": 3},
+        "rng": capture_rng(),
+        "sums": {"names": ["train/loss"], "total": torch.tensor([9.0], dtype=torch.float64), "steps": 3},
+    }
 
     own = for_rank(rank0, tmp_path, 1)
     assert own["sums"]["total"].tolist() == [2.75] and own["sums"]["steps"] == 3
@@ -208,8 +217,9 @@ def test_sigkilled_worker_resumes_mid_epoch_from_the_step_checkpoint_in_s3(tmp_p
 
     from tests.test_faults import cmdline, fault_tree, kill_session, session_pids, start_itr, wait_for
 
-    tree = fault_tree(tmp_path, epochs=2, steps_per_epoch=30,
-                      scaling={"backend": "ray", "num_workers": 2, "cpus_per_worker": 1})
+    tree = fault_tree(
+        tmp_path, epochs=2, steps_per_epoch=30, scaling={"backend": "ray", "num_workers": 2, "cpus_per_worker": 1}
+    )
     tree["data"]["synthetic"]["num_train_images"] = 960  # 960 / (16 x 2 ranks) = 30 steps per epoch
     tree["train"].update(checkpoint_every_steps=10, output_dir=f"s3://{BUCKET}/stepkill")
     tree["tracking"].update(experiment="killed", run_name="killed")
@@ -218,8 +228,14 @@ def test_sigkilled_worker_resumes_mid_epoch_from_the_step_checkpoint_in_s3(tmp_p
     log = tmp_path / "killed.log"
     proc = start_itr(["train", str(config)], tmp_path, log)
     try:
-        latest = wait_for(lambda: _latest_step_report(s3_endpoint, "stepkill/", 1), 400,
-                          "a step checkpoint of epoch 1", proc, log, poll=0.1)
+        latest = wait_for(
+            lambda: _latest_step_report(s3_endpoint, "stepkill/", 1),
+            400,
+            "a step checkpoint of epoch 1",
+            proc,
+            log,
+            poll=0.1,
+        )
         workers = [p for p in session_pids(proc.pid) if cmdline(p).startswith("ray::RayTrainWorker")]
         assert len(workers) == 2, [cmdline(p) for p in session_pids(proc.pid)]
         os.kill(workers[1], signal.SIGKILL)
@@ -237,8 +253,11 @@ def test_sigkilled_worker_resumes_mid_epoch_from_the_step_checkpoint_in_s3(tmp_p
     assert any(k.endswith("/model.pt") for k in left) and not any(k.endswith("/rank_0001.pt") for k in left)
 
     # the undisturbed run: same config, local storage, its own experiment
-    ref_tree = dict(tree, train=dict(tree["train"], output_dir=str(tmp_path / "reference")),
-                    tracking=dict(tree["tracking"], experiment="reference", run_name="reference"))
+    ref_tree = dict(
+        tree,
+        train=dict(tree["train"], output_dir=str(tmp_path / "reference")),
+        tracking=dict(tree["tracking"], experiment="reference", run_name="reference"),
+    )
     (tmp_path / "ref").mkdir()
     ref_log = tmp_path / "reference.log"
     ref = start_itr(["train", str(write_config(tmp_path / "ref", ref_tree))], tmp_path, ref_log)

@@ -5,6 +5,7 @@ similarity matrix. Integer-valued embeddings make every similarity exact in all 
 produce many exact ties, which count against the model), so the comparisons with the reference are exact,
 not approximate.
 """
+
 from __future__ import annotations
 
 import json
@@ -135,9 +136,7 @@ def test_explicit_tie_case_is_pessimistic():
     #   img1  [  1,   0,   1,   1,   1 ]
     #   img2  [  1,   1,   0,   0,   1 ]
     img = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    txt = torch.tensor(
-        [[1.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 1.0, 0.0], [0.0, 1.0, 0.0], [2.0, 1.0, 1.0]]
-    )
+    txt = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 1.0, 0.0], [0.0, 1.0, 0.0], [2.0, 1.0, 1.0]])
     owners = torch.tensor([1, 0, 2, 0, 1])
     # i2t (negatives >= the best positive count): img0 gt {c1: 1, c3: 0} -> best 1; c0, c2 (1), c4 (2) -> rank 4.
     #      img1 gt {c0: 1, c4: 1} -> best 1 (tied positives are free); c2, c3 (1) -> rank 3.

@@ -1,4 +1,5 @@
 """Report artifacts: logged to MLflow at the end of a run, written by ``itr eval --report-dir`` with every metric."""
+
 from __future__ import annotations
 
 import json
@@ -77,9 +78,27 @@ def test_itr_eval_writes_reports_and_every_metric(trained_run, tmp_path):
     cfg, result, _ = trained_run
     out, emb_file = tmp_path / "report", tmp_path / "emb.npz"
     js = tmp_path / "m.json"
-    assert main(["eval", "--checkpoint", result.best_checkpoint, "--graded", "--report-dir", str(out),
-                 "--image-folder", str(FIXTURES / "unimodal_images"), "--sts", str(FIXTURES / "sts_pairs.tsv"),
-                 "--export-embeddings", str(emb_file), "--json", str(js)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                result.best_checkpoint,
+                "--graded",
+                "--report-dir",
+                str(out),
+                "--image-folder",
+                str(FIXTURES / "unimodal_images"),
+                "--sts",
+                str(FIXTURES / "sts_pairs.tsv"),
+                "--export-embeddings",
+                str(emb_file),
+                "--json",
+                str(js),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads(js.read_text())["metrics"]
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert {p.name for p in out.iterdir()} == REPORT_FILES | {"metrics.json"}
@@ -111,9 +130,27 @@ def test_itr_eval_writes_reports_and_every_metric(trained_run, tmp_path):
 def test_itr_eval_graded_with_a_text_teacher(trained_run, tmp_path):
     _, result, _ = trained_run
     js = tmp_path / "m.json"
-    assert main(["eval", "--checkpoint", result.best_checkpoint, "--graded", "--relevance", "teacher",
-                 "--relevance-agg", "mean", "--set", "teachers.text=synthetic:attributes",
-                 "--set", f"teachers.cache_dir={tmp_path / 'cache'}", "--json", str(js)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                result.best_checkpoint,
+                "--graded",
+                "--relevance",
+                "teacher",
+                "--relevance-agg",
+                "mean",
+                "--set",
+                "teachers.text=synthetic:attributes",
+                "--set",
+                f"teachers.cache_dir={tmp_path / 'cache'}",
+                "--json",
+                str(js),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads(js.read_text())["metrics"]
     assert 0 < metrics["i2t_ndcg10"] <= 1 and -1 <= metrics["t2i_kendall_tau"] <= 1
 

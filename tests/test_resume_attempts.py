@@ -9,6 +9,7 @@
 
 The first attempt is a real process (it gets the signal); the others run the CLI in-process.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,15 @@ def sigterm_after_first_checkpoint(tmp: Path, config: Path, folder: Path) -> tup
     """Run ``itr train config`` as a process, SIGTERM it (its pid) once ``folder`` holds a checkpoint."""
     log = tmp / "attempt1.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([ITR, "train", str(config)], cwd=tmp, env={**os.environ, **ENV}, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [ITR, "train", str(config)],
+            cwd=tmp,
+            env={**os.environ, **ENV},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 120
         while not list(folder.glob("checkpoints/epoch_*/state.pt")):
@@ -146,8 +154,9 @@ def test_the_folder_is_refused_to_another_config_and_once_its_run_finished(tmp_p
     tree["train"]["lr"] = 2e-3
     changed = config_hash_in(tmp_path, tree)
     rc, lines, _ = run_cli(["train", str(write_config(tmp_path, tree))], tmp_path)
-    assert_one_line_error(rc, lines, f"error: {folder}:train.run_key: holds a run of another config",
-                          record["config_hash"], changed)
+    assert_one_line_error(
+        rc, lines, f"error: {folder}:train.run_key: holds a run of another config", record["config_hash"], changed
+    )
     assert snapshot(tmp_path) == before
 
 
@@ -162,8 +171,9 @@ def test_a_second_process_on_the_same_folder_is_refused_while_the_first_holds_it
         before = snapshot(tmp_path)
         rc, lines, _ = run_cli(["train", str(config)], tmp_path)
         folder = tmp_path / "runs" / "shared"
-        assert_one_line_error(rc, lines, f"error: {folder}:train.run_key: in use by another itr train "
-                                         f"(pid {os.getpid()})")
+        assert_one_line_error(
+            rc, lines, f"error: {folder}:train.run_key: in use by another itr train (pid {os.getpid()})"
+        )
         assert snapshot(tmp_path) == before and not (folder / "checkpoints").exists()
     finally:
         holder.release()

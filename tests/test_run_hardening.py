@@ -8,6 +8,7 @@
 
 The CLI runs in-process except where a real process is the point (the two signal tests).
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,14 @@ from tests.test_bad_input import assert_one_line_error, base_tree, run_cli, snap
 from tests.test_faults import _stat, session_pids
 
 ITR = str(Path(sys.executable).with_name("itr"))
-ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
-       "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "RAY_AUTH_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",
+    "OMP_NUM_THREADS": "1",
+}
 
 
 def write_config(tmp: Path, tree: dict) -> Path:
@@ -65,8 +72,9 @@ def test_unreachable_tracking_server_exits_2_at_once_naming_it(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
     tree["tracking"]["uri"] = uri
     t0 = time.monotonic()
-    line = train_fails_before_anything(tmp_path, tree, "tracking.uri",
-                                       f"tracking server {uri} unreachable; set tracking.uri or start it")
+    line = train_fails_before_anything(
+        tmp_path, tree, "tracking.uri", f"tracking server {uri} unreachable; set tracking.uri or start it"
+    )
     assert time.monotonic() - t0 < 15, "the start waited on the tracking server"
     assert line.startswith(f"error: {tmp_path / 'experiment.yaml'}:tracking.uri: ")
 
@@ -129,8 +137,9 @@ def missing_image_tree(tmp: Path) -> tuple[dict, Path]:
     data = tmp / "data"
     data.mkdir()
     for split in ("train", "val"):
-        (data / f"{split}.json").write_text(json.dumps(
-            [{"image": f"{split}-missing.png", "caption": "a red square", "image_id": 1}]))
+        (data / f"{split}.json").write_text(
+            json.dumps([{"image": f"{split}-missing.png", "caption": "a red square", "image_id": 1}])
+        )
     tree = quick_tree(tmp)
     tree["data"] = {"format": "captions_json", "root": str(data)}
     return tree, (data / "train-missing.png").resolve()
@@ -146,8 +155,11 @@ def sweep_fails_before_anything(tmp: Path, tree: dict, *needles: str) -> str:
     """``itr sweep`` over ``tree`` as inline base exits 2 with one line holding ``needles``, before Ray starts:
     no sweep folder, no MLflow store, no parent run (the check runs once, not in every trial)."""
     space = tmp / "space.yaml"
-    space.write_text(yaml.safe_dump({"base": tree, "space": {"train.lr": {"grid": [1e-3, 2e-3]}},
-                                     "metric": "val/rsum"}, sort_keys=False))
+    space.write_text(
+        yaml.safe_dump(
+            {"base": tree, "space": {"train.lr": {"grid": [1e-3, 2e-3]}}, "metric": "val/rsum"}, sort_keys=False
+        )
+    )
     before = snapshot(tmp)
     t0 = time.perf_counter()
     rc, lines, out = run_cli(["sweep", str(space), "--quiet"], tmp)
@@ -211,8 +223,15 @@ def sigterm_itr_train_mid_run(tmp_path: Path, scaling: dict, first_checkpoint: s
     config = write_config(tmp_path, tree)
     log = tmp_path / "train.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([ITR, "train", str(config)], cwd=tmp_path, env={**os.environ, **ENV}, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [ITR, "train", str(config)],
+            cwd=tmp_path,
+            env={**os.environ, **ENV},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 180
         while not list((tmp_path / "runs").glob(first_checkpoint)):
@@ -272,7 +291,7 @@ def test_sigterm_inside_a_deferred_block_lands_after_it_and_is_found_behind_a_li
         try:
             raise Terminated("SIGTERM")
         except Terminated:
-            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos")
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos")  # noqa: B904 (the chain is tested)
     except RuntimeError as err:
         wrapped = err
     assert isinstance(interruption_in(wrapped), Terminated)
@@ -284,8 +303,9 @@ def test_sigterm_inside_a_deferred_block_lands_after_it_and_is_found_behind_a_li
 def test_sigterm_mid_ray_train_run_ends_it_killed_and_leaves_no_ray_process(tmp_path):
     """The same on Ray Train. Before: Ray's own SIGTERM handler called sys.exit(1): the run ended FAILED
     ("SystemExit: 1") and itr exited 134. Metrics the Train controller had not sent yet may be missing."""
-    rc, took, out, runs = sigterm_itr_train_mid_run(tmp_path, {"backend": "ray", "num_workers": 1},
-                                                    "ray/*/checkpoint_*")
+    rc, took, out, runs = sigterm_itr_train_mid_run(
+        tmp_path, {"backend": "ray", "num_workers": 1}, "ray/*/checkpoint_*"
+    )
     assert rc == 143, out[-3000:]
     assert took < 30, f"SIGTERM took {took:.1f} s to end the run"
     assert "terminated (SIGTERM)" in out and "Traceback" not in out, out[-3000:]
@@ -297,6 +317,7 @@ def test_sigterm_mid_ray_train_run_ends_it_killed_and_leaves_no_ray_process(tmp_
 @pytest.fixture
 def no_server_started(monkeypatch):
     """A bad argument must fail before any server process: starting one fails the test instead."""
+
     def refuse(*args, **kwargs):
         raise AssertionError(f"a server was started: {args}")
 
@@ -311,8 +332,9 @@ def test_itr_ui_rejects_a_port_outside_1_to_65535(tmp_path, no_server_started, p
     assert line == f"error: --port: {port} is not a TCP port (use 1-65535)"
 
 
-@pytest.mark.parametrize("uri, needle", [("foo://", "unknown tracking URI scheme 'foo'"),
-                                         ("foo://bar", "unknown tracking URI scheme 'foo'")])
+@pytest.mark.parametrize(
+    "uri, needle", [("foo://", "unknown tracking URI scheme 'foo'"), ("foo://bar", "unknown tracking URI scheme 'foo'")]
+)
 def test_itr_ui_rejects_an_unknown_uri_scheme(tmp_path, no_server_started, uri, needle):
     rc, lines, _ = run_cli(["ui", "--uri", uri], tmp_path)
     line = assert_one_line_error(rc, lines, needle)
@@ -365,9 +387,15 @@ def test_sigterm_to_itr_ui_stops_its_mlflow_server_and_frees_the_port(tmp_path):
     env.pop("MLFLOW_TRACKING_URI", None)
     log = tmp_path / "ui.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([ITR, "ui", "--port", str(port), "--uri", f"sqlite:///{tmp_path / 'ui.db'}"],
-                                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [ITR, "ui", "--port", str(port), "--uri", f"sqlite:///{tmp_path / 'ui.db'}"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     children: set[int] = set()
     try:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -1,10 +1,9 @@
 """Security properties: loopback-only servers, safe deserialisation, no shell, redacted secrets."""
+
 from __future__ import annotations
 
 import ast
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("orchestrator", "methods")
@@ -57,7 +56,8 @@ def test_servers_bind_loopback_by_default():
         if not starts_local:
             continue
         ok = (isinstance(dash, ast.Constant) and dash.value is False) or (
-            isinstance(host, ast.Constant) and host.value in ("127.0.0.1", "localhost"))
+            isinstance(host, ast.Constant) and host.value in ("127.0.0.1", "localhost")
+        )
         assert ok, f"{path}:{call.lineno}: ray.init starts a dashboard that may bind all interfaces"
 
 
@@ -74,18 +74,47 @@ def test_only_yaml_safe_load():
     for path, tree in _sources(*PACKAGES):
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and _dotted(node.func) in {
-                    "yaml.load", "yaml.load_all", "yaml.unsafe_load", "yaml.full_load", "yaml.unsafe_load_all"}:
+                "yaml.load",
+                "yaml.load_all",
+                "yaml.unsafe_load",
+                "yaml.full_load",
+                "yaml.unsafe_load_all",
+            }:
                 bad.append(f"{path}:{node.lineno}")
-            if isinstance(node, ast.Attribute) and node.attr in {"UnsafeLoader", "FullLoader", "Loader"} and \
-                    _dotted(node.value) == "yaml":
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr in {"UnsafeLoader", "FullLoader", "Loader"}
+                and _dotted(node.value) == "yaml"
+            ):
                 bad.append(f"{path}:{node.lineno} ({node.attr})")
     assert not bad, bad
 
 
 #: every PyYAML name that reads YAML text (loaders and the functions that run one)
-YAML_READERS = {"load", "load_all", "safe_load", "safe_load_all", "full_load", "full_load_all", "unsafe_load",
-                "unsafe_load_all", "compose", "compose_all", "parse", "scan", "Loader", "SafeLoader", "BaseLoader",
-                "FullLoader", "UnsafeLoader", "CLoader", "CSafeLoader", "CBaseLoader", "CFullLoader", "CUnsafeLoader"}
+YAML_READERS = {
+    "load",
+    "load_all",
+    "safe_load",
+    "safe_load_all",
+    "full_load",
+    "full_load_all",
+    "unsafe_load",
+    "unsafe_load_all",
+    "compose",
+    "compose_all",
+    "parse",
+    "scan",
+    "Loader",
+    "SafeLoader",
+    "BaseLoader",
+    "FullLoader",
+    "UnsafeLoader",
+    "CLoader",
+    "CSafeLoader",
+    "CBaseLoader",
+    "CFullLoader",
+    "CUnsafeLoader",
+}
 YAML_READER = REPO / "orchestrator" / "yaml_io.py"
 
 
@@ -115,12 +144,17 @@ def test_every_yaml_read_goes_through_yaml_io():
     bad = [hit for path, tree in _sources(*PACKAGES) if path != YAML_READER for hit in raw_yaml_reads(tree, path)]
     assert not bad, bad
     # the auditor sees the forms it must catch, and the reader itself is the one place that builds a loader
-    probe = ast.parse("import yaml as y\nfrom yaml import safe_load\nfrom yaml.loader import SafeLoader\n"
-                      "y.safe_load('a')\nyaml.compose('a')\nyaml.safe_dump({})\n")
+    probe = ast.parse(
+        "import yaml as y\nfrom yaml import safe_load\nfrom yaml.loader import SafeLoader\n"
+        "y.safe_load('a')\nyaml.compose('a')\nyaml.safe_dump({})\n"
+    )
     assert len(raw_yaml_reads(probe, Path("probe.py"))) == 4
     reader = ast.parse(YAML_READER.read_text(encoding="utf-8"))
-    assert [c.name for c in ast.walk(reader) if isinstance(c, ast.ClassDef)
-            and any(_dotted(b) == "yaml.SafeLoader" for b in c.bases)] == ["_Loader"]
+    assert [
+        c.name
+        for c in ast.walk(reader)
+        if isinstance(c, ast.ClassDef) and any(_dotted(b) == "yaml.SafeLoader" for b in c.bases)
+    ] == ["_Loader"]
 
 
 def test_no_shell_true_in_subprocess_calls():
@@ -145,8 +179,16 @@ def test_no_shell_true_in_subprocess_calls():
 def test_redact_hides_secret_looking_keys():
     from orchestrator.tracking import redact, redact_text, redact_tree
 
-    params = {"tracking.tags.api_key": "k1", "db_password": "k2", "HF_TOKEN": "k3", "my_secret": "k4",
-              "aws_access_key_id": "k5", "train.lr": "0.001", "model.name": "ViT-B-32", "tokenizer": "x"}
+    params = {
+        "tracking.tags.api_key": "k1",
+        "db_password": "k2",
+        "HF_TOKEN": "k3",
+        "my_secret": "k4",
+        "aws_access_key_id": "k5",
+        "train.lr": "0.001",
+        "model.name": "ViT-B-32",
+        "tokenizer": "x",
+    }
     out = redact(params)
     for key in ("tracking.tags.api_key", "db_password", "HF_TOKEN", "my_secret", "aws_access_key_id"):
         assert out[key] == "***", key
@@ -167,18 +209,33 @@ def test_tiny_run_never_stores_the_secret(tmp_path, monkeypatch):
     secret = "S3CR3T-VALUE-9f2c"
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = validate_config({
-        "data": {"format": "synthetic", "synthetic": {"num_train_images": 16, "num_val_images": 8,
-                                                      "num_test_images": 8, "image_size": 16}},
-        "model": {"name": "itr-tiny-vit"},
-        "loss": {"family": "infonce"},
-        "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "min_lr": 1e-5, "max_steps_per_epoch": 1,
-                  "eval_at_start": False, "output_dir": str(tmp_path / "runs")},
-        "eval": {"reports": False},
-        "scaling": {"backend": "local"},
-        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "artifact_dir": str(tmp_path / "art"),
-                     "experiment": "sec", "tags": {"api_token": secret, "team": "ir"}},
-    })
+    cfg = validate_config(
+        {
+            "data": {
+                "format": "synthetic",
+                "synthetic": {"num_train_images": 16, "num_val_images": 8, "num_test_images": 8, "image_size": 16},
+            },
+            "model": {"name": "itr-tiny-vit"},
+            "loss": {"family": "infonce"},
+            "train": {
+                "epochs": 1,
+                "batch_size": 8,
+                "lr": 1e-3,
+                "min_lr": 1e-5,
+                "max_steps_per_epoch": 1,
+                "eval_at_start": False,
+                "output_dir": str(tmp_path / "runs"),
+            },
+            "eval": {"reports": False},
+            "scaling": {"backend": "local"},
+            "tracking": {
+                "uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                "artifact_dir": str(tmp_path / "art"),
+                "experiment": "sec",
+                "tags": {"api_token": secret, "team": "ir"},
+            },
+        }
+    )
     result = run_experiment(cfg, config_source="<test>")
     run = client(resolve_target(cfg.tracking)).get_run(result.run_id)
     assert run.data.tags["team"] == "ir"

@@ -3,6 +3,7 @@ REST API), and a sweep on a 2-node Ray cluster (``ray start --head`` + ``ray sta
 whose trials land on both nodes. Trials are stand-ins (no training) so each test takes well under a minute of
 work; every process a test starts is killed by process group / pid, never by name (other Ray clusters on the
 machine survive), and the test asserts none is left."""
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,7 @@ from tests.conftest import tiny_tree
 from tests.mlflow_server import free_port, mlflow_server
 from tests.test_sweep import kill_tagged, tagged_env, tagged_pids
 
-LR_SCALE = 1e5   # the stand-in's val/rsum = LR_SCALE * lr * (epoch + 1)
+LR_SCALE = 1e5  # the stand-in's val/rsum = LR_SCALE * lr * (epoch + 1)
 
 
 def stand_in_trial(cfg, session) -> dict:
@@ -61,16 +62,22 @@ def shutdown_inprocess_ray() -> None:
 
 
 def space_file(tmp_path: Path, name: str, base: dict, lrs: list[float], cpu: float) -> Path:
-    doc = {"name": name, "base": base, "space": {"train.lr": {"grid": lrs}}, "max_concurrent_trials": len(lrs),
-           "resources": {"cpu": cpu}}
+    doc = {
+        "name": name,
+        "base": base,
+        "space": {"train.lr": {"grid": lrs}},
+        "max_concurrent_trials": len(lrs),
+        "resources": {"cpu": cpu},
+    }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
 
 def sweep_base(tmp_path: Path, epochs: int = 2, sleep_s: int = 0) -> dict:
-    tree = tiny_tree(tmp_path, train={"epochs": epochs, "eval_at_start": False, "warmup_steps": sleep_s,
-                                      "min_lr": 1e-9})
+    tree = tiny_tree(
+        tmp_path, train={"epochs": epochs, "eval_at_start": False, "warmup_steps": sleep_s, "min_lr": 1e-9}
+    )
     tree["tracking"]["experiment"] = "sweeps"
     return tree
 
@@ -96,7 +103,7 @@ def test_sweep_against_an_mlflow_server_is_readable_over_rest(tmp_path, monkeypa
 
     shutdown_inprocess_ray()
     base = sweep_base(tmp_path)
-    del base["tracking"]["uri"], base["tracking"]["artifact_dir"]      # MLFLOW_TRACKING_URI decides
+    del base["tracking"]["uri"], base["tracking"]["artifact_dir"]  # MLFLOW_TRACKING_URI decides
     lrs = [1e-3, 2e-3]
     path = space_file(tmp_path, "served", base, lrs, cpu=0.5)
     with mlflow_server(tmp_path / "server") as server:
@@ -109,8 +116,9 @@ def test_sweep_against_an_mlflow_server_is_readable_over_rest(tmp_path, monkeypa
         assert result.tracking_uri == server.uri
 
         exp = rest(server.uri, "GET", "experiments/get-by-name", {"experiment_name": "sweeps"})["experiment"]
-        runs = rest(server.uri, "POST", "runs/search", {"experiment_ids": [exp["experiment_id"]],
-                                                        "max_results": 100})["runs"]
+        runs = rest(server.uri, "POST", "runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 100})[
+            "runs"
+        ]
         tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs}
         parents = [r for r in runs if tags[r["info"]["run_id"]].get("itr.kind") == "sweep"]
         children = [r for r in runs if "mlflow.parentRunId" in tags[r["info"]["run_id"]]]
@@ -130,7 +138,7 @@ def test_sweep_against_an_mlflow_server_is_readable_over_rest(tmp_path, monkeypa
         listed = rest(server.uri, "GET", "artifacts/list", {"run_id": parent_id})
         assert {"leaderboard.csv", "served.yaml", "base_config.yaml"} <= {f["path"] for f in listed["files"]}
         stored = list((tmp_path / "server" / "mlartifacts").rglob("leaderboard.csv"))
-        assert len(stored) == 1 and stored[0].read_text().count("\n") == 3   # proxied into the server's folder
+        assert len(stored) == 1 and stored[0].read_text().count("\n") == 3  # proxied into the server's folder
     assert not server.is_running()
     assert not [p for p in tagged_pids("-", (pgid,))], "the mlflow server left processes behind"
 
@@ -138,9 +146,14 @@ def test_sweep_against_an_mlflow_server_is_readable_over_rest(tmp_path, monkeypa
 # ---------------------------------------------------------------------------------------- 2-node Ray
 def ray_start(args: list[str], env: dict, pgids: list[int]) -> None:
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    proc = subprocess.Popen([ray_bin, "start", *args, "--disable-usage-stats", "--node-ip-address=127.0.0.1"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [ray_bin, "start", *args, "--disable-usage-stats", "--node-ip-address=127.0.0.1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     pgids.append(proc.pid)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
@@ -153,13 +166,16 @@ def test_sweep_trials_spread_over_a_two_node_cluster(tmp_path, monkeypatch, stan
     shutdown_inprocess_ray()
     port = free_port()
     tag = uuid.uuid4().hex
-    temp_root = tempfile.mkdtemp(prefix="itr-2n-", dir="/tmp")    # short: Ray's socket paths live under it
+    temp_root = tempfile.mkdtemp(prefix="itr-2n-", dir="/tmp")  # short: Ray's socket paths live under it
     env = tagged_env(tag, RAY_TMPDIR=temp_root)
     pgids: list[int] = []
     try:
         # one CPU per node and one CPU per trial: two overlapping trials cannot share a node
-        ray_start(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-                   '--resources={"itr_head": 1}'], env, pgids)
+        ray_start(
+            ["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false", '--resources={"itr_head": 1}'],
+            env,
+            pgids,
+        )
         ray_start([f"--address=127.0.0.1:{port}", "--num-cpus=1", '--resources={"itr_worker": 1}'], env, pgids)
         monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
         path = space_file(tmp_path, "two_nodes", sweep_base(tmp_path, epochs=2, sleep_s=2), [1e-3, 2e-3], cpu=1)
@@ -180,14 +196,14 @@ def test_sweep_trials_spread_over_a_two_node_cluster(tmp_path, monkeypatch, stan
         assert len(children) == 2 and len(result.table) == 2
         assert all(r.info.status == "FINISHED" for r in children)
         placed = [role[r.data.tags["itr.ray_node_id"]] for r in children]
-        assert sorted(placed) == ["head", "worker"], placed            # one trial on each node
+        assert sorted(placed) == ["head", "worker"], placed  # one trial on each node
         assert all(r.data.tags["itr.ray_gcs_address"].endswith(f":{port}") for r in children)
     finally:
         shutdown_inprocess_ray()
-        for pgid in pgids:   # `ray stop` would stop every Ray cluster on the machine; these two nodes only
+        for pgid in pgids:  # `ray stop` would stop every Ray cluster on the machine; these two nodes only
             try:
                 os.killpg(pgid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        kill_tagged(tag, tuple(pgids))              # asserts that nothing of this cluster survived
+        kill_tagged(tag, tuple(pgids))  # asserts that nothing of this cluster survived
         shutil.rmtree(temp_root, ignore_errors=True)

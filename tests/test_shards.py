@@ -4,6 +4,7 @@ same steps on every rank, a mid-epoch resume that continues the uninterrupted ep
 once, bad shards (exit 2, one line naming the shard), and ``itr train`` on shards with 2 Ray Train workers reading
 disjoint shards.
 """
+
 from __future__ import annotations
 
 import io
@@ -21,10 +22,26 @@ import yaml
 
 from orchestrator.config import DataConfig, validate_config
 from orchestrator.data.formats import clean_caption
-from orchestrator.data.shard_loader import (TRACE_ENV, caption_choice, distinct_batches, key_id, shard_train_loader,
-                                            shuffled, steps_share)
-from orchestrator.data.shards import (Sample, check_split, count_samples, expand_braces, iter_samples, open_shards,
-                                      rank_shards, shard_paths, worker_shards)
+from orchestrator.data.shard_loader import (
+    TRACE_ENV,
+    caption_choice,
+    distinct_batches,
+    key_id,
+    shard_train_loader,
+    shuffled,
+    steps_share,
+)
+from orchestrator.data.shards import (
+    Sample,
+    check_split,
+    count_samples,
+    expand_braces,
+    iter_samples,
+    open_shards,
+    rank_shards,
+    shard_paths,
+    worker_shards,
+)
 from orchestrator.data.splits import load_split
 from orchestrator.data.write_shards import write_shards
 from orchestrator.errors import UserError
@@ -67,17 +84,34 @@ def coco_records(root: Path, images: int) -> dict[str, list[str]]:
 
 
 # ------------------------------------------------------------------------------------------ patterns
-@pytest.mark.parametrize("pattern", ["s-{000000..000009}.tar", "a{1..3}b{x,y}", "{a,{b,c}}z", "x{9..11}",
-                                     "{08..10}", "{3..1}", "lit{abc}", "p/{0..2}/q{,r}", "n{-2..1}"])
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "s-{000000..000009}.tar",
+        "a{1..3}b{x,y}",
+        "{a,{b,c}}z",
+        "x{9..11}",
+        "{08..10}",
+        "{3..1}",
+        "lit{abc}",
+        "p/{0..2}/q{,r}",
+        "n{-2..1}",
+    ],
+)
 def test_brace_expansion_matches_bash(pattern):
-    theirs = subprocess.run(["bash", "-c", f"printf '%s\\n' {pattern}"], capture_output=True, text=True,
-                            check=True).stdout.split()
+    theirs = subprocess.run(
+        ["bash", "-c", f"printf '%s\\n' {pattern}"], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert expand_braces(pattern) == theirs
 
 
 def test_shard_lists_refuse_bad_patterns_and_repeats():
-    for spec, needle in (("a{1,2", "unbalanced"), ("{0..9999999}", "more than"), (["a.tar", "a.tar"], "twice"),
-                         ([], "no shards")):
+    for spec, needle in (
+        ("a{1,2", "unbalanced"),
+        ("{0..9999999}", "more than"),
+        (["a.tar", "a.tar"], "twice"),
+        ([], "no shards"),
+    ):
         with pytest.raises(UserError) as err:
             shard_paths(spec)
         assert needle in str(err.value) and err.value.field in ("data.shards", None)
@@ -112,16 +146,25 @@ def test_written_shards_hold_every_image_with_all_its_captions(written):
 
 def test_txt_captions_and_other_members_are_read_by_webdatasets_rules(tmp_path):
     path = tmp_path / "t.tar"
-    members = [("a/x.jpg", b"IMG1"), ("a/x.txt", b"first\n\nsecond\n"), ("a/x.seg.png", b"ignored"),
-               ("noext", b"ignored"), ("y.png", b"IMG2"), ("y.json", b'{"caption": "only one"}'), ("y.cls", b"3")]
+    members = [
+        ("a/x.jpg", b"IMG1"),
+        ("a/x.txt", b"first\n\nsecond\n"),
+        ("a/x.seg.png", b"ignored"),
+        ("noext", b"ignored"),
+        ("y.png", b"IMG2"),
+        ("y.json", b'{"caption": "only one"}'),
+        ("y.cls", b"3"),
+    ]
     with tarfile.open(path, "w") as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     samples = list(iter_samples(path, clean=False))
-    assert [(s.key, s.image, s.captions) for s in samples] == [("a/x", b"IMG1", ["first", "second"]),
-                                                               ("y", b"IMG2", ["only one"])]
+    assert [(s.key, s.image, s.captions) for s in samples] == [
+        ("a/x", b"IMG1", ["first", "second"]),
+        ("y", b"IMG2", ["only one"]),
+    ]
     assert count_samples(path) == 2
 
 
@@ -129,8 +172,22 @@ def test_the_writer_refuses_a_folder_with_shards_and_cli_prints_the_pattern(writ
     folder = written[0]
     rc, lines, _ = run_cli(["write-shards", "--root", str(COCO_MINI), "--out", str(folder)], tmp_path)
     assert_one_line_error(rc, lines, str(folder), "--out", "already holds shards")
-    rc, _, out = run_cli(["write-shards", "--root", str(COCO_MINI), "--split", "val", "--out", str(tmp_path / "v"),
-                          "--shard-size", "100", "--captions", "txt"], tmp_path)
+    rc, _, out = run_cli(
+        [
+            "write-shards",
+            "--root",
+            str(COCO_MINI),
+            "--split",
+            "val",
+            "--out",
+            str(tmp_path / "v"),
+            "--shard-size",
+            "100",
+            "--captions",
+            "txt",
+        ],
+        tmp_path,
+    )
     assert rc == 0 and f"data.shards: {tmp_path / 'v'}/train-{{000000..000002}}.tar" in out
     assert sum(count_samples(p) for p in shard_paths(str(tmp_path / "v/train-{000000..000002}.tar"))) == 201
     assert not list((tmp_path / "v").glob(".*tmp"))  # no temp file left
@@ -141,15 +198,19 @@ def test_the_writer_refuses_a_folder_with_shards_and_cli_prints_the_pattern(writ
 def test_ranks_and_workers_read_disjoint_shards_that_cover_the_list(world, workers):
     paths = [Path(f"s{i:02d}.tar") for i in range(13)]
     for epoch in range(3):
-        readers = [worker_shards(rank_shards(paths, seed=7, epoch=epoch, rank=r, world_size=world), k, workers)
-                   for r in range(world) for k in range(workers)]
+        readers = [
+            worker_shards(rank_shards(paths, seed=7, epoch=epoch, rank=r, world_size=world), k, workers)
+            for r in range(world)
+            for k in range(workers)
+        ]
         flat = [p for share in readers for p in share]
         assert sorted(flat) == paths and len(set(flat)) == len(flat)
         assert all(share for share in readers)
     orders = {tuple(rank_shards(paths, seed=7, epoch=e, rank=0, world_size=1)) for e in range(4)}
     assert len(orders) == 4  # a new shard order each epoch, the same on every rank (a function of seed, epoch)
     assert rank_shards(paths, seed=7, epoch=1, rank=1, world_size=2) == rank_shards(
-        list(paths), seed=7, epoch=1, rank=1, world_size=2)
+        list(paths), seed=7, epoch=1, rank=1, world_size=2
+    )
 
 
 def test_fewer_shards_than_readers_is_refused_naming_the_field():
@@ -178,17 +239,27 @@ def pixel_sum(image) -> torch.Tensor:
 
 
 def loader_cfg(tmp_path: Path, pattern: str, *, batch: int = 8, workers: int = 0, **data):
-    tree = tiny_tree(tmp_path, data={"format": "webdataset", "shards": pattern, "root": str(COCO_MINI),
-                                     "loader_workers": workers, "shuffle_buffer": 5, **data},
-                     train={"batch_size": batch})
+    tree = tiny_tree(
+        tmp_path,
+        data={
+            "format": "webdataset",
+            "shards": pattern,
+            "root": str(COCO_MINI),
+            "loader_workers": workers,
+            "shuffle_buffer": 5,
+            **data,
+        },
+        train={"batch_size": batch},
+    )
     tree["data"].pop("synthetic")
     return validate_config(tree)
 
 
 def epoch_batches(cfg, rank: int, world: int, epoch: int = 0, skip: int = 0):
     shards = open_shards(cfg.data, progress=False)
-    loader, schedule = shard_train_loader(cfg, shards, preprocess=pixel_sum, tokenizer=lambda t: list(t), rank=rank,
-                                          world_size=world)
+    loader, schedule = shard_train_loader(
+        cfg, shards, preprocess=pixel_sum, tokenizer=lambda t: list(t), rank=rank, world_size=world
+    )
     schedule.set_epoch(epoch)
     loader.batch_sampler.skip = skip
     batches = list(iter(loader))
@@ -283,7 +354,7 @@ def damage(path: Path, how: str) -> None:
     elif how == "cut_at_member":  # cut exactly between two members: tarfile alone would see a short, valid tar
         path.write_bytes(data[:boundary])
     else:  # garbage where a header should be: tarfile alone would end the archive there
-        path.write_bytes(data[:boundary] + bytes(range(256)) * 2 + data[boundary + 512:])
+        path.write_bytes(data[:boundary] + bytes(range(256)) * 2 + data[boundary + 512 :])
 
 
 @pytest.mark.parametrize("how", ["truncated", "cut_at_member", "garbage_header"])
@@ -319,9 +390,17 @@ def test_itr_train_on_a_truncated_shard_exits_2_with_one_line_naming_it(written,
     pattern = copy_shards(written, tmp_path / "s", sizes=sizes)
     bad = shard_paths(pattern)[5]
     damage(bad, "truncated")
-    tree = tiny_tree(tmp_path, data={"format": "webdataset", "shards": pattern, "root": str(COCO_MINI),
-                                     "loader_workers": 2, "image_cache": "none"},
-                     train={"epochs": 1, "batch_size": 8, "eval_at_start": False, "max_steps_per_epoch": None})
+    tree = tiny_tree(
+        tmp_path,
+        data={
+            "format": "webdataset",
+            "shards": pattern,
+            "root": str(COCO_MINI),
+            "loader_workers": 2,
+            "image_cache": "none",
+        },
+        train={"epochs": 1, "batch_size": 8, "eval_at_start": False, "max_steps_per_epoch": None},
+    )
     tree["data"].pop("synthetic")
     tree["tracking"] = {"enabled": False}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree))
@@ -332,8 +411,13 @@ def test_itr_train_on_a_truncated_shard_exits_2_with_one_line_naming_it(written,
 def test_configs_the_shards_cannot_serve_are_refused_naming_the_field(written, tmp_path):
     base = {"format": "webdataset", "shards": written[1], "root": str(COCO_MINI)}
     cases = [
-        ({"loss": {"family": "cusa", "alpha": 0.1, "beta": 0.0},
-          "teachers": {"image": "synthetic:attributes", "text": "synthetic:attributes"}}, "loss.family"),
+        (
+            {
+                "loss": {"family": "cusa", "alpha": 0.1, "beta": 0.0},
+                "teachers": {"image": "synthetic:attributes", "text": "synthetic:attributes"},
+            },
+            "loss.family",
+        ),
         ({"loss": {"family": "listwise"}, "teachers": {"text": "packaged:all-MiniLM-L6-v2"}}, "loss.family"),
         ({"train": {"batch_sampler": "random"}}, "train.batch_sampler"),
         ({"data": {"root": None}}, "data.root"),
@@ -363,10 +447,19 @@ def test_configs_the_shards_cannot_serve_are_refused_naming_the_field(written, t
 def test_the_training_loop_trains_on_shards_in_the_local_backend(written, tmp_path):
     from orchestrator.train_loop import train_loop
 
-    tree = tiny_tree(tmp_path, data={"format": "webdataset", "shards": written[1], "root": str(COCO_MINI),
-                                     "loader_workers": 1, "image_cache": "none"},
-                     train={"epochs": 2, "batch_size": 8, "eval_at_start": False, "max_steps_per_epoch": 3},
-                     eval={"reports": False}, tracking={"enabled": False})
+    tree = tiny_tree(
+        tmp_path,
+        data={
+            "format": "webdataset",
+            "shards": written[1],
+            "root": str(COCO_MINI),
+            "loader_workers": 1,
+            "image_cache": "none",
+        },
+        train={"epochs": 2, "batch_size": 8, "eval_at_start": False, "max_steps_per_epoch": 3},
+        eval={"reports": False},
+        tracking={"enabled": False},
+    )
     tree["data"].pop("synthetic")
     metrics = train_loop(validate_config(tree))
     assert metrics["train/steps"] == 6.0 and np.isfinite(metrics["train/loss"])
@@ -393,11 +486,19 @@ def ray_with_trace(tmp_path_factory):
 def test_itr_train_on_shards_with_two_ray_train_workers_reads_disjoint_shards(written, tmp_path, ray_with_trace):
     """``itr train`` (the CLI, Ray Train, 2 CPU workers, the batch gathered over both): each epoch the two ranks
     open disjoint shards that cover the set, and the run finishes with val metrics."""
-    tree = tiny_tree(tmp_path, data={"format": "webdataset", "shards": written[1], "root": str(COCO_MINI),
-                                     "loader_workers": 0, "image_cache": "none"},
-                     train={"epochs": 2, "batch_size": 8, "eval_at_start": False, "max_steps_per_epoch": None},
-                     scaling={"backend": "ray", "num_workers": 2, "cpus_per_worker": 1, "gather_global_batch": True},
-                     eval={"reports": False})
+    tree = tiny_tree(
+        tmp_path,
+        data={
+            "format": "webdataset",
+            "shards": written[1],
+            "root": str(COCO_MINI),
+            "loader_workers": 0,
+            "image_cache": "none",
+        },
+        train={"epochs": 2, "batch_size": 8, "eval_at_start": False, "max_steps_per_epoch": None},
+        scaling={"backend": "ray", "num_workers": 2, "cpus_per_worker": 1, "gather_global_batch": True},
+        eval={"reports": False},
+    )
     tree["data"].pop("synthetic")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree))
     rc, lines, out = run_cli(["train", str(tmp_path / "config.yaml")], tmp_path)

@@ -1,4 +1,5 @@
 """Per-batch soft-label inputs gathered from split-level features, and every family training end to end."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -23,8 +24,10 @@ def split():
 
 def test_batch_inputs_gather_rows_groups_and_exact_relevance(split):
     rng = np.random.default_rng(0)
-    feats = SimpleNamespace(image=rng.normal(size=(split.num_images, 3)).astype(np.float32),
-                            text=rng.normal(size=(split.num_captions, 4)).astype(np.float32))
+    feats = SimpleNamespace(
+        image=rng.normal(size=(split.num_images, 3)).astype(np.float32),
+        text=rng.normal(size=(split.num_captions, 4)).astype(np.float32),
+    )
     need = {"teacher_image", "teacher_text", "caption_group_emb", "caption_group_mask", "text_caption_emb", "relevance"}
     inputs = BatchInputs(split, feats, need)
     caps = np.array([5, 0, 17, 9])
@@ -67,8 +70,12 @@ def test_family_trains_through_the_loop_with_its_terms(tmp_path, family):
     session = LocalSession(tmp_path / "run")
     train_loop(cfg, session)
     last = session.history[-1]
-    expected = {"triplet": ["triplet_hardest"], "listwise": ["triplet", "sndcg"],
-                "bcls": ["triplet_soft_negative", "kendall"], "cusa": ["infonce", "csa", "usa"]}[family]
+    expected = {
+        "triplet": ["triplet_hardest"],
+        "listwise": ["triplet", "sndcg"],
+        "bcls": ["triplet_soft_negative", "kendall"],
+        "cusa": ["infonce", "csa", "usa"],
+    }[family]
     for term in expected:
         assert np.isfinite(last[f"train/{term}"])
     assert np.isfinite(last["train/loss"]) and last["val/rsum"] > 0

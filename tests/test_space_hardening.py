@@ -10,6 +10,7 @@
 
 The CLI is called in-process (``tests.test_bad_input.run_cli``).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -51,8 +52,10 @@ RUN_VARIANTS = {
     "triplet": {"loss": {"family": "triplet", "mining": "selhn"}},
     "listwise": {"loss": {"family": "listwise"}},
     "bcls": {"loss": {"family": "bcls"}},
-    "cusa": {"loss": {"family": "cusa", "alpha": 0.1, "beta": 0.5},
-             "teachers": {"image": "synthetic:attributes", "text": "synthetic:attributes"}},
+    "cusa": {
+        "loss": {"family": "cusa", "alpha": 0.1, "beta": 0.5},
+        "teachers": {"image": "synthetic:attributes", "text": "synthetic:attributes"},
+    },
 }
 
 
@@ -79,8 +82,9 @@ def test_catalogue_equals_what_a_real_run_reports(family, tmp_path):
     """One-step epochs of the real loop (init eval on): the union of the reported keys is the catalogue, and
     the last report holds all of them (it is what a recipe measures; two epochs for infonce to show it)."""
     tree = base_tree(tmp_path)
-    tree["train"].update(epochs=2 if family == "infonce" else 1, max_steps_per_epoch=1, eval_at_start=True,
-                         log_every_steps=1000)
+    tree["train"].update(
+        epochs=2 if family == "infonce" else 1, max_steps_per_epoch=1, eval_at_start=True, log_every_steps=1000
+    )
     tree["teachers"] = {"cache_dir": str(tmp_path / "teachers")}
     for section, values in RUN_VARIANTS[family].items():
         tree.setdefault(section, {}).update(values)
@@ -93,9 +97,17 @@ def test_catalogue_equals_what_a_real_run_reports(family, tmp_path):
     assert session.history[-1]["init/val/rsum"] == session.history[0]["init/val/rsum"]
 
 
-FAMILY_VARIANTS = [("infonce", {}), ("triplet", {"mining": "hardest"}), ("triplet", {"mining": "soft_negative"}),
-                   ("listwise", {"relevance": "exact"}), ("bcls", {"relevance": "exact", "mining": "hardest"}),
-                   ("cusa", {}), ("cusa", {"alpha": 0.0}), ("cusa", {"beta": 0.0}), ("cusa", {"alpha": 0.0, "beta": 0.0})]
+FAMILY_VARIANTS = [
+    ("infonce", {}),
+    ("triplet", {"mining": "hardest"}),
+    ("triplet", {"mining": "soft_negative"}),
+    ("listwise", {"relevance": "exact"}),
+    ("bcls", {"relevance": "exact", "mining": "hardest"}),
+    ("cusa", {}),
+    ("cusa", {"alpha": 0.0}),
+    ("cusa", {"beta": 0.0}),
+    ("cusa", {"alpha": 0.0, "beta": 0.0}),
+]
 
 
 @pytest.mark.parametrize("family,params", FAMILY_VARIANTS)
@@ -103,9 +115,16 @@ def test_every_family_declares_the_terms_its_forward_returns(family, params):
     g = torch.Generator().manual_seed(0)
     B, D = 6, 5
     unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, generator=g), dim=-1)  # noqa: E731
-    batch = EmbeddingBatch(image_emb=unit(B, D), text_emb=unit(B, D), image_ids=torch.tensor([0, 1, 2, 2, 3, 4]),
-                           image_uni=unit(B, D), text_uni=unit(B, D), teacher_image=unit(B, 7),
-                           teacher_text=unit(B, 4), relevance=torch.rand(B, B, generator=g))
+    batch = EmbeddingBatch(
+        image_emb=unit(B, D),
+        text_emb=unit(B, D),
+        image_ids=torch.tensor([0, 1, 2, 2, 3, 4]),
+        image_uni=unit(B, D),
+        text_uni=unit(B, D),
+        teacher_image=unit(B, 7),
+        teacher_text=unit(B, 4),
+        relevance=torch.rand(B, B, generator=g),
+    )
     module = methods.build(family, **params)
     assert set(module(batch).terms) == set(module.logged_terms())
 
@@ -121,8 +140,9 @@ def test_best_metric_never_reported_exits_2_naming_it_and_the_closest(tmp_path):
     cfg = write(tmp_path / "cfg.yaml", tree)
     before = snapshot(tmp_path)
     rc, lines, out = run_cli(["train", str(cfg)], tmp_path)
-    line = assert_one_line_error(rc, lines, f"{cfg}:train.best_metric:", "'val/rsumm' is not reported",
-                                 "closest: val/rsum")
+    line = assert_one_line_error(
+        rc, lines, f"{cfg}:train.best_metric:", "'val/rsumm' is not reported", "closest: val/rsum"
+    )
     assert snapshot(tmp_path) == before and out == "", line
 
 
@@ -145,30 +165,41 @@ def test_recipe_init_reference_without_eval_at_start_exits_2_before_training(tmp
     ref = {"init/val/rsum": {"value": 10.0, "tolerance": 100.0, "source": "test"}}
     recipe = write(tmp_path / "recipe.yaml", recipe_doc(tmp_path, ref, eval_at_start=False))
     rc, lines, _ = run_cli(["reproduce", str(recipe)], tmp_path)
-    assert_one_line_error(rc, lines, f"{recipe}:{line_of(recipe, 'init/val/rsum')}:runs.tiny.reference:",
-                          "'init/val/rsum' is not reported by this run (train.eval_at_start is false)",
-                          "closest: ", "val/rsum")
+    assert_one_line_error(
+        rc,
+        lines,
+        f"{recipe}:{line_of(recipe, 'init/val/rsum')}:runs.tiny.reference:",
+        "'init/val/rsum' is not reported by this run (train.eval_at_start is false)",
+        "closest: ",
+        "val/rsum",
+    )
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
 
 
 def test_recipe_references_on_init_terms_and_evaluation_load_when_reported(tmp_path):
     from orchestrator.recipe import load_recipe
 
-    ref = {m: {"value": 1.0, "tolerance": 1.0, "source": "test"}
-           for m in ("init/val/rsum", "train/infonce", "train/temperature/tau", "best/val/rsum")}
+    ref = {
+        m: {"value": 1.0, "tolerance": 1.0, "source": "test"}
+        for m in ("init/val/rsum", "train/infonce", "train/temperature/tau", "best/val/rsum")
+    }
     recipe = write(tmp_path / "recipe.yaml", recipe_doc(tmp_path, ref))
     assert [r.metric for r in load_recipe(recipe).references] == list(ref)
-    ref["train/triplet_hardest"] = {"value": 1.0, "tolerance": 1.0, "source": "test"}   # infonce has no such term
+    ref["train/triplet_hardest"] = {"value": 1.0, "tolerance": 1.0, "source": "test"}  # infonce has no such term
     write(recipe, recipe_doc(tmp_path, ref))
     rc, lines, _ = run_cli(["reproduce", str(recipe), "--dry-run"], tmp_path)
     assert_one_line_error(rc, lines, "runs.tiny.reference", "'train/triplet_hardest' is not reported by this run")
 
 
 def test_sweep_metric_some_trials_never_report_exits_2_naming_the_trial(tmp_path):
-    rc, lines, path = dry_run_sweep(tmp_path, {"loss.family": {"grid": ["infonce", "triplet"]}},
-                                    metric="train/infonce")
-    assert_one_line_error(rc, lines, f"{path}:{line_of(path, 'metric:')}: metric: 'train/infonce' is not reported "
-                                     "by the trial loss.family='triplet'", "closest: ")
+    rc, lines, path = dry_run_sweep(tmp_path, {"loss.family": {"grid": ["infonce", "triplet"]}}, metric="train/infonce")
+    assert_one_line_error(
+        rc,
+        lines,
+        f"{path}:{line_of(path, 'metric:')}: metric: 'train/infonce' is not reported "
+        "by the trial loss.family='triplet'",
+        "closest: ",
+    )
 
 
 def test_sweep_metric_typo_names_the_closest(tmp_path):
@@ -177,14 +208,21 @@ def test_sweep_metric_typo_names_the_closest(tmp_path):
 
 
 # ------------------------------------------------------------------------- case 11: types and combinations
-@pytest.mark.parametrize("key,dist,needle", [
-    # 2, 39 and 102 (the old samples at 0, 0.37, 1) are integers: the old check let it through
-    ("train.batch_size", {"uniform": [2, 102]}, "uniform samples fractional numbers, but the field takes an integer"),
-    ("train.warmup_steps", {"loguniform": [1, 100]}, "loguniform samples fractional numbers"),
-    ("train.eval_at_start", {"randint": [0, 1]}, "randint samples integers, but the field takes true/false"),
-    ("train.batch_sampler", {"uniform": [0, 1]}, "uniform samples numbers, but the field takes one of fixed names"),
-    ("loss.temperature.init", {"randint": [0, 1]}, None),   # randint fits a float field: only its values decide
-])
+@pytest.mark.parametrize(
+    "key,dist,needle",
+    [
+        # 2, 39 and 102 (the old samples at 0, 0.37, 1) are integers: the old check let it through
+        (
+            "train.batch_size",
+            {"uniform": [2, 102]},
+            "uniform samples fractional numbers, but the field takes an integer",
+        ),
+        ("train.warmup_steps", {"loguniform": [1, 100]}, "loguniform samples fractional numbers"),
+        ("train.eval_at_start", {"randint": [0, 1]}, "randint samples integers, but the field takes true/false"),
+        ("train.batch_sampler", {"uniform": [0, 1]}, "uniform samples numbers, but the field takes one of fixed names"),
+        ("loss.temperature.init", {"randint": [0, 1]}, None),  # randint fits a float field: only its values decide
+    ],
+)
 def test_distribution_kind_is_checked_against_the_field_type(tmp_path, key, dist, needle):
     rc, lines, path = dry_run_sweep(tmp_path, {key: dist})
     if needle is None:
@@ -193,41 +231,58 @@ def test_distribution_kind_is_checked_against_the_field_type(tmp_path, key, dist
     assert_one_line_error(rc, lines, f"{path}:{line_of(path, key)}: space.{key}: {needle}")
 
 
-@pytest.mark.parametrize("lr,min_lr", [({"grid": [1e-3, 1e-4]}, {"grid": [1e-5, 5e-4]}),
-                                       ({"loguniform": [1e-4, 1e-2]}, {"uniform": [1e-5, 5e-4]})])
+@pytest.mark.parametrize(
+    "lr,min_lr",
+    [({"grid": [1e-3, 1e-4]}, {"grid": [1e-5, 5e-4]}), ({"loguniform": [1e-4, 1e-2]}, {"uniform": [1e-5, 5e-4]})],
+)
 def test_min_lr_above_lr_past_the_512th_combination_is_caught(tmp_path, lr, min_lr):
     """Alone each value fits the base (lr 1e-3, min_lr 1e-5); lr 1e-4 with min_lr 5e-4 does not. The 600 seeds
     put that combination past the 512th (grid) or between the old samples (ranges, past 512 as well)."""
     rc, lines, path = dry_run_sweep(tmp_path, {"train.lr": lr, "train.min_lr": min_lr}, seeds=list(range(600)))
-    assert_one_line_error(rc, lines, f"{path}:", "space: the combination train.lr=0.0001, train.min_lr=0.0005",
-                          "is invalid: train.min_lr")
+    assert_one_line_error(
+        rc, lines, f"{path}:", "space: the combination train.lr=0.0001, train.min_lr=0.0005", "is invalid: train.min_lr"
+    )
 
 
 def test_space_too_large_to_validate_is_refused(tmp_path):
-    rc, lines, path = dry_run_sweep(tmp_path, {"train.warmup_steps": {"grid": list(range(400))}},
-                                    seeds=list(range(300)))
-    assert_one_line_error(rc, lines, f"{path}:{line_of(path, 'space:')}: space: 120000 combinations",
-                          "more than 100000")
+    rc, lines, path = dry_run_sweep(
+        tmp_path, {"train.warmup_steps": {"grid": list(range(400))}}, seeds=list(range(300))
+    )
+    assert_one_line_error(
+        rc, lines, f"{path}:{line_of(path, 'space:')}: space: 120000 combinations", "more than 100000"
+    )
 
 
 def test_valid_space_with_ranges_still_passes(tmp_path, capsys):
-    rc, lines, _ = dry_run_sweep(tmp_path, {"train.lr": {"loguniform": [1e-4, 1e-2]},
-                                            "train.warmup_steps": {"randint": [0, 5]},
-                                            "train.weight_decay": {"uniform": [0.0, 0.1]}}, num_samples=3)
+    rc, lines, _ = dry_run_sweep(
+        tmp_path,
+        {
+            "train.lr": {"loguniform": [1e-4, 1e-2]},
+            "train.warmup_steps": {"randint": [0, 5]},
+            "train.weight_decay": {"uniform": [0.0, 0.1]},
+        },
+        num_samples=3,
+    )
     assert rc == 0 and lines == []
 
 
 # ---------------------------------------------------------------------------- case 10d: ASHA without max_t
-@pytest.mark.parametrize("space,which", [({"train.lr": {"grid": [1e-3]}}, "train.epochs = 1 of the trials"),
-                                         ({"train.epochs": {"randint": [1, 4]}},
-                                          "train.epochs = 1 of the trial train.epochs=1")])
+@pytest.mark.parametrize(
+    "space,which",
+    [
+        ({"train.lr": {"grid": [1e-3]}}, "train.epochs = 1 of the trials"),
+        ({"train.epochs": {"randint": [1, 4]}}, "train.epochs = 1 of the trial train.epochs=1"),
+    ],
+)
 def test_asha_grace_period_above_the_epochs_without_max_t_exits_2(tmp_path, space, which):
     rc, lines, path = dry_run_sweep(tmp_path, space, scheduler={"type": "asha", "grace_period": 3})
-    assert_one_line_error(rc, lines, f"{path}:{line_of(path, 'grace_period:')}: scheduler.grace_period: 3 is larger "
-                                     f"than {which}")
+    assert_one_line_error(
+        rc, lines, f"{path}:{line_of(path, 'grace_period:')}: scheduler.grace_period: 3 is larger than {which}"
+    )
 
 
 def test_asha_grace_period_within_the_epochs_passes(tmp_path):
-    rc, lines, _ = dry_run_sweep(tmp_path, {"train.epochs": {"grid": [2, 3]}},
-                                 scheduler={"type": "asha", "grace_period": 2})
+    rc, lines, _ = dry_run_sweep(
+        tmp_path, {"train.epochs": {"grid": [2, 3]}}, scheduler={"type": "asha", "grace_period": 2}
+    )
     assert rc == 0 and lines == []

@@ -1,8 +1,9 @@
 """The spec-file helper shared by configs, search spaces and recipes (orchestrator/spec_files.py): the strict base,
 the name rule, the first pydantic error without pydantic's internal location steps, and ``file:line`` of a key."""
+
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import pytest
 from pydantic import AfterValidator, Field, ValidationError
@@ -28,7 +29,7 @@ class Dog(StrictModel):
 
 
 class Home(StrictModel):
-    pet: Annotated[Union[Cat, Dog], Field(discriminator="kind")] = Cat()
+    pet: Annotated[Cat | Dog, Field(discriminator="kind")] = Cat()
     rooms: list[int] = []
     owner: str
 
@@ -65,8 +66,20 @@ def test_strict_models_refuse_unknown_keys():
         Dog.model_validate({"bark": False, "wag": True})
 
 
-@pytest.mark.parametrize("text,ok", [("smoke", True), ("a.b_c-1", True), ("9lives", True), (".hidden", False),
-                                     ("..", False), ("a/b", False), ("", False), ("-x", False), ("a b", False)])
+@pytest.mark.parametrize(
+    "text,ok",
+    [
+        ("smoke", True),
+        ("a.b_c-1", True),
+        ("9lives", True),
+        (".hidden", False),
+        ("..", False),
+        ("a/b", False),
+        ("", False),
+        ("-x", False),
+        ("a b", False),
+    ],
+)
 def test_names(text, ok):
     assert is_name(text) is ok
 

@@ -1,4 +1,5 @@
 """Speed knobs (issue 14, item 4): torch.compile, gradient checkpointing, TF32/cuDNN flags, host syncs per step."""
+
 from __future__ import annotations
 
 import collections
@@ -55,8 +56,7 @@ def compiled_matches_eager(tmp_path: Path, backend: str, rel: float, **compiled_
 
 
 @pytest.mark.usefixtures("restore_backend_flags")
-def test_compile_aot_eager_gives_the_eager_loss_and_checkpoint_keys_and_flags_follow_the_config(tmp_path,
-                                                                                              monkeypatch):
+def test_compile_aot_eager_gives_the_eager_loss_and_checkpoint_keys_and_flags_follow_the_config(tmp_path, monkeypatch):
     """Also (sharing the two runs) the TF32 / cuDNN flags: off by default, cuDNN's TF32 too (torch's own default
     is on; the papers trained pure fp32), on when asked (on the CPU they change nothing)."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as another run left them
@@ -65,8 +65,14 @@ def test_compile_aot_eager_gives_the_eager_loss_and_checkpoint_keys_and_flags_fo
     original = LocalSession.report
 
     def report(self, *args, **kwargs):  # the flags while the run trains, not after it
-        flags.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-                      torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()))
+        flags.append(
+            (
+                torch.backends.cuda.matmul.allow_tf32,
+                torch.backends.cudnn.allow_tf32,
+                torch.backends.cudnn.benchmark,
+                torch.get_float32_matmul_precision(),
+            )
+        )
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(LocalSession, "report", report)
@@ -128,11 +134,15 @@ def test_grad_checkpointing_on_a_tower_without_it_is_refused_with_a_user_error()
     from open_clip.model import CLIP
 
     def resnet_clip() -> CLIP:  # the RN50 architecture, tiny
-        return CLIP(16, vision_cfg={"layers": (1, 1, 1, 1), "width": 8, "image_size": 32, "head_width": 8},
-                    text_cfg={"context_length": 8, "vocab_size": 100, "width": 16, "heads": 2, "layers": 1})
+        return CLIP(
+            16,
+            vision_cfg={"layers": (1, 1, 1, 1), "width": 8, "image_size": 32, "head_width": 8},
+            text_cfg={"context_length": 8, "vocab_size": 100, "width": 16, "heads": 2, "layers": 1},
+        )
 
-    with pytest.raises(UserError, match=r"image tower \(ModifiedResNet\) does not support gradient checkpointing"
-                       ) as err:
+    with pytest.raises(
+        UserError, match=r"image tower \(ModifiedResNet\) does not support gradient checkpointing"
+    ) as err:
         enable_grad_checkpointing(resnet_clip(), "RN-tiny")
     assert err.value.field == "model.grad_checkpointing"
     locked = resnet_clip()
@@ -181,11 +191,23 @@ def syncs_per_step(monkeypatch, tmp_path: Path, family: str) -> collections.Coun
         return optimizer_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    tree = tiny_tree(tmp_path, loss=FAMILIES[family],
-                     train={"epochs": 1, "max_steps_per_epoch": 3, "eval_at_start": False,
-                            "log_every_steps": 1000, "batch_sampler": "random", "eval_every": 10},
-                     teachers={"image": "synthetic:attributes", "text": "synthetic:attributes",
-                               "cache_dir": str(tmp_path / "cache")})
+    tree = tiny_tree(
+        tmp_path,
+        loss=FAMILIES[family],
+        train={
+            "epochs": 1,
+            "max_steps_per_epoch": 3,
+            "eval_at_start": False,
+            "log_every_steps": 1000,
+            "batch_sampler": "random",
+            "eval_every": 10,
+        },
+        teachers={
+            "image": "synthetic:attributes",
+            "text": "synthetic:attributes",
+            "cache_dir": str(tmp_path / "cache"),
+        },
+    )
     try:
         train_loop(validate_config(tree), LocalSession(tmp_path / "session"))
     finally:
@@ -208,9 +230,16 @@ def test_one_host_sync_per_training_step_on_cuda(tmp_path):
     import warnings
 
     def warned(steps: int) -> int:
-        tree = tiny_tree(tmp_path / str(steps), train={"epochs": 1, "max_steps_per_epoch": steps,
-                                                        "eval_at_start": False, "log_every_steps": 1000,
-                                                        "eval_every": 10})
+        tree = tiny_tree(
+            tmp_path / str(steps),
+            train={
+                "epochs": 1,
+                "max_steps_per_epoch": steps,
+                "eval_at_start": False,
+                "log_every_steps": 1000,
+                "eval_every": 10,
+            },
+        )
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
@@ -235,8 +264,10 @@ def test_every_ranks_loader_knows_the_global_batch_in_rank_order(unique):
 
     caption_image = np.repeat(np.arange(60), 5)  # 60 images, 5 captions each
     world, b = 3, 4
-    samplers = [CaptionBatchSampler(caption_image, b, seed=7, unique_images=unique, rank=r, world_size=world)
-                for r in range(world)]
+    samplers = [
+        CaptionBatchSampler(caption_image, b, seed=7, unique_images=unique, rank=r, world_size=world)
+        for r in range(world)
+    ]
     for epoch in (0, 1):
         for s in samplers:
             s.set_epoch(epoch)

@@ -9,6 +9,7 @@
 
 The loop runs in-process with a real signal (``os.kill`` of this process from a log handler at a chosen step).
 """
+
 from __future__ import annotations
 
 import logging
@@ -64,8 +65,9 @@ def train(cfg, folder, on_step=None) -> tuple[LocalSession, dict[tuple[int, int]
 
 
 def config(tmp_path, **train):
-    return validate_config(tiny_tree(tmp_path, train={"epochs": 2, "max_steps_per_epoch": STEPS,
-                                                      "log_every_steps": 1, **train}))
+    return validate_config(
+        tiny_tree(tmp_path, train={"epochs": 2, "max_steps_per_epoch": STEPS, "log_every_steps": 1, **train})
+    )
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +93,7 @@ def _assert_same_run(resumed: LocalSession, ref: LocalSession, *, epochs: list[i
     assert all(torch.allclose(mine[k], theirs[k], rtol=1e-6, atol=1e-7) for k in theirs)
 
 
-def test_a_sigterm_mid_epoch_saves_a_step_checkpoint_and_the_resume_continues_with_the_same_loss(tmp_path,
-                                                                                                 reference):
+def test_a_sigterm_mid_epoch_saves_a_step_checkpoint_and_the_resume_continues_with_the_same_loss(tmp_path, reference):
     """SIGTERM during step 3 of epoch 0: the step ends, ``step_0000_00000003`` is saved (no epoch folder yet), the
     loop raises ``Terminated``. The resume skips the 3 done batches and its next step's loss is the uninterrupted
     run's step-4 loss; the epoch-0 means (sums carried over), the init/val metrics (not recomputed on a half-trained
@@ -178,11 +179,29 @@ def test_eval_reads_the_old_layout_and_a_run_resumes_from_it(tmp_path, reference
     new = session.latest_checkpoint()
     state, weights = load_file(new / STATE_FILE), load_file(new / MODEL_FILE)
     old = tmp_path / "run" / "checkpoints" / "epoch_0000"
-    atomic_save({"model": weights["model"], "loss": state["loss"], "optimizer": state["optimizer"],
-                 "scheduler": state["scheduler"], "epoch": 0, "global_step": STEPS, "best": state["best"],
-                 "torch_rng": state["torch_rng"], "config_hash": state["config_hash"]}, old / STATE_FILE)
-    atomic_save({"model": weights["model"], "model_name": weights["model_name"],
-                 "config_yaml": weights["config_yaml"], "epoch": 0}, old / MODEL_FILE)
+    atomic_save(
+        {
+            "model": weights["model"],
+            "loss": state["loss"],
+            "optimizer": state["optimizer"],
+            "scheduler": state["scheduler"],
+            "epoch": 0,
+            "global_step": STEPS,
+            "best": state["best"],
+            "torch_rng": state["torch_rng"],
+            "config_hash": state["config_hash"],
+        },
+        old / STATE_FILE,
+    )
+    atomic_save(
+        {
+            "model": weights["model"],
+            "model_name": weights["model_name"],
+            "config_yaml": weights["config_yaml"],
+            "epoch": 0,
+        },
+        old / MODEL_FILE,
+    )
     outputs = []
     for folder in (old, new):
         rc, lines, out = run_cli(["eval", "--checkpoint", str(folder), "--split", "val"], tmp_path)
@@ -236,8 +255,9 @@ def test_run_steps_resumed_mid_epoch_gives_the_remaining_batches_and_rng_draws_o
     loader = DataLoader(list(range(40)), batch_sampler=ResumableBatches(sampler))
 
     def epoch(start, rng=None):
-        steps = run_steps(loader, start=start, stop=10, save=lambda done: None, every=None,
-                          global_step=lambda: 0, rng=rng)
+        steps = run_steps(
+            loader, start=start, stop=10, save=lambda done: None, every=None, global_step=lambda: 0, rng=rng
+        )
         draws = []
         for step, batch in steps:
             draws.append((step, batch.tolist(), torch.rand(1).item(), random.random(), float(np.random.rand())))
@@ -248,9 +268,10 @@ def test_run_steps_resumed_mid_epoch_gives_the_remaining_batches_and_rng_draws_o
     torch.manual_seed(0), random.seed(0), np.random.seed(0)
     cut: dict = {}
     n = 0
-    steps = run_steps(loader, start=0, stop=10, save=lambda done: cut.setdefault(done, capture_rng()), every=4,
-                      global_step=lambda: n)
-    for step, batch in steps:
+    steps = run_steps(
+        loader, start=0, stop=10, save=lambda done: cut.setdefault(done, capture_rng()), every=4, global_step=lambda: n
+    )
+    for _step, _batch in steps:
         torch.rand(1), random.random(), np.random.rand()
         n += 1
         if n == 4:

@@ -4,6 +4,7 @@ ASHA early stopping, failed and interrupted trials, driver SIGKILL + resume, and
 The Ray tests use a tiny model on a small synthetic set; processes they start are found again through an
 environment tag (``ITR_TEST_TAG``) and killed by pid, never by name, so other Ray clusters on the machine survive.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,12 @@ from orchestrator.search_space import Distribution, load_space
 from tests.conftest import tiny_tree
 
 REPO = Path(__file__).resolve().parent.parent
-ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
-       "TOKENIZERS_PARALLELISM": "false"}
+ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "RAY_AUTH_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -43,8 +48,18 @@ def write_space(tmp_path: Path, text: str, name: str = "space.yaml") -> Path:
 
 def sweep_base(tmp_path: Path, **train) -> dict:
     """The tiny model on 320 synthetic images; tracking and outputs under tmp_path."""
-    tree = tiny_tree(tmp_path, train={"epochs": 3, "batch_size": 32, "max_steps_per_epoch": 6, "min_lr": 1e-9,
-                                      "eval_at_start": False, "log_every_steps": 1000, **train})
+    tree = tiny_tree(
+        tmp_path,
+        train={
+            "epochs": 3,
+            "batch_size": 32,
+            "max_steps_per_epoch": 6,
+            "min_lr": 1e-9,
+            "eval_at_start": False,
+            "log_every_steps": 1000,
+            **train,
+        },
+    )
     tree["data"]["synthetic"].update(num_train_images=320, num_val_images=60, num_test_images=20)
     tree["tracking"]["experiment"] = "sweeps"
     return tree
@@ -137,8 +152,14 @@ def tagged_env(tag: str, **extra) -> dict:
     return {**os.environ, **ENV, "ITR_TEST_TAG": tag, **extra}
 
 
-def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None,
-             poll: float = 0.5):
+def wait_for(
+    predicate,
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen | None = None,
+    log: Path | None = None,
+    poll: float = 0.5,
+):
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = predicate()
@@ -217,8 +238,10 @@ def space_error(tmp_path: Path, text: str) -> str:
 
 
 def test_unknown_dotted_path_names_space_file_and_line(tmp_path):
-    msg = space_error(tmp_path, GOOD_BASE + "space:\n  loss.family: {grid: [infonce, triplet]}\n"
-                                            "  train.lrr: {loguniform: [1.0e-4, 1.0e-2]}\n")
+    msg = space_error(
+        tmp_path,
+        GOOD_BASE + "space:\n  loss.family: {grid: [infonce, triplet]}\n  train.lrr: {loguniform: [1.0e-4, 1.0e-2]}\n",
+    )
     assert msg.startswith(f"{tmp_path / 'configs' / 'space.yaml'}:4: space.train.lrr")
     assert "unknown config path" in msg
 
@@ -229,50 +252,56 @@ def test_uniform_on_int_field_names_line(tmp_path):
 
 
 def test_choice_value_the_field_rejects_names_line(tmp_path):
-    msg = space_error(tmp_path, GOOD_BASE + "space:\n  train.lr: {grid: [1.0e-3]}\n"
-                                            "  train.batch_sampler: {choice: [random, shuffled]}\n")
+    msg = space_error(
+        tmp_path,
+        GOOD_BASE + "space:\n  train.lr: {grid: [1.0e-3]}\n  train.batch_sampler: {choice: [random, shuffled]}\n",
+    )
     assert ":4: space.train.batch_sampler: choice value 'shuffled' does not fit" in msg
 
 
 def test_loss_field_of_another_family_is_an_invalid_combination(tmp_path):
-    msg = space_error(tmp_path, GOOD_BASE + "space:\n  loss.family: {grid: [bcls, infonce]}\n"
-                                            "  loss.window: {grid: [4, 8]}\n")
+    msg = space_error(
+        tmp_path, GOOD_BASE + "space:\n  loss.family: {grid: [bcls, infonce]}\n  loss.window: {grid: [4, 8]}\n"
+    )
     assert ":4: space: the combination loss.family='infonce', loss.window=4 is invalid" in msg
 
 
 def test_unknown_metric_names_line(tmp_path):
-    msg = space_error(tmp_path, GOOD_BASE + "space:\n  train.lr: {loguniform: [1.0e-4, 1.0e-2]}\n"
-                                            "metric: val/r1\n")
+    msg = space_error(tmp_path, GOOD_BASE + "space:\n  train.lr: {loguniform: [1.0e-4, 1.0e-2]}\nmetric: val/r1\n")
     assert ":4: metric: 'val/r1' is not reported by any trial" in msg and "val/i2t_r1" in msg
 
 
 def test_bad_distribution_and_scheduler_keys_name_line(tmp_path):
     msg = space_error(tmp_path, GOOD_BASE + "space:\n  train.lr: {gird: [1, 2]}\n")
     assert ":3: space.train.lr.gird: unknown key" in msg
-    msg = space_error(tmp_path, GOOD_BASE + "space:\n  train.lr: {grid: [1.0e-3]}\n"
-                                            "scheduler: {type: asha, grace: 2}\n")
+    msg = space_error(tmp_path, GOOD_BASE + "space:\n  train.lr: {grid: [1.0e-3]}\nscheduler: {type: asha, grace: 2}\n")
     assert ":4: scheduler.asha.grace: unknown key" in msg or ":4: scheduler.grace: unknown key" in msg
 
 
 def test_override_error_names_its_line(tmp_path):
-    msg = space_error(tmp_path, GOOD_BASE + "overrides: [train.epochs=2, train.min_lr=1.0]\n"
-                                            "space:\n  train.seed: {grid: [0, 1]}\n")
+    msg = space_error(
+        tmp_path, GOOD_BASE + "overrides: [train.epochs=2, train.min_lr=1.0]\nspace:\n  train.seed: {grid: [0, 1]}\n"
+    )
     assert ":2: overrides: train.min_lr" in msg
 
 
 def test_cli_exits_2_with_one_line(tmp_path, capsys):
-    path = write_space(tmp_path, f"base: {REPO / 'configs' / 'tiny.yaml'}\n"
-                                 "space:\n  train.epochs: {uniform: [1, 4]}\n")
+    path = write_space(
+        tmp_path, f"base: {REPO / 'configs' / 'tiny.yaml'}\nspace:\n  train.epochs: {{uniform: [1, 4]}}\n"
+    )
     assert main(["sweep", str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"error: {path}:3: space.train.epochs")
 
 
 def test_valid_space_expands_seeds_and_inclusive_randint(tmp_path, capsys):
-    path = write_space(tmp_path, f"base: {REPO / 'configs' / 'tiny.yaml'}\n"
-                                 "space:\n  loss.family: {grid: [infonce, triplet]}\n"
-                                 "  train.warmup_steps: {randint: [0, 3]}\n"
-                                 "seeds: [0, 1, 2]\nmetric: train/loss\n")
+    path = write_space(
+        tmp_path,
+        f"base: {REPO / 'configs' / 'tiny.yaml'}\n"
+        "space:\n  loss.family: {grid: [infonce, triplet]}\n"
+        "  train.warmup_steps: {randint: [0, 3]}\n"
+        "seeds: [0, 1, 2]\nmetric: train/loss\n",
+    )
     space = load_space(path, ["train.epochs=2"])
     assert space.num_trials == 6 and space.mode == "min" and space.name == "space"
     assert space.varied == ["loss.family", "train.warmup_steps", "train.seed"]
@@ -307,12 +336,22 @@ def test_distribution_needs_exactly_one_kind():
 
 
 def test_leaderboard_table_csv_and_plots(tmp_path):
-    recs = [leaderboard.TrialRecord("t0", {"loss.family": "infonce", "train.lr": 1e-3}, [(0, 10.0), (1, 30.0)], 2,
-                                    leaderboard.STATUS_FINISHED, "r0"),
-            leaderboard.TrialRecord("t1", {"loss.family": "triplet", "train.lr": 1e-5}, [(0, 12.0)], 1,
-                                    leaderboard.STATUS_STOPPED, "r1"),
-            leaderboard.TrialRecord("t2", {"loss.family": "bcls", "train.lr": 1e-4}, [], 0,
-                                    leaderboard.STATUS_FAILED, "r2")]
+    recs = [
+        leaderboard.TrialRecord(
+            "t0",
+            {"loss.family": "infonce", "train.lr": 1e-3},
+            [(0, 10.0), (1, 30.0)],
+            2,
+            leaderboard.STATUS_FINISHED,
+            "r0",
+        ),
+        leaderboard.TrialRecord(
+            "t1", {"loss.family": "triplet", "train.lr": 1e-5}, [(0, 12.0)], 1, leaderboard.STATUS_STOPPED, "r1"
+        ),
+        leaderboard.TrialRecord(
+            "t2", {"loss.family": "bcls", "train.lr": 1e-4}, [], 0, leaderboard.STATUS_FAILED, "r2"
+        ),
+    ]
     table = leaderboard.rows(recs, ["loss.family", "train.lr"], "val/rsum", "max")
     assert [r["trial"] for r in table] == ["t0", "t1", "t2"]
     assert table[0]["best val/rsum"] == 30.0 and table[0]["best epoch"] == 1 and math.isnan(table[2]["best val/rsum"])
@@ -321,21 +360,23 @@ def test_leaderboard_table_csv_and_plots(tmp_path):
     csv_text = leaderboard.write_csv(tmp_path / "lb.csv", table).read_text()
     assert csv_text.splitlines()[0].startswith("rank,trial,loss.family,train.lr,best val/rsum")
     pngs = leaderboard.make_plots(recs, ["loss.family", "train.lr"], "val/rsum", "max", tmp_path / "plots")
-    assert {p.name for p in pngs} == {"val_rsum_vs_loss.family.png", "val_rsum_vs_train.lr.png",
-                                      "learning_curves.png"}
+    assert {p.name for p in pngs} == {"val_rsum_vs_loss.family.png", "val_rsum_vs_train.lr.png", "learning_curves.png"}
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
 
 
 def test_learning_curves_colour_a_setting_across_its_seeds_and_label_it_once():
     TR, FIN, STOP = leaderboard.TrialRecord, leaderboard.STATUS_FINISHED, leaderboard.STATUS_STOPPED
-    recs = [TR(f"t{f}{s}", {"loss.family": fam, "train.seed": s}, [(0, base + s), (1, base + 2 * s)], 2, FIN)
-            for f, (fam, base) in enumerate([("infonce", 100.0), ("cusa", 200.0)]) for s in range(3)]
+    recs = [
+        TR(f"t{f}{s}", {"loss.family": fam, "train.seed": s}, [(0, base + s), (1, base + 2 * s)], 2, FIN)
+        for f, (fam, base) in enumerate([("infonce", 100.0), ("cusa", 200.0)])
+        for s in range(3)
+    ]
     recs.append(TR("tx", {"loss.family": "cusa", "train.seed": 3}, [(0, 1.0)], 1, STOP))
     recs.append(TR("ty", {"loss.family": "bcls", "train.seed": 0}, [], 0, leaderboard.STATUS_FAILED))  # no curve
     styles = leaderboard.curve_styles(recs, ["loss.family", "train.seed"], "max")
     colour = {r.trial_id: c for r, c, _ in styles}
     assert [r.trial_id for r, _, _ in styles][-1] == "tx" and "ty" not in colour  # stopped last; no curve, no line
-    assert {colour[f"t1{s}"] for s in range(3)} == {colour["tx"]} == {0}           # cusa leads the leaderboard
+    assert {colour[f"t1{s}"] for s in range(3)} == {colour["tx"]} == {0}  # cusa leads the leaderboard
     assert {colour[f"t0{s}"] for s in range(3)} == {1}
     labels = [label for _, _, label in styles if label]
     assert labels == ["family=cusa (4 seeds)", "family=infonce (3 seeds)", "family=cusa, seed=3 (stopped early)"]
@@ -349,10 +390,16 @@ def test_learning_curves_colour_a_setting_across_its_seeds_and_label_it_once():
 def test_asha_sweep_end_to_end_is_tracked_as_parent_and_children(tmp_path):
     from orchestrator.sweep import run_sweep
 
-    path = space_doc(tmp_path, "asha", {"train.lr": {"grid": [1e-3, 1e-7]}}, seeds=[0, 1],
-                     base=sweep_base(tmp_path, epochs=2, max_steps_per_epoch=8),
-                     scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
-                     max_concurrent_trials=2, resources={"cpu": 1})
+    path = space_doc(
+        tmp_path,
+        "asha",
+        {"train.lr": {"grid": [1e-3, 1e-7]}},
+        seeds=[0, 1],
+        base=sweep_base(tmp_path, epochs=2, max_steps_per_epoch=8),
+        scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        max_concurrent_trials=2,
+        resources={"cpu": 1},
+    )
     result = run_sweep(load_space(path), progress=False)
 
     parents, children = runs_of(tmp_path)
@@ -394,8 +441,14 @@ def test_failed_trial_is_failed_with_reason_and_sigterm_kills_the_rest(tmp_path,
     from orchestrator.sweep import run_sweep
 
     base = sweep_base(tmp_path, epochs=2)
-    path = space_doc(tmp_path, "fails", {"train.lr": {"grid": [1e-3, 2e-3]}}, base=base, max_concurrent_trials=2,
-                     resources={"cpu": 0.5})
+    path = space_doc(
+        tmp_path,
+        "fails",
+        {"train.lr": {"grid": [1e-3, 2e-3]}},
+        base=base,
+        max_concurrent_trials=2,
+        resources={"cpu": 0.5},
+    )
     result = run_sweep(load_space(path), trial_fn=fake_trial, progress=False)
     _, children = runs_of(tmp_path)
     by_lr = {c.data.params["train.lr"]: c for c in children}
@@ -413,6 +466,7 @@ def test_failed_trial_is_failed_with_reason_and_sigterm_kills_the_rest(tmp_path,
             _, kids = runs_of(tmp_path)
             kid = [k for k in kids if k.data.tags.get("itr.sweep") == "sigterm"]
             return kid and epoch_steps(tmp_path, kid[0].info.run_id)
+
         wait_for(first_epoch, 120, "the first epoch")
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -442,16 +496,29 @@ def test_sigkilled_driver_resumes_without_duplicates(tmp_path):
     base = sweep_base(tmp_path, epochs=2, max_steps_per_epoch=40)
     # epochs long enough (several seconds) that a 2 s snapshot (TUNE_GLOBAL_CHECKPOINT_S) catches a trial half-way
     base["data"]["synthetic"]["num_train_images"] = 1600
-    path = space_doc(tmp_path, "killed", {"train.lr": {"grid": [1e-3, 5e-4, 2e-4, 1e-4]}}, base=base,
-                     max_concurrent_trials=2, resources={"cpu": 1})
+    path = space_doc(
+        tmp_path,
+        "killed",
+        {"train.lr": {"grid": [1e-3, 5e-4, 2e-4, 1e-4]}},
+        base=base,
+        max_concurrent_trials=2,
+        resources={"cpu": 1},
+    )
     tag = uuid.uuid4().hex
     cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", str(path), "--quiet"]
     sweep_folder = tmp_path / "runs" / "sweeps" / "killed"
     pgids: list[int] = []
     try:
         log_file = open(tmp_path / "first_driver.log", "w")
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=tagged_env(tag), stdout=log_file, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=tmp_path,
+            env=tagged_env(tag),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         pgids.append(proc.pid)
 
         def snapshot_trials() -> dict[str, tuple[str, int]] | None:
@@ -475,8 +542,10 @@ def test_sigkilled_driver_resumes_without_duplicates(tmp_path):
 
         def finished_and_half_run(trials: dict[str, tuple[str, int]]) -> tuple[set[str], set[str]]:
             """Trials that must not run again, and trials that must resume from their epoch-0 checkpoint."""
-            return ({t for t, (status, _) in trials.items() if status == "TERMINATED"},
-                    {t for t, (status, it) in trials.items() if status != "TERMINATED" and it == 1})
+            return (
+                {t for t, (status, _) in trials.items() if status == "TERMINATED"},
+                {t for t, (status, it) in trials.items() if status != "TERMINATED" and it == 1},
+            )
 
         def one_finished_one_half_run():
             # Poll the snapshot itself, not MLflow: the two concurrent trials run in lock-step, so "one finished
@@ -487,8 +556,14 @@ def test_sigkilled_driver_resumes_without_duplicates(tmp_path):
             done, half = finished_and_half_run(trials)
             return trials if done and half and len(done) < 4 else None
 
-        wait_for(one_finished_one_half_run, 300, "a snapshot with a finished and a half-run trial",
-                 proc, tmp_path / "first_driver.log", poll=0.1)
+        wait_for(
+            one_finished_one_half_run,
+            300,
+            "a snapshot with a finished and a half-run trial",
+            proc,
+            tmp_path / "first_driver.log",
+            poll=0.1,
+        )
         os.killpg(proc.pid, signal.SIGKILL)
         killed_at = time.time()
         proc.wait(10)
@@ -503,13 +578,24 @@ def test_sigkilled_driver_resumes_without_duplicates(tmp_path):
         # still get each epoch once
         finished_ids, half_run = finished_and_half_run(trials)
         assert finished_ids and half_run, trials
-        history_before = {k.data.tags["itr.trial_id"]: [(m.step, m.timestamp) for m in
-                          mlflow_client(tmp_path).get_metric_history(k.info.run_id, "epoch")]
-                          for k in kids if k.data.tags["itr.trial_id"] in finished_ids}
+        history_before = {
+            k.data.tags["itr.trial_id"]: [
+                (m.step, m.timestamp) for m in mlflow_client(tmp_path).get_metric_history(k.info.run_id, "epoch")
+            ]
+            for k in kids
+            if k.data.tags["itr.trial_id"] in finished_ids
+        }
         iterations_before = {tid: result_iterations(sweep_folder / f"trial_{tid}") for tid in finished_ids}
 
-        resumed = subprocess.Popen(cmd + ["--resume"], cwd=tmp_path, env=tagged_env(tag), stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        resumed = subprocess.Popen(
+            cmd + ["--resume"],
+            cwd=tmp_path,
+            env=tagged_env(tag),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         pgids.append(resumed.pid)
         out, _ = resumed.communicate(timeout=420)
         assert resumed.returncode == 0, out[-5000:]
@@ -527,22 +613,27 @@ def test_sigkilled_driver_resumes_without_duplicates(tmp_path):
     state = json.loads((sweep_folder / "itr_sweep.json").read_text())
     assert state["parent_run_id"] == parents[0].info.run_id
     trial_ids = [c.data.tags["itr.trial_id"] for c in children]
-    assert len(children) == 4 and len(set(trial_ids)) == 4          # one child per trial, no duplicates
+    assert len(children) == 4 and len(set(trial_ids)) == 4  # one child per trial, no duplicates
     for child in children:
         tid = child.data.tags["itr.trial_id"]
         assert child.info.status == "FINISHED", child.data.tags.get("itr.failure")
         assert epoch_steps(tmp_path, child.info.run_id) == [0, 1]  # every epoch once
         iterations = result_iterations(sweep_folder / f"trial_{tid}")
         assert iterations[-1] == 2 and sorted(set(iterations)) == [1, 2]
-        if tid in half_run:         # resumed from its epoch-0 checkpoint: one more report, iteration 2
-            lines = [json.loads(x) for x in (sweep_folder / f"trial_{tid}" / "result.json").read_text().splitlines()
-                     if x.strip()]
+        if tid in half_run:  # resumed from its epoch-0 checkpoint: one more report, iteration 2
+            lines = [
+                json.loads(x)
+                for x in (sweep_folder / f"trial_{tid}" / "result.json").read_text().splitlines()
+                if x.strip()
+            ]
             after = [x for x in lines if x["timestamp"] > killed_at + 1]
-            assert [(x["training_iteration"], x["iterations_since_restore"]) for x in after] == [(2, 1)], \
-                [(x["training_iteration"], x["iterations_since_restore"], x["timestamp"]) for x in lines]
-        if tid in finished_ids:                                       # finished before the kill: not rerun
-            after = [(m.step, m.timestamp) for m in mlflow_client(tmp_path).get_metric_history(child.info.run_id,
-                                                                                                 "epoch")]
+            assert [(x["training_iteration"], x["iterations_since_restore"]) for x in after] == [(2, 1)], [
+                (x["training_iteration"], x["iterations_since_restore"], x["timestamp"]) for x in lines
+            ]
+        if tid in finished_ids:  # finished before the kill: not rerun
+            after = [
+                (m.step, m.timestamp) for m in mlflow_client(tmp_path).get_metric_history(child.info.run_id, "epoch")
+            ]
             assert after == history_before[tid]
             assert iterations == iterations_before[tid] == [1, 2]
 
@@ -565,21 +656,40 @@ def test_sweep_runs_on_an_existing_cluster_through_ray_address(tmp_path, monkeyp
     env = tagged_env(tag, RAY_TMPDIR=temp_root)
     pgids: list[int] = []
     try:
-        starter = subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2",
-                                    "--include-dashboard=false", "--node-ip-address=127.0.0.1",
-                                    "--disable-usage-stats"], env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        starter = subprocess.Popen(
+            [
+                ray_bin,
+                "start",
+                "--head",
+                f"--port={port}",
+                "--num-cpus=2",
+                "--include-dashboard=false",
+                "--node-ip-address=127.0.0.1",
+                "--disable-usage-stats",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         pgids.append(starter.pid)
         out, _ = starter.communicate(timeout=120)
         assert starter.returncode == 0, out[-3000:]
         address = f"127.0.0.1:{port}"
         monkeypatch.setenv("RAY_ADDRESS", address)
-        path = space_doc(tmp_path, "external", {"train.seed": {"grid": [0, 1]}}, base=sweep_base(tmp_path, epochs=2),
-                         max_concurrent_trials=2, resources={"cpu": 0.5})
+        path = space_doc(
+            tmp_path,
+            "external",
+            {"train.seed": {"grid": [0, 1]}},
+            base=sweep_base(tmp_path, epochs=2),
+            max_concurrent_trials=2,
+            resources={"cpu": 0.5},
+        )
         result = run_sweep(load_space(path), trial_fn=fake_trial, progress=False)
         import ray
 
-        gcs = ray.get_runtime_context().gcs_address       # the cluster's (Ray may name it by the host's IP)
+        gcs = ray.get_runtime_context().gcs_address  # the cluster's (Ray may name it by the host's IP)
         node_ids = {n["NodeID"] for n in ray.nodes()}
         ray.shutdown()
         assert gcs.endswith(f":{port}")
@@ -587,14 +697,14 @@ def test_sweep_runs_on_an_existing_cluster_through_ray_address(tmp_path, monkeyp
         assert len(children) == 2 and len(result.table) == 2
         for child in children:
             assert child.info.status == "FINISHED"
-            assert child.data.tags["itr.ray_gcs_address"] == gcs   # the trial ran in that cluster
+            assert child.data.tags["itr.ray_gcs_address"] == gcs  # the trial ran in that cluster
             assert child.data.tags["itr.ray_node_id"] in node_ids
             assert epoch_steps(tmp_path, child.info.run_id) == [0, 1]
     finally:
         _shutdown_inprocess_ray()
         if os.environ.get("ITR_TEST_RAY_STOP_ALL") == "1":  # machine-wide: only where nothing else runs Ray
             subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=60)
-        for pgid in pgids:   # `ray stop` would stop every Ray cluster on the machine; this one only
+        for pgid in pgids:  # `ray stop` would stop every Ray cluster on the machine; this one only
             try:
                 os.killpg(pgid, signal.SIGKILL)
             except ProcessLookupError:

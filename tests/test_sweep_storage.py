@@ -6,6 +6,7 @@ and uploaded to ``<sweep>/leaderboard``; nothing is written to the local disk un
 The fast tests pin the pure parts (folder naming, the state file's round trip through a URI, the leaderboard
 upload, a missing bucket); the slow one runs a 2-trial grid sweep and its ``--resume``.
 """
+
 from __future__ import annotations
 
 import json
@@ -78,8 +79,10 @@ def test_the_leaderboard_is_drawn_locally_and_uploaded(s3_endpoint, tmp_path):  
         png = out.local / "plots" / "learning_curves.png"
         png.write_bytes(b"\x89PNG")
     assert not out.local.exists()  # the temp folder is gone
-    assert sorted(objects(s3_endpoint, "board/")) == ["board/sweeps/s1/leaderboard/leaderboard.csv",
-                                                     "board/sweeps/s1/leaderboard/plots/learning_curves.png"]
+    assert sorted(objects(s3_endpoint, "board/")) == [
+        "board/sweeps/s1/leaderboard/leaderboard.csv",
+        "board/sweeps/s1/leaderboard/plots/learning_curves.png",
+    ]
     assert out.published([png]) == [f"{folder}/leaderboard/plots/learning_curves.png"]
     body = s3_endpoint.get_object(Bucket=BUCKET, Key="board/sweeps/s1/leaderboard/leaderboard.csv")["Body"].read()
     assert body == b"rank,trial\n1,t1\n"
@@ -126,8 +129,16 @@ def test_grid_sweep_keeps_its_folder_in_s3_and_resumes_from_it(tmp_path, s3_endp
     ray.shutdown()  # the trials must see the AWS_* variables the moto fixture set
     base = sweep_base(tmp_path, epochs=2)
     base["train"]["output_dir"] = f"s3://{BUCKET}/runs"
-    space = load_space(space_doc(tmp_path, "s3grid", {"train.lr": {"grid": [1e-3, 4e-3]}}, base=base,
-                                 max_concurrent_trials=2, resources={"cpu": 0.5}))
+    space = load_space(
+        space_doc(
+            tmp_path,
+            "s3grid",
+            {"train.lr": {"grid": [1e-3, 4e-3]}},
+            base=base,
+            max_concurrent_trials=2,
+            resources={"cpu": 0.5},
+        )
+    )
     try:
         result = run_sweep(space, trial_fn=fake_trial, progress=False, plots=True)
         folder = f"s3://{BUCKET}/runs/sweeps/s3grid"
@@ -148,12 +159,14 @@ def test_grid_sweep_keeps_its_folder_in_s3_and_resumes_from_it(tmp_path, s3_endp
         from tests.test_sweep import mlflow_client
 
         client = mlflow_client(tmp_path)
-        histories = {c.info.run_id: [(m.step, m.timestamp) for m in client.get_metric_history(c.info.run_id,
-                                                                                               "epoch")]
-                     for c in children}
+        histories = {
+            c.info.run_id: [(m.step, m.timestamp) for m in client.get_metric_history(c.info.run_id, "epoch")]
+            for c in children
+        }
         assert sorted(len(h) for h in histories.values()) == [2, 2]
-        results = {k: s3_endpoint.get_object(Bucket=BUCKET, Key=k)["Body"].read()
-                   for k in keys if k.endswith("/result.json")}
+        results = {
+            k: s3_endpoint.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys if k.endswith("/result.json")
+        }
         assert len(results) == 2, keys
 
         again = run_sweep(space, resume=True, trial_fn=fake_trial, progress=False, plots=False)
@@ -164,8 +177,9 @@ def test_grid_sweep_keeps_its_folder_in_s3_and_resumes_from_it(tmp_path, s3_endp
     parents, children = runs_of(tmp_path)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 2
     for c in children:  # no trial ran again: no epoch logged twice, none re-logged
-        assert [(m.step, m.timestamp) for m in client.get_metric_history(c.info.run_id, "epoch")] == \
-            histories[c.info.run_id]
+        assert [(m.step, m.timestamp) for m in client.get_metric_history(c.info.run_id, "epoch")] == histories[
+            c.info.run_id
+        ]
     for key, body in results.items():
         assert s3_endpoint.get_object(Bucket=BUCKET, Key=key)["Body"].read() == body, key
     assert not (tmp_path / "runs").exists()
@@ -189,8 +203,7 @@ def test_a_train_trial_keeps_its_run_in_s3_and_tune_sees_only_epochs(tmp_path, s
     base = sweep_base(tmp_path, epochs=2, checkpoint_every_steps=2)
     base["train"]["output_dir"] = f"s3://{BUCKET}/trainsweep"
     base["scaling"].update(num_workers=2)  # 320 images / (32 x 2 ranks) = 5 steps per epoch
-    space = load_space(space_doc(tmp_path, "train2", {"train.lr": {"grid": [1e-3]}}, base=base,
-                                 resources={"cpu": 0.5}))
+    space = load_space(space_doc(tmp_path, "train2", {"train.lr": {"grid": [1e-3]}}, base=base, resources={"cpu": 0.5}))
     try:
         result = run_sweep(space, progress=False, plots=False)
     finally:

@@ -1,4 +1,5 @@
 """The built-in synthetic shapes dataset: determinism, captions, rendering, graded relevance."""
+
 from __future__ import annotations
 
 import itertools
@@ -223,8 +224,13 @@ def test_attribute_space_small() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(num_images=0), dict(num_images=5, captions_per_image=(0, 2)), dict(num_images=5, captions_per_image=(4, 2)),
-     dict(num_images=5, seed=-1), dict(num_images=5, image_size=4)],
+    [
+        dict(num_images=0),
+        dict(num_images=5, captions_per_image=(0, 2)),
+        dict(num_images=5, captions_per_image=(4, 2)),
+        dict(num_images=5, seed=-1),
+        dict(num_images=5, image_size=4),
+    ],
 )
 def test_bad_arguments(kwargs: dict) -> None:
     with pytest.raises(UserError):

@@ -8,6 +8,7 @@
 
 The CLI runs in-process (``orchestrator.cli.main``).
 """
+
 from __future__ import annotations
 
 import ast
@@ -82,8 +83,9 @@ def test_train_with_a_pickled_teacher_file_never_unpickles_it(tmp_path):
     write_evil_npy(evil, marker)
     cfg = write_config(tmp_path, teacher_tree(tmp_path, image=f"file:{evil}", text="synthetic:attributes"))
     rc, lines, _ = run_cli(["train", str(cfg)], tmp_path)
-    line = assert_one_line_error(rc, lines, f"{evil}:teachers.image:", "holds a pickle",
-                                 f"itr convert-features {evil} {tmp_path / 'evil.npz'}")
+    line = assert_one_line_error(
+        rc, lines, f"{evil}:teachers.image:", "holds a pickle", f"itr convert-features {evil} {tmp_path / 'evil.npz'}"
+    )
     assert not marker.exists(), f"code from the feature file ran ({line})"
 
 
@@ -97,9 +99,19 @@ def test_convert_features_refuses_a_pickle_that_calls_anything(tmp_path):
     assert snapshot(tmp_path) == before and stdout == ""
 
 
-@pytest.mark.parametrize("module,name", [("os", "system"), ("builtins", "eval"), ("builtins", "getattr"),
-                                         ("builtins", "__import__"), ("subprocess", "Popen"), ("numpy", "load"),
-                                         ("numpy.core.multiarray", "frombuffer"), ("io", "open")])
+@pytest.mark.parametrize(
+    "module,name",
+    [
+        ("os", "system"),
+        ("builtins", "eval"),
+        ("builtins", "getattr"),
+        ("builtins", "__import__"),
+        ("subprocess", "Popen"),
+        ("numpy", "load"),
+        ("numpy.core.multiarray", "frombuffer"),
+        ("io", "open"),
+    ],
+)
 def test_restricted_unpickler_resolves_no_other_global(module, name):
     with pytest.raises(RefusedPickle, match=f"refused to unpickle {module}.{name}"):
         RestrictedUnpickler(io.BytesIO(b"")).find_class(module, name)
@@ -179,8 +191,9 @@ def test_all_nan_teacher_cache_fails_when_opened_naming_the_file(tmp_path):
     poisoned.flush()
     del poisoned
     rc, lines, _ = run_cli(["train", str(cfg)], tmp_path)
-    assert_one_line_error(rc, lines, f"error: {views[0]}:teachers.image: {rows} of {rows} teacher features are "
-                                     "not finite")
+    assert_one_line_error(
+        rc, lines, f"error: {views[0]}:teachers.image: {rows} of {rows} teacher features are not finite"
+    )
     assert "NonFiniteLoss" not in lines[0]
 
 
@@ -212,13 +225,13 @@ def _parsed() -> tuple:
 
 
 def test_every_np_load_refuses_pickles():
-    calls = [(p, c) for p, tree in _parsed()
-             for c in _calls(tree, "np.load") + _calls(tree, "numpy.load")]
+    calls = [(p, c) for p, tree in _parsed() for c in _calls(tree, "np.load") + _calls(tree, "numpy.load")]
     assert len(calls) >= 4, calls
     for path, call in calls:
         value = _kw(call, "allow_pickle")
-        assert value is None or (isinstance(value, ast.Constant) and value.value is False), \
+        assert value is None or (isinstance(value, ast.Constant) and value.value is False), (
             f"{path}:{call.lineno}: np.load(allow_pickle=...)"
+        )
 
 
 def test_only_the_restricted_unpickler_unpickles():
@@ -228,16 +241,28 @@ def test_only_the_restricted_unpickler_unpickles():
         for node in ast.walk(tree):
             name = _dotted(node.func) if isinstance(node, ast.Call) else ""
             bases = [_dotted(b) for b in node.bases] if isinstance(node, ast.ClassDef) else []
-            if name.endswith(("pickle.load", "pickle.loads", "pickle.Unpickler", "torch.load", "joblib.load",
-                              "dill.load", "dill.loads", "shelve.open", "marshal.loads")) and \
-                    not (name.endswith("torch.load") and isinstance(_kw(node, "weights_only"), ast.Constant)
-                         and _kw(node, "weights_only").value is True):
+            if name.endswith(
+                (
+                    "pickle.load",
+                    "pickle.loads",
+                    "pickle.Unpickler",
+                    "torch.load",
+                    "joblib.load",
+                    "dill.load",
+                    "dill.loads",
+                    "shelve.open",
+                    "marshal.loads",
+                )
+            ) and not (
+                name.endswith("torch.load")
+                and isinstance(_kw(node, "weights_only"), ast.Constant)
+                and _kw(node, "weights_only").value is True
+            ):
                 found.append((str(path.relative_to(repo)), node.lineno, name))
             found.extend((str(path.relative_to(repo)), node.lineno, b) for b in bases if b.endswith("Unpickler"))
     outside = [f for f in found if f[0] not in ALLOWED_UNPICKLING]
     assert not outside, outside
     assert any(f[0] == "orchestrator/teachers/safe_pickle.py" for f in found)
-
 
 
 class _HalfNanTextTeacher:
@@ -262,6 +287,7 @@ def test_teacher_emitting_nan_fails_before_caching_anything(tmp_path):
     syn = build_synthetic_split("val", num_images=3, image_size=16)
     with pytest.raises(UserError) as err:
         extract_modality(_HalfNanTextTeacher(), syn, tmp_path / "cache", batch_size=4, progress=False)
-    assert str(err.value).startswith("teachers.text: teacher test:half-nan returned 2 of 4 features that are not "
-                                     "finite"), err.value
+    assert str(err.value).startswith(
+        "teachers.text: teacher test:half-nan returned 2 of 4 features that are not finite"
+    ), err.value
     assert not list((tmp_path / "cache").rglob("*.npy")), list((tmp_path / "cache").rglob("*"))

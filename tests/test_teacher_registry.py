@@ -1,9 +1,11 @@
 """The teacher registry (orchestrator/teachers/encoders/registry.py): a kind registered by spec scheme is built by
 ``build_teacher`` and goes through extraction and the cache like the built-in kinds; misplaced specs name the
 forms the other side takes; ``pretrained_timm_model`` gives a fresh copy of a timm teacher's network."""
+
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -23,10 +25,14 @@ from orchestrator.teachers.encoders import (
     teacher_forms,
 )
 
-TEXT_FORMS = ("sentence-transformers:<name-or-path>, packaged:all-MiniLM-L6-v2, packaged:all-mpnet-base-v2 or "
-              "synthetic:attributes")
-IMAGE_FORMS = ("packaged:efficientnet-lite0, timm:<name>[@<weights>], open_clip:<name>@<weights>, file:<features> "
-               "or synthetic:attributes")
+TEXT_FORMS = (
+    "sentence-transformers:<name-or-path>, packaged:all-MiniLM-L6-v2, packaged:all-mpnet-base-v2 or "
+    "synthetic:attributes"
+)
+IMAGE_FORMS = (
+    "packaged:efficientnet-lite0, timm:<name>[@<weights>], open_clip:<name>@<weights>, file:<features> "
+    "or synthetic:attributes"
+)
 
 
 @pytest.fixture
@@ -92,7 +98,9 @@ def test_misplaced_specs_name_the_forms_of_their_side():
     assert err.value.field == "teachers.text"
     with pytest.raises(UserError) as err:
         build_image_teacher("sentence-transformers:all-MiniLM-L6-v2")
-    assert str(err.value) == f"teachers.image: sentence-transformers: is a text teacher; an image teacher is {IMAGE_FORMS}"
+    assert (
+        str(err.value) == f"teachers.image: sentence-transformers: is a text teacher; an image teacher is {IMAGE_FORMS}"
+    )
     with pytest.raises(UserError) as err:
         build_image_teacher("bogus:thing")
     assert str(err.value) == "teachers.image: unknown image teacher scheme 'bogus' in 'bogus:thing'"

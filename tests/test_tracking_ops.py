@@ -3,6 +3,7 @@ queued on a ``RunLogger`` end up identical in the store; limits, redaction and f
 (checked against values written out here by hand); batches beyond MLflow's per-call limits; reopen; the look-ups
 that sweep, reproduce and the leaderboard use instead of the raw client; provenance looked up once per process.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,9 @@ def store(tmp_path_factory):
     from mlflow.tracking import MlflowClient
 
     root = tmp_path_factory.mktemp("store")
-    target = tracking.TrackingTarget(uri=f"sqlite:///{root / 'store.db'}",
-                                     artifact_root=(root / "artifacts").as_uri(), experiment="ops")
+    target = tracking.TrackingTarget(
+        uri=f"sqlite:///{root / 'store.db'}", artifact_root=(root / "artifacts").as_uri(), experiment="ops"
+    )
     tracking.ensure_experiment(target)
     return target, MlflowClient(tracking_uri=target.uri)
 
@@ -37,8 +39,11 @@ REASON = "RuntimeError: " + "y" * 6000
 def _write_everything(write) -> None:
     """The same calls, through either path (``write`` takes ops)."""
     write(tracking.params_op({"train.lr": 0.001, "tracking.tags.api_token": "s3cr3t", "model.note": LONG}))
-    write(tracking.metrics_op({"val/rsum": 12.5, "epoch": 0, "checkpoint/score": 9.0, "note": "text"}, 0,
-                              timestamp_ms=1_000))
+    write(
+        tracking.metrics_op(
+            {"val/rsum": 12.5, "epoch": 0, "checkpoint/score": 9.0, "note": "text"}, 0, timestamp_ms=1_000
+        )
+    )
     write(tracking.metrics_op({"val/rsum": 20.0, "epoch": 1}, 1, timestamp_ms=2_000))
     write(tracking.tag_op("itr.run_dir", "/somewhere"))
     write(tracking.tag_op("db_password", "hunter2"))
@@ -52,8 +57,13 @@ def _stored(store, run_id: str) -> dict:
     tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
     history = {k: [(m.step, m.value, m.timestamp) for m in c.get_metric_history(run_id, k)] for k in run.data.metrics}
     artifact = c.download_artifacts(run_id, "config.yaml")
-    return {"status": run.info.status, "params": run.data.params, "tags": tags, "history": history,
-            "config.yaml": open(artifact, encoding="utf-8").read()}
+    return {
+        "status": run.info.status,
+        "params": run.data.params,
+        "tags": tags,
+        "history": history,
+        "config.yaml": open(artifact, encoding="utf-8").read(),
+    }
 
 
 def test_the_synchronous_path_and_the_queue_write_the_same_run(store):
@@ -68,8 +78,10 @@ def test_the_synchronous_path_and_the_queue_write_the_same_run(store):
     # what the one path made of the calls, written out by hand
     assert sync["status"] == "FAILED"
     assert sync["params"] == {"train.lr": "0.001", "tracking.tags.api_token": "***", "model.note": "x" * 6000}
-    assert sync["history"] == {"val/rsum": [(0, 12.5, 1_000), (1, 20.0, 2_000)],
-                               "epoch": [(0, 0.0, 1_000), (1, 1.0, 2_000)]}
+    assert sync["history"] == {
+        "val/rsum": [(0, 12.5, 1_000), (1, 20.0, 2_000)],
+        "epoch": [(0, 0.0, 1_000), (1, 1.0, 2_000)],
+    }
     assert sync["tags"] == {"itr.run_dir": "/somewhere", "db_password": "***", "itr.failure": REASON[:5000]}
     assert "s3cr3t" not in sync["config.yaml"] and "team: ir" in sync["config.yaml"]
 
@@ -95,7 +107,7 @@ def test_the_logger_methods_queue_the_constructors_ops():
 def test_batches_beyond_mlflows_per_call_limits_all_land(store):
     target, c = store
     run_id = _new_run(store, "wide")
-    tracking.log_params(target, run_id, {f"p.{i:03d}": i for i in range(250)})        # 100 per call at most
+    tracking.log_params(target, run_id, {f"p.{i:03d}": i for i in range(250)})  # 100 per call at most
     tracking.log_metrics(target, run_id, {f"m/{i:04d}": float(i) for i in range(1200)}, 3)  # 1000 per call
     run = c.get_run(run_id)
     assert len(run.data.params) == 250 and run.data.params["p.249"] == "249"
@@ -119,11 +131,14 @@ def test_reopen_makes_an_ended_run_running_without_its_failure(store):
 def test_look_ups_find_children_and_the_newest_tagged_runs(store):
     target, c = store
     parent = _new_run(store, "parent")
-    kids = [tracking.create_run(target, f"kid{i}", {"mlflow.parentRunId": parent, "itr.trial_id": f"t{i % 2}"}, {})
-            for i in range(3)]
+    kids = [
+        tracking.create_run(target, f"kid{i}", {"mlflow.parentRunId": parent, "itr.trial_id": f"t{i % 2}"}, {})
+        for i in range(3)
+    ]
     assert sorted(r.info.run_id for r in tracking.child_runs(target, parent)) == sorted(kids)
-    assert sorted(r.info.run_id for r in tracking.child_runs(target, parent, {"itr.trial_id": "t0"})) == \
-        sorted([kids[0], kids[2]])
+    assert sorted(r.info.run_id for r in tracking.child_runs(target, parent, {"itr.trial_id": "t0"})) == sorted(
+        [kids[0], kids[2]]
+    )
     tagged = [_new_run(store, f"tagged{i}", repro__recipe="r", repro__status="pass") for i in range(3)]
     newest = [r.info.run_id for r in tracking.find_runs(target, {"repro.recipe": "r", "repro.status": "pass"})]
     starts = {rid: c.get_run(rid).info.start_time for rid in tagged}
@@ -137,8 +152,12 @@ def test_look_ups_find_children_and_the_newest_tagged_runs(store):
 def test_replay_sends_a_spilled_file_through_the_same_ops(store, tmp_path):
     target, c = store
     run_id = _new_run(store, "replayed")
-    doc = {"run_id": run_id, "tracking_uri": target.uri, "experiment": "ops",
-           "ops": [tracking.metrics_op({"val/rsum": 5.0}, 2, timestamp_ms=5), tracking.end_op("FINISHED")]}
+    doc = {
+        "run_id": run_id,
+        "tracking_uri": target.uri,
+        "experiment": "ops",
+        "ops": [tracking.metrics_op({"val/rsum": 5.0}, 2, timestamp_ms=5), tracking.end_op("FINISHED")],
+    }
     path = tmp_path / f"{tracking.UNSENT_PREFIX}{run_id}-1.json"
     path.write_text(json.dumps(doc))
     assert tracking.replay_unsent(path) == 2 and not path.exists()
@@ -154,8 +173,9 @@ def test_provenance_is_looked_up_once_per_process(monkeypatch):
     provenance._host_tags.cache_clear()
     try:
         first = provenance.run_tags(validate_config({"loss": {"family": "infonce"}}))
-        second = provenance.run_tags(validate_config({"loss": {"family": "triplet"},
-                                                      "tracking": {"tags": {"team": "ir", "my_token": "t"}}}))
+        second = provenance.run_tags(
+            validate_config({"loss": {"family": "triplet"}, "tracking": {"tags": {"team": "ir", "my_token": "t"}}})
+        )
     finally:
         provenance._host_tags.cache_clear()
     assert calls == [1]

@@ -1,4 +1,5 @@
 """The plain training loop: learning, checkpoints, resume, best-by-val, eval CLI on its checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -93,8 +94,10 @@ def test_eval_cli_exports_embeddings(tmp_path, capsys):
     ckpt = session.latest_checkpoint()
     out = tmp_path / "emb.npz"
     js = tmp_path / "m.json"
-    assert main(["eval", "--checkpoint", str(ckpt), "--split", "val", "--export-embeddings", str(out),
-                 "--json", str(js)]) == 0
+    assert (
+        main(["eval", "--checkpoint", str(ckpt), "--split", "val", "--export-embeddings", str(out), "--json", str(js)])
+        == 0
+    )
     data = np.load(out)
     assert set(data.files) == {"image_emb", "text_emb", "image_ids", "text_image_ids"}
     assert data["image_emb"].shape[0] == 40 and data["text_emb"].shape[0] == len(data["text_image_ids"])

@@ -1,4 +1,5 @@
 """Uni-modal evaluations: leave-one-out image R@K against sklearn, STS Spearman against scipy, input files."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -77,8 +78,10 @@ def test_sentence_pair_layouts(tmp_path):
     glue = load_sentence_pairs(FIXTURES / "sts_pairs.tsv")
     assert len(glue.first) == 12 and glue.scores[0] == 4.6 and glue.first[1] == "A dog runs across the grass."
     bench = tmp_path / "sts-test.csv"  # STS benchmark: genre file year id score s1 s2
-    bench.write_text("main-news\tMSRvid\t2012test\t0001\t5.000\tA girl is styling her hair.\tA girl is brushing "
-                     "her hair.\nmain-news\tMSRvid\t2012test\t0002\t0.5\tA man sings.\tA dog barks.\n")
+    bench.write_text(
+        "main-news\tMSRvid\t2012test\t0001\t5.000\tA girl is styling her hair.\tA girl is brushing "
+        "her hair.\nmain-news\tMSRvid\t2012test\t0002\t0.5\tA man sings.\tA dog barks.\n"
+    )
     pairs = load_sentence_pairs(bench)
     assert pairs.first == ["A girl is styling her hair.", "A man sings."] and pairs.scores.tolist() == [5.0, 0.5]
     plain = tmp_path / "plain.tsv"

@@ -4,6 +4,7 @@ values, search spaces, recipes, tracked text artifacts and checkpoints' embedded
 Alias bombs and recursive aliases are rejected in well under a second, duplicate keys name both lines, python tags
 are bad input (exit 2, one line), and config ints and bools are strict while floats take numeric strings.
 """
+
 from __future__ import annotations
 
 import time
@@ -51,12 +52,15 @@ def warm(command: str, tmp: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the reader
-@pytest.mark.parametrize("text", [
-    "a: " + flow_bomb(10) + "\n",                    # the issue's 10 levels: 10^10 leaves
-    "a: " + flow_bomb(40, width=2) + "\n",           # 2^40
-    # no exponential growth: 100 aliases of a 101-node mapping add 10,100 nodes, just over the budget
-    "a: &a {" + ", ".join(f"x{i}: 1" for i in range(50)) + "}\n" + "".join(f"k{i}: *a\n" for i in range(100)),
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a: " + flow_bomb(10) + "\n",  # the issue's 10 levels: 10^10 leaves
+        "a: " + flow_bomb(40, width=2) + "\n",  # 2^40
+        # no exponential growth: 100 aliases of a 101-node mapping add 10,100 nodes, just over the budget
+        "a: &a {" + ", ".join(f"x{i}: 1" for i in range(50)) + "}\n" + "".join(f"k{i}: *a\n" for i in range(100)),
+    ],
+)
 def test_alias_bombs_are_rejected_in_milliseconds(text):
     t0 = time.perf_counter()
     with pytest.raises(UserError, match=rf"^src:\d+:a?[\w.]*: YAML aliases expand to more than {ALIAS_BUDGET}"):
@@ -67,27 +71,37 @@ def test_alias_bombs_are_rejected_in_milliseconds(text):
 def test_aliases_within_the_budget_are_plain_copies():
     text = "a: &a {x: [1, 2]}\nb: *a\nc: [*a, *a]\nd:\n  <<: *a\n  y: 3\n"
     tree = parse_yaml(text, "src").tree
-    assert tree == {"a": {"x": [1, 2]}, "b": {"x": [1, 2]}, "c": [{"x": [1, 2]}, {"x": [1, 2]}],
-                    "d": {"x": [1, 2], "y": 3}}
+    assert tree == {
+        "a": {"x": [1, 2]},
+        "b": {"x": [1, 2]},
+        "c": [{"x": [1, 2]}, {"x": [1, 2]}],
+        "d": {"x": [1, 2], "y": 3},
+    }
     tree["b"]["x"].append(9)  # an alias is a copy: changing it (as --set does) leaves its anchor alone
     assert tree["a"] == {"x": [1, 2]} and tree["c"][0] == {"x": [1, 2]}
 
 
-@pytest.mark.parametrize("text, where, field", [
-    ("train: &a {self: *a}\n", "src:1", "train.self"),
-    ("x: 1\ntrain: &a\n  lr: 1\n  deep:\n    - *a\n", "src:5", "train.deep.0"),
-])
+@pytest.mark.parametrize(
+    "text, where, field",
+    [
+        ("train: &a {self: *a}\n", "src:1", "train.self"),
+        ("x: 1\ntrain: &a\n  lr: 1\n  deep:\n    - *a\n", "src:5", "train.deep.0"),
+    ],
+)
 def test_recursive_alias_names_line_and_field(text, where, field):
     with pytest.raises(UserError) as info:
         parse_yaml(text, "src")
     assert str(info.value) == f"{where}:{field}: recursive YAML alias (it refers to a node that contains it)"
 
 
-@pytest.mark.parametrize("text, where, field, lines", [
-    ("train:\n  epochs: 3\n  lr: 1\n  epochs: 500\n", "src:4", "train.epochs", (2, 4)),
-    ("a: 1\n'a': 2\n", "src:2", "a", (1, 2)),                # quoted and plain: the same key
-    ("l:\n  - {k: 1, j: 2, k: 3}\n", "src:2", "l.0.k", (2, 2)),
-])
+@pytest.mark.parametrize(
+    "text, where, field, lines",
+    [
+        ("train:\n  epochs: 3\n  lr: 1\n  epochs: 500\n", "src:4", "train.epochs", (2, 4)),
+        ("a: 1\n'a': 2\n", "src:2", "a", (1, 2)),  # quoted and plain: the same key
+        ("l:\n  - {k: 1, j: 2, k: 3}\n", "src:2", "l.0.k", (2, 2)),
+    ],
+)
 def test_duplicate_keys_name_both_lines(text, where, field, lines):
     with pytest.raises(UserError) as info:
         parse_yaml(text, "src")
@@ -111,8 +125,10 @@ def test_every_shipped_yaml_file_reads():
 # ------------------------------------------------------------------------------------ every entry point
 def test_config_alias_bomb_and_recursion_exit_2_fast(tmp_path):
     warm("train", tmp_path)
-    for extra, needle in ((f"bomb: {flow_bomb(LEVELS)}\n", f"YAML aliases expand to more than {ALIAS_BUDGET}"),
-                          ("loops: &a {self: *a}\n", "recursive YAML alias")):
+    for extra, needle in (
+        (f"bomb: {flow_bomb(LEVELS)}\n", f"YAML aliases expand to more than {ALIAS_BUDGET}"),
+        ("loops: &a {self: *a}\n", "recursive YAML alias"),
+    ):
         cfg = tmp_path / "cfg.yaml"
         cfg.write_text(config_text(tmp_path, extra))
         before = snapshot(tmp_path)
@@ -142,8 +158,9 @@ def test_set_value_bomb_and_duplicate_are_rejected(tmp_path):
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base_tree(tmp_path)))
     space.write_text("base: base.yaml\nspace:\n  train.lr: {grid: [1.0e-3, 2.0e-3]}\n")
     assert run_cli(["sweep", str(space), "--dry-run"], tmp_path)[0] == 0  # the space itself is fine
-    rc, lines, seconds = timed_cli(["sweep", str(space), "--dry-run", "--set", f"tracking.tags={flow_bomb(LEVELS)}"],
-                                   tmp_path)
+    rc, lines, seconds = timed_cli(
+        ["sweep", str(space), "--dry-run", "--set", f"tracking.tags={flow_bomb(LEVELS)}"], tmp_path
+    )
     assert_one_line_error(rc, lines, "--set:tracking.tags:", "YAML aliases expand to more than", "(from --set)")
     assert seconds < 1.0, seconds
     rc, lines, _ = run_cli(["sweep", str(space), "--dry-run", "--set", "train={epochs: 1, epochs: 2}"], tmp_path)
@@ -156,9 +173,11 @@ def test_space_and_recipe_bomb_recursion_duplicates(tmp_path, kind):
     warm(command, tmp_path)
     path = tmp_path / f"{kind}.yaml"
     head = "base: base.yaml\n" if kind == "space" else "name: r\n"
-    for extra, where, message in ((f"x: {flow_bomb(LEVELS)}\n", "3:x.", "YAML aliases expand to more than"),
-                                  ("x: &a [1, *a]\n", "3:x.1:", "recursive YAML alias"),
-                                  ("x: {a: 1}\nx: 2\n", "4:x:", "key given twice (lines 3 and 4)")):
+    for extra, where, message in (
+        (f"x: {flow_bomb(LEVELS)}\n", "3:x.", "YAML aliases expand to more than"),
+        ("x: &a [1, *a]\n", "3:x.1:", "recursive YAML alias"),
+        ("x: {a: 1}\nx: 2\n", "4:x:", "key given twice (lines 3 and 4)"),
+    ):
         path.write_text(head + "description: d\n" + extra)
         rc, lines, seconds = timed_cli([command, str(path), "--dry-run"], tmp_path)
         assert_one_line_error(rc, lines, f"{path}:{where}", message)
@@ -182,18 +201,22 @@ def _checkpoint_with_config(tmp_path: Path, config_yaml: str) -> Path:
 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir(exist_ok=True)
-    atomic_save({"model": {}, "model_name": "itr-tiny-vit", "config_yaml": config_yaml, "epoch": 0},
-                ckpt / MODEL_FILE)
+    atomic_save({"model": {}, "model_name": "itr-tiny-vit", "config_yaml": config_yaml, "epoch": 0}, ckpt / MODEL_FILE)
     return ckpt / MODEL_FILE
 
 
-@pytest.mark.parametrize("config_yaml, needle", [
-    ("model:\n  name: !!python/object/apply:os.getcwd []\n",
-     ":2:model.name: YAML tag !!python/object/apply:os.getcwd is not allowed"),
-    (f"model: {{name: itr-tiny-vit}}\nbomb: {flow_bomb(LEVELS)}\n", ":2:bomb."),
-    ("model: &a {name: *a}\n", ":1:model.name: recursive YAML alias"),
-    ("model: {name: itr-tiny-vit}\nmodel: {name: itr-small-vit}\n", ":2:model: key given twice (lines 1 and 2)"),
-])
+@pytest.mark.parametrize(
+    "config_yaml, needle",
+    [
+        (
+            "model:\n  name: !!python/object/apply:os.getcwd []\n",
+            ":2:model.name: YAML tag !!python/object/apply:os.getcwd is not allowed",
+        ),
+        (f"model: {{name: itr-tiny-vit}}\nbomb: {flow_bomb(LEVELS)}\n", ":2:bomb."),
+        ("model: &a {name: *a}\n", ":1:model.name: recursive YAML alias"),
+        ("model: {name: itr-tiny-vit}\nmodel: {name: itr-small-vit}\n", ":2:model: key given twice (lines 1 and 2)"),
+    ],
+)
 def test_checkpoint_embedded_config_is_read_strictly(tmp_path, config_yaml, needle):
     model = _checkpoint_with_config(tmp_path, config_yaml)
     before = snapshot(tmp_path)
@@ -203,19 +226,22 @@ def test_checkpoint_embedded_config_is_read_strictly(tmp_path, config_yaml, need
 
 
 # ------------------------------------------------------------------------------------------- coercions
-@pytest.mark.parametrize("override, field, kind", [
-    ("train.epochs=yes", "train.epochs", "integer"),         # YAML's yes is True, which pydantic made 1
-    ("train.epochs=true", "train.epochs", "integer"),
-    ("train.epochs='3'", "train.epochs", "integer"),
-    ("train.epochs=3.0", "train.epochs", "integer"),
-    ("data.synthetic.image_size=yes", "data.synthetic.image_size", "integer"),
-    ("train.batch_size='8'", "train.batch_size", "integer"),
-    ("model.lock_image=1", "model.lock_image", "boolean"),
-    ("train.resume='yes'", "train.resume", "boolean"),
-    ("scaling.use_gpu=1", "scaling.use_gpu", "true, false or auto"),
-    ("scaling.use_gpu=yes!", "scaling.use_gpu", "true, false or auto"),
-    ("eval.reports=0", "eval.reports", "boolean"),
-])
+@pytest.mark.parametrize(
+    "override, field, kind",
+    [
+        ("train.epochs=yes", "train.epochs", "integer"),  # YAML's yes is True, which pydantic made 1
+        ("train.epochs=true", "train.epochs", "integer"),
+        ("train.epochs='3'", "train.epochs", "integer"),
+        ("train.epochs=3.0", "train.epochs", "integer"),
+        ("data.synthetic.image_size=yes", "data.synthetic.image_size", "integer"),
+        ("train.batch_size='8'", "train.batch_size", "integer"),
+        ("model.lock_image=1", "model.lock_image", "boolean"),
+        ("train.resume='yes'", "train.resume", "boolean"),
+        ("scaling.use_gpu=1", "scaling.use_gpu", "true, false or auto"),
+        ("scaling.use_gpu=yes!", "scaling.use_gpu", "true, false or auto"),
+        ("eval.reports=0", "eval.reports", "boolean"),
+    ],
+)
 def test_ints_and_bools_are_strict(override, field, kind):
     with pytest.raises(UserError) as info:
         load_config(None, [override])

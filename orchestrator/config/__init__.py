@@ -18,16 +18,48 @@ A loss family added later brings its own section: subclass ``LossSection`` with 
 "<name>"`` and its constructor's arguments as fields, and decorate it with ``register_loss_section``
 (``orchestrator/config/loss.py``).
 """
-from orchestrator.config.base import (AbsolutePath, FieldError, FiniteFloat, NonNegFloat, NonNegInt, PositiveFloat,
-                                      PositiveInt, Section, StorageLocation, absolute_path, existing_path)
+
+from orchestrator.config.base import (
+    AbsolutePath,
+    FieldError,
+    FiniteFloat,
+    NonNegFloat,
+    NonNegInt,
+    PositiveFloat,
+    PositiveInt,
+    Section,
+    StorageLocation,
+    absolute_path,
+    existing_path,
+)
 from orchestrator.config.data import DataConfig, SyntheticData
 from orchestrator.config.evaluation import EvalConfig
-from orchestrator.config.experiment import (ExperimentConfig, format_validation_error, load_config, read_yaml,
-                                            validate_config)
-from orchestrator.config.loss import (LOCAL_LOSS_FAMILIES, BCLSLoss, CUSALoss, InfoNCELoss, ListwiseLoss, LossConfig,
-                                      LossKernel, LossSection, RelevanceLossSection, RelevanceSource,
-                                      TemperatureConfig, TripletLoss, UnitInterval, loss_families,
-                                      loss_section_union, on_registration, register_loss_section)
+from orchestrator.config.experiment import (
+    ExperimentConfig,
+    format_validation_error,
+    load_config,
+    read_yaml,
+    validate_config,
+)
+from orchestrator.config.loss import (
+    LOCAL_LOSS_FAMILIES,
+    BCLSLoss,
+    CUSALoss,
+    InfoNCELoss,
+    ListwiseLoss,
+    LossConfig,
+    LossKernel,
+    LossSection,
+    RelevanceLossSection,
+    RelevanceSource,
+    TemperatureConfig,
+    TripletLoss,
+    UnitInterval,
+    loss_families,
+    loss_section_union,
+    on_registration,
+    register_loss_section,
+)
 from orchestrator.config.model import ModelConfig
 from orchestrator.config.overrides import apply_overrides, flatten, parse_override, set_dotted
 from orchestrator.config.teachers import TeachersConfig
@@ -35,13 +67,50 @@ from orchestrator.config.tracking import TrackingConfig
 from orchestrator.config.train import RUN_KEY_MAX_LENGTH, ScalingConfig, TrainConfig
 
 __all__ = [
-    "AbsolutePath", "FieldError", "FiniteFloat", "NonNegFloat", "NonNegInt", "PositiveFloat", "PositiveInt", "Section",
-    "StorageLocation", "absolute_path", "existing_path",
-    "DataConfig", "SyntheticData", "EvalConfig",
-    "ExperimentConfig", "format_validation_error", "load_config", "read_yaml", "validate_config",
-    "LOCAL_LOSS_FAMILIES", "BCLSLoss", "CUSALoss", "InfoNCELoss", "ListwiseLoss", "LossConfig", "LossKernel",
-    "LossSection", "RelevanceLossSection", "RelevanceSource", "TemperatureConfig", "TripletLoss", "UnitInterval",
-    "loss_families", "loss_section_union", "on_registration", "register_loss_section",
-    "ModelConfig", "apply_overrides", "flatten", "parse_override", "set_dotted", "TeachersConfig", "TrackingConfig",
-    "RUN_KEY_MAX_LENGTH", "ScalingConfig", "TrainConfig",
+    "AbsolutePath",
+    "FieldError",
+    "FiniteFloat",
+    "NonNegFloat",
+    "NonNegInt",
+    "PositiveFloat",
+    "PositiveInt",
+    "Section",
+    "StorageLocation",
+    "absolute_path",
+    "existing_path",
+    "DataConfig",
+    "SyntheticData",
+    "EvalConfig",
+    "ExperimentConfig",
+    "format_validation_error",
+    "load_config",
+    "read_yaml",
+    "validate_config",
+    "LOCAL_LOSS_FAMILIES",
+    "BCLSLoss",
+    "CUSALoss",
+    "InfoNCELoss",
+    "ListwiseLoss",
+    "LossConfig",
+    "LossKernel",
+    "LossSection",
+    "RelevanceLossSection",
+    "RelevanceSource",
+    "TemperatureConfig",
+    "TripletLoss",
+    "UnitInterval",
+    "loss_families",
+    "loss_section_union",
+    "on_registration",
+    "register_loss_section",
+    "ModelConfig",
+    "apply_overrides",
+    "flatten",
+    "parse_override",
+    "set_dotted",
+    "TeachersConfig",
+    "TrackingConfig",
+    "RUN_KEY_MAX_LENGTH",
+    "ScalingConfig",
+    "TrainConfig",
 ]

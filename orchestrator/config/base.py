@@ -1,10 +1,11 @@
 """What every config section shares: the strict ``Section`` base, ``FieldError`` (a cross-field error that names
 its field), the number types (strict ints and bools) and the path types (made absolute against the current folder)."""
+
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, StrictInt
 
@@ -52,7 +53,7 @@ def _storage(value: Any) -> Any:
 
 
 #: a local folder (made absolute) or an object-storage URI such as ``s3://bucket/runs`` (kept as a string)
-StorageLocation = Annotated[Union[Path, str], BeforeValidator(_storage)]
+StorageLocation = Annotated[Path | str, BeforeValidator(_storage)]
 
 
 def existing_path(value: Path | None, what: str) -> Path | None:

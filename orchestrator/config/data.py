@@ -1,4 +1,5 @@
 """The ``data`` section: where the image–caption pairs come from (synthetic, captions_json, karpathy, webdataset)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,8 +7,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StrictBool, StrictInt, field_validator, model_validator
 
-from orchestrator.config.base import (AbsolutePath, FieldError, NonNegInt, PositiveFloat, PositiveInt, Section,
-                                      existing_path)
+from orchestrator.config.base import (
+    AbsolutePath,
+    FieldError,
+    NonNegInt,
+    PositiveFloat,
+    PositiveInt,
+    Section,
+    existing_path,
+)
 
 
 class SyntheticData(Section):
@@ -21,7 +29,7 @@ class SyntheticData(Section):
     captions_per_image: tuple[PositiveInt, PositiveInt] = (2, 5)
 
     @model_validator(mode="after")
-    def _range(self) -> "SyntheticData":
+    def _range(self) -> SyntheticData:
         lo, hi = self.captions_per_image
         if lo > hi:
             raise FieldError("captions_per_image", "the minimum is larger than the maximum")
@@ -45,52 +53,78 @@ class DataConfig(Section):
     test_split: str = "test"
     synthetic: SyntheticData = SyntheticData()
     shards: str | list[str] | None = Field(
-        None, description="webdataset: the training shards, a brace pattern (path/train-{000000..000099}.tar) or a "
-                          "list of them; {key}.jpg + {key}.json/.txt per sample (img2dataset / open_clip layout)")
+        None,
+        description="webdataset: the training shards, a brace pattern (path/train-{000000..000099}.tar) or a "
+        "list of them; {key}.jpg + {key}.json/.txt per sample (img2dataset / open_clip layout)",
+    )
     train_samples: PositiveInt | None = Field(
-        None, description="webdataset: samples per epoch (declared); unset: the shards' sizes.json, or counted once "
-                          "and recorded there")
+        None,
+        description="webdataset: samples per epoch (declared); unset: the shards' sizes.json, or counted once "
+        "and recorded there",
+    )
     shuffle_buffer: NonNegInt = Field(
-        1000, description="webdataset: samples each loader worker buffers to shuffle its shards' stream (encoded "
-                          "bytes; 0 or 1: stored order)")
+        1000,
+        description="webdataset: samples each loader worker buffers to shuffle its shards' stream (encoded "
+        "bytes; 0 or 1: stored order)",
+    )
     clean_captions: StrictBool = Field(
-        True, description="CUSA's pre_caption: lower-case, punctuation to spaces, 64 words")
+        True, description="CUSA's pre_caption: lower-case, punctuation to spaces, 64 words"
+    )
     verify_images: Literal["none", "exists", "header", "full"] = "header"
     manifest_dir: AbsolutePath | None = Field(
-        None, description="where the verified-image manifests live (header/full checks done once, files unchanged "
-                          "since are not parsed again); default $XDG_CACHE_HOME/itr/manifests (~/.cache/itr/manifests)")
+        None,
+        description="where the verified-image manifests live (header/full checks done once, files unchanged "
+        "since are not parsed again); default $XDG_CACHE_HOME/itr/manifests (~/.cache/itr/manifests)",
+    )
     max_train_images: PositiveInt | None = Field(None, description="use only the first N training images")
     image_cache: Literal["decoded", "tensor_ram", "none"] = Field(
-        "decoded", description="decoded: each image decoded and resized once ever into a uint8 memory-mapped cache "
-                               "(data.image_cache_dir) that every epoch, loader worker and run shares, normalised "
-                               "on the device; tensor_ram: float32 tensors kept in each process's RAM (up to 2 GiB, "
-                               "the old behaviour); none: decode every image every time")
+        "decoded",
+        description="decoded: each image decoded and resized once ever into a uint8 memory-mapped cache "
+        "(data.image_cache_dir) that every epoch, loader worker and run shares, normalised "
+        "on the device; tensor_ram: float32 tensors kept in each process's RAM (up to 2 GiB, "
+        "the old behaviour); none: decode every image every time",
+    )
     image_cache_dir: AbsolutePath | None = Field(
-        None, description="where the decoded-image cache lives (content-addressed, shared by every run that reads "
-                          "it; node-local disk or shared storage); default $XDG_CACHE_HOME/itr/images "
-                          "(~/.cache/itr/images)")
+        None,
+        description="where the decoded-image cache lives (content-addressed, shared by every run that reads "
+        "it; node-local disk or shared storage); default $XDG_CACHE_HOME/itr/images "
+        "(~/.cache/itr/images)",
+    )
     image_cache_workers: PositiveInt | Literal["auto"] = Field(
-        "auto", description="processes that decode images into the cache on the driver (itr train, itr prepare); "
-                            "auto = every CPU")
+        "auto",
+        description="processes that decode images into the cache on the driver (itr train, itr prepare); "
+        "auto = every CPU",
+    )
     loader_workers: NonNegInt | Literal["auto"] = Field(
-        "auto", description="DataLoader worker processes per training process; auto = its CPUs minus one "
-                            "(scaling.cpus_per_worker on Ray, the machine's available CPUs locally)")
+        "auto",
+        description="DataLoader worker processes per training process; auto = its CPUs minus one "
+        "(scaling.cpus_per_worker on Ray, the machine's available CPUs locally)",
+    )
     prefetch_factor: PositiveInt = Field(2, description="batches each loader worker keeps in flight")
     augment: Literal["none", "open_clip"] = Field(
-        "none", description="training augmentation: none (the eval transform; images decoded once into the cache), "
-                            "open_clip (its train transform: random resized crop; decoded in the loader workers "
-                            "every epoch)")
+        "none",
+        description="training augmentation: none (the eval transform; images decoded once into the cache), "
+        "open_clip (its train transform: random resized crop; decoded in the loader workers "
+        "every epoch)",
+    )
     augment_scale: tuple[PositiveFloat, PositiveFloat] = Field(
-        (0.9, 1.0), description="augment open_clip: the random resized crop's area range (open_clip's default)")
+        (0.9, 1.0), description="augment open_clip: the random resized crop's area range (open_clip's default)"
+    )
     bad_images: Literal["fail", "skip"] = Field(
-        "fail", description="an image that cannot be decoded during training: fail (exit 2, naming it), or skip "
-                            "(replace the pair by another caption's, count it: train/skipped_images)")
+        "fail",
+        description="an image that cannot be decoded during training: fail (exit 2, naming it), or skip "
+        "(replace the pair by another caption's, count it: train/skipped_images)",
+    )
     leakage: Literal["warn", "error"] = Field(
-        "warn", description="an image (same id or file) or caption id of the train split also in val/test: log a "
-                            "WARNING, or refuse the data (exit 2)")
+        "warn",
+        description="an image (same id or file) or caption id of the train split also in val/test: log a "
+        "WARNING, or refuse the data (exit 2)",
+    )
     allow_outside_root: bool = Field(
-        False, description="accept image paths that leave the dataset root (absolute, or '..' after lexical "
-                           "normalisation); symlinks inside the root are not followed by this check")
+        False,
+        description="accept image paths that leave the dataset root (absolute, or '..' after lexical "
+        "normalisation); symlinks inside the root are not followed by this check",
+    )
 
     @field_validator("root")
     @classmethod
@@ -130,24 +164,30 @@ class DataConfig(Section):
         if v is None:
             return None
         items = [v] if isinstance(v, (str, Path)) else v
-        if not isinstance(items, list) or not items or not all(isinstance(p, (str, Path)) and str(p).strip()
-                                                              for p in items):
+        if (
+            not isinstance(items, list)
+            or not items
+            or not all(isinstance(p, (str, Path)) and str(p).strip() for p in items)
+        ):
             raise ValueError("must be a shard path pattern or a non-empty list of them")
         absolute = [str(Path.cwd() / Path(p).expanduser()) for p in items]  # an absolute one stays as it is
         return absolute[0] if isinstance(v, (str, Path)) else absolute
 
     @model_validator(mode="after")
-    def _format_inputs(self) -> "DataConfig":
+    def _format_inputs(self) -> DataConfig:
         fmt = self.resolved_format
         if fmt == "webdataset" and self.shards is None:
-            raise FieldError("shards", "format webdataset needs data.shards (a pattern like train-{000000..000009}.tar)")
+            raise FieldError(
+                "shards", "format webdataset needs data.shards (a pattern like train-{000000..000009}.tar)"
+            )
         if fmt != "webdataset":
             for name in ("shards", "train_samples"):
                 if getattr(self, name) is not None:
                     raise FieldError(name, f"is read by format webdataset only (the format here is {fmt})")
         if fmt == "webdataset" and self.max_train_images is not None:
-            raise FieldError("max_train_images", "not with format webdataset (declare data.train_samples: the "
-                                                 "epoch length)")
+            raise FieldError(
+                "max_train_images", "not with format webdataset (declare data.train_samples: the epoch length)"
+            )
         if fmt == "captions_json" and self.root is None:
             raise FieldError("root", "format captions_json needs a folder with <split>.json")
         if fmt == "karpathy" and (self.annotations is None or self.root is None):
@@ -155,6 +195,8 @@ class DataConfig(Section):
             raise FieldError(missing, "format karpathy needs data.annotations (dataset_*.json) and data.root (images)")
         lo, hi = self.augment_scale
         if not lo <= hi <= 1.0:
-            raise FieldError("augment_scale", f"needs 0 < low <= high <= 1 (the crop's share of the image area), "
-                                              f"got [{lo:g}, {hi:g}]")
+            raise FieldError(
+                "augment_scale",
+                f"needs 0 < low <= high <= 1 (the crop's share of the image area), got [{lo:g}, {hi:g}]",
+            )
         return self

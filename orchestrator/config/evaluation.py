@@ -1,4 +1,5 @@
 """The ``eval`` section: the splits scored after each epoch, and how."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -14,6 +15,8 @@ class EvalConfig(Section):
     chunk_size: PositiveInt = 1024
     ks: tuple[PositiveInt, ...] = (1, 5, 10)
     reports: StrictBool = Field(
-        True, description="log report figures (recall curves, t-SNE, case study) at the end of a run")
+        True, description="log report figures (recall curves, t-SNE, case study) at the end of a run"
+    )
     relevance_aggregation: Literal["max", "mean"] = Field(
-        "max", description="itr eval --graded: caption-caption relevance aggregated over an image's captions")
+        "max", description="itr eval --graded: caption-caption relevance aggregated over an image's captions"
+    )

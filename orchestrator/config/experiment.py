@@ -1,5 +1,6 @@
 """The whole experiment: ``ExperimentConfig`` (the sections and the rules across them), and loading one from a
 mapping or a YAML file with ``--set`` overrides (errors are ``UserError``s naming the file and the dotted field)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,8 +17,15 @@ from orchestrator.config import loss as loss_sections
 from orchestrator.config.base import FieldError, Section
 from orchestrator.config.data import DataConfig
 from orchestrator.config.evaluation import EvalConfig
-from orchestrator.config.loss import (CUSALoss, InfoNCELoss, LossConfig, RelevanceLossSection, loss_families,
-                                      loss_section_union, on_registration)
+from orchestrator.config.loss import (
+    CUSALoss,
+    InfoNCELoss,
+    LossConfig,
+    RelevanceLossSection,
+    loss_families,
+    loss_section_union,
+    on_registration,
+)
 from orchestrator.config.model import ModelConfig
 from orchestrator.config.overrides import apply_overrides, flatten, parse_override
 from orchestrator.config.teachers import TeachersConfig
@@ -41,18 +49,19 @@ class ExperimentConfig(Section):
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
-    def _best_metric_reported(self) -> "ExperimentConfig":
+    def _best_metric_reported(self) -> ExperimentConfig:
         """The best checkpoint is chosen on a metric the evaluation reports (else the pick would be arbitrary)."""
         from orchestrator.metrics_catalogue import unreported, validation_metrics
 
         val = validation_metrics(self.eval)
         if self.train.best_metric not in val:
-            raise FieldError("train.best_metric", unreported(self.train.best_metric, val, what="the evaluation",
-                                                             cfg=self))
+            raise FieldError(
+                "train.best_metric", unreported(self.train.best_metric, val, what="the evaluation", cfg=self)
+            )
         return self
 
     @model_validator(mode="after")
-    def _sampler_fits_loss(self) -> "ExperimentConfig":
+    def _sampler_fits_loss(self) -> ExperimentConfig:
         if self.train.batch_sampler == "random" and not self.loss.supports_multi_positive:
             raise FieldError(
                 "train.batch_sampler",
@@ -62,20 +71,26 @@ class ExperimentConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _local_loss_supported(self) -> "ExperimentConfig":
+    def _local_loss_supported(self) -> ExperimentConfig:
         """``scaling.local_loss`` needs the gathered batch and a family whose terms are means over query rows."""
         if not self.scaling.local_loss:
             return self
         if not self.scaling.gather_global_batch:
-            raise FieldError("scaling.local_loss", "needs scaling.gather_global_batch: true (without the gathered "
-                                                   "batch every rank computes only its own rows already)")
+            raise FieldError(
+                "scaling.local_loss",
+                "needs scaling.gather_global_batch: true (without the gathered "
+                "batch every rank computes only its own rows already)",
+            )
         if self.loss.family not in loss_sections.LOCAL_LOSS_FAMILIES:
-            raise FieldError("scaling.local_loss", f"not supported by loss family {self.loss.family!r}; "
-                             f"supported: {', '.join(loss_sections.LOCAL_LOSS_FAMILIES)}")
+            raise FieldError(
+                "scaling.local_loss",
+                f"not supported by loss family {self.loss.family!r}; "
+                f"supported: {', '.join(loss_sections.LOCAL_LOSS_FAMILIES)}",
+            )
         return self
 
     @model_validator(mode="after")
-    def _loss_inputs_available(self) -> "ExperimentConfig":
+    def _loss_inputs_available(self) -> ExperimentConfig:
         loss = self.loss
         if isinstance(loss, CUSALoss):
             for side in ("image", "text"):
@@ -86,34 +101,51 @@ class ExperimentConfig(Section):
         if isinstance(loss, RelevanceLossSection):
             source = self.relevance_source
             if source == "exact" and self.data.resolved_format != "synthetic":
-                raise FieldError("loss.relevance", f"exact relevance needs data that knows it (synthetic), not "
-                                 f"{self.data.resolved_format}; set a text teacher (teachers.text)")
+                raise FieldError(
+                    "loss.relevance",
+                    f"exact relevance needs data that knows it (synthetic), not "
+                    f"{self.data.resolved_format}; set a text teacher (teachers.text)",
+                )
             if source == "teacher" and self.teachers.text is None:
-                raise FieldError("teachers.text", f"loss family {loss.family} with teacher relevance needs a text teacher")
+                raise FieldError(
+                    "teachers.text", f"loss family {loss.family} with teacher relevance needs a text teacher"
+                )
         return self
 
     @model_validator(mode="after")
-    def _streamed_training(self) -> "ExperimentConfig":
+    def _streamed_training(self) -> ExperimentConfig:
         """What a webdataset train split cannot give: per-item features (teachers, cached locked towers), several
         captions of one image per batch, and eval splits without ``data.root``."""
         if self.data.resolved_format != "webdataset":
             return self
         if self.uses_teachers:
-            raise FieldError("loss.family", f"{self.loss.family} needs teacher features (or teacher relevance) of "
-                             "every training item, which streamed shards do not have (webdataset trains infonce, "
-                             "triplet, cusa with alpha = beta = 0)")
+            raise FieldError(
+                "loss.family",
+                f"{self.loss.family} needs teacher features (or teacher relevance) of "
+                "every training item, which streamed shards do not have (webdataset trains infonce, "
+                "triplet, cusa with alpha = beta = 0)",
+            )
         if self.model.cache_locked_towers and (self.model.lock_image or self.model.lock_text):
-            raise FieldError("model.cache_locked_towers", "a locked tower's outputs cannot be cached for streamed "
-                             "shards; set it false (the locked tower then runs each step)")
+            raise FieldError(
+                "model.cache_locked_towers",
+                "a locked tower's outputs cannot be cached for streamed "
+                "shards; set it false (the locked tower then runs each step)",
+            )
         if self.train.batch_sampler != "unique_images":
             raise FieldError("train.batch_sampler", "webdataset batches hold one caption per image (unique_images)")
         if self.data.bad_images != "fail":
-            raise FieldError("data.bad_images", "webdataset stops at an image that does not decode, naming the shard "
-                             "(fail); skip is for the map formats")
+            raise FieldError(
+                "data.bad_images",
+                "webdataset stops at an image that does not decode, naming the shard "
+                "(fail); skip is for the map formats",
+            )
         if self.eval.splits and self.data.root is None:
-            raise FieldError("data.root", f"the eval splits ({', '.join(self.eval.splits)}) come from data.root "
-                             "(captions_json) or data.annotations + data.root (karpathy); webdataset streams only "
-                             "the train split")
+            raise FieldError(
+                "data.root",
+                f"the eval splits ({', '.join(self.eval.splits)}) come from data.root "
+                "(captions_json) or data.annotations + data.root (karpathy); webdataset streams only "
+                "the train split",
+            )
         return self
 
     @property
@@ -175,8 +207,11 @@ def format_validation_error(err: ValidationError) -> tuple[str, str]:
         prefix, named = first.dotted, first.cause.field
         field = f"{prefix}.{named}" if prefix and not named.startswith(prefix) else named
     msg = first.message
-    if first.type not in {"extra_forbidden", "missing"} and first.has_input and \
-            not isinstance(first.input, (dict, list)):
+    if (
+        first.type not in {"extra_forbidden", "missing"}
+        and first.has_input
+        and not isinstance(first.input, (dict, list))
+    ):
         shown = repr(first.input)
         if len(shown) < 60:
             msg = f"{msg} (got {shown})"

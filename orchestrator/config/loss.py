@@ -4,9 +4,11 @@ Each section's fields are the keyword arguments of its family's constructor, by 
 the sections are registered by family name (:func:`register_loss_section`), and ``ExperimentConfig.loss`` is the
 discriminated union of the registered ones -- a family added later brings its own section the same way.
 """
+
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal, TypeVar, Union
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, Union
 
 from pydantic import Field, StrictBool, model_validator
 
@@ -25,7 +27,7 @@ class TemperatureConfig(Section):
     learnable: StrictBool = True
 
     @model_validator(mode="after")
-    def _bounds(self) -> "TemperatureConfig":
+    def _bounds(self) -> TemperatureConfig:
         if not self.min <= self.init <= self.max:
             raise FieldError("init", f"{self.init} is outside [min, max] = [{self.min}, {self.max}]")
         return self
@@ -99,7 +101,7 @@ def loss_families() -> tuple[str, ...]:
 
 def loss_section_union() -> Any:
     """The type of ``ExperimentConfig.loss``: the registered sections, discriminated by ``family``."""
-    return Annotated[Union[tuple(_LOSS_SECTIONS.values())], Field(discriminator="family")]
+    return Annotated[Union[tuple(_LOSS_SECTIONS.values())], Field(discriminator="family")]  # noqa: UP007 (built at run time)
 
 
 @register_loss_section
@@ -125,8 +127,10 @@ class TripletLoss(LossSection):
 
 
 RelevanceSource = Literal["auto", "exact", "teacher"]
-_RELEVANCE_DOC = ("exact: the dataset's own graded relevance (synthetic data); teacher: RSC from the text "
-                  "teacher's caption embeddings; auto: exact when the data has it and no text teacher is set")
+_RELEVANCE_DOC = (
+    "exact: the dataset's own graded relevance (synthetic data); teacher: RSC from the text "
+    "teacher's caption embeddings; auto: exact when the data has it and no text teacher is set"
+)
 UnitInterval = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
 
 
@@ -148,8 +152,10 @@ class RelevanceLossSection(LossSection):
 
 
 LossKernel = Literal["auto", "torch", "triton"]
-_KERNEL_DOC = ("O(B³) loss implementation: auto = fused Triton kernels on CUDA float32/16 (methods/kernels.py), "
-               "else the blocked torch form; torch / triton force one")
+_KERNEL_DOC = (
+    "O(B³) loss implementation: auto = fused Triton kernels on CUDA float32/16 (methods/kernels.py), "
+    "else the blocked torch form; torch / triton force one"
+)
 
 
 @register_loss_section

@@ -1,4 +1,5 @@
 """The ``model`` section: the student, an open_clip model by name."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,15 +18,19 @@ class ModelConfig(Section):
     lock_image: StrictBool = Field(False, description="freeze the image tower (LiT; open_clip lock_image_tower)")
     lock_text: StrictBool = Field(False, description="freeze the text tower (open_clip lock_text_tower)")
     cache_locked_towers: StrictBool = Field(
-        True, description="compute a locked tower's frozen outputs once per split (cached under "
-                          "teachers.cache_dir) so an epoch runs only the trainable projection")
+        True,
+        description="compute a locked tower's frozen outputs once per split (cached under "
+        "teachers.cache_dir) so an epoch runs only the trainable projection",
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
     heads: Literal["auto", "none", "cross", "cross_uni"] = Field(
         "auto", description="CUSA's LN+Linear projectors: auto = cross_uni for cusa (cross if beta = 0), else none"
     )
     grad_checkpointing: StrictBool = Field(
-        False, description="recompute the towers' activations in the backward (open_clip set_grad_checkpointing): "
-                           "less activation memory, about 30% more compute, the same values")
+        False,
+        description="recompute the towers' activations in the backward (open_clip set_grad_checkpointing): "
+        "less activation memory, about 30% more compute, the same values",
+    )
 
     @field_validator("pretrained", mode="before")
     @classmethod

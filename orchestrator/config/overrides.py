@@ -1,4 +1,5 @@
 """Dotted keys of a config mapping: ``--set a.b=c`` overrides and the flat ``section.key`` view (MLflow params)."""
+
 from __future__ import annotations
 
 import copy

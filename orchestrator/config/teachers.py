@@ -1,4 +1,5 @@
 """The ``teachers`` section: the offline teacher encoders (soft labels, caption relevance) and where they run."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,7 +25,9 @@ class TeachersConfig(Section):
     cache_dir: AbsolutePath = Field(Path(".itr_cache/teachers"), validate_default=True)
     batch_size: PositiveInt = 64
     backend: Literal["auto", "local", "ray"] = Field(
-        "auto", description="where extraction runs: ray = a Ray Data actor pool, one model per actor (one GPU each "
-                            "where the cluster has GPUs); local = this process; auto = the Ray cluster's GPUs when "
-                            "connected to one that has them, else this machine (orchestrator.teachers.placement)")
+        "auto",
+        description="where extraction runs: ray = a Ray Data actor pool, one model per actor (one GPU each "
+        "where the cluster has GPUs); local = this process; auto = the Ray cluster's GPUs when "
+        "connected to one that has them, else this machine (orchestrator.teachers.placement)",
+    )
     num_actors: PositiveInt | None = Field(None, description="ray: actors; unset = one per GPU (per node without)")

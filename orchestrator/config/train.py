@@ -1,4 +1,5 @@
 """The ``train`` and ``scaling`` sections: optimisation, checkpoints, and where the loop runs."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,10 +7,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StrictBool, StrictInt, field_validator, model_validator
 
-from orchestrator.config.base import (FieldError, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Section,
-                                      StorageLocation)
+from orchestrator.config.base import (
+    FieldError,
+    NonNegFloat,
+    NonNegInt,
+    PositiveFloat,
+    PositiveInt,
+    Section,
+    StorageLocation,
+)
 from orchestrator.spec_files import is_name
-
 
 #: The longest ``train.run_key``: one folder name (``spec_files.NAME_PATTERN``: no ``/``, no ``..``, not hidden).
 RUN_KEY_MAX_LENGTH = 100
@@ -33,33 +40,45 @@ class TrainConfig(Section):
     eval_every: PositiveInt = 1
     eval_at_start: StrictBool = Field(True, description="evaluate the untrained model first (logged as init/val/...)")
     checkpoint_every_steps: PositiveInt | None = Field(
-        None, description="also checkpoint every N steps (sampler position + RNG states: a resume continues "
-                          "mid-epoch); a SIGTERM mid-epoch always saves one; unset: epoch checkpoints only")
+        None,
+        description="also checkpoint every N steps (sampler position + RNG states: a resume continues "
+        "mid-epoch); a SIGTERM mid-epoch always saves one; unset: epoch checkpoints only",
+    )
     best_metric: str = "val/rsum"
     best_mode: Literal["max", "min"] = "max"
     output_dir: StorageLocation = Field(
-        Path("runs"), validate_default=True,
-        description="a local folder, or (Ray backend only) an object-storage URI: s3://bucket/runs, gs://...")
+        Path("runs"),
+        validate_default=True,
+        description="a local folder, or (Ray backend only) an object-storage URI: s3://bucket/runs, gs://...",
+    )
     resume: StrictBool = Field(True, description="with run_key: a rerun continues the run in its folder")
     run_key: str | None = Field(
-        None, description="a stable name for this experiment: its run folder is <output_dir>/<run_key> (Ray: "
-                          "<output_dir>/ray/<run_key>) and the next attempt of the same command resumes it from "
-                          "its latest checkpoint, in the same MLflow run; unset: a new folder every run")
+        None,
+        description="a stable name for this experiment: its run folder is <output_dir>/<run_key> (Ray: "
+        "<output_dir>/ray/<run_key>) and the next attempt of the same command resumes it from "
+        "its latest checkpoint, in the same MLflow run; unset: a new folder every run",
+    )
     log_every_steps: PositiveInt = 50
     max_steps_per_epoch: PositiveInt | None = Field(None, description="cap on steps per epoch (smoke runs)")
     accum_steps: Annotated[StrictInt, Field(ge=1)] = Field(
-        1, description="gradient accumulation with feature caching: each step's loss sees batch_size x "
-                       "accum_steps pairs (sampler guarantees included) with the activation memory of batch_size; "
-                       "exact for every family (dropout replayed), refused with train-mode BatchNorm")
+        1,
+        description="gradient accumulation with feature caching: each step's loss sees batch_size x "
+        "accum_steps pairs (sampler guarantees included) with the activation memory of batch_size; "
+        "exact for every family (dropout replayed), refused with train-mode BatchNorm",
+    )
     compile: StrictBool = Field(False, description="torch.compile the (DDP-wrapped) model for training")
     compile_backend: Literal["inductor", "aot_eager", "eager", "cudagraphs"] = Field(
-        "inductor", description="torch.compile backend (aot_eager: no code generation, for CPU tests)")
+        "inductor", description="torch.compile backend (aot_eager: no code generation, for CPU tests)"
+    )
     tf32: StrictBool = Field(
-        False, description="TF32 matmuls and cuDNN convolutions on Ampere+ GPUs (faster, ~1e-3 relative error); "
-                           "off: the paper recipes trained in pure fp32")
+        False,
+        description="TF32 matmuls and cuDNN convolutions on Ampere+ GPUs (faster, ~1e-3 relative error); "
+        "off: the paper recipes trained in pure fp32",
+    )
     cudnn_benchmark: StrictBool = Field(
-        False, description="let cuDNN pick the fastest convolution algorithms (fixed input shapes; not bitwise "
-                           "deterministic)")
+        False,
+        description="let cuDNN pick the fastest convolution algorithms (fixed input shapes; not bitwise deterministic)",
+    )
 
     @field_validator("best_metric")
     @classmethod
@@ -72,12 +91,13 @@ class TrainConfig(Section):
     @classmethod
     def _folder_name(cls, v: str | None) -> str | None:
         if v is not None and not is_name(v, RUN_KEY_MAX_LENGTH):
-            raise ValueError(f"{v!r} is not a folder name: 1-100 letters, digits, '.', '_' or '-', starting with a "
-                             "letter or digit")
+            raise ValueError(
+                f"{v!r} is not a folder name: 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
         return v
 
     @model_validator(mode="after")
-    def _lrs(self) -> "TrainConfig":
+    def _lrs(self) -> TrainConfig:
         if self.min_lr > self.lr:
             raise FieldError("min_lr", f"{self.min_lr} is larger than lr {self.lr}")
         return self
@@ -91,14 +111,20 @@ class ScalingConfig(Section):
     use_gpu: StrictBool | Literal["auto"] = "auto"
     cpus_per_worker: PositiveFloat = 1.0
     max_failures: NonNegInt = Field(
-        2, description="restarts of the worker group from the latest checkpoint after a worker dies (a non-finite "
-                       "loss or bad input fails at once)")
+        2,
+        description="restarts of the worker group from the latest checkpoint after a worker dies (a non-finite "
+        "loss or bad input fails at once)",
+    )
     gather_global_batch: StrictBool = Field(
-        False, description="losses see the batch of all ranks (all-gather with gradients: every gradient after DDP "
-                           "averaging equals one process's on the concatenated batch)")
+        False,
+        description="losses see the batch of all ranks (all-gather with gradients: every gradient after DDP "
+        "averaging equals one process's on the concatenated batch)",
+    )
     local_loss: StrictBool = Field(
-        False, description="with gather_global_batch: each rank computes the loss only for its own query rows, "
-                           "both directions; same gradients, 1/num_workers of the loss work")
+        False,
+        description="with gather_global_batch: each rank computes the loss only for its own query rows, "
+        "both directions; same gradients, 1/num_workers of the loss work",
+    )
 
     @field_validator("use_gpu", mode="before")
     @classmethod

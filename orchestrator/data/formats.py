@@ -1,4 +1,5 @@
 """Readers for the on-disk dataset formats: ``captions_json`` (ALBEF/CUSA layout) and ``karpathy``."""
+
 from __future__ import annotations
 
 import json
@@ -62,13 +63,22 @@ def is_plain_relative(path: str) -> bool:
     """Whether ``path`` is already a normalised relative path that stays inside its root: no empty, ``.`` or
     ``..`` component, no leading or trailing separator (then ``os.path.normpath(path) == path``, checked in a few
     substring tests instead of a normalisation; other paths take the full route)."""
-    return (bool(path) and path[0] not in "./" and path[-1] != "/" and "//" not in path and "/." not in path
-            and ".." not in path)
+    return (
+        bool(path)
+        and path[0] not in "./"
+        and path[-1] != "/"
+        and "//" not in path
+        and "/." not in path
+        and ".." not in path
+    )
 
 
 def _outside_root(relative: str, root: Path, path: Path, where: str) -> UserError:
-    return UserError(f"image path {relative!r} is outside the dataset root {root} (data.allow_outside_root: true "
-                     "allows it)", path=str(path), field=where)
+    return UserError(
+        f"image path {relative!r} is outside the dataset root {root} (data.allow_outside_root: true allows it)",
+        path=str(path),
+        field=where,
+    )
 
 
 def _image_id(value: Any, what: str, path: Path, where: str) -> str:
@@ -79,8 +89,7 @@ def _image_id(value: Any, what: str, path: Path, where: str) -> str:
     return str(value)
 
 
-def read_captions_json(path: Path, *, name: str, clean: bool = True,
-                       allow_outside_root: bool = False) -> DatasetIndex:
+def read_captions_json(path: Path, *, name: str, clean: bool = True, allow_outside_root: bool = False) -> DatasetIndex:
     """A ``captions_json`` split: a JSON list of ``{image, caption, image_id}``, image paths relative to the file.
 
     Records of one ``image_id`` must name the same image file; an image may have any number of captions. An image
@@ -109,8 +118,7 @@ def read_captions_json(path: Path, *, name: str, clean: bool = True,
         except KeyError:
             key = next(key for key in ("image", "caption", "image_id") if key not in rec)
             raise UserError("missing field", path=str(path), field=f"[{k}].{key}") from None
-        image_id = raw_id if type(raw_id) is str and raw_id else _image_id(raw_id, "image_id", path,
-                                                                             f"[{k}].image_id")
+        image_id = raw_id if type(raw_id) is str and raw_id else _image_id(raw_id, "image_id", path, f"[{k}].image_id")
         if type(raw_image) is str and is_plain_relative(raw_image):
             image_file = raw_image
         else:
@@ -163,8 +171,9 @@ def _captions_json_file(raw: Any, base: Path, path: Path, where: str, allow_outs
 KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 
 
-def read_karpathy(annotations: Path, image_root: Path, split: str, *, name: str, clean: bool = True,
-                  allow_outside_root: bool = False) -> DatasetIndex:
+def read_karpathy(
+    annotations: Path, image_root: Path, split: str, *, name: str, clean: bool = True, allow_outside_root: bool = False
+) -> DatasetIndex:
     """A split of ``dataset_coco.json`` / ``dataset_flickr30k.json``: train = train + restval.
 
     Image ids are COCO ids (``cocoid``) where present, else the file stem; caption ids are ``sentid``; both must
@@ -219,13 +228,17 @@ def read_karpathy(annotations: Path, image_root: Path, split: str, *, name: str,
             captions.append(text)
             if "sentid" in sent:
                 sentid = sent["sentid"]
-                caption_id = sentid if type(sentid) is str and sentid else _image_id(
-                    sentid, "sentid", annotations, f"{where}.sentences[{s}].sentid")
+                caption_id = (
+                    sentid
+                    if type(sentid) is str and sentid
+                    else _image_id(sentid, "sentid", annotations, f"{where}.sentences[{s}].sentid")
+                )
             else:
                 caption_id = f"{image_id}#{s}"
             if caption_id in seen_captions:
-                raise UserError(f"duplicate sentid {caption_id!r}", path=str(annotations),
-                                field=f"{where}.sentences[{s}].sentid")
+                raise UserError(
+                    f"duplicate sentid {caption_id!r}", path=str(annotations), field=f"{where}.sentences[{s}].sentid"
+                )
             seen_captions.add(caption_id)
             caption_ids.append(caption_id)
             caption_image.append(idx)

@@ -21,6 +21,7 @@ leaves at most a torn tail, which readers ignore and the next writer truncates, 
 committed. A decode failure stops the build with a ``UserError`` naming the file; the chunk holding it is not
 committed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,9 +31,10 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,7 +80,7 @@ class PixelStore:
         self.build_lock_path = self.root / "build.lock"
 
     @classmethod
-    def for_transform(cls, cache_dir: Path, transform: PixelTransform) -> "PixelStore":
+    def for_transform(cls, cache_dir: Path, transform: PixelTransform) -> PixelStore:
         h, w = transform.size
         return cls(Path(cache_dir) / f"{h}x{w}-{transform.digest[:16]}", transform.shape, transform.spec)
 
@@ -102,20 +104,31 @@ class PixelStore:
             tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8")
             os.replace(tmp, self.root / "store.json")
         except OSError as err:
-            raise UserError(f"cannot create the decoded-image cache ({err.strerror or err})",
-                            path=str(err.filename or self.root), field=CACHE_FIELD) from None
+            raise UserError(
+                f"cannot create the decoded-image cache ({err.strerror or err})",
+                path=str(err.filename or self.root),
+                field=CACHE_FIELD,
+            ) from None
 
     def _check_meta(self) -> None:
         path = self.root / "store.json"
         try:
             meta = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
-            raise UserError(f"unreadable store.json ({err}); delete this folder to rebuild it", path=str(path),
-                            field=CACHE_FIELD) from None
-        if meta.get("format") != STORE_FORMAT or list(meta.get("shape", [])) != list(self.shape) \
-                or meta.get("spec") != self.spec:
-            raise UserError(f"this store holds rows of another format or transform ({meta.get('spec')!r}); delete "
-                            "this folder to rebuild it", path=str(path), field=CACHE_FIELD)
+            raise UserError(
+                f"unreadable store.json ({err}); delete this folder to rebuild it", path=str(path), field=CACHE_FIELD
+            ) from None
+        if (
+            meta.get("format") != STORE_FORMAT
+            or list(meta.get("shape", [])) != list(self.shape)
+            or meta.get("spec") != self.spec
+        ):
+            raise UserError(
+                f"this store holds rows of another format or transform ({meta.get('spec')!r}); delete "
+                "this folder to rebuild it",
+                path=str(path),
+                field=CACHE_FIELD,
+            )
 
     # ------------------------------------------------------------------------------------------ table
     def _committed_keys(self) -> np.ndarray:
@@ -252,8 +265,13 @@ def image_keys(index: DatasetIndex, memo: FileHashMemo, progress: bool = False) 
     from tqdm.auto import tqdm
 
     keys: list[bytes] = []
-    with tqdm(total=index.num_images, desc=f"hashing {index.name} images", unit="img", leave=False,
-              disable=None if progress else True) as bar:  # None: only on a terminal
+    with tqdm(
+        total=index.num_images,
+        desc=f"hashing {index.name} images",
+        unit="img",
+        leave=False,
+        disable=None if progress else True,
+    ) as bar:  # None: only on a terminal
         for i in range(index.num_images):
             if index.image_paths is None:
                 keys.append(pixels_key(index.load_image(i)))
@@ -282,9 +300,16 @@ class ImageCacheStats:
     store: Path
 
 
-def decoded_images(index: DatasetIndex, transform: PixelTransform, cache_dir: Path | str, *,
-                   workers: int | None = None, backend: str = "local", progress: bool = False,
-                   chunk_rows: int | None = None) -> tuple[DecodedImages, ImageCacheStats]:
+def decoded_images(
+    index: DatasetIndex,
+    transform: PixelTransform,
+    cache_dir: Path | str,
+    *,
+    workers: int | None = None,
+    backend: str = "local",
+    progress: bool = False,
+    chunk_rows: int | None = None,
+) -> tuple[DecodedImages, ImageCacheStats]:
     """The cached pixels of every image of ``index``, decoding (in parallel) only those not cached yet.
 
     ``workers``: decoding processes for the local backend (``None``: every CPU); ``backend``: ``"local"`` (a
@@ -311,19 +336,43 @@ def decoded_images(index: DatasetIndex, transform: PixelTransform, cache_dir: Pa
                 first.setdefault(keys[pos], pos)
             if first:
                 positions = np.asarray(sorted(first.values()), dtype=np.int64)
-                log.info("decoded-image cache: decoding %d of %d %s images (%s) into %s", len(positions),
-                         index.num_images, index.name, backend, store.root)
-                build_rows(store, index, transform, positions, keys, workers=workers, backend=backend,
-                           progress=progress, chunk_rows=chunk_rows or DEFAULT_CHUNK_ROWS)
+                log.info(
+                    "decoded-image cache: decoding %d of %d %s images (%s) into %s",
+                    len(positions),
+                    index.num_images,
+                    index.name,
+                    backend,
+                    store.root,
+                )
+                build_rows(
+                    store,
+                    index,
+                    transform,
+                    positions,
+                    keys,
+                    workers=workers,
+                    backend=backend,
+                    progress=progress,
+                    chunk_rows=chunk_rows or DEFAULT_CHUNK_ROWS,
+                )
                 computed, used = len(positions), backend
             rows, _ = store.lookup(keys)
     else:
         memo.save()  # a no-op unless a file was hashed again (a new mtime)
     if (rows < 0).any():  # unreachable unless the store was deleted while this ran
-        raise UserError("rows are missing from the decoded-image cache after building it", path=str(store.root),
-                        field=CACHE_FIELD)
-    stats = ImageCacheStats(split=index.name, images=index.num_images, distinct=len(set(keys)), computed=computed,
-                            reused=reused, backend=used, seconds=time.perf_counter() - start, store=store.root)
+        raise UserError(
+            "rows are missing from the decoded-image cache after building it", path=str(store.root), field=CACHE_FIELD
+        )
+    stats = ImageCacheStats(
+        split=index.name,
+        images=index.num_images,
+        distinct=len(set(keys)),
+        computed=computed,
+        reused=reused,
+        backend=used,
+        seconds=time.perf_counter() - start,
+        store=store.root,
+    )
     return DecodedImages(store, rows, transform), stats
 
 
@@ -334,8 +383,9 @@ def _ensure_dir(cache_dir: Path) -> None:
     try:
         ensure_cache_dir(cache_dir, field=CACHE_FIELD)
     except UserError as err:
-        raise UserError(err.detail.replace("teacher cache", "decoded-image cache"), path=err.path,
-                        field=err.field) from None
+        raise UserError(
+            err.detail.replace("teacher cache", "decoded-image cache"), path=err.path, field=err.field
+        ) from None
 
 
 # -------------------------------------------------------------------------------------------- configs
@@ -363,8 +413,12 @@ def image_input(cfg: Any, index: DatasetIndex, preprocess: Callable, *, progress
     workers = build_workers(cfg.data) if cfg.scaling.backend == "local" else max(1, int(cfg.scaling.cpus_per_worker))
     images, stats = decoded_images(index, transform, image_cache_root(cfg.data), workers=workers, progress=progress)
     if stats.computed:
-        log.warning("decoded-image cache: %d %s images were decoded by the training process; itr train's driver "
-                    "and `itr prepare` decode them beforehand, in parallel", stats.computed, index.name)
+        log.warning(
+            "decoded-image cache: %d %s images were decoded by the training process; itr train's driver "
+            "and `itr prepare` decode them beforehand, in parallel",
+            stats.computed,
+            index.name,
+        )
     return images
 
 
@@ -374,8 +428,9 @@ def build_workers(data_cfg: Any) -> int:
     return max(1, os.cpu_count() or 1) if value == "auto" else int(value)
 
 
-def prepare_image_cache(cfg: Any, roles: Sequence[str] = ("train", "val"), *, progress: bool = True
-                        ) -> dict[str, ImageCacheStats]:
+def prepare_image_cache(
+    cfg: Any, roles: Sequence[str] = ("train", "val"), *, progress: bool = True
+) -> dict[str, ImageCacheStats]:
     """On the driver, before any worker starts: decode every image of each split ``role`` not cached yet.
 
     A no-op unless ``data.image_cache`` is ``decoded`` and the image tower reads pixels (a locked, cached image
@@ -390,8 +445,9 @@ def prepare_image_cache(cfg: Any, roles: Sequence[str] = ("train", "val"), *, pr
         return {}
     if cfg.data.augment != "none" or cfg.data.resolved_format == "webdataset":  # train: decoded every epoch
         roles = [r for r in roles if r != "train"]
-    model_cfg = cfg.model.model_copy(update={"pretrained": None, "lock_image": False, "lock_text": False,
-                                             "grad_checkpointing": False})
+    model_cfg = cfg.model.model_copy(
+        update={"pretrained": None, "lock_image": False, "lock_text": False, "grad_checkpointing": False}
+    )
     transform = split_preprocess(build_student(model_cfg).preprocess, cfg.model.name)
     backend = _build_backend(cfg)
     out: dict[str, ImageCacheStats] = {}
@@ -403,10 +459,23 @@ def prepare_image_cache(cfg: Any, roles: Sequence[str] = ("train", "val"), *, pr
                 raise
             log.info("decoded-image cache: skipping split %s (%s)", role, err)
             continue
-        _, stats = decoded_images(index, transform, image_cache_root(cfg.data), workers=build_workers(cfg.data),
-                                  backend=backend, progress=progress)
-        log.info("decoded-image cache: %s: %d images, %d decoded, %d cached (%.1f s) in %s", index.name,
-                 stats.images, stats.computed, stats.reused, stats.seconds, stats.store)
+        _, stats = decoded_images(
+            index,
+            transform,
+            image_cache_root(cfg.data),
+            workers=build_workers(cfg.data),
+            backend=backend,
+            progress=progress,
+        )
+        log.info(
+            "decoded-image cache: %s: %d images, %d decoded, %d cached (%.1f s) in %s",
+            index.name,
+            stats.images,
+            stats.computed,
+            stats.reused,
+            stats.seconds,
+            stats.store,
+        )
         out[role] = stats
     return out
 
@@ -427,5 +496,15 @@ def _build_backend(cfg: Any) -> str:
     return "local"
 
 
-__all__ = ["DecodeImages", "DecodedImages", "ImageCacheStats", "PixelStore", "build_workers", "decoded_images",
-           "image_cache_root", "image_input", "image_keys", "prepare_image_cache"]
+__all__ = [
+    "DecodeImages",
+    "DecodedImages",
+    "ImageCacheStats",
+    "PixelStore",
+    "build_workers",
+    "decoded_images",
+    "image_cache_root",
+    "image_input",
+    "image_keys",
+    "prepare_image_cache",
+]

@@ -15,16 +15,19 @@ Backends:
 * ``ray``: one Ray task (1 CPU) per chunk on the connected cluster, at most twice its CPUs in flight; the
   image files must be on storage every node sees.
 """
+
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
+from orchestrator.data.images import load_rgb
 from orchestrator.data.index import DatasetIndex
-from orchestrator.data.pixels import PixelTransform, load_rgb
+from orchestrator.data.pixels import PixelTransform
 from orchestrator.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -53,18 +56,22 @@ def decode_chunk(job: tuple[int, Sequence[str], PixelTransform]) -> ChunkResult:
     return start, out
 
 
-def _chunks(index: DatasetIndex, positions: np.ndarray, transform: PixelTransform, chunk_rows: int
-            ) -> list[tuple[int, list[str], PixelTransform]]:
+def _chunks(
+    index: DatasetIndex, positions: np.ndarray, transform: PixelTransform, chunk_rows: int
+) -> list[tuple[int, list[str], PixelTransform]]:
     assert index.image_paths is not None
-    return [(lo, [str(index.image_paths[int(p)]) for p in positions[lo:lo + chunk_rows]], transform)
-            for lo in range(0, len(positions), chunk_rows)]
+    return [
+        (lo, [str(index.image_paths[int(p)]) for p in positions[lo : lo + chunk_rows]], transform)
+        for lo in range(0, len(positions), chunk_rows)
+    ]
 
 
-def _in_process(index: DatasetIndex, positions: np.ndarray, transform: PixelTransform, chunk_rows: int
-                ) -> Iterator[ChunkResult]:
+def _in_process(
+    index: DatasetIndex, positions: np.ndarray, transform: PixelTransform, chunk_rows: int
+) -> Iterator[ChunkResult]:
     """Chunks decoded here, in order (generated images, small builds); errors raise as they come."""
     for lo in range(0, len(positions), chunk_rows):
-        part = positions[lo:lo + chunk_rows]
+        part = positions[lo : lo + chunk_rows]
         out = np.empty((len(part), *transform.shape), dtype=np.uint8)
         for k, p in enumerate(part.tolist()):
             image = index.load_image(int(p))  # UserError naming the file
@@ -117,8 +124,18 @@ def _ray(jobs: list) -> Iterator[ChunkResult]:
             ray.cancel(ref)
 
 
-def build_rows(store: Any, index: DatasetIndex, transform: PixelTransform, positions: np.ndarray,
-               keys: Sequence[bytes], *, workers: int | None, backend: str, progress: bool, chunk_rows: int) -> None:
+def build_rows(
+    store: Any,
+    index: DatasetIndex,
+    transform: PixelTransform,
+    positions: np.ndarray,
+    keys: Sequence[bytes],
+    *,
+    workers: int | None,
+    backend: str,
+    progress: bool,
+    chunk_rows: int,
+) -> None:
     """Decode the images at ``positions`` of ``index`` and commit their rows (keyed by ``keys[position]``) to
     ``store`` chunk by chunk. Call under the store's build lock."""
     from tqdm.auto import tqdm
@@ -135,15 +152,16 @@ def build_rows(store: Any, index: DatasetIndex, transform: PixelTransform, posit
     else:
         raise ValueError(f"unknown image cache backend {backend!r} (local or ray)")
     chunks = math.ceil(len(positions) / chunk_rows)
-    with tqdm(total=len(positions), desc=f"decoding {index.name} images", unit="img",
-              disable=None if progress else True) as bar:  # None: only on a terminal
+    with tqdm(
+        total=len(positions), desc=f"decoding {index.name} images", unit="img", disable=None if progress else True
+    ) as bar:  # None: only on a terminal
         try:
             for _ in range(chunks):
                 start, result = next(stream)
                 if isinstance(result, tuple):
                     path, message = result
                     raise UserError(message, path=path)
-                part = positions[start:start + len(result)]
+                part = positions[start : start + len(result)]
                 store.append([keys[int(p)] for p in part], result)
                 bar.update(len(part))
         finally:

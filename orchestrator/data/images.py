@@ -9,6 +9,7 @@ so a 16-bit PNG comes out almost all white. Here they are scaled by their range 
 
 Refusals raise ``ValueError``; the callers turn it into a ``UserError`` naming the file.
 """
+
 from __future__ import annotations
 
 import errno
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from orchestrator.errors import UserError
 
 #: Modes PIL opens 16-bit single-channel images in.
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
@@ -64,3 +67,17 @@ def check_image_file(path: Path) -> str | None:
     if not stat.S_ISREG(st.st_mode):
         return "image file not found"
     return None
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """The 8-bit RGB image in the file ``path`` (wide modes scaled by range: ``to_rgb``), decoded in
+    full; an unreadable file raises ``UserError`` naming it."""
+    try:
+        with Image.open(path) as img:
+            return to_rgb(img)
+    except OSError as err:
+        if isinstance(err.errno, int):  # the file itself: missing, a symlink loop, no permission
+            raise UserError(open_failure(err), path=str(path)) from None
+        raise UserError(f"cannot read image ({err.__class__.__name__}: {err})", path=str(path)) from None
+    except (ValueError, Image.DecompressionBombError) as err:
+        raise UserError(f"cannot read image ({err.__class__.__name__}: {err})", path=str(path)) from None

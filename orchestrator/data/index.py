@@ -1,16 +1,17 @@
 """One in-memory, columnar index for every dataset format: images, captions, caption -> image, image -> captions."""
+
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
 from orchestrator.data.columns import PackedStrings, PathColumn, as_packed
-from orchestrator.data.images import open_failure, to_rgb
+from orchestrator.data.images import load_rgb
 from orchestrator.data.manifest import VerifyReport, verify_image_files
 from orchestrator.errors import UserError
 
@@ -101,7 +102,7 @@ class DatasetIndex:
         if not -self.num_images <= i < self.num_images:
             raise IndexError(f"image index {i} out of range for {self.num_images} images")
         i %= self.num_images
-        return self._caption_order[self._image_offsets[i]:self._image_offsets[i + 1]]
+        return self._caption_order[self._image_offsets[i] : self._image_offsets[i + 1]]
 
     @property
     def captions_per_image(self) -> np.ndarray:
@@ -110,9 +111,12 @@ class DatasetIndex:
 
     def column_nbytes(self) -> dict[str, int]:
         """Bytes held per column (text buffers + offsets, int64 arrays); Python object headers not counted."""
-        sizes = {"image_ids": self.image_ids.nbytes, "captions": self.captions.nbytes,
-                 "caption_image": self.caption_image.nbytes,
-                 "captions_of": self._caption_order.nbytes + self._image_offsets.nbytes}
+        sizes = {
+            "image_ids": self.image_ids.nbytes,
+            "captions": self.captions.nbytes,
+            "caption_image": self.caption_image.nbytes,
+            "captions_of": self._caption_order.nbytes + self._image_offsets.nbytes,
+        }
         if self.caption_ids is not None:
             sizes["caption_ids"] = self.caption_ids.nbytes
         if isinstance(self.image_paths, PathColumn):
@@ -125,23 +129,16 @@ class DatasetIndex:
         if self.renderer is not None:
             return self.renderer(image_index)
         assert self.image_paths is not None
-        path = self.image_paths[image_index]
-        try:
-            with Image.open(path) as img:
-                return to_rgb(img)
-        except OSError as err:
-            if isinstance(err.errno, int):  # the file itself: missing, a symlink loop, no permission
-                raise UserError(open_failure(err), path=str(path)) from None
-            raise UserError(f"cannot read image ({err.__class__.__name__}: {err})", path=str(path)) from None
-        except ValueError as err:
-            raise UserError(f"cannot read image ({err.__class__.__name__}: {err})", path=str(path)) from None
+        return load_rgb(self.image_paths[image_index])
 
-    def verify_images(self, mode: str = "header", *, manifest_dir: Path | None = None,
-                      progress: bool = True) -> VerifyReport:
+    def verify_images(
+        self, mode: str = "header", *, manifest_dir: Path | None = None, progress: bool = True
+    ) -> VerifyReport:
         """Fail before training on the first missing or unreadable image, naming the file.
 
         ``mode``: ``"exists"`` checks the files exist (a symlink loop is named as one); ``"header"`` also parses
-        each image header (cheap; catches non-images); ``"full"`` decodes every image (catches truncated files); ``"none"``.
+        each image header (cheap; catches non-images); ``"full"`` decodes every image (catches truncated files);
+        ``"none"``.
         With ``manifest_dir`` the ``header``/``full`` checks are recorded there and files unchanged since their last
         check are not parsed again (``orchestrator.data.manifest``); without it every file is checked.
         """
@@ -176,7 +173,7 @@ class DatasetIndex:
         h.update(self.caption_image.astype("<i8", copy=False).tobytes())
         return h.hexdigest()[:16]
 
-    def subset_images(self, image_indices: Sequence[int], name: str | None = None) -> "DatasetIndex":
+    def subset_images(self, image_indices: Sequence[int], name: str | None = None) -> DatasetIndex:
         """A new index over the given images (in that order, no repeats) and all their captions."""
         idx = np.asarray(image_indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < -self.num_images or idx.max() >= self.num_images):

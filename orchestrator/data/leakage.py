@@ -7,6 +7,7 @@ default) or raises a ``UserError`` (``data.leakage: error``). Image files are co
 normalised absolute paths (as the readers build them), so two spellings of one file match; two symlinks to one
 file do not.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 EXAMPLES = 3
 EVAL_ROLES: tuple[SplitRole, ...] = ("val", "test")
 #: Data configs (as JSON) this process has already checked -> what was found (the preflight, then the loop).
-_CHECKED: dict[str, dict[str, "Overlap"]] = {}
+_CHECKED: dict[str, dict[str, Overlap]] = {}
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Overlap:
 
     def describe(self, root: Path | None) -> str:
         """One clause: ``2 of 3 images of split 'val' are also in split 'train' (1 image id ('a'); ...)``."""
+
         def phrase(kind: str) -> str:
             vals = self.values[kind]
             shown = [_display(v, root) if kind == "image files" else repr(v) for v in vals[:EXAMPLES]]
@@ -58,8 +60,10 @@ class Overlap:
         parts = []
         image_kinds = [phrase(k) for k in ("image ids", "image files") if self.values.get(k)]
         if image_kinds:
-            parts.append(f"{self.num_images} of {self.total_images} images of split {self.role!r} are also in split "
-                         f"'train' ({'; '.join(image_kinds)})")
+            parts.append(
+                f"{self.num_images} of {self.total_images} images of split {self.role!r} are also in split "
+                f"'train' ({'; '.join(image_kinds)})"
+            )
         if self.values.get("caption ids"):
             parts.append(f"split {self.role!r} has {phrase('caption ids')} of split 'train'")
         return "; ".join(parts)
@@ -102,8 +106,13 @@ def find_overlap(train: DatasetIndex, other: DatasetIndex, role: str) -> Overlap
     num_images = int((id_hit | file_hit).sum())
     if not num_images and not values.get("caption ids"):
         return None
-    return Overlap(role=role, source=other.source or other.name, num_images=num_images,
-                   total_images=other.num_images, values=values)
+    return Overlap(
+        role=role,
+        source=other.source or other.name,
+        num_images=num_images,
+        total_images=other.num_images,
+        values=values,
+    )
 
 
 def _eval_split(cfg: DataConfig, role: SplitRole) -> DatasetIndex | None:
@@ -150,7 +159,11 @@ def check_leakage(cfg: DataConfig, loaded: dict[str, DatasetIndex] | None = None
         first = next(iter(found.values()))
         raise UserError(f"{text} (set data.leakage: warn to train anyway)", path=first.source, field="data.leakage")
     sources = sorted({o.source for o in found.values()} | {train.source or train.name})
-    log.warning("train/eval leakage: %s; eval scores on these splits overstate the model (data in %s; "
-                "data.leakage: error refuses such data)", text, ", ".join(sources))
+    log.warning(
+        "train/eval leakage: %s; eval scores on these splits overstate the model (data in %s; "
+        "data.leakage: error refuses such data)",
+        text,
+        ", ".join(sources),
+    )
     _CHECKED[key] = found
     return found

@@ -1,8 +1,9 @@
 """Torch datasets over a ``DatasetIndex``: (image, caption) training pairs and per-split encoding batches."""
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -94,16 +95,27 @@ class PairBatch:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     skipped: tuple[str, ...] = ()
 
-    def to(self, device: torch.device) -> "PairBatch":
+    def to(self, device: torch.device) -> PairBatch:
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return PairBatch(move(self.images), move(self.tokens), move(self.image_index), move(self.caption_index),
-                         {k: move(v) for k, v in self.extras.items()}, self.skipped)
+        return PairBatch(
+            move(self.images),
+            move(self.tokens),
+            move(self.image_index),
+            move(self.caption_index),
+            {k: move(v) for k, v in self.extras.items()},
+            self.skipped,
+        )
 
-    def pin_memory(self) -> "PairBatch":
+    def pin_memory(self) -> PairBatch:
         """Page-locked copies (the DataLoader's ``pin_memory`` thread calls this), so ``to`` can overlap compute."""
-        return PairBatch(self.images.pin_memory(), self.tokens.pin_memory(), self.image_index.pin_memory(),
-                         self.caption_index.pin_memory(), {k: v.pin_memory() for k, v in self.extras.items()},
-                         self.skipped)
+        return PairBatch(
+            self.images.pin_memory(),
+            self.tokens.pin_memory(),
+            self.image_index.pin_memory(),
+            self.caption_index.pin_memory(),
+            {k: v.pin_memory() for k, v in self.extras.items()},
+            self.skipped,
+        )
 
 
 class PairDataset(Dataset):
@@ -138,12 +150,22 @@ def make_pair_collate(text: TextInput | Tokenizer) -> Callable[[list], PairBatch
     return collate
 
 
-def train_loader(index: DatasetIndex, images: Callable[[int], torch.Tensor], text: TextInput | Tokenizer,
-                 sampler: CaptionBatchSampler, num_workers: int = 0) -> DataLoader:
+def train_loader(
+    index: DatasetIndex,
+    images: Callable[[int], torch.Tensor],
+    text: TextInput | Tokenizer,
+    sampler: CaptionBatchSampler,
+    num_workers: int = 0,
+) -> DataLoader:
     """Batches of ``sampler``; ``images``: an ``ImageTensorCache`` or ``FeatureRows``; ``text``: see
     ``make_pair_collate``."""
-    return DataLoader(PairDataset(index, images), batch_sampler=sampler, collate_fn=make_pair_collate(text),
-                      num_workers=num_workers, persistent_workers=num_workers > 0)
+    return DataLoader(
+        PairDataset(index, images),
+        batch_sampler=sampler,
+        collate_fn=make_pair_collate(text),
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
 
 
 def iter_image_batches(index: DatasetIndex, images: Callable[[int], torch.Tensor], batch_size: int):

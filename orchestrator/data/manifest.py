@@ -25,6 +25,7 @@ read the result. A manifest that cannot be read is ignored; one that cannot be w
 still happens. The first failing file stops the check with a ``UserError`` naming it, after the rows that passed
 are saved.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,9 +36,9 @@ import os
 import stat
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -120,7 +121,7 @@ def _stat_all(paths: PathColumn) -> _Stats:
 
     def column(values: list[int]) -> np.ndarray:
         out = np.full(n, -1, dtype=np.int64)
-        out[:len(values)] = np.asarray(values, dtype=np.uint64).astype(np.int64)  # inodes may exceed 2**63
+        out[: len(values)] = np.asarray(values, dtype=np.uint64).astype(np.int64)  # inodes may exceed 2**63
         return out
 
     return _Stats(column(size), column(mtime), column(ctime), column(inode), problem)
@@ -161,12 +162,16 @@ class ManifestFile:
         rel = self.paths.relative
         n = len(rel)
         try:
-            same = (int(cols["version"]) == FORMAT_VERSION and str(cols["mode"]) == self.mode
-                    and str(cols["root"]) == self.paths.root
-                    and np.array_equal(cols["offsets"], rel.offsets)
-                    and cols["buffer"].tobytes() == rel.buffer
-                    and all(cols[k].shape == (n,) for k in ("size", "mtime_ns", "ctime_ns", "inode", "status",
-                                                             "checked_ns")))
+            same = (
+                int(cols["version"]) == FORMAT_VERSION
+                and str(cols["mode"]) == self.mode
+                and str(cols["root"]) == self.paths.root
+                and np.array_equal(cols["offsets"], rel.offsets)
+                and cols["buffer"].tobytes() == rel.buffer
+                and all(
+                    cols[k].shape == (n,) for k in ("size", "mtime_ns", "ctime_ns", "inode", "status", "checked_ns")
+                )
+            )
         except (KeyError, ValueError, TypeError):
             same = False
         if not same:
@@ -179,9 +184,15 @@ class ManifestFile:
         if cols is None:
             return np.zeros(len(self.paths), dtype=bool)
         changed_late = np.maximum(cols["mtime_ns"], cols["ctime_ns"]) >= cols["checked_ns"] - RACY_NS
-        return ((cols["status"] == PASSED) & ~changed_late & (cols["size"] == now.size)
-                & (cols["mtime_ns"] == now.mtime_ns) & (cols["ctime_ns"] == now.ctime_ns)
-                & (cols["inode"] == now.inode) & (now.size >= 0))
+        return (
+            (cols["status"] == PASSED)
+            & ~changed_late
+            & (cols["size"] == now.size)
+            & (cols["mtime_ns"] == now.mtime_ns)
+            & (cols["ctime_ns"] == now.ctime_ns)
+            & (cols["inode"] == now.inode)
+            & (now.size >= 0)
+        )
 
     def save(self, now: _Stats, status: np.ndarray, checked_ns: np.ndarray, reason: str) -> None:
         """Write the manifest atomically; a folder that cannot be written is logged, not fatal."""
@@ -191,17 +202,29 @@ class ManifestFile:
             self.folder.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{self.path.stem}-", suffix=".npz.tmp")
             with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, version=np.int64(FORMAT_VERSION), mode=np.str_(self.mode), root=np.str_(self.paths.root),
-                         offsets=rel.offsets, buffer=np.frombuffer(rel.buffer, dtype=np.uint8), size=now.size,
-                         mtime_ns=now.mtime_ns, ctime_ns=now.ctime_ns, inode=now.inode, status=status,
-                         checked_ns=checked_ns, reason=np.str_(reason))
+                np.savez(
+                    fh,
+                    version=np.int64(FORMAT_VERSION),
+                    mode=np.str_(self.mode),
+                    root=np.str_(self.paths.root),
+                    offsets=rel.offsets,
+                    buffer=np.frombuffer(rel.buffer, dtype=np.uint8),
+                    size=now.size,
+                    mtime_ns=now.mtime_ns,
+                    ctime_ns=now.ctime_ns,
+                    inode=now.inode,
+                    status=status,
+                    checked_ns=checked_ns,
+                    reason=np.str_(reason),
+                )
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
             tmp = None
         except OSError as err:
-            log.warning("could not write the image manifest %s (%s); images will be checked again next time",
-                        self.path, err)
+            log.warning(
+                "could not write the image manifest %s (%s); images will be checked again next time", self.path, err
+            )
         finally:
             if tmp is not None:
                 with contextlib.suppress(OSError):
@@ -224,8 +247,9 @@ class ManifestFile:
             fh.close()  # releases the lock
 
 
-def verify_image_files(paths: PathColumn, mode: str, *, manifest_dir: Path | None,
-                       progress: bool = True) -> VerifyReport:
+def verify_image_files(
+    paths: PathColumn, mode: str, *, manifest_dir: Path | None, progress: bool = True
+) -> VerifyReport:
     """Fail on the first missing or unreadable image of ``paths`` (in order), naming the file; see
     ``DatasetIndex.verify_images`` for the modes. With ``manifest_dir``, files checked before and unchanged since
     are not parsed again (module docstring); without it every file is checked."""
@@ -256,8 +280,13 @@ def verify_image_files(paths: PathColumn, mode: str, *, manifest_dir: Path | Non
         todo = np.flatnonzero(~trusted[:limit])
         parsed, reason = 0, ""
         failed: tuple[int, str] | None = None
-        with tqdm(total=todo.size, desc=f"verifying images ({mode})", unit="img", leave=False,
-                  disable=not progress or todo.size < PROGRESS_MIN) as bar:
+        with tqdm(
+            total=todo.size,
+            desc=f"verifying images ({mode})",
+            unit="img",
+            leave=False,
+            disable=not progress or todo.size < PROGRESS_MIN,
+        ) as bar:
             for i in todo.tolist():
                 problem = parse_problem(os.path.join(paths.root, paths.relative[i]), mode)
                 parsed += 1
@@ -271,8 +300,14 @@ def verify_image_files(paths: PathColumn, mode: str, *, manifest_dir: Path | Non
     if failed is not None:
         raise UserError(failed[1], path=os.path.join(paths.root, paths.relative[failed[0]]))
     _raise_stat_problem(now)
-    log.info("verified %d images (%s): %d parsed, %d unchanged since the manifest %s", n, mode, parsed,
-             int(trusted.sum()), manifest.path if manifest else "(none)")
+    log.info(
+        "verified %d images (%s): %d parsed, %d unchanged since the manifest %s",
+        n,
+        mode,
+        parsed,
+        int(trusted.sum()),
+        manifest.path if manifest else "(none)",
+    )
     return VerifyReport(n, int(trusted.sum()), parsed, manifest.path if manifest else None)
 
 

@@ -15,13 +15,14 @@ Unreadable images (``data.bad_images``): ``fail`` stops the run naming the file 
 pair by another caption whose image is in no batch of that step and decodes, counts it, and names the file in a
 WARNING; the count is logged per epoch as ``train/skipped_images``.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -125,8 +126,9 @@ class BadImages:
             self.count += 1
             if name not in self.paths:
                 self.paths.add(name)
-                log.warning("unreadable image skipped (data.bad_images: skip; counted in train/skipped_images): %s",
-                            name)
+                log.warning(
+                    "unreadable image skipped (data.bad_images: skip; counted in train/skipped_images): %s", name
+                )
 
 
 @dataclass(frozen=True)
@@ -150,10 +152,18 @@ class TrainPairs(Dataset):
     ``gather``: the global batch is gathered, so pairwise inputs are built over the global ids.
     """
 
-    def __init__(self, index: DatasetIndex, images: Callable[[int], torch.Tensor], text: TextInput,
-                 inputs: Callable[[np.ndarray, np.ndarray], dict[str, torch.Tensor]] | None = None, *,
-                 need: frozenset[str] | set[str] = frozenset(), gather: bool = False, bad_images: str = "fail",
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        index: DatasetIndex,
+        images: Callable[[int], torch.Tensor],
+        text: TextInput,
+        inputs: Callable[[np.ndarray, np.ndarray], dict[str, torch.Tensor]] | None = None,
+        *,
+        need: frozenset[str] | set[str] = frozenset(),
+        gather: bool = False,
+        bad_images: str = "fail",
+        seed: int = 0,
+    ) -> None:
         self.index = index
         self.images = images
         self.text = text
@@ -191,8 +201,11 @@ class TrainPairs(Dataset):
                 continue
             taken.add(other_image)
             return other, other_image, pixels
-        raise UserError(f"{len(skipped)} unreadable images and no readable substitute in {MAX_SUBSTITUTES} tries "
-                        "(data.bad_images: skip)", path=self.index.source or self.index.name)
+        raise UserError(
+            f"{len(skipped)} unreadable images and no readable substitute in {MAX_SUBSTITUTES} tries "
+            "(data.bad_images: skip)",
+            path=self.index.source or self.index.name,
+        )
 
     def __getitems__(self, ids: BatchIds | np.ndarray) -> PairBatch | BatchFailure:
         """The batch of ``ids``, or a :class:`BatchFailure` naming the file that stopped it."""
@@ -226,8 +239,9 @@ class TrainPairs(Dataset):
             extras = self.inputs(img_idx, cap_idx)
             if self.pairwise and self.gather:  # image x caption over the whole step: from the global ids
                 glob = ids.global_
-                extras.update({k: v for k, v in self.inputs(self.index.caption_image[glob], glob).items()
-                               if k in PAIRWISE_INPUTS})
+                extras.update(
+                    {k: v for k, v in self.inputs(self.index.caption_image[glob], glob).items() if k in PAIRWISE_INPUTS}
+                )
         return PairBatch(
             images=stacked,
             tokens=self.text([self.index.captions[c] for c in captions], captions),
@@ -243,17 +257,25 @@ def _whole_batch(batch: PairBatch | BatchFailure) -> PairBatch | BatchFailure:
     return batch
 
 
-def build_train_loader(dataset: TrainPairs, batch_sampler, *, workers: int, pin_memory: bool,
-                       prefetch_factor: int = 2) -> DataLoader:
+def build_train_loader(
+    dataset: TrainPairs, batch_sampler, *, workers: int, pin_memory: bool, prefetch_factor: int = 2
+) -> DataLoader:
     """A DataLoader over whole-batch fetches: ``workers`` processes (persistent, ``prefetch_factor`` batches
     each in flight), pinned batches when ``pin_memory`` (a CUDA device)."""
     kwargs = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if workers > 0 else {}
-    return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=_whole_batch, num_workers=workers,
-                      pin_memory=pin_memory, **kwargs)
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=_whole_batch,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        **kwargs,
+    )
 
 
-def gather_row_inputs(extras: dict[str, torch.Tensor], gather_rows: Callable[[torch.Tensor], torch.Tensor]
-                      ) -> dict[str, torch.Tensor]:
+def gather_row_inputs(
+    extras: dict[str, torch.Tensor], gather_rows: Callable[[torch.Tensor], torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """With a gathered batch: every row-wise input gathered like the ids (``gather_rows``: (B, ...) ->
     (W * B, ...)); pairwise inputs (relevance) were built over the global batch already."""
     return {k: v if k in PAIRWISE_INPUTS else gather_rows(v) for k, v in extras.items()}

@@ -1,4 +1,5 @@
-"""open_clip's eval transform split in two: the PIL part (resize, crop, RGB) and the device part (float, /255, mean/std).
+"""open_clip's eval transform split in two: the PIL part (resize, crop, RGB) and the device part (float, /255,
+mean/std).
 
 The student's image preprocessing (``open_clip.create_model_and_transforms``' eval transform) is a torchvision
 ``Compose``::
@@ -15,36 +16,22 @@ uint8 batch was copied there: 4x fewer bytes over PCIe than float32).
 A transform with any other step (a random crop, a colour jitter, a lambda) cannot be split without changing
 what it computes: :func:`split_preprocess` refuses it with a ``UserError`` naming ``model.name``.
 """
+
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from orchestrator.data.images import open_failure, to_rgb
 from orchestrator.errors import UserError
 
 #: Bump when the bytes a cached row holds would change for the same file and transform.
 PIXELS_FORMAT = 1
-
-
-def load_rgb(path: str | Path) -> Image.Image:
-    """The 8-bit RGB image in the file ``path`` (wide modes scaled by range: ``data.images.to_rgb``), decoded in
-    full; an unreadable file raises ``UserError`` naming it (what ``DatasetIndex.load_image`` does for a file)."""
-    try:
-        with Image.open(path) as img:
-            return to_rgb(img)
-    except OSError as err:
-        if isinstance(err.errno, int):  # the file itself: missing, a symlink loop, no permission
-            raise UserError(open_failure(err), path=str(path)) from None
-        raise UserError(f"cannot read image ({err.__class__.__name__}: {err})", path=str(path)) from None
-    except (ValueError, Image.DecompressionBombError) as err:
-        raise UserError(f"cannot read image ({err.__class__.__name__}: {err})", path=str(path)) from None
 
 
 def _step_kind(step: Any) -> str | None:
@@ -90,7 +77,8 @@ class PixelTransform:
     size: tuple[int, int]
     spec: str
     _stats: dict[tuple[str, int | None], tuple[torch.Tensor, torch.Tensor]] = field(
-        default_factory=dict, repr=False, compare=False)
+        default_factory=dict, repr=False, compare=False
+    )
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -112,8 +100,9 @@ class PixelTransform:
         """uint8 (3, H, W), C-contiguous: the pixels ``ToTensor`` would read from ``pil(image)``."""
         out = np.asarray(self.pil(image), dtype=np.uint8)
         if out.shape != (self.size[0], self.size[1], 3):
-            raise ValueError(f"the image transform gave {out.shape[1]}x{out.shape[0]} pixels, expected "
-                             f"{self.size[1]}x{self.size[0]}")
+            raise ValueError(
+                f"the image transform gave {out.shape[1]}x{out.shape[0]} pixels, expected {self.size[1]}x{self.size[0]}"
+            )
         return np.ascontiguousarray(out.transpose(2, 0, 1))
 
     def _mean_std(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,9 +136,12 @@ def _probe_size(steps: Sequence[Callable], model_name: str) -> tuple[int, int]:
             img = step(img)
         sizes.add((img.height, img.width))
     if len(sizes) != 1:
-        raise UserError(f"model {model_name!r}: its image transform does not give one fixed size (got "
-                        f"{sorted(sizes)}), so decoded images cannot be stored as rows; set data.image_cache: "
-                        "tensor_ram or none", field="model.name")
+        raise UserError(
+            f"model {model_name!r}: its image transform does not give one fixed size (got "
+            f"{sorted(sizes)}), so decoded images cannot be stored as rows; set data.image_cache: "
+            "tensor_ram or none",
+            field="model.name",
+        )
     return sizes.pop()
 
 
@@ -165,8 +157,11 @@ def split_preprocess(preprocess: Any, model_name: str) -> PixelTransform:
     steps = getattr(preprocess, "transforms", None)
     refuse = "; set data.image_cache: tensor_ram or none"
     if not isinstance(steps, (list, tuple)):
-        raise UserError(f"model {model_name!r}: its image transform {type(preprocess).__name__} is not a torchvision "
-                        f"Compose, so it cannot be split into decode and normalise{refuse}", field="model.name")
+        raise UserError(
+            f"model {model_name!r}: its image transform {type(preprocess).__name__} is not a torchvision "
+            f"Compose, so it cannot be split into decode and normalise{refuse}",
+            field="model.name",
+        )
     pil_steps: list[Callable] = []
     described: list[str] = []
     stage = "pil"  # pil -> to_tensor seen -> normalize seen
@@ -182,16 +177,23 @@ def split_preprocess(preprocess: Any, model_name: str) -> PixelTransform:
             mean, std = tuple(float(v) for v in step.mean), tuple(float(v) for v in step.std)
             stage = "done"
         else:
-            raise UserError(f"model {model_name!r}: cannot split its image transform at step {_describe(step)!r} "
-                            f"(only resize, centre crop, RGB, ToTensor, Normalize are understood){refuse}",
-                            field="model.name")
+            raise UserError(
+                f"model {model_name!r}: cannot split its image transform at step {_describe(step)!r} "
+                f"(only resize, centre crop, RGB, ToTensor, Normalize are understood){refuse}",
+                field="model.name",
+            )
     if stage != "done" or mean is None or std is None or len(mean) != 3 or len(std) != 3:
-        raise UserError(f"model {model_name!r}: its image transform does not end in ToTensor + a 3-channel "
-                        f"Normalize{refuse}", field="model.name")
+        raise UserError(
+            f"model {model_name!r}: its image transform does not end in ToTensor + a 3-channel Normalize{refuse}",
+            field="model.name",
+        )
     size = _probe_size(pil_steps, model_name)
-    spec = (f"pixels v{PIXELS_FORMAT}; decode: to_rgb (16-bit by range); " + " | ".join(described)
-            + f"; RGB uint8 CHW {size[0]}x{size[1]}; Pillow {PIL.__version__}")
+    spec = (
+        f"pixels v{PIXELS_FORMAT}; decode: to_rgb (16-bit by range); "
+        + " | ".join(described)
+        + f"; RGB uint8 CHW {size[0]}x{size[1]}; Pillow {PIL.__version__}"
+    )
     return PixelTransform(steps=pil_steps, mean=mean, std=std, size=size, spec=spec)  # type: ignore[arg-type]
 
 
-__all__ = ["PIXELS_FORMAT", "PixelTransform", "load_rgb", "split_preprocess"]
+__all__ = ["PIXELS_FORMAT", "PixelTransform", "split_preprocess"]

@@ -1,8 +1,9 @@
 """Training batch samplers: deterministic by (seed, epoch), sharded over DDP ranks, drop-last."""
+
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -53,8 +54,16 @@ class CaptionBatchSampler:
     (``scaling.gather_global_batch``) never holds one image on two ranks.
     """
 
-    def __init__(self, caption_image: np.ndarray, batch_size: int, *, seed: int, unique_images: bool = True,
-                 rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        caption_image: np.ndarray,
+        batch_size: int,
+        *,
+        seed: int,
+        unique_images: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         self.caption_image = np.asarray(caption_image, dtype=np.int64)
         self.batch_size = batch_size
         self.seed = seed
@@ -66,8 +75,9 @@ class CaptionBatchSampler:
         num_images = int(self.caption_image.max()) + 1 if len(self.caption_image) else 0
         if unique_images and batch_size * world_size > num_images:
             workers = f" x {world_size} workers" if world_size > 1 else ""
-            raise ValueError(f"batch size {batch_size}{workers} is larger than the number of training images "
-                             f"({num_images})")
+            raise ValueError(
+                f"batch size {batch_size}{workers} is larger than the number of training images ({num_images})"
+            )
         if batch_size * world_size > len(self.caption_image):
             raise ValueError(
                 f"batch size {batch_size} x {world_size} workers is larger than the number of captions "

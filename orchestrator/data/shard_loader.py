@@ -21,6 +21,7 @@ of worker ``(k + skip) % K``, so the remaining steps are the uninterrupted epoch
 A bad shard or image in a worker process reaches the training loop as the ``UserError`` it raised (exit 2, one line
 naming the shard), not as the DataLoader's multi-line wrapper.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,8 +30,9 @@ import itertools
 import logging
 import os
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -118,8 +120,11 @@ def decode_image(sample: Sample, preprocess: Callable[[Image.Image], torch.Tenso
         with Image.open(io.BytesIO(sample.image)) as img:
             rgb = to_rgb(img)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise UserError(f"cannot decode image {sample.image_member} ({err.__class__.__name__}: {err})",
-                        path=str(sample.shard), field=FIELD) from None
+        raise UserError(
+            f"cannot decode image {sample.image_member} ({err.__class__.__name__}: {err})",
+            path=str(sample.shard),
+            field=FIELD,
+        ) from None
     return preprocess(rgb)
 
 
@@ -147,9 +152,20 @@ class ShardPairs(IterableDataset):
     image ids (B,) int64, caption indices (B,) int64 = -1)`` -- or a ``BatchFailure``. ``epoch`` and ``skip`` are
     set before each epoch's iterator is made (workers are started per epoch and copy them)."""
 
-    def __init__(self, shards: ShardSet, *, preprocess: Callable[[Image.Image], torch.Tensor],
-                 tokenizer: Callable[[Sequence[str]], torch.Tensor], batch_size: int, steps: int, seed: int,
-                 rank: int, world_size: int, shuffle_buffer: int, clean_captions: bool) -> None:
+    def __init__(
+        self,
+        shards: ShardSet,
+        *,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        tokenizer: Callable[[Sequence[str]], torch.Tensor],
+        batch_size: int,
+        steps: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        shuffle_buffer: int,
+        clean_captions: bool,
+    ) -> None:
         self.shards, self.preprocess, self.tokenizer = shards, preprocess, tokenizer
         self.batch_size, self.steps, self.seed = batch_size, steps, seed
         self.rank, self.world_size = rank, world_size
@@ -165,8 +181,11 @@ class ShardPairs(IterableDataset):
     def _batches(self, epoch: int, role: int, workers: int, skip: int, in_worker: bool) -> Iterator:
         quota, done = steps_share(self.steps, role, workers), steps_share(skip, role, workers)
         try:
-            mine = worker_shards(rank_shards(self.shards.paths, seed=self.seed, epoch=epoch, rank=self.rank,
-                                             world_size=self.world_size), role, workers)
+            mine = worker_shards(
+                rank_shards(self.shards.paths, seed=self.seed, epoch=epoch, rank=self.rank, world_size=self.world_size),
+                role,
+                workers,
+            )
             rng = np.random.default_rng([self.seed, epoch, self.rank, role])
             batches = distinct_batches(self._passes(mine, epoch, role, rng), self.batch_size)
             for n, batch in enumerate(itertools.islice(batches, quota)):
@@ -183,17 +202,27 @@ class ShardPairs(IterableDataset):
         trace = _tracer(self.rank)
         for n in itertools.count():
             if n:
-                log.info("rank %d loader worker %d reads its %d shard(s) again in epoch %d (pass %d: the epoch "
-                         "needs more samples than they hold)", self.rank, role, len(shards), epoch, n + 1)
+                log.info(
+                    "rank %d loader worker %d reads its %d shard(s) again in epoch %d (pass %d: the epoch "
+                    "needs more samples than they hold)",
+                    self.rank,
+                    role,
+                    len(shards),
+                    epoch,
+                    n + 1,
+                )
             order = shards if n == 0 else [shards[i] for i in rng.permutation(len(shards))]
             read = 0
             for sample in shuffled(self._read(order, epoch, role, trace), self.shuffle_buffer, rng):
                 read += 1
                 yield sample
             if read < self.batch_size:
-                raise UserError(f"rank {self.rank}'s loader worker {role} got {len(shards)} shard(s) with {read} "
-                                f"samples in epoch {epoch}, fewer than a batch ({self.batch_size}): write more "
-                                "or larger shards, or use fewer loader workers", field=FIELD)
+                raise UserError(
+                    f"rank {self.rank}'s loader worker {role} got {len(shards)} shard(s) with {read} "
+                    f"samples in epoch {epoch}, fewer than a batch ({self.batch_size}): write more "
+                    "or larger shards, or use fewer loader workers",
+                    field=FIELD,
+                )
 
     def _read(self, shards: list[Path], epoch: int, role: int, trace: Callable) -> Iterator[Sample]:
         for path in shards:
@@ -212,8 +241,15 @@ class ShardLoader:
     processes, started per epoch). ``batch_sampler`` is the ``ResumableBatches`` that ``run_steps`` sets ``skip``
     on to resume mid-epoch."""
 
-    def __init__(self, dataset: ShardPairs, schedule: ShardSchedule, *, num_workers: int, pin_memory: bool,
-                 prefetch_factor: int = 2) -> None:
+    def __init__(
+        self,
+        dataset: ShardPairs,
+        schedule: ShardSchedule,
+        *,
+        num_workers: int,
+        pin_memory: bool,
+        prefetch_factor: int = 2,
+    ) -> None:
         self.dataset, self.schedule = dataset, schedule
         self.batch_sampler = ResumableBatches(schedule)
         extra = {"prefetch_factor": prefetch_factor} if num_workers > 0 else {}
@@ -235,18 +271,19 @@ class ShardLoader:
         return len(self.batch_sampler)
 
 
-def shard_workers(cfg: "ExperimentConfig", num_shards: int, world_size: int) -> int:
+def shard_workers(cfg: ExperimentConfig, num_shards: int, world_size: int) -> int:
     """Loader workers per rank: ``data.loader_workers`` (``auto``: the CPUs, but never more readers than shards);
     refuses (``UserError``) fewer shards than ``world_size`` x workers."""
-    workers = resolve_loader_workers(cfg.data.loader_workers, backend=cfg.scaling.backend,
-                                     cpus_per_worker=cfg.scaling.cpus_per_worker)
+    workers = resolve_loader_workers(
+        cfg.data.loader_workers, backend=cfg.scaling.backend, cpus_per_worker=cfg.scaling.cpus_per_worker
+    )
     if cfg.data.loader_workers == "auto":
         workers = min(workers, num_shards // world_size)
     check_split(num_shards, world_size, workers)
     return workers
 
 
-def check_streamable(cfg: "ExperimentConfig", shards: ShardSet, world_size: int) -> int:
+def check_streamable(cfg: ExperimentConfig, shards: ShardSet, world_size: int) -> int:
     """Refuse (``UserError``) a shard set that cannot feed ``world_size`` ranks (too few shards for the readers,
     fewer samples than one global batch); returns the steps per epoch."""
     shard_workers(cfg, len(shards.paths), world_size)
@@ -254,24 +291,46 @@ def check_streamable(cfg: "ExperimentConfig", shards: ShardSet, world_size: int)
     steps = shards.num_samples // (batch_size * world_size)
     if steps == 0:
         accum = f" x train.accum_steps {cfg.train.accum_steps}" if cfg.train.accum_steps > 1 else ""
-        raise UserError(f"batch size {cfg.train.batch_size}{accum} x {world_size} workers is larger than the number "
-                        f"of training samples ({shards.num_samples})", path=shards.name, field="train.batch_size")
+        raise UserError(
+            f"batch size {cfg.train.batch_size}{accum} x {world_size} workers is larger than the number "
+            f"of training samples ({shards.num_samples})",
+            path=shards.name,
+            field="train.batch_size",
+        )
     return steps
 
 
-def shard_train_loader(cfg: "ExperimentConfig", shards: ShardSet, *, preprocess: Callable, tokenizer: Callable,
-                       rank: int, world_size: int, pin_memory: bool = False) -> tuple[ShardLoader, ShardSchedule]:
+def shard_train_loader(
+    cfg: ExperimentConfig,
+    shards: ShardSet,
+    *,
+    preprocess: Callable,
+    tokenizer: Callable,
+    rank: int,
+    world_size: int,
+    pin_memory: bool = False,
+) -> tuple[ShardLoader, ShardSchedule]:
     """The loader of this rank's training batches from ``shards`` (an ``ExperimentConfig`` ``cfg``: batch size x
     ``train.accum_steps``, ``data.loader_workers``, ``data.shuffle_buffer``, ``train.seed``) and its schedule."""
     check_streamable(cfg, shards, world_size)
     batch_size = cfg.train.batch_size * cfg.train.accum_steps
     schedule = ShardSchedule(shards.num_samples, batch_size, world_size)
-    dataset = ShardPairs(shards, preprocess=preprocess, tokenizer=tokenizer, batch_size=batch_size,
-                         steps=len(schedule), seed=cfg.train.seed, rank=rank, world_size=world_size,
-                         shuffle_buffer=cfg.data.shuffle_buffer, clean_captions=cfg.data.clean_captions)
+    dataset = ShardPairs(
+        shards,
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        steps=len(schedule),
+        seed=cfg.train.seed,
+        rank=rank,
+        world_size=world_size,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        clean_captions=cfg.data.clean_captions,
+    )
     workers = shard_workers(cfg, len(shards.paths), world_size)
-    return ShardLoader(dataset, schedule, num_workers=workers, pin_memory=pin_memory,
-                       prefetch_factor=cfg.data.prefetch_factor), schedule
+    return ShardLoader(
+        dataset, schedule, num_workers=workers, pin_memory=pin_memory, prefetch_factor=cfg.data.prefetch_factor
+    ), schedule
 
 
 def _tracer(rank: int) -> Callable[[int, int, Path], None]:

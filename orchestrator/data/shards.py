@@ -20,6 +20,7 @@ Bad shards stop with exit 2 and one line naming the shard: a tar error, a shard 
 (no end-of-archive blocks), or bytes that are not tar headers where the archive ends (Python's ``tarfile``
 silently ends an archive there, so the rest of the file is checked to be the zero padding tar writes).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,9 +30,10 @@ import os
 import posixpath
 import re
 import tarfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, BinaryIO, ClassVar
 
 import numpy as np
 
@@ -72,7 +74,7 @@ def expand_braces(pattern: str) -> list[str]:
                 break
     if end < 0:
         raise ValueError(f"unbalanced '{{' in {pattern!r}")
-    head, body, tail = pattern[:start], pattern[start + 1:end], pattern[end + 1:]
+    head, body, tail = pattern[:start], pattern[start + 1 : end], pattern[end + 1 :]
     options = _brace_options(body)
     if options is None:  # literal braces: keep them, expand what follows
         return [head + "{" + body + "}" + t for t in expand_braces(tail)]
@@ -142,15 +144,16 @@ class ShardSet:
         return f"webdataset:{self.source or self.paths[0]} ({len(self.paths)} shards)"
 
 
-def open_shards(cfg: "DataConfig", *, progress: bool = True) -> ShardSet:
+def open_shards(cfg: DataConfig, *, progress: bool = True) -> ShardSet:
     """The shards of ``cfg.shards``, each checked to be a file, with the epoch's sample count: declared
     (``data.train_samples``), recorded (``sizes.json`` / img2dataset stats) or counted here once and recorded."""
     assert cfg.shards is not None
     paths = shard_paths(cfg.shards)
     for path in paths:
         if not path.is_file():
-            raise UserError("shard not found" if not path.exists() else "shard is not a file", path=str(path),
-                            field=FIELD)
+            raise UserError(
+                "shard not found" if not path.exists() else "shard is not a file", path=str(path), field=FIELD
+            )
     counts = recorded_counts(paths)
     source = cfg.shards if isinstance(cfg.shards, str) else f"{cfg.shards[0]}, ..."
     if cfg.train_samples is not None:
@@ -184,11 +187,17 @@ def _read_sizes(path: Path) -> dict[str, int]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"not a readable shard sizes file ({err.__class__.__name__}: {err}); delete it to recount",
-                        path=str(path), field=FIELD) from None
+        raise UserError(
+            f"not a readable shard sizes file ({err.__class__.__name__}: {err}); delete it to recount",
+            path=str(path),
+            field=FIELD,
+        ) from None
     if not isinstance(data, dict) or not all(isinstance(v, int) and v >= 0 for v in data.values()):
-        raise UserError("not a shard sizes file (expected {\"shard file name\": sample count, ...}); delete it to "
-                        "recount", path=str(path), field=FIELD)
+        raise UserError(
+            'not a shard sizes file (expected {"shard file name": sample count, ...}); delete it to recount',
+            path=str(path),
+            field=FIELD,
+        )
     return data
 
 
@@ -227,9 +236,12 @@ def count_and_record(paths: Sequence[Path], *, progress: bool = True) -> dict[Pa
             atomic_write(folder / SIZES_FILE, lambda fh, blob=blob: fh.write(blob), what="shard sizes")
             make_readable(folder / SIZES_FILE)
         except UserError as err:
-            raise UserError(f"{err.detail}: counted {total} samples but cannot record them; set "
-                            f"data.train_samples: {total} (or make the folder writable)", path=err.path,
-                            field="data.train_samples") from None
+            raise UserError(
+                f"{err.detail}: counted {total} samples but cannot record them; set "
+                f"data.train_samples: {total} (or make the folder writable)",
+                path=err.path,
+                field="data.train_samples",
+            ) from None
     return counts
 
 
@@ -238,9 +250,12 @@ def check_split(num_shards: int, world_size: int, loader_workers: int) -> None:
     """Every loader worker of every rank needs a shard of its own: refuse fewer than ``world_size * workers``."""
     readers = world_size * max(1, loader_workers)
     if num_shards < readers:
-        raise UserError(f"{num_shards} shards for {world_size} rank(s) x {max(1, loader_workers)} loader worker(s): "
-                        f"each reader needs a shard of its own (write more, smaller shards, or lower "
-                        f"data.loader_workers)", field=FIELD)
+        raise UserError(
+            f"{num_shards} shards for {world_size} rank(s) x {max(1, loader_workers)} loader worker(s): "
+            f"each reader needs a shard of its own (write more, smaller shards, or lower "
+            f"data.loader_workers)",
+            field=FIELD,
+        )
 
 
 def rank_shards(paths: Sequence[Path], *, seed: int, epoch: int, rank: int, world_size: int) -> list[Path]:
@@ -252,7 +267,7 @@ def rank_shards(paths: Sequence[Path], *, seed: int, epoch: int, rank: int, worl
 
 def worker_shards(shards: Sequence[Path], worker: int, num_workers: int) -> list[Path]:
     """Loader worker ``worker``'s share of its rank's ``shards``: every ``num_workers``-th from ``worker``."""
-    return list(shards[worker::max(1, num_workers)])
+    return list(shards[worker :: max(1, num_workers)])
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -274,7 +289,7 @@ def split_member(name: str) -> tuple[str, str] | None:
     dot = base.find(".")
     if dot <= 0:
         return None
-    return posixpath.join(folder, base[:dot]), base[dot + 1:].lower()
+    return posixpath.join(folder, base[:dot]), base[dot + 1 :].lower()
 
 
 def iter_samples(path: Path, *, clean: bool = True, expected: int | None = None) -> Iterator[Sample]:
@@ -302,8 +317,12 @@ def iter_samples(path: Path, *, clean: bool = True, expected: int | None = None)
             count += 1
         _check_end(raw, tar.offset, path)
     if expected is not None and count != expected:
-        raise UserError(f"holds {count} samples but its recorded count ({SIZES_FILE} or stats file) is {expected}: "
-                        "it changed or was cut short (delete the record to recount)", path=str(path), field=FIELD)
+        raise UserError(
+            f"holds {count} samples but its recorded count ({SIZES_FILE} or stats file) is {expected}: "
+            "it changed or was cut short (delete the record to recount)",
+            path=str(path),
+            field=FIELD,
+        )
 
 
 def count_samples(path: Path) -> int:
@@ -385,8 +404,11 @@ def _sample(key: str, group: list[tuple[str, tarfile.TarInfo, bytes]], path: Pat
     parts = {ext: (member, data) for ext, member, data in reversed(group)}  # the first member of each extension
     image = next((parts[ext] for ext in IMAGE_EXTENSIONS if ext in parts), None)
     if image is None:
-        raise UserError(f"sample {key!r} has no image member ({', '.join('.' + e for e in IMAGE_EXTENSIONS)})",
-                        path=str(path), field=FIELD)
+        raise UserError(
+            f"sample {key!r} has no image member ({', '.join('.' + e for e in IMAGE_EXTENSIONS)})",
+            path=str(path),
+            field=FIELD,
+        )
     captions = _captions(key, parts, path)
     if clean:
         from orchestrator.data.formats import clean_caption
@@ -413,13 +435,15 @@ def _captions(key: str, parts: dict[str, tuple[tarfile.TarInfo, bytes]], path: P
             if isinstance(value, list) and value and all(isinstance(c, str) for c in value):
                 return value
             if value is not None:
-                raise UserError(f"{member.name}: 'captions' must be a non-empty list of strings", path=str(path),
-                                field=FIELD)
+                raise UserError(
+                    f"{member.name}: 'captions' must be a non-empty list of strings", path=str(path), field=FIELD
+                )
     if "txt" in parts:
         member, data = parts["txt"]
         try:
             return data.decode("utf-8").splitlines()
         except UnicodeDecodeError:
             raise UserError(f"{member.name} is not UTF-8 text", path=str(path), field=FIELD) from None
-    raise UserError(f"sample {key!r} has no caption (.json with 'captions' or 'caption', or .txt)", path=str(path),
-                    field=FIELD)
+    raise UserError(
+        f"sample {key!r} has no caption (.json with 'captions' or 'caption', or .txt)", path=str(path), field=FIELD
+    )

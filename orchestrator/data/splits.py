@@ -1,4 +1,5 @@
 """Build a dataset split (``train`` / ``val`` / ``test``) from a validated ``DataConfig``."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,8 +22,9 @@ def load_split(cfg: DataConfig, role: SplitRole, *, verify: bool = True) -> Data
     """The ``role`` split of the configured dataset; images are verified (``data.verify_images``) before use,
     once per dataset: files unchanged since a recorded check are not parsed again (``data.manifest_dir``)."""
     if cfg.resolved_format == "webdataset" and role == "train":  # streamed: orchestrator.data.shards.open_shards
-        raise UserError("the train split of format webdataset is streamed from data.shards, not indexed",
-                        field="data.format")
+        raise UserError(
+            "the train split of format webdataset is streamed from data.shards, not indexed", field="data.format"
+        )
     fmt = cfg.split_format  # webdataset: its eval splits are captions_json / karpathy
     name = split_name(cfg, role)
     if fmt == "synthetic":
@@ -31,7 +33,10 @@ def load_split(cfg: DataConfig, role: SplitRole, *, verify: bool = True) -> Data
         syn = cfg.synthetic
         count = {"train": syn.num_train_images, "val": syn.num_val_images, "test": syn.num_test_images}[role]
         index = build_synthetic_split(
-            name, num_images=count, seed=syn.seed, image_size=syn.image_size,
+            name,
+            num_images=count,
+            seed=syn.seed,
+            image_size=syn.image_size,
             captions_per_image=tuple(syn.captions_per_image),
         )
     elif fmt == "captions_json":
@@ -39,12 +44,19 @@ def load_split(cfg: DataConfig, role: SplitRole, *, verify: bool = True) -> Data
         path = cfg.root / f"{name}.json"
         if not path.is_file():
             raise UserError(f"split file {path.name} not found in data.root", path=str(path), field="data.root")
-        index = read_captions_json(path, name=f"{cfg.root.name}/{name}", clean=cfg.clean_captions,
-                                   allow_outside_root=cfg.allow_outside_root)
+        index = read_captions_json(
+            path, name=f"{cfg.root.name}/{name}", clean=cfg.clean_captions, allow_outside_root=cfg.allow_outside_root
+        )
     else:
         assert cfg.annotations is not None and cfg.root is not None
-        index = read_karpathy(cfg.annotations, cfg.root, name, name=f"{cfg.annotations.stem}/{name}",
-                              clean=cfg.clean_captions, allow_outside_root=cfg.allow_outside_root)
+        index = read_karpathy(
+            cfg.annotations,
+            cfg.root,
+            name,
+            name=f"{cfg.annotations.stem}/{name}",
+            clean=cfg.clean_captions,
+            allow_outside_root=cfg.allow_outside_root,
+        )
     if role == "train" and cfg.max_train_images is not None and cfg.max_train_images < index.num_images:
         index = index.subset_images(range(cfg.max_train_images), name=f"{index.name}[:{cfg.max_train_images}]")
     if verify:  # header/full checks recorded in the manifest: ranks and later runs re-parse only changed files

@@ -20,6 +20,7 @@ colour usually, size / position / background sometimes; a 2-object image's capti
 objects. Everything is deterministic given ``(seed, split)``; different splits draw from different
 random streams.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -93,8 +94,20 @@ _UNIT_SHAPES: dict[str, np.ndarray] = {
     "triangle": _unit_polygon([(0.0, -1.0), (0.95, 0.75), (-0.95, 0.75)]),
     "star": _star(),
     "cross": _unit_polygon(
-        [(-_W, -1), (_W, -1), (_W, -_W), (1, -_W), (1, _W), (_W, _W),
-         (_W, 1), (-_W, 1), (-_W, _W), (-1, _W), (-1, -_W), (-_W, -_W)]
+        [
+            (-_W, -1),
+            (_W, -1),
+            (_W, -_W),
+            (1, -_W),
+            (1, _W),
+            (_W, _W),
+            (_W, 1),
+            (-_W, 1),
+            (-_W, _W),
+            (-1, _W),
+            (-1, -_W),
+            (-_W, -_W),
+        ]
     ),
 }
 
@@ -203,17 +216,20 @@ class SyntheticData:
         for k in range(2):
             if self.obj_shape[i, k] < 0:
                 break
-            objects.append({
-                "shape": SHAPES[self.obj_shape[i, k]],
-                "colour": COLOUR_NAMES[self.obj_colour[i, k]],
-                "size": SIZES[self.obj_size[i, k]],
-                "position": POSITIONS[self.obj_position[i, k]],
-            })
+            objects.append(
+                {
+                    "shape": SHAPES[self.obj_shape[i, k]],
+                    "colour": COLOUR_NAMES[self.obj_colour[i, k]],
+                    "size": SIZES[self.obj_size[i, k]],
+                    "position": POSITIONS[self.obj_position[i, k]],
+                }
+            )
         return {"objects": objects, "background": BACKGROUND_NAMES[self.background[i]]}
 
     def caption_record(self, c: int) -> dict[str, Any]:
         """Caption ``c``'s statements as names (``None`` where not stated): ``{"objects": [{"shape",
         "colour", "size", "position"}], "background"}``."""
+
         def name(table: tuple[str, ...], code: int) -> str | None:
             return None if code < 0 else table[code]
 
@@ -221,12 +237,14 @@ class SyntheticData:
         for k in range(2):
             if self.cap_shape[c, k] < 0:
                 break
-            objects.append({
-                "shape": SHAPES[self.cap_shape[c, k]],
-                "colour": name(COLOUR_NAMES, self.cap_colour[c, k]),
-                "size": name(SIZES, self.cap_size[c, k]),
-                "position": name(POSITIONS, self.cap_position[c, k]),
-            })
+            objects.append(
+                {
+                    "shape": SHAPES[self.cap_shape[c, k]],
+                    "colour": name(COLOUR_NAMES, self.cap_colour[c, k]),
+                    "size": name(SIZES, self.cap_size[c, k]),
+                    "position": name(POSITIONS, self.cap_position[c, k]),
+                }
+            )
         return {"objects": objects, "background": name(BACKGROUND_NAMES, self.cap_background[c])}
 
 
@@ -267,12 +285,14 @@ def _draw_caption_spec(data: SyntheticData, i: int, rng: np.random.Generator) ->
         slots = [int(rng.integers(2))]
     objects = []
     for k in slots:
-        objects.append((
-            int(data.obj_shape[i, k]),
-            int(data.obj_colour[i, k]) if rng.random() < _P_COLOUR else _UNSTATED,
-            int(data.obj_size[i, k]) if rng.random() < _P_SIZE else _UNSTATED,
-            int(data.obj_position[i, k]) if rng.random() < _P_POSITION else _UNSTATED,
-        ))
+        objects.append(
+            (
+                int(data.obj_shape[i, k]),
+                int(data.obj_colour[i, k]) if rng.random() < _P_COLOUR else _UNSTATED,
+                int(data.obj_size[i, k]) if rng.random() < _P_SIZE else _UNSTATED,
+                int(data.obj_position[i, k]) if rng.random() < _P_POSITION else _UNSTATED,
+            )
+        )
     background = int(data.background[i]) if rng.random() < _P_BACKGROUND else _UNSTATED
     return {"objects": objects, "background": background}
 
@@ -302,8 +322,10 @@ def build_synthetic_split(
         raise UserError(f"image_size must be >= 8, got {image_size}", field="image_size")
     lo_caps, hi_caps = (int(v) for v in captions_per_image)
     if not 1 <= lo_caps <= hi_caps:
-        raise UserError(f"captions_per_image must be (lo, hi) with 1 <= lo <= hi, got {captions_per_image}",
-                        field="captions_per_image")
+        raise UserError(
+            f"captions_per_image must be (lo, hi) with 1 <= lo <= hi, got {captions_per_image}",
+            field="captions_per_image",
+        )
     n = int(num_images)
     rng = _stream(seed, split)
     data = SyntheticData(image_size)

@@ -8,6 +8,7 @@ are stored as the annotation file has them; the reader cleans them (``data.clean
 do. Each shard is written to a temp file and renamed, then ``sizes.json`` (sample count per shard) is written, so
 the shard set is never half-written under its final names.
 """
+
 from __future__ import annotations
 
 import io
@@ -43,8 +44,15 @@ class WrittenShards:
     counts: list[int]
 
 
-def write_shards(index: DatasetIndex, out: Path, *, shard_size: int, prefix: str = "train",
-                 captions: Literal["json", "txt"] = "json", progress: bool = True) -> WrittenShards:
+def write_shards(
+    index: DatasetIndex,
+    out: Path,
+    *,
+    shard_size: int,
+    prefix: str = "train",
+    captions: Literal["json", "txt"] = "json",
+    progress: bool = True,
+) -> WrittenShards:
     """Write every image of ``index`` with all its captions into ``ceil(num_images / shard_size)`` shards
     ``out/<prefix>-NNNNNN.tar``. Refuses (``UserError``) a folder that already holds shards of that prefix."""
     from tqdm.auto import tqdm
@@ -55,14 +63,18 @@ def write_shards(index: DatasetIndex, out: Path, *, shard_size: int, prefix: str
     out.mkdir(parents=True, exist_ok=True)
     existing = sorted(out.glob(f"{prefix}-*.tar"))
     if existing:
-        raise UserError(f"already holds shards ({existing[0].name}, ...): write into an empty folder or use another "
-                        "--prefix", path=str(out), field="--out")
+        raise UserError(
+            f"already holds shards ({existing[0].name}, ...): write into an empty folder or use another --prefix",
+            path=str(out),
+            field="--out",
+        )
     num_shards = math.ceil(index.num_images / shard_size)
     width = max(6, len(str(num_shards - 1)))
     key_width = max(9, len(str(index.num_images - 1)))
     paths, counts = [], []
-    bar = tqdm(total=index.num_images, desc="writing shards", unit="image",
-               disable=None if progress else True)  # None: only on a terminal
+    bar = tqdm(
+        total=index.num_images, desc="writing shards", unit="image", disable=None if progress else True
+    )  # None: only on a terminal
     for shard in range(num_shards):
         path = out / f"{prefix}-{shard:0{width}d}.tar"
         images = range(shard * shard_size, min((shard + 1) * shard_size, index.num_images))

@@ -1,9 +1,10 @@
 """Load a trained student from a checkpoint (its embedded config, or a given one) for evaluation."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from orchestrator.config import ExperimentConfig
 from orchestrator.errors import UserError
@@ -22,8 +23,13 @@ class LoadedModel:
     epoch: int | None = None  # the (0-based) epoch the checkpoint was saved after, when it says
 
 
-def load_checkpoint_model(checkpoint: Path | str, *, config: str | None = None, overrides: Sequence[str] = (),
-                          experiment: ExperimentConfig | None = None) -> LoadedModel:
+def load_checkpoint_model(
+    checkpoint: Path | str,
+    *,
+    config: str | None = None,
+    overrides: Sequence[str] = (),
+    experiment: ExperimentConfig | None = None,
+) -> LoadedModel:
     """The student stored in ``checkpoint`` (a checkpoint folder or its ``model.pt``).
 
     The architecture comes from ``experiment`` when given, else from the YAML ``config``, else from the

@@ -10,6 +10,7 @@ image ids best first. :func:`eccv_rankings` builds them from embeddings with chu
 1K recalls filter each list to the query's fold, so a list must hold at least one item of that fold: K = 100
 (the Listwise / ITM_CLS choice) is the default; CUSA uses 50.
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,12 +27,24 @@ from orchestrator.evaluation.topk import chunked_topk
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ECCV_TARGET_METRICS", "MIN_LIST_LENGTH", "eccv_metrics", "eccv_rankings", "eccv_reference",
-           "eccv_from_embeddings"]
+__all__ = [
+    "ECCV_TARGET_METRICS",
+    "MIN_LIST_LENGTH",
+    "eccv_metrics",
+    "eccv_rankings",
+    "eccv_reference",
+    "eccv_from_embeddings",
+]
 
 #: What ``compute_all_metrics`` is asked for (``*_recalls`` expand to R@1/5/10).
-ECCV_TARGET_METRICS = ("eccv_r1", "eccv_map_at_r", "eccv_rprecision", "coco_1k_recalls", "coco_5k_recalls",
-                       "cxc_recalls")
+ECCV_TARGET_METRICS = (
+    "eccv_r1",
+    "eccv_map_at_r",
+    "eccv_rprecision",
+    "coco_1k_recalls",
+    "coco_5k_recalls",
+    "cxc_recalls",
+)
 #: Shortest ranked list accepted (ECCV's largest positive sets: 48 captions of an image, 19 images of a caption).
 MIN_LIST_LENGTH = 50
 #: Default list length built from embeddings.
@@ -47,8 +60,9 @@ def eccv_reference() -> Any:
             warnings.simplefilter("ignore")  # "failed to import `ujson`"
             from eccv_caption import Metrics
     except ImportError:
-        raise UserError(f"ECCV Caption evaluation needs the eccv-caption package; {INSTALL_HINT}",
-                        field="--eccv") from None
+        raise UserError(
+            f"ECCV Caption evaluation needs the eccv-caption package; {INSTALL_HINT}", field="--eccv"
+        ) from None
     return Metrics()
 
 
@@ -58,8 +72,10 @@ def _as_int_lists(rankings: Mapping[Any, Sequence[Any]], what: str) -> dict[int,
         out[int(key)] = [int(x) for x in items]
     short = [k for k, v in out.items() if len(v) < MIN_LIST_LENGTH]
     if short:
-        raise ValueError(f"{what}: {len(short)} ranked lists are shorter than {MIN_LIST_LENGTH} "
-                         f"(e.g. query {short[0]} has {len(out[short[0]])})")
+        raise ValueError(
+            f"{what}: {len(short)} ranked lists are shorter than {MIN_LIST_LENGTH} "
+            f"(e.g. query {short[0]} has {len(out[short[0]])})"
+        )
     return out
 
 
@@ -83,14 +99,19 @@ def eccv_metrics(i2t: Mapping[int, Sequence[int]], t2i: Mapping[int, Sequence[in
     for name, lists, wanted in (("i2t", i2t_lists, ref.coco_gts["i2t"]), ("t2i", t2i_lists, ref.coco_gts["t2i"])):
         missing = [q for q in wanted if q not in lists]
         if missing:
-            raise ValueError(f"{name}: {len(missing)} of the {len(wanted)} COCO 5K test queries have no ranking "
-                             f"(e.g. id {missing[0]})")
+            raise ValueError(
+                f"{name}: {len(missing)} of the {len(wanted)} COCO 5K test queries have no ranking "
+                f"(e.g. id {missing[0]})"
+            )
     try:
-        scores = ref.compute_all_metrics(i2t_lists, t2i_lists, target_metrics=ECCV_TARGET_METRICS,
-                                         Ks=(1, 5, 10), verbose=False)
+        scores = ref.compute_all_metrics(
+            i2t_lists, t2i_lists, target_metrics=ECCV_TARGET_METRICS, Ks=(1, 5, 10), verbose=False
+        )
     except IndexError:
-        raise ValueError("a ranked list holds no item of its query's COCO 1K fold; pass longer lists "
-                         f"(K = {DEFAULT_K} is the usual choice)") from None
+        raise ValueError(
+            "a ranked list holds no item of its query's COCO 1K fold; pass longer lists "
+            f"(K = {DEFAULT_K} is the usual choice)"
+        ) from None
     out: dict[str, float] = {}
     for metric in sorted(scores):
         for direction in ("i2t", "t2i"):
@@ -99,9 +120,14 @@ def eccv_metrics(i2t: Mapping[int, Sequence[int]], t2i: Mapping[int, Sequence[in
 
 
 @torch.no_grad()
-def eccv_rankings(image_emb: torch.Tensor, text_emb: torch.Tensor, image_ids: Sequence[int],
-                  caption_ids: Sequence[int], k: int = DEFAULT_K, chunk_size: int = 1024
-                  ) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+def eccv_rankings(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    image_ids: Sequence[int],
+    caption_ids: Sequence[int],
+    k: int = DEFAULT_K,
+    chunk_size: int = 1024,
+) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
     """Top-``k`` rankings by id in both directions from (N, D) image and (M, D) caption embeddings.
 
     Returns ``(i2t, t2i)``: ``i2t[image_ids[i]]`` = the ``k`` best ``caption_ids``, ``t2i[caption_ids[j]]`` =
@@ -126,9 +152,16 @@ def _int_ids(ids: Sequence[Any], what: str, source: str) -> np.ndarray:
         raise UserError(f"ECCV Caption needs COCO {what} ids (Karpathy format); got {bad!r}", path=source) from None
 
 
-def eccv_from_embeddings(image_emb: torch.Tensor, text_emb: torch.Tensor, image_ids: Sequence[Any],
-                         caption_ids: Sequence[Any] | None, *, k: int = DEFAULT_K, chunk_size: int = 1024,
-                         source: str = "") -> dict[str, float]:
+def eccv_from_embeddings(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    image_ids: Sequence[Any],
+    caption_ids: Sequence[Any] | None,
+    *,
+    k: int = DEFAULT_K,
+    chunk_size: int = 1024,
+    source: str = "",
+) -> dict[str, float]:
     """:func:`eccv_metrics` of embeddings of the COCO 5K test split, items keyed by COCO id.
 
     Args:
@@ -152,15 +185,20 @@ def eccv_from_embeddings(image_emb: torch.Tensor, text_emb: torch.Tensor, image_
     for what, have, want in (("images", iids, want_images), ("captions", cids, want_captions)):
         missing = np.setdiff1d(want, have)
         if missing.size:
-            raise UserError(f"{missing.size} of the {want.size} COCO 5K test {what} are missing from the data "
-                            f"(e.g. COCO id {int(missing[0])}); evaluate the Karpathy test split", path=source)
+            raise UserError(
+                f"{missing.size} of the {want.size} COCO 5K test {what} are missing from the data "
+                f"(e.g. COCO id {int(missing[0])}); evaluate the Karpathy test split",
+                path=source,
+            )
     keep_i = np.isin(iids, want_images)
     keep_c = np.isin(cids, want_captions)
     if not keep_i.all() or not keep_c.all():
-        log.info("ECCV Caption: dropping %d images and %d captions outside the COCO 5K test set",
-                 int((~keep_i).sum()), int((~keep_c).sum()))
+        log.info(
+            "ECCV Caption: dropping %d images and %d captions outside the COCO 5K test set",
+            int((~keep_i).sum()),
+            int((~keep_c).sum()),
+        )
     sel_i = torch.from_numpy(np.flatnonzero(keep_i)).to(image_emb.device)
     sel_c = torch.from_numpy(np.flatnonzero(keep_c)).to(text_emb.device)
-    i2t, t2i = eccv_rankings(image_emb[sel_i], text_emb[sel_c], iids[keep_i], cids[keep_c], k=k,
-                             chunk_size=chunk_size)
+    i2t, t2i = eccv_rankings(image_emb[sel_i], text_emb[sel_c], iids[keep_i], cids[keep_c], k=k, chunk_size=chunk_size)
     return eccv_metrics(i2t, t2i)

@@ -1,4 +1,5 @@
 """Encode a split with a student and score it: the bridge from a model to the retrieval metrics."""
+
 from __future__ import annotations
 
 import contextlib
@@ -13,10 +14,14 @@ import torch
 from torch import nn
 
 from orchestrator.data.index import DatasetIndex
-from orchestrator.data.loader import (ImageTensorCache, Tokenizer, images_on_device, iter_caption_batches,
-                                      iter_image_batches)
+from orchestrator.data.loader import (
+    ImageTensorCache,
+    Tokenizer,
+    images_on_device,
+    iter_caption_batches,
+    iter_image_batches,
+)
 from orchestrator.evaluation.recall import non_finite_rows, retrieval_metrics
-
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +38,10 @@ def warn_small_split(num_images: int, what: str, ks: Sequence[int] = (1, 5, 10))
         return None
     trivial = sorted(int(k) for k in ks if int(k) >= num_images)
     why = f"; R@{trivial[0]} and above are 100 for any model" if trivial else ""
-    message = (f"{what} has only {num_images} image{'s' if num_images != 1 else ''}: retrieval metrics over "
-               f"fewer than {MIN_EVAL_IMAGES} images are unreliable{why}")
+    message = (
+        f"{what} has only {num_images} image{'s' if num_images != 1 else ''}: retrieval metrics over "
+        f"fewer than {MIN_EVAL_IMAGES} images are unreliable{why}"
+    )
     log.warning("%s", message)
     return message
 
@@ -70,11 +77,16 @@ class SplitEmbeddings:
     def save_npz(self, path) -> None:
         """``image_emb``, ``text_emb``, ``image_ids``, ``text_image_ids`` (the image id of each caption)."""
         ids = np.asarray(self.image_ids)
-        np.savez(path, image_emb=self.image_emb.numpy(), text_emb=self.text_emb.numpy(), image_ids=ids,
-                 text_image_ids=ids[self.text_image])
+        np.savez(
+            path,
+            image_emb=self.image_emb.numpy(),
+            text_emb=self.text_emb.numpy(),
+            image_ids=ids,
+            text_image_ids=ids[self.text_image],
+        )
 
     @classmethod
-    def load_npz(cls, path) -> "SplitEmbeddings":
+    def load_npz(cls, path) -> SplitEmbeddings:
         """Embeddings written by :meth:`save_npz` (or by hand with the same keys; an optional ``caption_ids``
         (M,) array is kept); ``UserError`` naming the file and the array for a missing key, an object array,
         a wrong shape or dtype, non-finite values or an unknown image id."""
@@ -90,8 +102,11 @@ class SplitEmbeddings:
         missing = {"image_emb", "text_emb", "image_ids", "text_image_ids"} - set(data.files)
         if missing:
             raise UserError(f"missing arrays {sorted(missing)}", path=where)
-        arrays = {key: _npz_array(data, key, where) for key in data.files
-                  if key in {"image_emb", "text_emb", "image_ids", "text_image_ids", "caption_ids"}}
+        arrays = {
+            key: _npz_array(data, key, where)
+            for key in data.files
+            if key in {"image_emb", "text_emb", "image_ids", "text_image_ids", "caption_ids"}
+        }
         for key in ("image_emb", "text_emb"):
             arr = arrays[key]
             if arr.ndim != 2 or arr.dtype.kind not in "fiu":
@@ -100,8 +115,11 @@ class SplitEmbeddings:
             if key in arrays and arrays[key].ndim != 1:
                 raise UserError(f"expected a 1-D array, got shape {arrays[key].shape}", path=where, field=key)
         if arrays["image_emb"].shape[1] != arrays["text_emb"].shape[1]:
-            raise UserError(f"{arrays['text_emb'].shape[1]} columns, but image_emb has "
-                            f"{arrays['image_emb'].shape[1]}", path=where, field="text_emb")
+            raise UserError(
+                f"{arrays['text_emb'].shape[1]} columns, but image_emb has {arrays['image_emb'].shape[1]}",
+                path=where,
+                field="text_emb",
+            )
         image_ids = [str(x) for x in arrays["image_ids"].tolist()]
         lookup = {x: i for i, x in enumerate(image_ids)}
         owners = [str(x) for x in arrays["text_image_ids"].tolist()]
@@ -119,8 +137,7 @@ class SplitEmbeddings:
         caption_ids = [str(x) for x in arrays["caption_ids"].tolist()] if "caption_ids" in arrays else None
         if caption_ids is not None and len(caption_ids) != len(owners):
             raise UserError(f"{len(caption_ids)} ids for {len(owners)} captions", path=where, field="caption_ids")
-        return cls(image_emb, text_emb, np.asarray([lookup[x] for x in owners], dtype=np.int64), image_ids,
-                   caption_ids)
+        return cls(image_emb, text_emb, np.asarray([lookup[x] for x in owners], dtype=np.int64), image_ids, caption_ids)
 
 
 def _npz_array(data, key: str, where: str) -> np.ndarray:
@@ -131,8 +148,9 @@ def _npz_array(data, key: str, where: str) -> np.ndarray:
         return data[key]
     except ValueError as err:
         if "allow_pickle" in str(err):
-            raise UserError("an object array (pickled Python objects) is refused; save numbers and strings",
-                            path=where, field=key) from None
+            raise UserError(
+                "an object array (pickled Python objects) is refused; save numbers and strings", path=where, field=key
+            ) from None
         raise UserError(f"unreadable array ({err})", path=where, field=key) from None
     except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:  # a truncated / corrupt member
         raise UserError(f"unreadable array ({err.__class__.__name__}: {err})", path=where, field=key) from None
@@ -146,9 +164,17 @@ def autocast_context(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def encode_split(model: nn.Module, index: DatasetIndex, images: ImageTensorCache, tokenizer: Tokenizer, *,
-                 device: torch.device, batch_size: int = 256, precision: str = "auto",
-                 split: str | None = None) -> SplitEmbeddings:
+def encode_split(
+    model: nn.Module,
+    index: DatasetIndex,
+    images: ImageTensorCache,
+    tokenizer: Tokenizer,
+    *,
+    device: torch.device,
+    batch_size: int = 256,
+    precision: str = "auto",
+    split: str | None = None,
+) -> SplitEmbeddings:
     """Embeddings of every image and caption of ``index`` (the model is put in eval mode, then restored).
 
     ``images``: the split's image source (``DecodedImages``: uint8 rows, normalised on ``device``;
@@ -160,23 +186,34 @@ def encode_split(model: nn.Module, index: DatasetIndex, images: ImageTensorCache
     model.eval()
     try:
         with autocast_context(device, precision):
-            img = [model.encode_image(images_on_device(images, b.to(device)), normalize=True).float().cpu()
-                   for b in iter_image_batches(index, images, batch_size)]  # cache rows: uint8, normalised there
-            txt = [model.encode_text(t.to(device), normalize=True).float().cpu()
-                   for t in iter_caption_batches(index, tokenizer, batch_size)]
+            img = [
+                model.encode_image(images_on_device(images, b.to(device)), normalize=True).float().cpu()
+                for b in iter_image_batches(index, images, batch_size)
+            ]  # cache rows: uint8, normalised there
+            txt = [
+                model.encode_text(t.to(device), normalize=True).float().cpu()
+                for t in iter_caption_batches(index, tokenizer, batch_size)
+            ]
     finally:
         model.train(was_training)
     image_emb, text_emb = torch.cat(img), torch.cat(txt)
     problem = non_finite_message(image_emb, text_emb, split or index.name)
     if problem:
         raise NonFiniteEmbeddingsError(problem)
-    return SplitEmbeddings(image_emb, text_emb, index.caption_image.copy(), list(index.image_ids),
-                           None if index.caption_ids is None else list(index.caption_ids))
+    return SplitEmbeddings(
+        image_emb,
+        text_emb,
+        index.caption_image.copy(),
+        list(index.image_ids),
+        None if index.caption_ids is None else list(index.caption_ids),
+    )
 
 
-def evaluate_embeddings(emb: SplitEmbeddings, *, ks=(1, 5, 10), chunk_size: int = 1024,
-                        device: torch.device | None = None) -> dict[str, float]:
+def evaluate_embeddings(
+    emb: SplitEmbeddings, *, ks=(1, 5, 10), chunk_size: int = 1024, device: torch.device | None = None
+) -> dict[str, float]:
     """Recall@K both ways, RSUM, median/mean rank (``retrieval_metrics``) on ``device`` (default: CPU)."""
     device = device or torch.device("cpu")
-    return retrieval_metrics(emb.image_emb.to(device), emb.text_emb.to(device), emb.text_image, ks=tuple(ks),
-                             chunk_size=chunk_size)
+    return retrieval_metrics(
+        emb.image_emb.to(device), emb.text_emb.to(device), emb.text_image, ks=tuple(ks), chunk_size=chunk_size
+    )

@@ -26,6 +26,7 @@ Ties count against the model, as in :mod:`.recall`: for NDCG, candidates with eq
 relevance first; for Kendall's tau, a query whose similarities are all equal (no preference at all) scores 0
 (chance) rather than being skipped. Continuous embeddings of a trained model have no ties, so neither moves.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -34,8 +35,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-__all__ = ["CaptionRelevance", "ExactRelevance", "RelevanceFn", "graded_metrics", "kendall_tau_b_rows",
-           "ndcg_rows"]
+__all__ = ["CaptionRelevance", "ExactRelevance", "RelevanceFn", "graded_metrics", "kendall_tau_b_rows", "ndcg_rows"]
 
 #: ``(image indices (n,), caption indices (m,)) -> float (n, m)`` relevance >= 0, int64 index tensors.
 RelevanceFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -52,9 +52,14 @@ class CaptionRelevance:
         device: where blocks are computed (default: CPU).
     """
 
-    def __init__(self, text_features: np.ndarray | torch.Tensor, text_image: np.ndarray | torch.Tensor,
-                 num_images: int, aggregation: Literal["max", "mean"] = "max",
-                 device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        text_features: np.ndarray | torch.Tensor,
+        text_image: np.ndarray | torch.Tensor,
+        num_images: int,
+        aggregation: Literal["max", "mean"] = "max",
+        device: torch.device | None = None,
+    ) -> None:
         if aggregation not in ("max", "mean"):
             raise ValueError(f"aggregation must be 'max' or 'mean', got {aggregation!r}")
         device = device or torch.device("cpu")
@@ -194,9 +199,17 @@ def kendall_tau_b_rows(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def graded_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, relevance: RelevanceFn, *,
-                   ks: Sequence[int] = (10, 25), kendall: bool = True, kendall_candidates: int | None = None,
-                   chunk_size: int = 256, seed: int = 0) -> dict[str, float]:
+def graded_metrics(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    relevance: RelevanceFn,
+    *,
+    ks: Sequence[int] = (10, 25),
+    kendall: bool = True,
+    kendall_candidates: int | None = None,
+    chunk_size: int = 256,
+    seed: int = 0,
+) -> dict[str, float]:
     """NDCG@K (each K in ``ks`` and the whole list) and Kendall's tau-b, both directions (module docstring).
 
     Args:

@@ -10,6 +10,7 @@
 * The files themselves are written with :func:`orchestrator.checkpoint.atomic_write` (temp file beside the target,
   fsync, rename; the temp file removed on any failure).
 """
+
 from __future__ import annotations
 
 import os
@@ -17,6 +18,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
 from orchestrator.errors import UserError
 
 __all__ = ["REPORT_FILE_NAMES", "EvalInputs", "Output", "check_outputs", "planned_outputs"]
@@ -49,8 +51,7 @@ class EvalInputs:
             self.trees.append((Path(path), what))
 
 
-def planned_outputs(*, json_path: Path | None, export_embeddings: Path | None,
-                    report_dir: Path | None) -> list[Output]:
+def planned_outputs(*, json_path: Path | None, export_embeddings: Path | None, report_dir: Path | None) -> list[Output]:
     """The files ``itr eval`` will write for these options (report folders: every file a report may hold)."""
     outs: list[Output] = []
     if json_path is not None:
@@ -83,16 +84,23 @@ def _under(path: Path, tree: Path) -> bool:
 def _check_not_input(out: Output, inputs: EvalInputs, bulk: frozenset[str]) -> None:
     for path, what in inputs.files:
         if _same(out.path, path):
-            raise UserError(f"is an input of this command ({what}); choose another output path",
-                            path=str(out.path), field=out.flag)
+            raise UserError(
+                f"is an input of this command ({what}); choose another output path", path=str(out.path), field=out.flag
+            )
     if str(_real(out.path)) in bulk:
-        raise UserError("is an input of this command (a dataset image); choose another output path",
-                        path=str(out.path), field=out.flag)
+        raise UserError(
+            "is an input of this command (a dataset image); choose another output path",
+            path=str(out.path),
+            field=out.flag,
+        )
     if out.path.exists() and not out.path.is_dir():
         for tree, what in inputs.trees:
             if _under(out.path, tree):
-                raise UserError(f"would overwrite a file of {what} ({tree}); choose another output path",
-                                path=str(out.path), field=out.flag)
+                raise UserError(
+                    f"would overwrite a file of {what} ({tree}); choose another output path",
+                    path=str(out.path),
+                    field=out.flag,
+                )
 
 
 def _check_writable(out: Output, *, folder: bool = False) -> None:
@@ -118,8 +126,9 @@ def _check_writable(out: Output, *, folder: bool = False) -> None:
     os.unlink(tmp)
 
 
-def check_outputs(outputs: Sequence[Output], inputs: EvalInputs, *, bulk_inputs: Iterable[Path] = (),
-                  report_dir: Path | None = None) -> None:
+def check_outputs(
+    outputs: Sequence[Output], inputs: EvalInputs, *, bulk_inputs: Iterable[Path] = (), report_dir: Path | None = None
+) -> None:
     """``UserError`` (exit 2, naming the option) for an output that is an input, two outputs on one file, or an
     output that cannot be written. ``bulk_inputs``: many input files (a dataset's images), compared by resolved
     path only."""

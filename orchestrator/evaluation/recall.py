@@ -19,6 +19,7 @@ Embeddings must be finite (a NaN compares false with everything and would rank f
 
 Ranks are 1-based. Recalls are percentages in [0, 100].
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -325,7 +326,5 @@ def fold_metrics(
     for f in range(num_folds):
         lo, hi = f * size, (f + 1) * size
         sel = torch.nonzero((ti >= lo) & (ti < hi)).flatten()
-        per_fold.append(
-            retrieval_metrics(image_emb[lo:hi], text_emb[sel], ti[sel] - lo, ks=ks, chunk_size=chunk_size)
-        )
+        per_fold.append(retrieval_metrics(image_emb[lo:hi], text_emb[sel], ti[sel] - lo, ks=ks, chunk_size=chunk_size))
     return {key: float(np.mean([d[key] for d in per_fold])) for key in per_fold[0]}

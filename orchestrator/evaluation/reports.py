@@ -10,6 +10,7 @@ training run logs to MLflow (under ``reports/``) at its end.
 Each figure names what it shows (``source``: the checkpoint and its epoch, the split) in a footer and in the
 PNG's ``Description`` text chunk. matplotlib draws on its Agg canvas (no display; pyplot is not used).
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,15 @@ from orchestrator.evaluation.recall import ranks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["case_study_figure", "generate_run_reports", "publish_run_reports", "recall_curve_figure",
-           "report_source", "tsne_figure", "write_reports"]
+__all__ = [
+    "case_study_figure",
+    "generate_run_reports",
+    "publish_run_reports",
+    "recall_curve_figure",
+    "report_source",
+    "tsne_figure",
+    "write_reports",
+]
 
 GT_COLOUR = "#1a9850"
 OTHER_COLOUR = "#bdbdbd"
@@ -50,8 +58,13 @@ def _save(fig, path: Path, source: str | None) -> Path:
     return path
 
 
-def report_source(split: str, checkpoint: Path | str | None = None, epoch: int | None = None,
-                  epochs: int | None = None, label: str = "checkpoint") -> str:
+def report_source(
+    split: str,
+    checkpoint: Path | str | None = None,
+    epoch: int | None = None,
+    epochs: int | None = None,
+    label: str = "checkpoint",
+) -> str:
     """The figures' footer, e.g. ``val split · checkpoint run/best (epoch 3 = 4 of 20)``.
 
     Epochs are 0-based, as in MLflow and the leaderboard; the checkpoint is named by its last two path parts."""
@@ -66,15 +79,18 @@ def report_source(split: str, checkpoint: Path | str | None = None, epoch: int |
     return " · ".join(parts)
 
 
-def recall_curve_figure(i2t_ranks: np.ndarray, t2i_ranks: np.ndarray, path: Path, max_k: int = 100,
-                        source: str | None = None) -> Path:
+def recall_curve_figure(
+    i2t_ranks: np.ndarray, t2i_ranks: np.ndarray, path: Path, max_k: int = 100, source: str | None = None
+) -> Path:
     """Recall@K (%) against K (log scale) for both directions, from 1-based ranks (N,) and (M,)."""
     fig = _figure(6.4, 4.2)
     ax = fig.add_subplot()
     i2t_ranks, t2i_ranks = np.asarray(i2t_ranks), np.asarray(t2i_ranks)
     # gallery sizes: image->text ranks among the M captions, text->image among the N images
-    for name, r, gallery, colour in (("image → text", i2t_ranks, len(t2i_ranks), "#2166ac"),
-                                     ("text → image", t2i_ranks, len(i2t_ranks), "#b2182b")):
+    for name, r, gallery, colour in (
+        ("image → text", i2t_ranks, len(t2i_ranks), "#2166ac"),
+        ("text → image", t2i_ranks, len(i2t_ranks), "#b2182b"),
+    ):
         k = np.arange(1, min(max_k, gallery) + 1)
         recall = 100.0 * (r[None, :] <= k[:, None]).mean(axis=1)
         marks = [m for m in (1, 5, 10) if m <= k[-1]]
@@ -96,8 +112,15 @@ def _spread(n: int, count: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, num=min(count, n)).round().astype(np.int64))
 
 
-def tsne_figure(emb: SplitEmbeddings, path: Path, max_images: int = 200, captions_per_image: int = 1,
-                seed: int = 0, max_iter: int = 500, source: str | None = None) -> Path:
+def tsne_figure(
+    emb: SplitEmbeddings,
+    path: Path,
+    max_images: int = 200,
+    captions_per_image: int = 1,
+    seed: int = 0,
+    max_iter: int = 500,
+    source: str | None = None,
+) -> Path:
     """t-SNE of up to ``max_images`` images (evenly spaced) and up to ``captions_per_image`` captions each;
     a thin line joins each image to its captions. About 2 s for 400 points on 2 CPU cores."""
     from sklearn.manifold import TSNE
@@ -111,8 +134,14 @@ def tsne_figure(emb: SplitEmbeddings, path: Path, max_images: int = 200, caption
     perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3.0)))
     # one OpenMP thread: next to torch's thread pool, sklearn's Barnes-Hut threads spin and run 5-10x slower
     with threadpool_limits(1):
-        xy = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", max_iter=max_iter,
-                  random_state=seed).fit_transform(x)
+        xy = TSNE(
+            n_components=2,
+            perplexity=perplexity,
+            init="pca",
+            learning_rate="auto",
+            max_iter=max_iter,
+            random_state=seed,
+        ).fit_transform(x)
     img_xy, cap_xy = xy[:n_img], xy[n_img:]
     row_of = {int(i): r for r, i in enumerate(images)}
     fig = _figure(6.4, 6.0)
@@ -129,8 +158,9 @@ def tsne_figure(emb: SplitEmbeddings, path: Path, max_images: int = 200, caption
     return _save(fig, path, source)
 
 
-def case_study_figure(emb: SplitEmbeddings, index: DatasetIndex, path: Path, num_queries: int = 4,
-                      top: int = 5, source: str | None = None) -> Path:
+def case_study_figure(
+    emb: SplitEmbeddings, index: DatasetIndex, path: Path, num_queries: int = 4, top: int = 5, source: str | None = None
+) -> Path:
     """For ``num_queries`` fixed caption queries: the caption and its ``top`` images, ground truth in green."""
     owners = np.asarray(emb.text_image)
     query_images = _spread(index.num_images, num_queries)
@@ -146,8 +176,15 @@ def case_study_figure(emb: SplitEmbeddings, index: DatasetIndex, path: Path, num
         ax = fig.add_subplot(grid[row, 0])
         ax.axis("off")
         text = "\n".join(textwrap.wrap(f"“{index.captions[q]}”", 26)[:7])
-        ax.text(0.0, 0.5, f"{text}\n\nground truth: rank {gt_rank}", va="center", ha="left", fontsize=8,
-                transform=ax.transAxes)
+        ax.text(
+            0.0,
+            0.5,
+            f"{text}\n\nground truth: rank {gt_rank}",
+            va="center",
+            ha="left",
+            fontsize=8,
+            transform=ax.transAxes,
+        )
         for col in range(top):
             image = int(best.indices[row, col])
             ax = fig.add_subplot(grid[row, col + 1])
@@ -160,22 +197,33 @@ def case_study_figure(emb: SplitEmbeddings, index: DatasetIndex, path: Path, num
             for spine in ax.spines.values():
                 spine.set_edgecolor(GT_COLOUR if hit else OTHER_COLOUR)
                 spine.set_linewidth(5 if hit else 1)
-            ax.set_title(f"#{col + 1}  {float(best.values[row, col]):.2f}" + ("  GT" if hit else ""), fontsize=8,
-                         color=GT_COLOUR if hit else "black")
+            ax.set_title(
+                f"#{col + 1}  {float(best.values[row, col]):.2f}" + ("  GT" if hit else ""),
+                fontsize=8,
+                color=GT_COLOUR if hit else "black",
+            )
     fig.suptitle("Text queries and their top images (green frame: the query's own image)", fontsize=10)
     return _save(fig, path, source)
 
 
-def write_reports(emb: SplitEmbeddings, out_dir: Path, *, index: DatasetIndex | None = None,
-                  metrics: dict[str, float] | None = None, chunk_size: int = 1024,
-                  source: str | None = None) -> list[Path]:
+def write_reports(
+    emb: SplitEmbeddings,
+    out_dir: Path,
+    *,
+    index: DatasetIndex | None = None,
+    metrics: dict[str, float] | None = None,
+    chunk_size: int = 1024,
+    source: str | None = None,
+) -> list[Path]:
     """Write the report figures (the case study only with ``index``) and, given ``metrics``, ``metrics.json``
     into ``out_dir``; ``source`` (see :func:`report_source`) labels every figure. Returns the files written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     i2t, t2i = ranks(emb.image_emb, emb.text_emb, emb.text_image, chunk_size=chunk_size)
-    files = [recall_curve_figure(i2t, t2i, out_dir / "recall_curves.png", source=source),
-             tsne_figure(emb, out_dir / "tsne.png", source=source)]
+    files = [
+        recall_curve_figure(i2t, t2i, out_dir / "recall_curves.png", source=source),
+        tsne_figure(emb, out_dir / "tsne.png", source=source),
+    ]
     if index is not None:
         files.append(case_study_figure(emb, index, out_dir / "case_study.png", source=source))
     if metrics is not None:
@@ -197,8 +245,15 @@ def generate_run_reports(cfg, checkpoint: Path | str, out_dir: Path) -> list[Pat
     device = default_device()
     model = loaded.student.model.to(device)
     index = load_split(cfg.data, "val", verify=False)
-    emb = encode_split(model, index, ImageTensorCache(index, loaded.student.preprocess), loaded.student.tokenizer,
-                       device=device, batch_size=cfg.eval.batch_size, precision=cfg.model.precision)
+    emb = encode_split(
+        model,
+        index,
+        ImageTensorCache(index, loaded.student.preprocess),
+        loaded.student.tokenizer,
+        device=device,
+        batch_size=cfg.eval.batch_size,
+        precision=cfg.model.precision,
+    )
     source = report_source("val", loaded.path, loaded.epoch, cfg.train.epochs, label="best checkpoint")
     return write_reports(emb, out_dir, index=index, chunk_size=cfg.eval.chunk_size, source=source)
 

@@ -9,20 +9,26 @@ relevance source), so bad input stops with one ``UserError`` and nothing written
 * ``--graded``: ``i2t_ndcg10``, ``i2t_ndcg25``, ``i2t_ndcg_all``, ``i2t_kendall_tau`` and t2i (:mod:`.graded`);
 * ``--image-folder``: ``image_r1`` (:mod:`.unimodal`); ``--sts``: ``sts_spearman``.
 """
+
 from __future__ import annotations
 
 import logging
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 
 from orchestrator.errors import UserError
-from orchestrator.evaluation.embed import (NonFiniteEmbeddingsError, SplitEmbeddings, evaluate_embeddings,
-                                           warn_small_split)
+from orchestrator.evaluation.embed import (
+    NonFiniteEmbeddingsError,
+    SplitEmbeddings,
+    evaluate_embeddings,
+    warn_small_split,
+)
 from orchestrator.evaluation.outputs import EvalInputs, check_outputs, planned_outputs
 from orchestrator.evaluation.recall import fold_metrics
 
@@ -66,8 +72,9 @@ def _check_inputs(opts: EvalOptions):
         from orchestrator.evaluation.eccv import MIN_LIST_LENGTH, eccv_reference
 
         if opts.eccv_k < MIN_LIST_LENGTH:
-            raise UserError(f"the ranked lists need at least {MIN_LIST_LENGTH} items, got {opts.eccv_k}",
-                            field="--eccv-k")
+            raise UserError(
+                f"the ranked lists need at least {MIN_LIST_LENGTH} items, got {opts.eccv_k}", field="--eccv-k"
+            )
         eccv_reference()
     if opts.folds is not None and opts.folds < 1:
         raise UserError(f"--folds must be positive, got {opts.folds}", field="--folds")
@@ -79,17 +86,16 @@ def _check_inputs(opts: EvalOptions):
 def _guard_outputs(opts: EvalOptions, inputs: EvalInputs, bulk_inputs: Sequence[Path] = ()) -> None:
     """Refuse, before anything runs, an output that is an input or cannot be written (:mod:`.outputs`)."""
     if opts.image_folder is not None:
-        (inputs.add_tree if Path(opts.image_folder).is_dir() else inputs.add_file)(opts.image_folder,
-                                                                                  "--image-folder")
+        (inputs.add_tree if Path(opts.image_folder).is_dir() else inputs.add_file)(opts.image_folder, "--image-folder")
     inputs.add_file(opts.sts, "--sts")
-    outputs = planned_outputs(json_path=opts.json_out, export_embeddings=opts.export_embeddings,
-                              report_dir=opts.report_dir)
+    outputs = planned_outputs(
+        json_path=opts.json_out, export_embeddings=opts.export_embeddings, report_dir=opts.report_dir
+    )
     if outputs:
         check_outputs(outputs, inputs, bulk_inputs=bulk_inputs, report_dir=opts.report_dir)
 
 
-def _checkpoint_inputs(checkpoint: Path, model_path: Path, cfg, index, split: str,
-                       config: str | None) -> EvalInputs:
+def _checkpoint_inputs(checkpoint: Path, model_path: Path, cfg, index, split: str, config: str | None) -> EvalInputs:
     """The files ``itr eval --checkpoint`` reads: the checkpoint (its whole folder when one was given), the
     config, the split's annotations, the dataset root and the teacher cache."""
     from orchestrator.checkpoint import STATE_FILE
@@ -108,21 +114,38 @@ def _checkpoint_inputs(checkpoint: Path, model_path: Path, cfg, index, split: st
     return inputs
 
 
-def _recall_and_protocols(emb: SplitEmbeddings, opts: EvalOptions, ks: Sequence[int], chunk_size: int,
-                          device: torch.device, source: str) -> dict[str, float]:
+def _recall_and_protocols(
+    emb: SplitEmbeddings, opts: EvalOptions, ks: Sequence[int], chunk_size: int, device: torch.device, source: str
+) -> dict[str, float]:
     metrics = evaluate_embeddings(emb, ks=tuple(ks), chunk_size=chunk_size, device=device)
     if opts.folds is not None:
         if emb.image_emb.shape[0] % opts.folds:
-            raise UserError(f"{emb.image_emb.shape[0]} images cannot be split into {opts.folds} equal folds",
-                            field="--folds")
-        folds = fold_metrics(emb.image_emb.to(device), emb.text_emb.to(device), emb.text_image,
-                             num_folds=opts.folds, ks=tuple(ks), chunk_size=chunk_size)
+            raise UserError(
+                f"{emb.image_emb.shape[0]} images cannot be split into {opts.folds} equal folds", field="--folds"
+            )
+        folds = fold_metrics(
+            emb.image_emb.to(device),
+            emb.text_emb.to(device),
+            emb.text_image,
+            num_folds=opts.folds,
+            ks=tuple(ks),
+            chunk_size=chunk_size,
+        )
         metrics.update({f"folds/{k}": v for k, v in folds.items()})
     if opts.eccv:
         from orchestrator.evaluation.eccv import eccv_from_embeddings
 
-        metrics.update(eccv_from_embeddings(emb.image_emb.to(device), emb.text_emb.to(device), emb.image_ids,
-                                            emb.caption_ids, k=opts.eccv_k, chunk_size=chunk_size, source=source))
+        metrics.update(
+            eccv_from_embeddings(
+                emb.image_emb.to(device),
+                emb.text_emb.to(device),
+                emb.image_ids,
+                emb.caption_ids,
+                k=opts.eccv_k,
+                chunk_size=chunk_size,
+                source=source,
+            )
+        )
     return metrics
 
 
@@ -133,11 +156,15 @@ def _relevance(cfg, index, opts: EvalOptions, device: torch.device):
     if opts.relevance in ("auto", "exact") and index.relevance is not None:
         return ExactRelevance(index.relevance), "exact"
     if opts.relevance == "exact":
-        raise UserError("this data has no exact relevance (the synthetic data has); use --relevance teacher",
-                        field="--relevance")
+        raise UserError(
+            "this data has no exact relevance (the synthetic data has); use --relevance teacher", field="--relevance"
+        )
     if cfg.teachers.text is None:
-        raise UserError("graded relevance needs a text teacher for caption-caption similarity: set teachers.text "
-                        "(e.g. --set teachers.text=packaged:all-MiniLM-L6-v2)", field="teachers.text")
+        raise UserError(
+            "graded relevance needs a text teacher for caption-caption similarity: set teachers.text "
+            "(e.g. --set teachers.text=packaged:all-MiniLM-L6-v2)",
+            field="teachers.text",
+        )
     from orchestrator.teachers import extract_split
 
     feats = extract_split(cfg.teachers.model_copy(update={"image": None}), index, progress=True)
@@ -145,8 +172,14 @@ def _relevance(cfg, index, opts: EvalOptions, device: torch.device):
     return CaptionRelevance(feats.text, index.caption_image, index.num_images, agg, device), f"teacher-{agg}"
 
 
-def _write_outputs(emb: SplitEmbeddings, opts: EvalOptions, metrics: dict[str, float], index, chunk_size: int,
-                   source: str | None = None) -> list[Path]:
+def _write_outputs(
+    emb: SplitEmbeddings,
+    opts: EvalOptions,
+    metrics: dict[str, float],
+    index,
+    chunk_size: int,
+    source: str | None = None,
+) -> list[Path]:
     """Embeddings export and report folder, each written in a temporary place first, then moved."""
     from orchestrator.checkpoint import atomic_write
 
@@ -161,8 +194,7 @@ def _write_outputs(emb: SplitEmbeddings, opts: EvalOptions, metrics: dict[str, f
         target = Path(opts.report_dir)
         target.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".itr-report-", dir=target) as tmp:
-            for f in write_reports(emb, Path(tmp), index=index, metrics=metrics, chunk_size=chunk_size,
-                                   source=source):
+            for f in write_reports(emb, Path(tmp), index=index, metrics=metrics, chunk_size=chunk_size, source=source):
                 dest = target / f.name
                 shutil.move(str(f), dest)
                 files.append(dest)
@@ -170,8 +202,9 @@ def _write_outputs(emb: SplitEmbeddings, opts: EvalOptions, metrics: dict[str, f
     return files
 
 
-def evaluate_checkpoint(checkpoint: Path | str, opts: EvalOptions, *, config: str | None = None,
-                        overrides: Sequence[str] = ()) -> EvalResult:
+def evaluate_checkpoint(
+    checkpoint: Path | str, opts: EvalOptions, *, config: str | None = None, overrides: Sequence[str] = ()
+) -> EvalResult:
     """Every requested protocol for the model in ``checkpoint`` on split ``opts.split`` of its data."""
     from orchestrator.data.loader import ImageTensorCache
     from orchestrator.data.splits import load_split
@@ -184,19 +217,31 @@ def evaluate_checkpoint(checkpoint: Path | str, opts: EvalOptions, *, config: st
     cfg, student = loaded.cfg, loaded.student
     device = default_device()
     index = load_split(cfg.data, opts.split)
-    _guard_outputs(opts, _checkpoint_inputs(Path(checkpoint), loaded.path, cfg, index, opts.split, config),
-                   bulk_inputs=[*(index.image_paths or []), *(images.paths if images is not None else [])])
+    _guard_outputs(
+        opts,
+        _checkpoint_inputs(Path(checkpoint), loaded.path, cfg, index, opts.split, config),
+        bulk_inputs=[*(index.image_paths or []), *(images.paths if images is not None else [])],
+    )
     if opts.eccv and index.caption_ids is None:
-        raise UserError("ECCV Caption needs COCO caption ids; this data has none (use the Karpathy format)",
-                        path=index.source or index.name)
+        raise UserError(
+            "ECCV Caption needs COCO caption ids; this data has none (use the Karpathy format)",
+            path=index.source or index.name,
+        )
     if opts.folds is not None and index.num_images % opts.folds:
         raise UserError(f"{index.num_images} images cannot be split into {opts.folds} equal folds", field="--folds")
     relevance = _relevance(cfg, index, opts, device) if opts.graded else None
     model = student.model.to(device)
     try:
-        emb = encode_split(model, index, ImageTensorCache(index, student.preprocess), student.tokenizer,
-                           device=device, batch_size=cfg.eval.batch_size, precision=cfg.model.precision,
-                           split=opts.split)
+        emb = encode_split(
+            model,
+            index,
+            ImageTensorCache(index, student.preprocess),
+            student.tokenizer,
+            device=device,
+            batch_size=cfg.eval.batch_size,
+            precision=cfg.model.precision,
+            split=opts.split,
+        )
     except NonFiniteEmbeddingsError as err:  # a diverged model: bad input, named by its file
         raise UserError(f"{err} (the model outputs NaN/Inf)", path=str(loaded.path)) from None
     ks = opts.ks or tuple(cfg.eval.ks)
@@ -206,13 +251,21 @@ def evaluate_checkpoint(checkpoint: Path | str, opts: EvalOptions, *, config: st
 
         fn, name = relevance
         log.info("graded metrics with %s relevance", name)
-        metrics.update(graded_metrics(emb.image_emb.to(device), emb.text_emb.to(device), fn, ks=opts.ndcg_ks,
-                                      kendall_candidates=opts.kendall_candidates))
+        metrics.update(
+            graded_metrics(
+                emb.image_emb.to(device),
+                emb.text_emb.to(device),
+                fn,
+                ks=opts.ndcg_ks,
+                kendall_candidates=opts.kendall_candidates,
+            )
+        )
     if images is not None:
         from orchestrator.evaluation.unimodal import encode_image_files, image_retrieval_recall
 
-        feats = encode_image_files(model, images.paths, student.preprocess, device=device,
-                                   batch_size=cfg.eval.batch_size)
+        feats = encode_image_files(
+            model, images.paths, student.preprocess, device=device, batch_size=cfg.eval.batch_size
+        )
         metrics.update(image_retrieval_recall(feats.to(device), images.labels, ks=(1,)))
     if pairs is not None:
         from orchestrator.evaluation.unimodal import encode_texts, sts_spearman
@@ -233,11 +286,15 @@ def evaluate_embeddings_file(path: Path | str, opts: EvalOptions) -> EvalResult:
     optional ``caption_ids`` array for ``--eccv``). Protocols that need the model or the data are refused."""
     from orchestrator.session import default_device
 
-    needs_model = [flag for flag, on in (("--graded", opts.graded), ("--image-folder", opts.image_folder),
-                                         ("--sts", opts.sts)) if on]
+    needs_model = [
+        flag
+        for flag, on in (("--graded", opts.graded), ("--image-folder", opts.image_folder), ("--sts", opts.sts))
+        if on
+    ]
     if needs_model:
-        raise UserError(f"{needs_model[0]} needs --checkpoint (a model and its data), not --embeddings",
-                        field=needs_model[0])
+        raise UserError(
+            f"{needs_model[0]} needs --checkpoint (a model and its data), not --embeddings", field=needs_model[0]
+        )
     _check_inputs(opts)
     inputs = EvalInputs([], [])
     inputs.add_file(path, "--embeddings")
@@ -246,6 +303,7 @@ def evaluate_embeddings_file(path: Path | str, opts: EvalOptions) -> EvalResult:
     device = default_device()
     metrics = _recall_and_protocols(emb, opts, opts.ks or (1, 5, 10), 1024, device, str(path))
     warn_small_split(emb.image_emb.shape[0], str(path), opts.ks or (1, 5, 10))
-    files = _write_outputs(emb, EvalOptions(report_dir=opts.report_dir), metrics, None, 1024,
-                           f"embeddings {Path(path).name}")
+    files = _write_outputs(
+        emb, EvalOptions(report_dir=opts.report_dir), metrics, None, 1024, f"embeddings {Path(path).name}"
+    )
     return EvalResult(metrics=metrics, dataset=str(path), report_files=files)

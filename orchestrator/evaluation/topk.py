@@ -1,4 +1,5 @@
 """Chunked top-k retrieval: the best ``k`` keys of every query without the full similarity matrix."""
+
 from __future__ import annotations
 
 import torch
@@ -7,8 +8,9 @@ __all__ = ["chunked_topk"]
 
 
 @torch.no_grad()
-def chunked_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk_size: int = 1024,
-                 exclude_self: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_topk(
+    queries: torch.Tensor, keys: torch.Tensor, k: int, chunk_size: int = 1024, exclude_self: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices and similarities of the ``k`` most similar keys of each query, best first.
 
     Args:

@@ -14,6 +14,7 @@ paths relative to the file; sentence pairs as TSV: a header naming ``sentence1``
 (GLUE STS-B), the STS-benchmark layout (``genre file year id score sentence1 sentence2``, no header), or
 ``sentence1<TAB>sentence2<TAB>score`` lines.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -28,8 +29,18 @@ from torch import nn
 from orchestrator.data.images import to_rgb
 from orchestrator.errors import UserError
 
-__all__ = ["LabelledImages", "SentencePairs", "average_ranks", "encode_image_files", "encode_texts",
-           "image_retrieval_recall", "load_labelled_images", "load_sentence_pairs", "spearman", "sts_spearman"]
+__all__ = [
+    "LabelledImages",
+    "SentencePairs",
+    "average_ranks",
+    "encode_image_files",
+    "encode_texts",
+    "image_retrieval_recall",
+    "load_labelled_images",
+    "load_sentence_pairs",
+    "spearman",
+    "sts_spearman",
+]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -66,8 +77,9 @@ def _from_list(path: Path) -> LabelledImages:
     if "path" in head:  # SOP: image_id class_id super_class_id path
         label_col = next((head.index(c) for c in ("class_id", "label", "class") if c in head), None)
         if label_col is None:
-            raise UserError("the header names a path column but no class_id / label column", path=str(path),
-                            field="line 1")
+            raise UserError(
+                "the header names a path column but no class_id / label column", path=str(path), field="line 1"
+            )
         path_col, body = head.index("path"), lines[1:]
     else:
         label_col, path_col, body = -1, 0, lines
@@ -100,11 +112,15 @@ def load_labelled_images(path: Path | str) -> LabelledImages:
     else:
         raise UserError("no such image folder or list file", path=str(path), field="--image-folder")
     if len(found.paths) < 2:
-        raise UserError(f"found {len(found.paths)} images; image retrieval needs class subfolders holding images",
-                        path=str(path), field="--image-folder")
+        raise UserError(
+            f"found {len(found.paths)} images; image retrieval needs class subfolders holding images",
+            path=str(path),
+            field="--image-folder",
+        )
     if np.bincount(found.labels).max() < 2:
-        raise UserError("every class has a single image: no query has a positive", path=str(path),
-                        field="--image-folder")
+        raise UserError(
+            "every class has a single image: no query has a positive", path=str(path), field="--image-folder"
+        )
     return found
 
 
@@ -123,16 +139,20 @@ def load_sentence_pairs(path: Path | str) -> SentencePairs:
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError("sentence-pair file not found", path=str(path), field="--sts")
-    rows = [(n, line.rstrip("\r\n").split("\t"))
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    rows = [
+        (n, line.rstrip("\r\n").split("\t"))
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if line.strip()
+    ]
     if not rows:
         raise UserError("no sentence pairs", path=str(path), field="--sts")
     head = [h.strip().lower() for h in rows[0][1]]
     if "sentence1" in head and "sentence2" in head:
         score_name = next((c for c in ("score", "similarity", "gold", "label") if c in head), None)
         if score_name is None:
-            raise UserError("the header names no score column (score / similarity / gold / label)", path=str(path),
-                            field="line 1")
+            raise UserError(
+                "the header names no score column (score / similarity / gold / label)", path=str(path), field="line 1"
+            )
         cols, body = (head.index("sentence1"), head.index("sentence2"), head.index(score_name)), rows[1:]
     else:
         width = len(rows[0][1])
@@ -141,9 +161,12 @@ def load_sentence_pairs(path: Path | str) -> SentencePairs:
         elif width >= 7:
             cols = (5, 6, 4)  # STS benchmark: genre file year id score sentence1 sentence2 [sources]
         else:
-            raise UserError(f"expected sentence1<TAB>sentence2<TAB>score, the STS-benchmark layout or a header "
-                            f"with sentence1 / sentence2 / score; got {width} columns", path=str(path),
-                            field="line 1")
+            raise UserError(
+                f"expected sentence1<TAB>sentence2<TAB>score, the STS-benchmark layout or a header "
+                f"with sentence1 / sentence2 / score; got {width} columns",
+                path=str(path),
+                field="line 1",
+            )
         body = rows
     first, second, scores = [], [], []
     for n, fields in body:
@@ -164,8 +187,9 @@ def load_sentence_pairs(path: Path | str) -> SentencePairs:
 
 # ---------------------------------------------------------------------------------------------- metrics
 @torch.no_grad()
-def image_retrieval_recall(emb: torch.Tensor, labels: np.ndarray | Sequence[int], ks: Sequence[int] = (1,),
-                           chunk_size: int = 1024) -> dict[str, float]:
+def image_retrieval_recall(
+    emb: torch.Tensor, labels: np.ndarray | Sequence[int], ks: Sequence[int] = (1,), chunk_size: int = 1024
+) -> dict[str, float]:
     """R@K of leave-one-out image retrieval: every image queries all the others.
 
     A query's rank is 1 + the number of other-class images scoring >= its best same-class image (ties count
@@ -184,8 +208,9 @@ def image_retrieval_recall(emb: torch.Tensor, labels: np.ndarray | Sequence[int]
     labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=emb.device)
     n = emb.shape[0]
     if emb.dim() != 2 or labels_t.shape != (n,):
-        raise ValueError(f"need (N, D) embeddings and one label each, got {tuple(emb.shape)} and "
-                         f"{tuple(labels_t.shape)}")
+        raise ValueError(
+            f"need (N, D) embeddings and one label each, got {tuple(emb.shape)} and {tuple(labels_t.shape)}"
+        )
     bad = int((~torch.isfinite(emb)).any(dim=1).sum())
     if bad:
         raise ValueError(f"{bad} of {n} image embeddings are not finite")
@@ -238,8 +263,9 @@ def _uni_kwargs(model: nn.Module) -> dict[str, bool]:
 
 
 @torch.no_grad()
-def encode_image_files(model: nn.Module, paths: Sequence[Path], preprocess: Callable, *, device: torch.device,
-                       batch_size: int = 64) -> torch.Tensor:
+def encode_image_files(
+    model: nn.Module, paths: Sequence[Path], preprocess: Callable, *, device: torch.device, batch_size: int = 64
+) -> torch.Tensor:
     """(N, D) float32 L2-normalised CPU embeddings of image files (uni-modal head where the model has one)."""
     from tqdm import tqdm
 
@@ -263,15 +289,21 @@ def encode_image_files(model: nn.Module, paths: Sequence[Path], preprocess: Call
 
 
 @torch.no_grad()
-def encode_texts(model: nn.Module, texts: Sequence[str], tokenizer: Callable, *, device: torch.device,
-                 batch_size: int = 256) -> torch.Tensor:
+def encode_texts(
+    model: nn.Module, texts: Sequence[str], tokenizer: Callable, *, device: torch.device, batch_size: int = 256
+) -> torch.Tensor:
     """(P, D) float32 L2-normalised CPU embeddings of sentences (uni-modal head where the model has one)."""
     was_training = model.training
     model.eval()
     try:
-        out = [model.encode_text(tokenizer(list(texts[s : s + batch_size])).to(device), normalize=True,
-                                 **_uni_kwargs(model)).float().cpu()
-               for s in range(0, len(texts), batch_size)]
+        out = [
+            model.encode_text(
+                tokenizer(list(texts[s : s + batch_size])).to(device), normalize=True, **_uni_kwargs(model)
+            )
+            .float()
+            .cpu()
+            for s in range(0, len(texts), batch_size)
+        ]
     finally:
         model.train(was_training)
     return torch.cat(out)

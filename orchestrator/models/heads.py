@@ -3,6 +3,7 @@
 The cross-modal heads feed InfoNCE, CSA and retrieval; the uni-modal heads feed only USA and the uni-modal
 evaluations (spec C.1). Linear weights ~ N(0, 0.02²), biases at PyTorch's default init.
 """
+
 from __future__ import annotations
 
 import torch
@@ -57,13 +58,16 @@ class HeadedDualEncoder(nn.Module):
         return F.normalize(out, dim=-1) if normalize else out
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.project(self.base.encode_image(images, normalize=False),
-                            self.base.encode_text(tokens, normalize=False))
+        return self.project(
+            self.base.encode_image(images, normalize=False), self.base.encode_text(tokens, normalize=False)
+        )
 
     def project(self, img: torch.Tensor, txt: torch.Tensor) -> dict[str, torch.Tensor]:
         """The heads on the base towers' unnormalised outputs ``img``/``txt`` (B, D): ``forward``'s dict."""
-        out = {"image_features": F.normalize(self.cross_image(img), dim=-1),
-               "text_features": F.normalize(self.cross_text(txt), dim=-1)}
+        out = {
+            "image_features": F.normalize(self.cross_image(img), dim=-1),
+            "text_features": F.normalize(self.cross_text(txt), dim=-1),
+        }
         if self.uni:
             out["image_uni"] = F.normalize(self.uni_image(img), dim=-1)
             out["text_uni"] = F.normalize(self.uni_text(txt), dim=-1)

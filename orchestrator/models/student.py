@@ -1,10 +1,11 @@
 """The student dual encoder: an open_clip model with its image transform and tokenizer."""
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -41,7 +42,10 @@ def build_student(cfg: ModelConfig, heads: str = "none") -> Student:
     pretrained = str(cfg.pretrained) if cfg.pretrained is not None else None
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
-            cfg.name, pretrained=pretrained, output_dict=True, weights_only=True,
+            cfg.name,
+            pretrained=pretrained,
+            output_dict=True,
+            weights_only=True,
             pretrained_text=pretrained is None,
         )
     except Exception as err:  # torch.load's refusals and state-dict mismatches come in many types
@@ -70,8 +74,10 @@ def build_student(cfg: ModelConfig, heads: str = "none") -> Student:
 def _checkpointed(tower: nn.Module) -> bool:
     """True when some block stack of ``tower`` recomputes its activations in the backward (open_clip and timm set
     ``grad_checkpointing``, Hugging Face encoders ``gradient_checkpointing``)."""
-    return any(getattr(m, "grad_checkpointing", False) is True or getattr(m, "gradient_checkpointing", False) is True
-               for m in tower.modules())
+    return any(
+        getattr(m, "grad_checkpointing", False) is True or getattr(m, "gradient_checkpointing", False) is True
+        for m in tower.modules()
+    )
 
 
 def enable_grad_checkpointing(model: nn.Module, name: str) -> None:
@@ -82,18 +88,25 @@ def enable_grad_checkpointing(model: nn.Module, name: str) -> None:
     """
     setter = getattr(model, "set_grad_checkpointing", None)
     if setter is None:
-        raise UserError(f"model {name!r} ({type(model).__name__}) does not support gradient checkpointing",
-                        field="model.grad_checkpointing")
+        raise UserError(
+            f"model {name!r} ({type(model).__name__}) does not support gradient checkpointing",
+            field="model.grad_checkpointing",
+        )
     setter(True)
     text = getattr(model, "text", None)
-    towers = {"image": getattr(model, "visual", None),
-              "text": text if text is not None else getattr(model, "transformer", None)}  # CustomTextCLIP / CLIP
+    towers = {
+        "image": getattr(model, "visual", None),
+        "text": text if text is not None else getattr(model, "transformer", None),
+    }  # CustomTextCLIP / CLIP
     for side, tower in towers.items():
         if tower is None or not any(p.requires_grad for p in tower.parameters()):
             continue
         if not _checkpointed(tower):
-            raise UserError(f"model {name!r}: the {side} tower ({type(tower).__name__}) does not support gradient "
-                            "checkpointing; set it false", field="model.grad_checkpointing")
+            raise UserError(
+                f"model {name!r}: the {side} tower ({type(tower).__name__}) does not support gradient "
+                "checkpointing; set it false",
+                field="model.grad_checkpointing",
+            )
     log.info("gradient checkpointing on (%s)", name)
 
 
@@ -200,8 +213,10 @@ def load_packaged_towers(model: nn.Module, towers: dict[str, str]) -> None:
     source = pretrained_timm_model(spec)  # a new timm model with the packaged weights, classifier removed
     missing, unexpected = model.visual.trunk.load_state_dict(source.state_dict(), strict=False)
     if unexpected or any(not k.startswith("classifier") for k in missing):
-        raise RuntimeError(f"packaged image weights do not fit {type(model.visual.trunk).__name__}: "
-                           f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise RuntimeError(
+            f"packaged image weights do not fit {type(model.visual.trunk).__name__}: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     log.info("loaded %s into the image tower", spec)
 
 

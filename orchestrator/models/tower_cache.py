@@ -6,14 +6,16 @@ A locked tower's prefix (:mod:`orchestrator.models.locked_towers`) is a frozen, 
 weights, the preprocessing or tokenizer) and by each image file / caption string. A second run, a second trial of a
 sweep, a second seed: nothing is recomputed, and an epoch costs only the trainable suffix.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -45,8 +47,18 @@ class LockedTowerEncoder(TeacherEncoder):
 
     cacheable: ClassVar[bool] = True
 
-    def __init__(self, model_name: str, split: TowerSplit, modality: str, *, owner: torch.nn.Module,
-                 preprocess=None, tokenizer=None, batch_size: int = 64, device: str | None = None) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        split: TowerSplit,
+        modality: str,
+        *,
+        owner: torch.nn.Module,
+        preprocess=None,
+        tokenizer=None,
+        batch_size: int = 64,
+        device: str | None = None,
+    ) -> None:
         super().__init__(f"tower:{model_name}", modality, device=device, batch_size=batch_size)  # type: ignore[arg-type]
         self.inputs = "pixels" if modality == "image" else "text"  # type: ignore[misc]
         self.model_name = model_name
@@ -68,8 +80,10 @@ class LockedTowerEncoder(TeacherEncoder):
             return f"open_clip eval transform: {self.preprocess!r}; prefix {self.split.kind}, fp32"
         tok = self.tokenizer
         name = getattr(getattr(tok, "tokenizer", None), "name_or_path", type(tok).__name__)
-        return f"tokenizer {type(tok).__name__}({name}, context {getattr(tok, 'context_length', '?')}); " \
-               f"prefix {self.split.kind}, fp32"
+        return (
+            f"tokenizer {type(tok).__name__}({name}, context {getattr(tok, 'context_length', '?')}); "
+            f"prefix {self.split.kind}, fp32"
+        )
 
     def _load(self) -> Any:
         self.owner.to(self._device())
@@ -77,7 +91,7 @@ class LockedTowerEncoder(TeacherEncoder):
             module.eval()
         return self.split
 
-    def to(self, device: str | None) -> "LockedTowerEncoder":
+    def to(self, device: str | None) -> LockedTowerEncoder:
         self.device = device
         self.owner.to(self._device())
         return self
@@ -98,7 +112,7 @@ class LockedTowerEncoder(TeacherEncoder):
         out = []
         with torch.inference_mode():
             for lo in range(0, len(items), self.batch_size):
-                chunk = items[lo:lo + self.batch_size]
+                chunk = items[lo : lo + self.batch_size]
                 if self.modality == "image":
                     x = torch.stack([self.preprocess(img.convert("RGB")) for img in chunk])
                 else:
@@ -131,9 +145,19 @@ def cached_sides(model: torch.nn.Module, enabled: bool) -> dict[str, TowerSplit]
     return {side: s for side, s in splits.items() if s is not None}
 
 
-def tower_features(model_name: str, model: torch.nn.Module, index: DatasetIndex, cache_dir: Path | str, *,
-                   preprocess, tokenizer, sides: dict[str, TowerSplit], batch_size: int = 64,
-                   device: str | None = None, progress: bool = False) -> TowerFeatures:
+def tower_features(
+    model_name: str,
+    model: torch.nn.Module,
+    index: DatasetIndex,
+    cache_dir: Path | str,
+    *,
+    preprocess,
+    tokenizer,
+    sides: dict[str, TowerSplit],
+    batch_size: int = 64,
+    device: str | None = None,
+    progress: bool = False,
+) -> TowerFeatures:
     """Prefix features of every image / caption of ``index`` for each locked side in ``sides``, via the cache.
 
     ``device``: where a missing feature is computed (default: CUDA when available). The tower modules are put
@@ -143,31 +167,66 @@ def tower_features(model_name: str, model: torch.nn.Module, index: DatasetIndex,
     home = next(iter(model.parameters())).device
     was_training = model.training
     for side, split in sides.items():
-        encoder = LockedTowerEncoder(model_name, split, side, owner=model, preprocess=preprocess,
-                                     tokenizer=tokenizer, batch_size=batch_size, device=device)
+        encoder = LockedTowerEncoder(
+            model_name,
+            split,
+            side,
+            owner=model,
+            preprocess=preprocess,
+            tokenizer=tokenizer,
+            batch_size=batch_size,
+            device=device,
+        )
         try:
-            view, stats = extract_modality(encoder, index, cache_dir, backend="local", batch_size=batch_size,
-                                           progress=progress, device=device)
+            view, stats = extract_modality(
+                encoder, index, cache_dir, backend="local", batch_size=batch_size, progress=progress, device=device
+            )
         finally:
             model.to(home)
             model.train(was_training)
         setattr(out, side, view)
         out.stats[side] = stats
-        log.info("locked %s tower of %s on %s: %d rows, %d computed, %d reused, F=%d, %.1f s", side, model_name,
-                 index.name, stats.total, stats.computed, stats.reused, view.shape[1], stats.seconds)
+        log.info(
+            "locked %s tower of %s on %s: %d rows, %d computed, %d reused, F=%d, %.1f s",
+            side,
+            model_name,
+            index.name,
+            stats.total,
+            stats.computed,
+            stats.reused,
+            view.shape[1],
+            stats.seconds,
+        )
     return out
 
 
-def experiment_tower_features(cfg, student, index: DatasetIndex, sides: dict[str, TowerSplit], *,
-                              device: str | None = None, progress: bool = False) -> TowerFeatures:
+def experiment_tower_features(
+    cfg,
+    student,
+    index: DatasetIndex,
+    sides: dict[str, TowerSplit],
+    *,
+    device: str | None = None,
+    progress: bool = False,
+) -> TowerFeatures:
     """``tower_features`` for an ``ExperimentConfig``'s student (cache under ``teachers.cache_dir``)."""
-    return tower_features(cfg.model.name, student.model, index, cfg.teachers.cache_dir,
-                          preprocess=student.preprocess, tokenizer=student.tokenizer, sides=sides,
-                          batch_size=cfg.teachers.batch_size, device=device, progress=progress)
+    return tower_features(
+        cfg.model.name,
+        student.model,
+        index,
+        cfg.teachers.cache_dir,
+        preprocess=student.preprocess,
+        tokenizer=student.tokenizer,
+        sides=sides,
+        batch_size=cfg.teachers.batch_size,
+        device=device,
+        progress=progress,
+    )
 
 
-def prepare_tower_features(cfg, roles: Sequence[str] = ("train", "val"), progress: bool = True
-                           ) -> dict[str, TowerFeatures]:
+def prepare_tower_features(
+    cfg, roles: Sequence[str] = ("train", "val"), progress: bool = True
+) -> dict[str, TowerFeatures]:
     """On the driver, before workers start: cache the locked towers' outputs for each split ``role`` (a split the
     data lacks is skipped). Returns ``{role: TowerFeatures}``; empty when no tower is locked or caching is off."""
     from orchestrator.data.splits import load_split

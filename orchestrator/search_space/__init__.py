@@ -32,11 +32,43 @@ space file and the line of the offending key. YAML is read with the safe loader 
 Modules: ``spec`` (the file's structure: distributions, scheduler, resources), ``loading`` (``load_space``, the
 checks, ``SearchSpace``); every public name is importable from ``orchestrator.search_space``.
 """
-from orchestrator.search_space.loading import (PATH_FIELDS, REPO_ROOT, SearchSpace, default_mode, get_dotted,
-                                               load_space, plain, trial_config, trial_tree)
-from orchestrator.search_space.spec import (DIST_KINDS, AshaScheduler, Distribution, FifoScheduler, Resources,
-                                            SchedulerSpec, SpaceSpec)
 
-__all__ = ["PATH_FIELDS", "REPO_ROOT", "SearchSpace", "default_mode", "get_dotted", "load_space", "plain",
-           "trial_config", "trial_tree", "DIST_KINDS", "AshaScheduler", "Distribution", "FifoScheduler", "Resources",
-           "SchedulerSpec", "SpaceSpec"]
+from orchestrator.search_space.loading import (
+    PATH_FIELDS,
+    REPO_ROOT,
+    SearchSpace,
+    default_mode,
+    get_dotted,
+    load_space,
+    plain,
+    trial_config,
+    trial_tree,
+)
+from orchestrator.search_space.spec import (
+    DIST_KINDS,
+    AshaScheduler,
+    Distribution,
+    FifoScheduler,
+    Resources,
+    SchedulerSpec,
+    SpaceSpec,
+)
+
+__all__ = [
+    "PATH_FIELDS",
+    "REPO_ROOT",
+    "SearchSpace",
+    "default_mode",
+    "get_dotted",
+    "load_space",
+    "plain",
+    "trial_config",
+    "trial_tree",
+    "DIST_KINDS",
+    "AshaScheduler",
+    "Distribution",
+    "FifoScheduler",
+    "Resources",
+    "SchedulerSpec",
+    "SpaceSpec",
+]

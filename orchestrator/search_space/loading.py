@@ -1,5 +1,6 @@
 """Loading a search-space file: ``load_space`` reads it, validates it against the experiment config (every check
 listed in :mod:`orchestrator.search_space`) and gives the ``SearchSpace`` ready for Tune."""
+
 from __future__ import annotations
 
 import copy
@@ -12,19 +13,31 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from orchestrator.config import (ExperimentConfig, apply_overrides, parse_override, read_yaml, set_dotted,
-                                 validate_config)
+from orchestrator.config import (
+    ExperimentConfig,
+    apply_overrides,
+    parse_override,
+    read_yaml,
+    set_dotted,
+    validate_config,
+)
 from orchestrator.errors import UserError
 from orchestrator.metrics_catalogue import reported_metrics, unreported, validation_metrics
-from orchestrator.space_checks import MAX_COMBINATIONS, count_combinations, joint_points, type_mismatch
 from orchestrator.search_space.spec import DIST_KINDS, AshaScheduler, Distribution, SpaceSpec
+from orchestrator.space_checks import MAX_COMBINATIONS, count_combinations, joint_points, type_mismatch
 from orchestrator.spec_files import SpecFile, first_error, located, read_spec_file
 from orchestrator.yaml_io import LineMap
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: config fields holding paths that must not depend on a worker's cwd
-PATH_FIELDS = ("data.root", "data.annotations", "model.pretrained", "teachers.cache_dir", "train.output_dir",
-               "tracking.artifact_dir")
+PATH_FIELDS = (
+    "data.root",
+    "data.annotations",
+    "model.pretrained",
+    "teachers.cache_dir",
+    "train.output_dir",
+    "tracking.artifact_dir",
+)
 
 
 # -------------------------------------------------------------------------------------------- helpers
@@ -61,8 +74,16 @@ def trial_config(base_tree: dict[str, Any], params: dict[str, Any], source: str 
 
 def _metrics_key(cfg: ExperimentConfig) -> str:
     """What decides the metrics a trial reports (its evaluation, its loss), as a hashable key."""
-    return json.dumps([cfg.eval.model_dump(mode="json"), cfg.train.eval_at_start, cfg.train.best_metric,
-                       cfg.loss.model_dump(mode="json"), cfg.relevance_source], sort_keys=True)
+    return json.dumps(
+        [
+            cfg.eval.model_dump(mode="json"),
+            cfg.train.eval_at_start,
+            cfg.train.best_metric,
+            cfg.loss.model_dump(mode="json"),
+            cfg.relevance_source,
+        ],
+        sort_keys=True,
+    )
 
 
 def _shown(params: dict[str, Any]) -> str:
@@ -92,14 +113,14 @@ class SearchSpace:
     path: Path
     spec: SpaceSpec
     text: str
-    base_tree: dict[str, Any]           # sparse mapping: base + overrides + --set, path fields absolute
+    base_tree: dict[str, Any]  # sparse mapping: base + overrides + --set, path fields absolute
     base_config: ExperimentConfig
     base_source: str
     metric: str
     mode: str
     cli_overrides: list[str] = field(default_factory=list)
     lines: LineMap | None = None
-    trial_configs: list[ExperimentConfig] = field(default_factory=list)   # one per distinct set of metrics
+    trial_configs: list[ExperimentConfig] = field(default_factory=list)  # one per distinct set of metrics
 
     def reported_by_every_trial(self, train: bool = True) -> set[str]:
         """The metrics every trial of the space reports (``metrics_catalogue.reported_metrics``)."""
@@ -142,21 +163,26 @@ class SearchSpace:
 
     def max_t(self) -> int:
         sched = self.spec.scheduler
-        return (sched.max_t if isinstance(sched, AshaScheduler) and sched.max_t else self.max_epochs())
+        return sched.max_t if isinstance(sched, AshaScheduler) and sched.max_t else self.max_epochs()
 
     def settings(self) -> dict[str, str]:
         """The search settings as flat MLflow params."""
         sched = self.spec.scheduler.model_dump()
         if isinstance(self.spec.scheduler, AshaScheduler):
             sched["max_t"] = self.max_t()
-        out = {"sweep.name": self.name, "sweep.metric": self.metric, "sweep.mode": self.mode,
-               "sweep.scheduler": sched.pop("type"), "sweep.num_samples": str(self.spec.num_samples),
-               "sweep.num_trials": str(self.num_trials),
-               "sweep.seeds": json.dumps(self.spec.seeds) if self.spec.seeds else "none",
-               "sweep.max_concurrent_trials": str(self.spec.max_concurrent_trials),
-               "sweep.resources": json.dumps(self.spec.resources.model_dump()),
-               "sweep.max_failures": str(self.spec.max_failures),
-               "sweep.base": self.base_source}
+        out = {
+            "sweep.name": self.name,
+            "sweep.metric": self.metric,
+            "sweep.mode": self.mode,
+            "sweep.scheduler": sched.pop("type"),
+            "sweep.num_samples": str(self.spec.num_samples),
+            "sweep.num_trials": str(self.num_trials),
+            "sweep.seeds": json.dumps(self.spec.seeds) if self.spec.seeds else "none",
+            "sweep.max_concurrent_trials": str(self.spec.max_concurrent_trials),
+            "sweep.resources": json.dumps(self.spec.resources.model_dump()),
+            "sweep.max_failures": str(self.spec.max_failures),
+            "sweep.base": self.base_source,
+        }
         out.update({f"sweep.scheduler.{k}": str(v) for k, v in sched.items()})
         out.update({f"space.{k}": d.describe() for k, d in self.spec.space.items()})
         if self.cli_overrides:
@@ -165,8 +191,15 @@ class SearchSpace:
 
     def fingerprint(self) -> str:
         """A hash of what decides the trials (base, space, settings); a resumed sweep must match it."""
-        blob = json.dumps({"base": self.base_tree, "space": {k: d.model_dump() for k, d in self.distributions.items()},
-                           "settings": self.settings()}, sort_keys=True, default=str)
+        blob = json.dumps(
+            {
+                "base": self.base_tree,
+                "space": {k: d.model_dump() for k, d in self.distributions.items()},
+                "settings": self.settings(),
+            },
+            sort_keys=True,
+            default=str,
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -219,10 +252,19 @@ def load_space(path: str | Path, cli_overrides: list[str] | None = None) -> Sear
     _check_metric(spec, spec_file, trials)
     mode = spec.mode or default_mode(spec.metric)
     base_tree = _absolute_paths(base_tree, base_cfg)
-    return SearchSpace(path=path.resolve(), spec=spec, text=spec_file.text, base_tree=base_tree,
-                       base_config=base_cfg, base_source=base_source, metric=spec.metric, mode=mode,
-                       cli_overrides=cli_overrides, lines=spec_file.lines,
-                       trial_configs=[cfg for _, cfg in trials.values()])
+    return SearchSpace(
+        path=path.resolve(),
+        spec=spec,
+        text=spec_file.text,
+        base_tree=base_tree,
+        base_config=base_cfg,
+        base_source=base_source,
+        metric=spec.metric,
+        mode=mode,
+        cli_overrides=cli_overrides,
+        lines=spec_file.lines,
+        trial_configs=[cfg for _, cfg in trials.values()],
+    )
 
 
 def _space_spec(spec_file: SpecFile) -> SpaceSpec:
@@ -237,8 +279,9 @@ def _space_spec(spec_file: SpecFile) -> SpaceSpec:
         raise spec_file.fail(first.counted(f"{first.dotted or '(top level)'}: {msg}"), loc) from None
 
 
-def _base_config(spec: SpaceSpec, spec_file: SpecFile, path: Path,
-                 cli_overrides: list[str]) -> tuple[dict[str, Any], str, ExperimentConfig]:
+def _base_config(
+    spec: SpaceSpec, spec_file: SpecFile, path: Path, cli_overrides: list[str]
+) -> tuple[dict[str, Any], str, ExperimentConfig]:
     """(mapping, source, validated config) of the base: the file's ``base`` + its ``overrides`` + ``--set``; an
     error names the override (or inline base key) responsible."""
     shown, fail = spec_file.shown, spec_file.fail
@@ -247,11 +290,14 @@ def _base_config(spec: SpaceSpec, spec_file: SpecFile, path: Path,
     else:
         base_file = _find_base_file(spec.base, path)
         if base_file is None:
-            raise fail(f"base: config file {spec.base!r} not found (relative to the space file, the current "
-                       f"folder or the repo root)", ("base",))
+            raise fail(
+                f"base: config file {spec.base!r} not found (relative to the space file, the current "
+                f"folder or the repo root)",
+                ("base",),
+            )
         base_tree, base_source = read_yaml(base_file), str(base_file)
     overrides = _override_items(spec.overrides)
-    for key, text_, ypath in overrides:
+    for _key, text_, ypath in overrides:
         try:
             parse_override(text_)
         except UserError as err:
@@ -260,8 +306,7 @@ def _base_config(spec: SpaceSpec, spec_file: SpecFile, path: Path,
     cli_keys = {".".join(parse_override(o)[0]) for o in cli_overrides}
     swept = set(spec.space) | ({"train.seed"} if spec.seeds else set())
     for key in sorted(cli_keys & swept):
-        raise UserError(f"--set {key}: this field is swept by the space file; change the space instead",
-                        path=shown)
+        raise UserError(f"--set {key}: this field is swept by the space file; change the space instead", path=shown)
     base_tree = apply_overrides(base_tree, cli_overrides)
     if spec.seeds and "train.seed" in spec.space:
         raise fail("seeds: train.seed is also in space; give the seeds in one place", ("seeds",))
@@ -299,7 +344,7 @@ def _swept_families(dists: dict[str, Distribution]) -> list[Any]:
 def _check_alone(base_tree: dict[str, Any], key: str, value: Any, families: list[Any], shown: str) -> None:
     """``key = value`` valid with at least one swept loss family (a loss field belongs to some families only)."""
     first: UserError | None = None
-    for family in (families if key.startswith("loss.") and key != "loss.family" else [None]):
+    for family in families if key.startswith("loss.") and key != "loss.family" else [None]:
         params = {key: value} if family is None else {"loss.family": family, key: value}
         try:
             trial_config(base_tree, params, source=shown)
@@ -310,8 +355,13 @@ def _check_alone(base_tree: dict[str, Any], key: str, value: Any, families: list
     raise first
 
 
-def _check_each_value(spec: SpaceSpec, spec_file: SpecFile, dists: dict[str, Distribution],
-                      base_tree: dict[str, Any], base_cfg: ExperimentConfig) -> None:
+def _check_each_value(
+    spec: SpaceSpec,
+    spec_file: SpecFile,
+    dists: dict[str, Distribution],
+    base_tree: dict[str, Any],
+    base_cfg: ExperimentConfig,
+) -> None:
     """Each distribution alone: its kind against the field's type, each grid value / range sample substituted."""
     fail = spec_file.fail
     families = _swept_families(dists)
@@ -326,19 +376,19 @@ def _check_each_value(spec: SpaceSpec, spec_file: SpecFile, dists: dict[str, Dis
             except UserError as err:
                 if err.detail == "unknown key" and err.field == key:
                     family = families if families != [None] else [get_dotted(base_tree, "loss.family", "infonce")]
-                    where = (f" (no field of loss family {', '.join(map(str, family))})"
-                             if key.startswith("loss.") else "")
+                    where = (
+                        f" (no field of loss family {', '.join(map(str, family))})" if key.startswith("loss.") else ""
+                    )
                     raise fail(f"space.{key}: unknown config path{where}", _key_path(spec, key)) from None
                 shown_value = f"{value:.4g}" if isinstance(value, float) else repr(value)
                 what = f"{dist.kind} {'value' if dist.categorical else 'sample'} {shown_value}"
-                where = "" if err.field and (err.field == key or key.startswith(err.field + ".")) \
-                    else f" ({err.field})"
-                raise fail(f"space.{key}: {what} does not fit{where}: {err.detail}",
-                           _key_path(spec, key)) from None
+                where = "" if err.field and (err.field == key or key.startswith(err.field + ".")) else f" ({err.field})"
+                raise fail(f"space.{key}: {what} does not fit{where}: {err.detail}", _key_path(spec, key)) from None
 
 
-def _check_combinations(spec: SpaceSpec, spec_file: SpecFile, dists: dict[str, Distribution],
-                        base_tree: dict[str, Any]) -> dict[str, tuple[dict[str, Any], ExperimentConfig]]:
+def _check_combinations(
+    spec: SpaceSpec, spec_file: SpecFile, dists: dict[str, Distribution], base_tree: dict[str, Any]
+) -> dict[str, tuple[dict[str, Any], ExperimentConfig]]:
     """Every combination of grid values and range bounds (the corners of the continuous box: exact for the
     cross-field rules, which are monotone in each field -- min_lr <= lr, temperature init in [min, max], ...),
     and ASHA's grace period against each trial's epochs. Returns one (params, config) per distinct set of
@@ -348,8 +398,11 @@ def _check_combinations(spec: SpaceSpec, spec_file: SpecFile, dists: dict[str, D
     points = [joint_points(dists[k].kind, dists[k].args) for k in keys]
     total = count_combinations(points)
     if total > MAX_COMBINATIONS:
-        raise fail(f"space: {total} combinations of grid values and range bounds to validate, more than "
-                   f"{MAX_COMBINATIONS}; split the sweep into smaller spaces", ("space",))
+        raise fail(
+            f"space: {total} combinations of grid values and range bounds to validate, more than "
+            f"{MAX_COMBINATIONS}; split the sweep into smaller spaces",
+            ("space",),
+        )
     trials: dict[str, tuple[dict[str, Any], ExperimentConfig]] = {}
     for combo in itertools.product(*points):
         params = dict(zip(keys, combo))
@@ -364,14 +417,17 @@ def _check_combinations(spec: SpaceSpec, spec_file: SpecFile, dists: dict[str, D
         sched = spec.scheduler
         if isinstance(sched, AshaScheduler) and sched.max_t is None and sched.grace_period > cfg.train.epochs:
             which = f"the trial {_shown(params)}" if "train.epochs" in params else "the trials"
-            raise fail(f"scheduler.grace_period: {sched.grace_period} is larger than train.epochs = "
-                       f"{cfg.train.epochs} of {which} (ASHA's max_t defaults to train.epochs); lower it",
-                       ("scheduler", "grace_period"))
+            raise fail(
+                f"scheduler.grace_period: {sched.grace_period} is larger than train.epochs = "
+                f"{cfg.train.epochs} of {which} (ASHA's max_t defaults to train.epochs); lower it",
+                ("scheduler", "grace_period"),
+            )
     return trials
 
 
-def _check_metric(spec: SpaceSpec, spec_file: SpecFile,
-                  trials: dict[str, tuple[dict[str, Any], ExperimentConfig]]) -> None:
+def _check_metric(
+    spec: SpaceSpec, spec_file: SpecFile, trials: dict[str, tuple[dict[str, Any], ExperimentConfig]]
+) -> None:
     """The metric is reported by every trial, every epoch it is evaluated (init/... only once: not a target)."""
     train = spec.metric.startswith("train/")
     for params, cfg in trials.values():
@@ -379,6 +435,9 @@ def _check_metric(spec: SpaceSpec, spec_file: SpecFile,
         if spec.metric not in names:
             every = {m for m in reported_metrics(cfg) if not m.startswith("init/") and m != "epoch"}
             what = f"the trial {_shown(params)}" if len(trials) > 1 else "any trial"
-            hint = "" if validation_metrics(cfg.eval) or not spec.metric.startswith("val/") else \
-                " (the base config does not evaluate on val: eval.splits)"
+            hint = (
+                ""
+                if validation_metrics(cfg.eval) or not spec.metric.startswith("val/")
+                else " (the base config does not evaluate on val: eval.splits)"
+            )
             raise spec_file.fail(f"metric: {unreported(spec.metric, every, what=what)}{hint}", ("metric",))

@@ -1,12 +1,13 @@
 """The structure of a search-space file (``search_spaces/*.yaml``, :mod:`orchestrator.search_space`): the
 distributions, the scheduler, the per-trial resources, and the file's top-level keys (``SpaceSpec``). The checks
 against the experiment config are in :mod:`orchestrator.search_space.loading` and :mod:`orchestrator.space_checks`."""
+
 from __future__ import annotations
 
 import json
 import math
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -26,7 +27,7 @@ class Distribution(StrictModel):
     randint: tuple[int, int] | None = None
 
     @model_validator(mode="after")
-    def _one_kind(self) -> "Distribution":
+    def _one_kind(self) -> Distribution:
         given = [k for k in DIST_KINDS if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of {', '.join(DIST_KINDS)} (got {', '.join(given) or 'none'})")
@@ -100,13 +101,13 @@ class AshaScheduler(StrictModel):
     max_t: Annotated[int, Field(ge=1)] | None = Field(None, description="default: the trials' train.epochs")
 
     @model_validator(mode="after")
-    def _grace(self) -> "AshaScheduler":
+    def _grace(self) -> AshaScheduler:
         if self.max_t is not None and self.grace_period > self.max_t:
             raise ValueError(f"grace_period {self.grace_period} is larger than max_t {self.max_t}")
         return self
 
 
-SchedulerSpec = Annotated[Union[FifoScheduler, AshaScheduler], Field(discriminator="type")]
+SchedulerSpec = Annotated[FifoScheduler | AshaScheduler, Field(discriminator="type")]
 
 
 class Resources(StrictModel):

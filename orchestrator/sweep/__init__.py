@@ -40,19 +40,43 @@ The package, one job per module
   - :mod:`~orchestrator.sweep.ray_compat`: every private Ray API the sweep uses, with the Ray release it was
     checked against.
 """
+
 from __future__ import annotations
 
 from orchestrator.sweep.driver import SweepResult, preflight_space, prepare_shared_features, run_sweep, sweep_dir
 from orchestrator.sweep.ray_compat import abort_live_train_runs
 from orchestrator.sweep.state import SWEEP_STATE_FILE, read_state, sweep_folder, write_state
 from orchestrator.sweep.tracker import SweepTracker
-from orchestrator.sweep.trial import (TRAIN_CPU_SLIVER, TrialFn, TuneSession, build_trial_config, check_fits_cluster,
-                                      effective_params, runs_through_train)
+from orchestrator.sweep.trial import (
+    TRAIN_CPU_SLIVER,
+    TrialFn,
+    TuneSession,
+    build_trial_config,
+    check_fits_cluster,
+    effective_params,
+    runs_through_train,
+)
 
 #: tuner.pkl of a sweep started before the package split names its tracker so (``--resume`` unpickles it)
 _make_tracker = SweepTracker
 
-__all__ = ["SWEEP_STATE_FILE", "TRAIN_CPU_SLIVER", "SweepResult", "SweepTracker", "TrialFn", "TuneSession",
-           "abort_live_train_runs", "build_trial_config", "check_fits_cluster", "effective_params",
-           "preflight_space", "prepare_shared_features", "read_state", "run_sweep", "runs_through_train",
-           "sweep_dir", "sweep_folder", "write_state"]
+__all__ = [
+    "SWEEP_STATE_FILE",
+    "TRAIN_CPU_SLIVER",
+    "SweepResult",
+    "SweepTracker",
+    "TrialFn",
+    "TuneSession",
+    "abort_live_train_runs",
+    "build_trial_config",
+    "check_fits_cluster",
+    "effective_params",
+    "preflight_space",
+    "prepare_shared_features",
+    "read_state",
+    "run_sweep",
+    "runs_through_train",
+    "sweep_dir",
+    "sweep_folder",
+    "write_state",
+]

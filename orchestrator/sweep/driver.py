@@ -1,4 +1,5 @@
 """``run_sweep``: the driver of ``itr sweep`` (see :mod:`orchestrator.sweep`), and the checks it runs first."""
+
 from __future__ import annotations
 
 import logging
@@ -14,11 +15,25 @@ from orchestrator.errors import UserError
 from orchestrator.search_space import SearchSpace
 from orchestrator.spec_files import is_name
 from orchestrator.sweep import ray_compat
-from orchestrator.sweep.state import (ResumePoint, SigtermAsInterrupt, SweepFolder, find_resume_point, record_state,
-                                      sweep_folder, tune_storage_path)
+from orchestrator.sweep.state import (
+    ResumePoint,
+    SigtermAsInterrupt,
+    SweepFolder,
+    find_resume_point,
+    record_state,
+    sweep_folder,
+    tune_storage_path,
+)
 from orchestrator.sweep.tracker import SweepTracker, open_parent_run, parent_ends_on_error, publish_leaderboard
-from orchestrator.sweep.trial import (TrialFn, TrialResources, TrialSettings, any_train_trials, check_fits_cluster,
-                                      run_trial, trial_name)
+from orchestrator.sweep.trial import (
+    TrialFn,
+    TrialResources,
+    TrialSettings,
+    any_train_trials,
+    check_fits_cluster,
+    run_trial,
+    trial_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +57,16 @@ class SweepResult:
         return self.table[0] if self.table else None
 
 
-def run_sweep(space: SearchSpace, *, resume: bool = False, name: str | None = None,
-              trial_fn: TrialFn | None = None, verbose: int = 0, progress: bool = True,
-              plots: bool = True) -> SweepResult:
+def run_sweep(
+    space: SearchSpace,
+    *,
+    resume: bool = False,
+    name: str | None = None,
+    trial_fn: TrialFn | None = None,
+    verbose: int = 0,
+    progress: bool = True,
+    plots: bool = True,
+) -> SweepResult:
     """Run (or continue) the sweep of ``space``; returns its leaderboard. Raises KeyboardInterrupt when interrupted
     (after ending every MLflow run it opened as KILLED), ``UserError`` when ``resume`` finds nothing to resume.
 
@@ -70,12 +92,19 @@ def run_sweep(space: SearchSpace, *, resume: bool = False, name: str | None = No
     if target is not None:
         parent, fresh = open_parent_run(target, space, name, path, point)
         res = space.spec.resources
-        tracker = SweepTracker(target, parent, name, space.base_tree, space.varied, res.cpu, res.gpu, space.metric,
-                               progress, fresh)
+        tracker = SweepTracker(
+            target, parent, name, space.base_tree, space.varied, res.cpu, res.gpu, space.metric, progress, fresh
+        )
     record_state(path, space, name, parent, target)
     if target is not None:
-        log.info("sweep %r: %d trial(s), %s; MLflow parent run %s in %s", name, space.num_trials,
-                 "resuming" if point.restorable else "starting", parent, target.uri)
+        log.info(
+            "sweep %r: %d trial(s), %s; MLflow parent run %s in %s",
+            name,
+            space.num_trials,
+            "resuming" if point.restorable else "starting",
+            parent,
+            target.uri,
+        )
 
     with parent_ends_on_error(target, parent, "sweep driver failed", resumable=True), SigtermAsInterrupt():
         tuner = build_tuner(space, name, path, point, trial_fn, [tracker] if tracker else [], verbose)
@@ -89,9 +118,17 @@ def run_sweep(space: SearchSpace, *, resume: bool = False, name: str | None = No
     if target is not None and parent is not None:
         with parent_ends_on_error(target, parent, "leaderboard", resumable=False):
             table, records, pngs = publish_leaderboard(target, parent, space, path, plots=plots)
-    return SweepResult(name=name, path=path, parent_run_id=parent, tracking_uri=target.uri if target else None,
-                       table=table, records=records, plots=pngs, resumed=point.restorable,
-                       wall_s=time.perf_counter() - t0)
+    return SweepResult(
+        name=name,
+        path=path,
+        parent_run_id=parent,
+        tracking_uri=target.uri if target else None,
+        table=table,
+        records=records,
+        plots=pngs,
+        resumed=point.restorable,
+        wall_s=time.perf_counter() - t0,
+    )
 
 
 def sweep_dir(space: SearchSpace, name: str | None = None) -> SweepFolder:
@@ -109,15 +146,24 @@ def _configure_tune() -> None:
     # an epoch without evaluation (train.eval_every > 1) simply has no val/ value, which ASHA skips.
 
 
-def build_tuner(space: SearchSpace, name: str, path: SweepFolder, point: ResumePoint, trial_fn: TrialFn | None,
-                callbacks: list, verbose: int):
+def build_tuner(
+    space: SearchSpace,
+    name: str,
+    path: SweepFolder,
+    point: ResumePoint,
+    trial_fn: TrialFn | None,
+    callbacks: list,
+    verbose: int,
+):
     """The ``tune.Tuner`` of the sweep: restored from ``path`` when Tune has state there, else a new one."""
     from ray import tune
 
     res = space.spec.resources
     settings = TrialSettings(space.base_tree, res.cpu, res.gpu, storage.join(path, "train"), trial_fn)
-    trainable = tune.with_resources(ray_compat.sweep_trainable(tune.with_parameters(run_trial, settings=settings)),
-                                    TrialResources(space.base_tree, res.cpu, res.gpu))
+    trainable = tune.with_resources(
+        ray_compat.sweep_trainable(tune.with_parameters(run_trial, settings=settings)),
+        TrialResources(space.base_tree, res.cpu, res.gpu),
+    )
     if point.restorable:
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
         ray_compat.use_callbacks_on_restore(tuner, callbacks, replacing=SweepTracker, verbose=verbose)
@@ -127,20 +173,34 @@ def build_tuner(space: SearchSpace, name: str, path: SweepFolder, point: ResumeP
     if sched.type == "asha":
         from ray.tune.schedulers import ASHAScheduler
 
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=space.max_t(),
-                                  grace_period=sched.grace_period, reduction_factor=sched.reduction_factor,
-                                  stop_last_trials=False)  # a trial at max_t ends by itself
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=space.max_t(),
+            grace_period=sched.grace_period,
+            reduction_factor=sched.reduction_factor,
+            stop_last_trials=False,
+        )  # a trial at max_t ends by itself
     return tune.Tuner(
         trainable,
         param_space=space.param_space(),
         tune_config=tune.TuneConfig(
-            metric=space.metric, mode=space.mode, scheduler=scheduler, num_samples=space.spec.num_samples,
-            max_concurrent_trials=space.spec.max_concurrent_trials, trial_name_creator=trial_name,
-            trial_dirname_creator=trial_name, reuse_actors=not any_train_trials(space)),
+            metric=space.metric,
+            mode=space.mode,
+            scheduler=scheduler,
+            num_samples=space.spec.num_samples,
+            max_concurrent_trials=space.spec.max_concurrent_trials,
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_name,
+            reuse_actors=not any_train_trials(space),
+        ),
         run_config=tune.RunConfig(
-            name=name, storage_path=tune_storage_path(path), callbacks=callbacks, verbose=verbose,
+            name=name,
+            storage_path=tune_storage_path(path),
+            callbacks=callbacks,
+            verbose=verbose,
             failure_config=tune.FailureConfig(max_failures=space.spec.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        ),
     )
 
 

@@ -9,6 +9,7 @@ still needed there. When Ray is upgraded, read these again: what the new Ray doe
 - :func:`use_callbacks_on_restore`: a restored sweep uses this driver's callbacks (``Tuner._local_tuner``);
 - :func:`trial_error`: a failed trial's error, read where Tune writes it first (``Trial.pickled_error_file``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,7 +37,7 @@ CHECKED_AGAINST = "2.60.0"
 # (a ControllerCallback: the public UserCallback has no hook before the first report), and the trial's cleanup
 # aborts it first (``TrainController.abort``): the controller then shuts its workers down and removes the group
 # itself.
-_LIVE_TRAIN_RUNS: list = []   # per trial process: queues holding the handles of running Train controllers
+_LIVE_TRAIN_RUNS: list = []  # per trial process: queues holding the handles of running Train controllers
 
 
 class PublishController(ControllerCallback):

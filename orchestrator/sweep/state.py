@@ -11,6 +11,7 @@ keep the experiment state there, the state file goes through pyarrow (:mod:`orch
 leaderboard is written to a local temp folder, logged to MLflow from there and uploaded
 (:func:`leaderboard_folder`). Nothing of the sweep then needs a shared POSIX volume.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -97,18 +98,30 @@ def find_resume_point(folder: SweepFolder, space: SearchSpace, name: str, *, res
     if resume and not restorable and state is None:
         raise UserError(f"nothing to resume: no sweep at {folder}", path=str(space.path))
     if state is not None and state.get("fingerprint") != space.fingerprint():
-        raise UserError(f"the space or its base config changed since sweep {name!r} started ({folder}); "
-                        f"resume it unchanged, or start a new one with --name", path=str(space.path))
+        raise UserError(
+            f"the space or its base config changed since sweep {name!r} started ({folder}); "
+            f"resume it unchanged, or start a new one with --name",
+            path=str(space.path),
+        )
     return ResumePoint(state, restorable)
 
 
-def record_state(folder: SweepFolder, space: SearchSpace, name: str, parent_run_id: str | None,
-                 target: TrackingTarget | None) -> None:
+def record_state(
+    folder: SweepFolder, space: SearchSpace, name: str, parent_run_id: str | None, target: TrackingTarget | None
+) -> None:
     """Write ``itr_sweep.json``: the sweep's name, MLflow parent run and store, and the space's fingerprint."""
-    write_state(folder, {"name": name, "parent_run_id": parent_run_id,
-                         "tracking_uri": target.uri if target else None,
-                         "experiment": target.experiment if target else None, "fingerprint": space.fingerprint(),
-                         "space_file": str(space.path), "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    write_state(
+        folder,
+        {
+            "name": name,
+            "parent_run_id": parent_run_id,
+            "tracking_uri": target.uri if target else None,
+            "experiment": target.experiment if target else None,
+            "fingerprint": space.fingerprint(),
+            "space_file": str(space.path),
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        },
+    )
 
 
 class SigtermAsInterrupt:

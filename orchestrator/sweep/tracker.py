@@ -4,6 +4,7 @@ keeps one child run per trial in step.
 
 See :mod:`orchestrator.sweep` for what each run holds and how it ends.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,19 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 #: result keys that are Tune's bookkeeping, never metrics
-_TUNE_KEYS = {"training_iteration", "done", "timestamp", "time_this_iter_s", "time_total_s", "pid", "date",
-              "time_since_restore", "iterations_since_restore", "checkpoint_dir_name", "should_checkpoint"}
+_TUNE_KEYS = {
+    "training_iteration",
+    "done",
+    "timestamp",
+    "time_this_iter_s",
+    "time_total_s",
+    "pid",
+    "date",
+    "time_since_restore",
+    "iterations_since_restore",
+    "checkpoint_dir_name",
+    "should_checkpoint",
+}
 
 
 def metrics_of(result: dict[str, Any]) -> dict[str, float]:
@@ -66,22 +78,45 @@ class SweepTracker(Callback):
     ``fresh``: the parent run is new, so no child can exist yet (the lookup is skipped). After ``fit``,
     :attr:`interrupted` says whether the Tune loop ended with trials neither finished nor failed."""
 
-    def __init__(self, target: tracking.TrackingTarget, parent_run_id: str, sweep_name: str,
-                 base_tree: dict[str, Any], varied: list[str], cpu: float, gpu: float, metric: str = "val/rsum",
-                 progress: bool = True, fresh: bool = False) -> None:
+    def __init__(
+        self,
+        target: tracking.TrackingTarget,
+        parent_run_id: str,
+        sweep_name: str,
+        base_tree: dict[str, Any],
+        varied: list[str],
+        cpu: float,
+        gpu: float,
+        metric: str = "val/rsum",
+        progress: bool = True,
+        fresh: bool = False,
+    ) -> None:
         self.target, self.parent_run_id, self.sweep_name = target, parent_run_id, sweep_name
         self.base_tree, self.varied, self.cpu, self.gpu = base_tree, varied, cpu, gpu
         self.metric, self.progress, self.fresh = metric, progress, fresh
         self.interrupted = False
-        self._runs: dict[str, str] = {}          # trial id -> its child run
-        self._logged: dict[str, set[int]] = {}   # trial id -> epochs already in MLflow
-        self._planned: dict[str, int] = {}       # trial id -> train.epochs
-        self._located: set[str] = set()          # trials whose Ray node is tagged
-        self._ended: set[str] = set()            # trials that completed or failed in this driver
+        self._runs: dict[str, str] = {}  # trial id -> its child run
+        self._logged: dict[str, set[int]] = {}  # trial id -> epochs already in MLflow
+        self._planned: dict[str, int] = {}  # trial id -> train.epochs
+        self._located: set[str] = set()  # trials whose Ray node is tagged
+        self._ended: set[str] = set()  # trials that completed or failed in this driver
 
     def __reduce__(self):  # pickled into tuner.pkl: only the settings, never run state
-        return (SweepTracker, (self.target, self.parent_run_id, self.sweep_name, self.base_tree, self.varied,
-                               self.cpu, self.gpu, self.metric, self.progress, False))
+        return (
+            SweepTracker,
+            (
+                self.target,
+                self.parent_run_id,
+                self.sweep_name,
+                self.base_tree,
+                self.varied,
+                self.cpu,
+                self.gpu,
+                self.metric,
+                self.progress,
+                False,
+            ),
+        )
 
     def _say(self, trial, text: str, *args) -> None:
         if self.progress:
@@ -95,9 +130,15 @@ class SweepTracker(Callback):
             return self._runs[tid]
         cfg = build_trial_config(self.base_tree, trial.config, self.cpu, self.gpu)
         self._planned[tid] = cfg.train.epochs
-        existing = [] if self.fresh else [
-            r for r in tracking.child_runs(self.target, self.parent_run_id, {"itr.trial_id": tid})
-            if r.data.tags.get("itr.superseded") != "true"]
+        existing = (
+            []
+            if self.fresh
+            else [
+                r
+                for r in tracking.child_runs(self.target, self.parent_run_id, {"itr.trial_id": tid})
+                if r.data.tags.get("itr.superseded") != "true"
+            ]
+        )
         if existing:
             run_id = existing[0].info.run_id
             for extra in existing[1:]:  # never expected; keep one
@@ -108,11 +149,19 @@ class SweepTracker(Callback):
         else:
             params = {k: trial.config[k] for k in self.varied if k in trial.config}
             shown = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in params.items())
-            run_id = tracking.start_run(self.target, cfg, run_name=f"{self.sweep_name} {tid} {shown}".strip(),
-                                        parent_run_id=self.parent_run_id, extra_tags={
-                                            "itr.trial_id": tid, "itr.trial_name": trial_name(trial),
-                                            "itr.sweep": self.sweep_name, "itr.kind": "trial",
-                                            "itr.varied": json.dumps({k: _jsonable(v) for k, v in params.items()})})
+            run_id = tracking.start_run(
+                self.target,
+                cfg,
+                run_name=f"{self.sweep_name} {tid} {shown}".strip(),
+                parent_run_id=self.parent_run_id,
+                extra_tags={
+                    "itr.trial_id": tid,
+                    "itr.trial_name": trial_name(trial),
+                    "itr.sweep": self.sweep_name,
+                    "itr.kind": "trial",
+                    "itr.varied": json.dumps({k: _jsonable(v) for k, v in params.items()}),
+                },
+            )
             self._logged[tid] = set()
         self._runs[tid] = run_id
         return run_id
@@ -127,14 +176,27 @@ class SweepTracker(Callback):
         tid = trial.trial_id
         step = int(result.get("epoch", result.get("training_iteration", 1) - 1))
         if tid not in self._located and "itr/node_id" in result:
-            tracking.set_tags(self.target, run_id, {"itr.ray_node_id": result["itr/node_id"],
-                                                    "itr.ray_gcs_address": result["itr/gcs_address"],
-                                                    "itr.hostname": result.get("hostname", "")})
+            tracking.set_tags(
+                self.target,
+                run_id,
+                {
+                    "itr.ray_node_id": result["itr/node_id"],
+                    "itr.ray_gcs_address": result["itr/gcs_address"],
+                    "itr.hostname": result.get("hostname", ""),
+                },
+            )
             self._located.add(tid)
         value = result.get(self.metric)
         # the epoch index as MLflow steps, itr train and the leaderboard's "best epoch" count it (from 0)
-        self._say(trial, "epoch %d (%d of %s): %s %s", step, step + 1, self._planned.get(tid, "?"), self.metric,
-                  "-" if value is None else f"{value:.4g}")
+        self._say(
+            trial,
+            "epoch %d (%d of %s): %s %s",
+            step,
+            step + 1,
+            self._planned.get(tid, "?"),
+            self.metric,
+            "-" if value is None else f"{value:.4g}",
+        )
         if step in self._logged.setdefault(tid, set()):
             return
         tracking.log_metrics(self.target, run_id, metrics_of(result), step)
@@ -147,10 +209,12 @@ class SweepTracker(Callback):
         epochs = int(last["epoch"]) + 1 if "epoch" in last else int(last.get("training_iteration", 0))
         planned = self._planned.get(trial.trial_id, epochs)
         tags = {"itr.epochs_run": epochs, **({"itr.stopped_early": "true"} if epochs < planned else {})}
-        tracking.send(self.target, run_id, *(tracking.tag_op(k, v) for k, v in tags.items()),
-                      tracking.end_op("FINISHED"))
-        self._say(trial, "%s after %d epoch(s)", "stopped early by the scheduler" if epochs < planned else "finished",
-                  epochs)
+        tracking.send(
+            self.target, run_id, *(tracking.tag_op(k, v) for k, v in tags.items()), tracking.end_op("FINISHED")
+        )
+        self._say(
+            trial, "%s after %d epoch(s)", "stopped early by the scheduler" if epochs < planned else "finished", epochs
+        )
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._child(trial)
@@ -162,14 +226,21 @@ class SweepTracker(Callback):
     def on_experiment_end(self, trials, **info):
         # Tune's cleanup marks the trials it stops at an interruption TERMINATED (the saved state still has them
         # RUNNING, so a resume continues them): a trial started here that neither completed nor failed was cut off.
-        unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")
-                      or (t.trial_id in self._runs and t.trial_id not in self._ended)]
+        unfinished = [
+            t
+            for t in trials
+            if t.status not in ("TERMINATED", "ERROR") or (t.trial_id in self._runs and t.trial_id not in self._ended)
+        ]
         self.interrupted = bool(unfinished)
         for trial in unfinished:
             run_id = self._runs.get(trial.trial_id)
             if run_id is not None:
-                tracking.end_run(self.target, run_id, "KILLED",
-                                 reason="sweep interrupted before this trial ended (itr sweep --resume continues it)")
+                tracking.end_run(
+                    self.target,
+                    run_id,
+                    "KILLED",
+                    reason="sweep interrupted before this trial ended (itr sweep --resume continues it)",
+                )
 
 
 def _short(v: Any) -> str:
@@ -184,8 +255,9 @@ def _jsonable(v: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ the parent run
-def open_parent_run(target: tracking.TrackingTarget, space: SearchSpace, name: str, folder: SweepFolder,
-                    point: ResumePoint) -> tuple[str, bool]:
+def open_parent_run(
+    target: tracking.TrackingTarget, space: SearchSpace, name: str, folder: SweepFolder, point: ResumePoint
+) -> tuple[str, bool]:
     """(the sweep's parent run, whether it is new with nothing for Tune to restore: no child can exist yet).
 
     The parent run an earlier driver recorded is reopened; when Tune had not snapshotted anything yet (the driver
@@ -206,11 +278,16 @@ def _start_parent(target: tracking.TrackingTarget, space: SearchSpace, name: str
     """The parent run: the base config's provenance, the search settings as params, the space file and the
     resolved base config as artifacts."""
     tags = {k: v for k, v in tracking.run_tags(space.base_config).items() if k != "itr.loss_family"}
-    tags.update({"itr.kind": "sweep", "itr.sweep": name, "itr.space_file": str(space.path),
-                 "itr.sweep_dir": str(folder)})
+    tags.update(
+        {"itr.kind": "sweep", "itr.sweep": name, "itr.space_file": str(space.path), "itr.sweep_dir": str(folder)}
+    )
     run_id = tracking.create_run(target, f"sweep {name}", tags, space.settings())
-    tracking.send(target, run_id, tracking.text_op(space.path.name, space.text),
-                  tracking.text_op("base_config.yaml", space.base_config.to_yaml()))
+    tracking.send(
+        target,
+        run_id,
+        tracking.text_op(space.path.name, space.text),
+        tracking.text_op("base_config.yaml", space.base_config.to_yaml()),
+    )
     return run_id
 
 
@@ -225,8 +302,9 @@ def end_running_children(target: tracking.TrackingTarget, parent_run_id: str, re
 
 
 @contextlib.contextmanager
-def parent_ends_on_error(target: tracking.TrackingTarget | None, parent_run_id: str | None, what: str,
-                         resumable: bool) -> Iterator[None]:
+def parent_ends_on_error(
+    target: tracking.TrackingTarget | None, parent_run_id: str | None, what: str, resumable: bool
+) -> Iterator[None]:
     """An error (or Ctrl-C: KILLED) in the block ends the parent run FAILED with ``what: <error>``, and with
     ``resumable`` the children still running KILLED too; the error goes on."""
     try:
@@ -245,9 +323,14 @@ def parent_ends_on_error(target: tracking.TrackingTarget | None, parent_run_id: 
         raise
 
 
-def publish_leaderboard(target: tracking.TrackingTarget, parent_run_id: str, space: SearchSpace,
-                        folder: SweepFolder, *, plots: bool = True,
-                        ) -> tuple[list[dict[str, Any]], list[leaderboard.TrialRecord], list[Path | str]]:
+def publish_leaderboard(
+    target: tracking.TrackingTarget,
+    parent_run_id: str,
+    space: SearchSpace,
+    folder: SweepFolder,
+    *,
+    plots: bool = True,
+) -> tuple[list[dict[str, Any]], list[leaderboard.TrialRecord], list[Path | str]]:
     """(table, records, plot files) of the sweep, read back from its children; written to ``<sweep>/leaderboard``
     and logged to the parent run (``leaderboard.csv``, ``leaderboard.txt``, ``plots/``, ``best/<metric>``, the
     best trial's tags, the status counts), which then ends FINISHED."""
@@ -258,10 +341,12 @@ def publish_leaderboard(target: tracking.TrackingTarget, parent_run_id: str, spa
         csv_path = leaderboard.write_csv(out.local / "leaderboard.csv", table)
         log_scale = [k for k, d in space.distributions.items() if d.kind == "loguniform"]
         if plots:
-            pngs = leaderboard.make_plots(records, space.varied, space.metric, space.mode, out.local / "plots",
-                                          log_scale=log_scale)
-        tracking.send(target, parent_run_id, tracking.artifact_op(csv_path),
-                      *(tracking.artifact_op(p, "plots") for p in pngs))
+            pngs = leaderboard.make_plots(
+                records, space.varied, space.metric, space.mode, out.local / "plots", log_scale=log_scale
+            )
+        tracking.send(
+            target, parent_run_id, tracking.artifact_op(csv_path), *(tracking.artifact_op(p, "plots") for p in pngs)
+        )
     published = out.published(pngs)
     counts: dict[str, int] = {}
     for r in records:
@@ -269,9 +354,11 @@ def publish_leaderboard(target: tracking.TrackingTarget, parent_run_id: str, spa
     writes = [tracking.text_op("leaderboard.txt", leaderboard.format_table(table) + "\n")]
     best = table[0][f"best {space.metric}"] if table else None
     if isinstance(best, float) and math.isfinite(best):
-        writes += [tracking.metrics_op({f"best/{space.metric}": best}, step=0),
-                   tracking.tag_op("itr.best_trial", table[0]["trial"]),
-                   tracking.tag_op("itr.best_run_id", table[0]["run_id"])]
+        writes += [
+            tracking.metrics_op({f"best/{space.metric}": best}, step=0),
+            tracking.tag_op("itr.best_trial", table[0]["trial"]),
+            tracking.tag_op("itr.best_run_id", table[0]["run_id"]),
+        ]
     writes.append(tracking.tag_op("itr.trial_status_counts", json.dumps(counts, sort_keys=True)))
     tracking.send(target, parent_run_id, *writes)
     end_running_children(target, parent_run_id, "left running after the sweep ended")

@@ -4,14 +4,16 @@ A trial runs inline in the trainable (one worker, no GPU) through a :class:`Tune
 ``TorchTrainer`` (several workers, or GPUs) through ``orchestrator.run._fit_with_ray``; see
 :mod:`orchestrator.sweep` for how each reports to Tune.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from orchestrator.config import ExperimentConfig
 from orchestrator.errors import UserError
@@ -129,8 +131,14 @@ def run_trial(config: dict[str, Any], settings: TrialSettings | None = None) -> 
 
         trial_id = tune.get_context().get_trial_id()
         with ray_compat.abortable_train_run() as publish_controller:
-            _fit_with_ray(cfg, f"train-{trial_id}", None, None, storage_path=str(settings.train_storage),
-                          callbacks=[epoch_reports_to_tune(), publish_controller])
+            _fit_with_ray(
+                cfg,
+                f"train-{trial_id}",
+                None,
+                None,
+                storage_path=str(settings.train_storage),
+                callbacks=[epoch_reports_to_tune(), publish_controller],
+            )
         return
     if settings.trial_fn is None:
         import torch

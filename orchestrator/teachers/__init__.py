@@ -10,6 +10,7 @@ See :mod:`orchestrator.teachers.encoders` for the spec strings, :mod:`orchestrat
 the on-disk layout, :mod:`orchestrator.teachers.ray_backend` for ``teachers.backend: ray``. Nothing
 here imports Ray unless the Ray backend runs.
 """
+
 from orchestrator.teachers.cache import ShardStore, ViewMismatch, open_view
 from orchestrator.teachers.encoders import (
     TeacherEncoder,

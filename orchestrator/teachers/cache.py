@@ -17,6 +17,7 @@ to a temporary name in the same folder and renamed into place (atomic on POSIX):
 complete shards, and the next run resumes from them. A view is valid only once its ``meta.json`` exists
 (written last) and matches the split.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,8 +27,9 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -71,7 +73,7 @@ def count_nonfinite_rows(features: np.ndarray, block_rows: int = FINITE_CHECK_RO
     """
     n_bad, first = 0, None
     for lo in range(0, len(features), block_rows):
-        block = np.asarray(features[lo:lo + block_rows])
+        block = np.asarray(features[lo : lo + block_rows])
         with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: no RuntimeWarning on stderr
             total = block.sum(dtype=np.float64)
         if np.isfinite(total):
@@ -89,8 +91,12 @@ def check_finite(features: np.ndarray, *, path: Path | str, field: str | None = 
     ``features`` (M, D) is finite; ``hint`` (what to do) ends the message."""
     n_bad, first = count_nonfinite_rows(features)
     if n_bad:
-        raise UserError(f"{n_bad} of {len(features)} teacher features are not finite (NaN or inf; first at row "
-                        f"{first}){'; ' + hint if hint else ''}", path=str(path), field=field)
+        raise UserError(
+            f"{n_bad} of {len(features)} teacher features are not finite (NaN or inf; first at row "
+            f"{first}){'; ' + hint if hint else ''}",
+            path=str(path),
+            field=field,
+        )
 
 
 def ensure_cache_dir(cache_dir: Path | str, field: str = "teachers.cache_dir") -> Path:
@@ -103,8 +109,9 @@ def ensure_cache_dir(cache_dir: Path | str, field: str = "teachers.cache_dir") -
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise UserError(f"cannot create the teacher cache folder ({err.strerror or err})", path=str(path),
-                        field=field) from None
+        raise UserError(
+            f"cannot create the teacher cache folder ({err.strerror or err})", path=str(path), field=field
+        ) from None
     if not path.is_dir():
         raise UserError("the teacher cache folder is not a folder", path=str(path), field=field)
     probe = path / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -112,8 +119,9 @@ def ensure_cache_dir(cache_dir: Path | str, field: str = "teachers.cache_dir") -
         with open(probe, "xb") as fh:
             fh.write(b"ok")
     except OSError as err:
-        raise UserError(f"the teacher cache folder is not writable ({err.strerror or err})", path=str(path),
-                        field=field) from None
+        raise UserError(
+            f"the teacher cache folder is not writable ({err.strerror or err})", path=str(path), field=field
+        ) from None
     finally:
         try:
             probe.unlink()
@@ -145,7 +153,7 @@ class ShardStore:
         self._dim: int | None = None
 
     @classmethod
-    def for_encoder(cls, cache_dir: Path, encoder: Any) -> "ShardStore":
+    def for_encoder(cls, cache_dir: Path, encoder: Any) -> ShardStore:
         """The store of ``encoder`` (a :class:`~orchestrator.teachers.encoders.TeacherEncoder`) under ``cache_dir``."""
         identity, pre = encoder.identity, encoder.preprocessing
         root = Path(cache_dir) / store_name(identity, pre, encoder.modality, encoder.spec)
@@ -162,12 +170,19 @@ class ShardStore:
     def _ensure_meta(self, dim: int) -> None:
         if self.dim is not None:
             if self.dim != dim:
-                raise UserError(f"teacher features have dimension {dim} but the store holds {self.dim}",
-                                path=str(self.root))
+                raise UserError(
+                    f"teacher features have dimension {dim} but the store holds {self.dim}", path=str(self.root)
+                )
             return
         self.shard_dir.mkdir(parents=True, exist_ok=True)
-        meta = {"format": FORMAT_VERSION, "identity": self.identity, "spec": self.spec, "modality": self.modality,
-                "preprocessing": self.preprocessing, "dim": int(dim)}
+        meta = {
+            "format": FORMAT_VERSION,
+            "identity": self.identity,
+            "spec": self.spec,
+            "modality": self.modality,
+            "preprocessing": self.preprocessing,
+            "dim": int(dim),
+        }
         _atomic_write_text(self.root / "store.json", json.dumps(meta, indent=1))
         self._dim = int(dim)
 
@@ -196,7 +211,7 @@ class ShardStore:
                 continue
             raw = np.ascontiguousarray(arr["key"]).tobytes()
             for row in range(len(arr)):
-                table.setdefault(raw[row * KEY_BYTES:(row + 1) * KEY_BYTES], (s, row))
+                table.setdefault(raw[row * KEY_BYTES : (row + 1) * KEY_BYTES], (s, row))
         return table, paths
 
     def append(self, keys: Sequence[bytes], features: np.ndarray) -> Path:
@@ -234,9 +249,19 @@ class ShardStore:
         return self.root / "views" / index.content_hash()
 
 
-def write_view(view_dir: Path, features: np.ndarray | None, *, index: DatasetIndex, modality: str, identity: str,
-               spec: str, preprocessing: str, digest: str, fill: Any = None, shape: tuple[int, int] | None = None
-               ) -> np.memmap:
+def write_view(
+    view_dir: Path,
+    features: np.ndarray | None,
+    *,
+    index: DatasetIndex,
+    modality: str,
+    identity: str,
+    spec: str,
+    preprocessing: str,
+    digest: str,
+    fill: Any = None,
+    shape: tuple[int, int] | None = None,
+) -> np.memmap:
     """Write a split view atomically: ``features.npy`` float32 (N, D), then ``meta.json``; return it memory-mapped.
 
     Either ``features`` (N, D) is given, or ``shape`` and ``fill(out)`` which fills a writable memmap ``out``
@@ -256,9 +281,17 @@ def write_view(view_dir: Path, features: np.ndarray | None, *, index: DatasetInd
     out.flush()
     del out
     os.replace(tmp, view_dir / "features.npy")
-    meta = {"format": FORMAT_VERSION, "index_name": index.name, "content_hash": index.content_hash(),
-            "modality": modality, "identity": identity, "spec": spec, "preprocessing": preprocessing,
-            "shape": list(shape), "items_digest": digest}
+    meta = {
+        "format": FORMAT_VERSION,
+        "index_name": index.name,
+        "content_hash": index.content_hash(),
+        "modality": modality,
+        "identity": identity,
+        "spec": spec,
+        "preprocessing": preprocessing,
+        "shape": list(shape),
+        "items_digest": digest,
+    }
     _atomic_write_text(view_dir / "meta.json", json.dumps(meta, indent=1))
     return open_view(view_dir, index, modality=modality, identity=identity)
 
@@ -274,8 +307,9 @@ def read_view_meta(view_dir: Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ViewMismatch("no meta.json beside the teacher features (an incomplete or foreign cache folder)",
-                           path=str(path)) from None
+        raise ViewMismatch(
+            "no meta.json beside the teacher features (an incomplete or foreign cache folder)", path=str(path)
+        ) from None
     except (OSError, ValueError) as err:
         raise ViewMismatch(f"unreadable meta.json ({err})", path=str(path)) from None
     if not isinstance(meta, dict):
@@ -283,8 +317,9 @@ def read_view_meta(view_dir: Path) -> dict[str, Any]:
     return meta
 
 
-def open_view(view_dir: Path, index: DatasetIndex, *, modality: str, identity: str | None = None,
-              digest: str | None = None) -> np.memmap:
+def open_view(
+    view_dir: Path, index: DatasetIndex, *, modality: str, identity: str | None = None, digest: str | None = None
+) -> np.memmap:
     """The split view in ``view_dir`` as a read-only ``np.memmap`` float32 (N, D), verified against ``index``.
 
     Raises :class:`ViewMismatch` (a ``UserError``) when the features belong to another dataset (content
@@ -295,14 +330,18 @@ def open_view(view_dir: Path, index: DatasetIndex, *, modality: str, identity: s
     meta = read_view_meta(view_dir)
     path = view_dir / "features.npy"
     if meta.get("content_hash") != index.content_hash():
-        raise ViewMismatch(f"these teacher features belong to another dataset ({meta.get('index_name')!r}, content "
-                           f"hash {meta.get('content_hash')}), not {index.name!r} (content hash "
-                           f"{index.content_hash()})", path=str(path))
+        raise ViewMismatch(
+            f"these teacher features belong to another dataset ({meta.get('index_name')!r}, content "
+            f"hash {meta.get('content_hash')}), not {index.name!r} (content hash "
+            f"{index.content_hash()})",
+            path=str(path),
+        )
     if meta.get("modality") != modality:
         raise ViewMismatch(f"these are {meta.get('modality')} features, not {modality} features", path=str(path))
     if identity is not None and meta.get("identity") != identity:
-        raise ViewMismatch(f"these features come from teacher {meta.get('identity')!r}, not {identity!r}",
-                           path=str(path))
+        raise ViewMismatch(
+            f"these features come from teacher {meta.get('identity')!r}, not {identity!r}", path=str(path)
+        )
     if digest is not None and meta.get("items_digest") != digest:
         raise ViewMismatch("the split's item contents changed since these features were computed", path=str(path))
     try:
@@ -312,11 +351,23 @@ def open_view(view_dir: Path, index: DatasetIndex, *, modality: str, identity: s
     except (OSError, ValueError) as err:
         raise ViewMismatch(f"unreadable teacher features ({err})", path=str(path)) from None
     rows = expected_rows(index, modality)
-    if arr.dtype != np.float32 or arr.ndim != 2 or arr.shape[0] != rows or list(arr.shape) != list(meta.get("shape", [])):
-        raise ViewMismatch(f"teacher features have shape {arr.shape} ({arr.dtype}); expected float32 ({rows}, "
-                           f"{(meta.get('shape') or [None, 'D'])[1]}) for {index.name!r}", path=str(path))
-    check_finite(arr, path=path, field=f"teachers.{modality}",  # once per open, in blocks: never per batch
-                 hint="delete this teacher's cache folder to recompute them")
+    if (
+        arr.dtype != np.float32
+        or arr.ndim != 2
+        or arr.shape[0] != rows
+        or list(arr.shape) != list(meta.get("shape", []))
+    ):
+        raise ViewMismatch(
+            f"teacher features have shape {arr.shape} ({arr.dtype}); expected float32 ({rows}, "
+            f"{(meta.get('shape') or [None, 'D'])[1]}) for {index.name!r}",
+            path=str(path),
+        )
+    check_finite(
+        arr,
+        path=path,
+        field=f"teachers.{modality}",  # once per open, in blocks: never per batch
+        hint="delete this teacher's cache folder to recompute them",
+    )
     return arr
 
 

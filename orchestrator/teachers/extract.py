@@ -15,13 +15,15 @@ The training loop reads ``features.image[index.caption_image[c]]`` / ``features.
 should reopen the views from ``features.view_dirs`` with :func:`open_features` (a memmap pickles as a
 full copy).
 """
+
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
@@ -103,8 +105,9 @@ class SplitTeacherFeatures:
         """Side -> split view folder (``features.npy`` + ``meta.json``): reopen with :func:`open_features`."""
         return {k: s.view_dir for k, s in self.stats.items()}
 
-    def pair_features(self, caption_indices: np.ndarray, caption_image: np.ndarray) -> tuple[np.ndarray | None,
-                                                                                                np.ndarray | None]:
+    def pair_features(
+        self, caption_indices: np.ndarray, caption_image: np.ndarray
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(image (B, D_i), text (B, D_t)) teacher features of the pairs of captions ``caption_indices`` (B,):
         each caption's image row and its own row (in-memory float32 copies; ``None`` for a missing side)."""
         caption_indices = np.asarray(caption_indices, dtype=np.int64)
@@ -134,8 +137,9 @@ def load_teachers(cfg: TeachersConfig, device: str | None = None) -> TeacherSet:
 
 
 # --------------------------------------------------------------------------------------------- items
-def item_keys(modality: str, index: DatasetIndex, memo: FileHashMemo | None = None, progress: bool = False
-              ) -> list[bytes]:
+def item_keys(
+    modality: str, index: DatasetIndex, memo: FileHashMemo | None = None, progress: bool = False
+) -> list[bytes]:
     """32-byte content keys, one per row: captions (``num_captions``) or images (``num_images``)."""
     if modality == "text":
         return [text_key(c) for c in index.captions]
@@ -143,8 +147,13 @@ def item_keys(modality: str, index: DatasetIndex, memo: FileHashMemo | None = No
 
     memo = memo or FileHashMemo()
     keys: list[bytes] = []
-    bar = tqdm(total=index.num_images, desc=f"hashing {index.name} images", unit="img",
-               disable=None if progress else True, leave=False)  # None: only on a terminal
+    bar = tqdm(
+        total=index.num_images,
+        desc=f"hashing {index.name} images",
+        unit="img",
+        disable=None if progress else True,
+        leave=False,
+    )  # None: only on a terminal
     for i in range(index.num_images):
         if index.image_paths is not None:
             path = index.image_paths[i]
@@ -168,19 +177,29 @@ def load_items(encoder: TeacherEncoder, index: DatasetIndex, positions: Sequence
     return [index.load_image(int(p)) for p in positions]
 
 
-def _local_stream(encoder: TeacherEncoder, index: DatasetIndex, positions: np.ndarray, batch_size: int
-                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _local_stream(
+    encoder: TeacherEncoder, index: DatasetIndex, positions: np.ndarray, batch_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(positions (b,), float32 features (b, D)) batch by batch, in order."""
     for lo in range(0, len(positions), batch_size):
-        chunk = positions[lo:lo + batch_size]
+        chunk = positions[lo : lo + batch_size]
         yield chunk, encoder.encode(load_items(encoder, index, chunk.tolist()))
 
 
 # ------------------------------------------------------------------------------------------- extract
-def extract_modality(encoder: TeacherEncoder, index: DatasetIndex, cache_dir: Path | str, *,
-                     backend: Backend = "local", num_actors: int = 1, batch_size: int = 64,
-                     shard_size: int = DEFAULT_SHARD_SIZE, progress: bool = True, device: str | None = None,
-                     memo: FileHashMemo | None = None) -> tuple[np.memmap, ExtractStats]:
+def extract_modality(
+    encoder: TeacherEncoder,
+    index: DatasetIndex,
+    cache_dir: Path | str,
+    *,
+    backend: Backend = "local",
+    num_actors: int = 1,
+    batch_size: int = 64,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    progress: bool = True,
+    device: str | None = None,
+    memo: FileHashMemo | None = None,
+) -> tuple[np.memmap, ExtractStats]:
     """One side of :func:`extract_split`: (memmap float32 (rows, D) in index order, stats)."""
     start = time.perf_counter()
     modality = encoder.modality
@@ -191,9 +210,19 @@ def extract_modality(encoder: TeacherEncoder, index: DatasetIndex, cache_dir: Pa
     rows = expected_rows(index, modality)
 
     def stats(unique: int, computed: int, reused: int, view_reused: bool) -> ExtractStats:
-        return ExtractStats(modality=modality, spec=encoder.spec, identity=encoder.identity, total=rows,
-                            unique=unique, computed=computed, reused=reused, view_reused=view_reused,
-                            backend=backend, seconds=time.perf_counter() - start, view_dir=view_dir)
+        return ExtractStats(
+            modality=modality,
+            spec=encoder.spec,
+            identity=encoder.identity,
+            total=rows,
+            unique=unique,
+            computed=computed,
+            reused=reused,
+            view_reused=view_reused,
+            backend=backend,
+            seconds=time.perf_counter() - start,
+            view_dir=view_dir,
+        )
 
     if not encoder.cacheable:  # file: the features are already on disk, keyed by image id
         digest = items_digest([i.encode() + b"\0" for i in index.image_ids])
@@ -204,8 +233,16 @@ def extract_modality(encoder: TeacherEncoder, index: DatasetIndex, cache_dir: Pa
             if (view_dir / "meta.json").exists():
                 log.warning("rebuilding teacher view: %s", err)
         feats = encoder.encode(list(range(rows)))
-        view = write_view(view_dir, feats, index=index, modality=modality, identity=encoder.identity,
-                          spec=encoder.spec, preprocessing=encoder.preprocessing, digest=digest)
+        view = write_view(
+            view_dir,
+            feats,
+            index=index,
+            modality=modality,
+            identity=encoder.identity,
+            spec=encoder.spec,
+            preprocessing=encoder.preprocessing,
+            digest=digest,
+        )
         return view, stats(rows, rows, 0, False)
 
     keys = item_keys(modality, index, memo, progress=progress)
@@ -226,24 +263,64 @@ def extract_modality(encoder: TeacherEncoder, index: DatasetIndex, cache_dir: Pa
     missing = np.asarray(sorted(first.values()), dtype=np.int64)
     reused = sum(1 for key in keys if key in table)
     if len(missing):
-        log.info("%s teacher %s: encoding %d of %d %s items (%s)", modality, encoder.spec, len(missing), rows,
-                 index.name, backend)
-        _encode_into_store(encoder, index, missing, keys, store, table, paths, backend=backend,
-                           num_actors=num_actors, batch_size=batch_size, shard_size=shard_size, progress=progress,
-                           device=device)
+        log.info(
+            "%s teacher %s: encoding %d of %d %s items (%s)",
+            modality,
+            encoder.spec,
+            len(missing),
+            rows,
+            index.name,
+            backend,
+        )
+        _encode_into_store(
+            encoder,
+            index,
+            missing,
+            keys,
+            store,
+            table,
+            paths,
+            backend=backend,
+            num_actors=num_actors,
+            batch_size=batch_size,
+            shard_size=shard_size,
+            progress=progress,
+            device=device,
+        )
     if store.dim is None:
         raise RuntimeError("empty teacher store after encoding")  # unreachable: rows >= 1
     locations = [table[key] for key in keys]
-    view = write_view(view_dir, None, index=index, modality=modality, identity=encoder.identity, spec=encoder.spec,
-                      preprocessing=encoder.preprocessing, digest=digest, shape=(rows, store.dim),
-                      fill=lambda out: store.gather(locations, paths, out))
+    view = write_view(
+        view_dir,
+        None,
+        index=index,
+        modality=modality,
+        identity=encoder.identity,
+        spec=encoder.spec,
+        preprocessing=encoder.preprocessing,
+        digest=digest,
+        shape=(rows, store.dim),
+        fill=lambda out: store.gather(locations, paths, out),
+    )
     return view, stats(len(set(keys)), len(missing), reused, False)
 
 
-def _encode_into_store(encoder: TeacherEncoder, index: DatasetIndex, missing: np.ndarray, keys: list[bytes],
-                       store: ShardStore, table: dict[bytes, tuple[int, int]], paths: list[Path], *,
-                       backend: Backend, num_actors: int, batch_size: int, shard_size: int, progress: bool,
-                       device: str | None) -> None:
+def _encode_into_store(
+    encoder: TeacherEncoder,
+    index: DatasetIndex,
+    missing: np.ndarray,
+    keys: list[bytes],
+    store: ShardStore,
+    table: dict[bytes, tuple[int, int]],
+    paths: list[Path],
+    *,
+    backend: Backend,
+    num_actors: int,
+    batch_size: int,
+    shard_size: int,
+    progress: bool,
+    device: str | None,
+) -> None:
     """Encode rows ``missing`` and append them to ``store`` in shards of ``shard_size``, updating ``table``
     and ``paths`` as each shard lands."""
     from tqdm.auto import tqdm
@@ -251,8 +328,9 @@ def _encode_into_store(encoder: TeacherEncoder, index: DatasetIndex, missing: np
     if backend == "ray" and encoder.inputs != "index":
         from orchestrator.teachers.ray_backend import ray_stream
 
-        stream = ray_stream(encoder, index, missing, batch_size=batch_size, num_actors=num_actors, device=device,
-                            progress=False)
+        stream = ray_stream(
+            encoder, index, missing, batch_size=batch_size, num_actors=num_actors, device=device, progress=False
+        )
     elif backend in ("ray", "local"):
         if backend == "ray":
             log.info("%s teacher %s is a lookup, not a model: encoding it locally", encoder.modality, encoder.spec)
@@ -262,8 +340,12 @@ def _encode_into_store(encoder: TeacherEncoder, index: DatasetIndex, missing: np
     else:
         raise UserError(f"unknown teachers backend {backend!r} (local or ray)", field="teachers.backend")
 
-    bar = tqdm(total=len(missing), desc=f"{encoder.modality} teacher {encoder.spec}", unit="item",
-               disable=None if progress else True)  # None: only on a terminal
+    bar = tqdm(
+        total=len(missing),
+        desc=f"{encoder.modality} teacher {encoder.spec}",
+        unit="item",
+        disable=None if progress else True,
+    )  # None: only on a terminal
     buf_keys: list[bytes] = []
     buf_feats: list[np.ndarray] = []
 
@@ -285,9 +367,11 @@ def _encode_into_store(encoder: TeacherEncoder, index: DatasetIndex, missing: np
                 raise RuntimeError(f"teacher {encoder.spec} returned {feats.shape} for {len(pos)} items")
             n_bad, _ = count_nonfinite_rows(feats)
             if n_bad:  # never let a broken teacher poison the shared cache
-                raise UserError(f"teacher {encoder.spec} returned {n_bad} of {len(feats)} features that are not "
-                                f"finite (NaN or inf) for {index.name}; that batch was not cached",
-                                field=f"teachers.{encoder.modality}")
+                raise UserError(
+                    f"teacher {encoder.spec} returned {n_bad} of {len(feats)} features that are not "
+                    f"finite (NaN or inf) for {index.name}; that batch was not cached",
+                    field=f"teachers.{encoder.modality}",
+                )
             buf_keys.extend(keys[int(p)] for p in pos)
             buf_feats.append(feats)
             while len(buf_keys) >= shard_size:
@@ -302,9 +386,16 @@ def _encode_into_store(encoder: TeacherEncoder, index: DatasetIndex, missing: np
             close()
 
 
-def extract_split(teachers_cfg: TeachersConfig, index: DatasetIndex, *, progress: bool = True,
-                  backend: Backend | None = None, device: str | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
-                  teachers: TeacherSet | None = None) -> SplitTeacherFeatures:
+def extract_split(
+    teachers_cfg: TeachersConfig,
+    index: DatasetIndex,
+    *,
+    progress: bool = True,
+    backend: Backend | None = None,
+    device: str | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    teachers: TeacherSet | None = None,
+) -> SplitTeacherFeatures:
     """Teacher features of every image and caption of ``index``, through the cache.
 
     Args:
@@ -329,8 +420,10 @@ def extract_split(teachers_cfg: TeachersConfig, index: DatasetIndex, *, progress
         for side in ("image", "text"):
             encoder, spec = getattr(teachers, side), getattr(teachers_cfg, side)
             if (encoder.spec if encoder is not None else None) != spec:
-                raise ValueError(f"teachers.{side} is {spec!r} but the given {side} encoder is "
-                                 f"{encoder.spec if encoder is not None else None!r}")
+                raise ValueError(
+                    f"teachers.{side} is {spec!r} but the given {side} encoder is "
+                    f"{encoder.spec if encoder is not None else None!r}"
+                )
     placement = resolve_placement(backend or teachers_cfg.backend, teachers_cfg.num_actors)
     backend, device = placement.backend, device or placement.device
     cache_dir = Path(teachers_cfg.cache_dir)
@@ -339,15 +432,34 @@ def extract_split(teachers_cfg: TeachersConfig, index: DatasetIndex, *, progress
     for modality, encoder in (("image", teachers.image), ("text", teachers.text)):
         if encoder is None:
             continue
-        view, st = extract_modality(encoder, index, cache_dir, backend=backend, num_actors=placement.num_actors,
-                                    batch_size=teachers_cfg.batch_size, shard_size=shard_size, progress=progress,
-                                    device=device, memo=memo)
+        view, st = extract_modality(
+            encoder,
+            index,
+            cache_dir,
+            backend=backend,
+            num_actors=placement.num_actors,
+            batch_size=teachers_cfg.batch_size,
+            shard_size=shard_size,
+            progress=progress,
+            device=device,
+            memo=memo,
+        )
         setattr(result, modality, view)
         setattr(result, f"{modality}_identity", st.identity)
         result.stats[modality] = st
-        log.info("%s teacher %s on %s: %d rows (%d distinct), %d computed, %d reused%s, D=%d, %.1f s",
-                 modality, st.spec, index.name, st.total, st.unique, st.computed, st.reused,
-                 " (split view reused)" if st.view_reused else "", view.shape[1], st.seconds)
+        log.info(
+            "%s teacher %s on %s: %d rows (%d distinct), %d computed, %d reused%s, D=%d, %.1f s",
+            modality,
+            st.spec,
+            index.name,
+            st.total,
+            st.unique,
+            st.computed,
+            st.reused,
+            " (split view reused)" if st.view_reused else "",
+            view.shape[1],
+            st.seconds,
+        )
     memo.save()
     return result
 
@@ -356,9 +468,11 @@ def extract_split(teachers_cfg: TeachersConfig, index: DatasetIndex, *, progress
 def check_features(features: SplitTeacherFeatures, index: DatasetIndex) -> None:
     """``UserError`` unless ``features`` belong to ``index`` (content hash) with one row per image / caption."""
     if features.content_hash != index.content_hash():
-        raise UserError(f"teacher features were computed for another dataset ({features.index_name!r}, content hash "
-                        f"{features.content_hash}), not {index.name!r} ({index.content_hash()})",
-                        field="teachers")
+        raise UserError(
+            f"teacher features were computed for another dataset ({features.index_name!r}, content hash "
+            f"{features.content_hash}), not {index.name!r} ({index.content_hash()})",
+            field="teachers",
+        )
     for modality in ("image", "text"):
         arr = getattr(features, modality)
         if arr is None:
@@ -366,12 +480,16 @@ def check_features(features: SplitTeacherFeatures, index: DatasetIndex) -> None:
         rows = expected_rows(index, modality)
         if arr.ndim != 2 or arr.shape[0] != rows:
             where = features.stats[modality].view_dir if modality in features.stats else None
-            raise UserError(f"{modality} teacher features have shape {tuple(arr.shape)}, expected ({rows}, D) for "
-                            f"{index.name!r}", path=str(where) if where else None, field="teachers")
+            raise UserError(
+                f"{modality} teacher features have shape {tuple(arr.shape)}, expected ({rows}, D) for {index.name!r}",
+                path=str(where) if where else None,
+                field="teachers",
+            )
 
 
-def open_features(index: DatasetIndex, *, image_view: Path | str | None = None, text_view: Path | str | None = None
-                  ) -> SplitTeacherFeatures:
+def open_features(
+    index: DatasetIndex, *, image_view: Path | str | None = None, text_view: Path | str | None = None
+) -> SplitTeacherFeatures:
     """Reopen split views (e.g. in a Ray worker, from ``features.view_dirs``) memory-mapped, verified against
     ``index``; ``UserError`` for a view of another dataset or of the wrong shape."""
     from orchestrator.teachers.cache import read_view_meta

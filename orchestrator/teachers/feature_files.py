@@ -6,6 +6,7 @@ Feature files are data, so nothing here unpickles with the full :mod:`pickle`: a
 never its payload) with a pointer to :func:`convert_features`, which reads it through
 :class:`~orchestrator.teachers.safe_pickle.RestrictedUnpickler` (numpy arrays, dicts, lists, str, int).
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,25 +42,41 @@ def read_features_file(path: Path, field: str = FIELD) -> tuple[list[str], np.nd
     try:
         if path.suffix == ".npy":
             if npy_holds_pickle(path):
-                raise UserError("this .npy holds a pickle, which is not loaded (unpickling can run code from the "
-                                f"file); convert it once with: {convert_hint(path)}", path=str(path), field=field)
-            raise UserError("a .npy of plain numbers holds no image ids; save an .npz with arrays 'ids' (N,) and "
-                            "'features' (N, D)", path=str(path), field=field)
+                raise UserError(
+                    "this .npy holds a pickle, which is not loaded (unpickling can run code from the "
+                    f"file); convert it once with: {convert_hint(path)}",
+                    path=str(path),
+                    field=field,
+                )
+            raise UserError(
+                "a .npy of plain numbers holds no image ids; save an .npz with arrays 'ids' (N,) and 'features' (N, D)",
+                path=str(path),
+                field=field,
+            )
         if path.suffix != ".npz":
-            raise UserError("teacher features must be an .npz with arrays 'ids' and 'features' (a pickled .npy "
-                            "dict: convert it with itr convert-features IN.npy OUT.npz)", path=str(path), field=field)
+            raise UserError(
+                "teacher features must be an .npz with arrays 'ids' and 'features' (a pickled .npy "
+                "dict: convert it with itr convert-features IN.npy OUT.npz)",
+                path=str(path),
+                field=field,
+            )
         with np.load(path, allow_pickle=False) as z:
             if "ids" not in z.files or "features" not in z.files:
-                raise UserError(f"an .npz of teacher features needs arrays 'ids' and 'features' "
-                                f"(found {sorted(z.files)})", path=str(path), field=field)
+                raise UserError(
+                    f"an .npz of teacher features needs arrays 'ids' and 'features' (found {sorted(z.files)})",
+                    path=str(path),
+                    field=field,
+                )
             ids = [str(i) for i in z["ids"].tolist()]
             feats = np.asarray(z["features"], dtype=np.float32)
     except (OSError, ValueError, EOFError) as err:
-        raise UserError(f"cannot read teacher features ({err.__class__.__name__}: {err})",
-                        path=str(path), field=field) from None
+        raise UserError(
+            f"cannot read teacher features ({err.__class__.__name__}: {err})", path=str(path), field=field
+        ) from None
     if feats.ndim != 2 or feats.shape[0] != len(ids):
-        raise UserError(f"'features' must be (N, D) with N = len(ids) = {len(ids)}, got {feats.shape}",
-                        path=str(path), field=field)
+        raise UserError(
+            f"'features' must be (N, D) with N = len(ids) = {len(ids)}, got {feats.shape}", path=str(path), field=field
+        )
     if not ids:
         raise UserError("no features in the file", path=str(path), field=field)
     check_finite(feats, path=path, field=field, hint="fix the file")
@@ -69,10 +86,12 @@ def read_features_file(path: Path, field: str = FIELD) -> tuple[list[str], np.nd
 def table_to_features(table: Any, path: Path, field: str | None = None) -> tuple[list[str], np.ndarray]:
     """(ids as str, float32 (N, D)) of a CUSA-style dict ``{image_id: array (1, D) or (D,)}``."""
     if not isinstance(table, dict):
-        what = (f"a {table.shape} {table.dtype} array" if isinstance(table, np.ndarray)
-                else f"a {type(table).__name__}")
-        raise UserError(f"a pickled .npy of teacher features must hold a dict {{image_id: array}}; this one holds "
-                        f"{what}", path=str(path), field=field)
+        what = f"a {table.shape} {table.dtype} array" if isinstance(table, np.ndarray) else f"a {type(table).__name__}"
+        raise UserError(
+            f"a pickled .npy of teacher features must hold a dict {{image_id: array}}; this one holds {what}",
+            path=str(path),
+            field=field,
+        )
     ids, rows, dim = [], [], None
     for key, value in table.items():
         if not isinstance(key, (str, int, np.integer, np.str_)) or isinstance(key, bool):
@@ -83,13 +102,15 @@ def table_to_features(table: Any, path: Path, field: str | None = None) -> tuple
         if arr.ndim == 2 and arr.shape[0] == 1:
             arr = arr[0]
         if arr.ndim != 1:
-            raise UserError(f"entry {key!r} has shape {value.shape}, expected (1, D) or (D,)", path=str(path),
-                            field=field)
+            raise UserError(
+                f"entry {key!r} has shape {value.shape}, expected (1, D) or (D,)", path=str(path), field=field
+            )
         if dim is None:
             dim = arr.shape[0]
         elif arr.shape[0] != dim:
-            raise UserError(f"entry {key!r} has dimension {arr.shape[0]}, the first entry {dim}", path=str(path),
-                            field=field)
+            raise UserError(
+                f"entry {key!r} has dimension {arr.shape[0]}, the first entry {dim}", path=str(path), field=field
+            )
         ids.append(str(key))
         rows.append(arr)
     if not rows:
@@ -137,8 +158,9 @@ def convert_features(src: Path, dst: Path) -> tuple[int, int]:
             os.fsync(fh.fileno())
         os.replace(tmp, dst)
     except OSError as err:
-        raise UserError(f"cannot write the output ({err.__class__.__name__}: {err.strerror or err})",
-                        path=str(dst)) from None
+        raise UserError(
+            f"cannot write the output ({err.__class__.__name__}: {err.strerror or err})", path=str(dst)
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)  # gone after the rename; a partial file otherwise
     log.debug("converted %d teacher features (D=%d) from %s to %s", len(ids), feats.shape[1], src, dst)

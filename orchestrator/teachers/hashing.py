@@ -10,6 +10,7 @@ Hashing a file reads it whole, so file digests are memoised in the process and, 
 given, in ``<cache_dir>/file-hashes.json`` keyed by the absolute path and checked against the file's size
 and ``mtime_ns`` (a file edited in place gets a new mtime and is hashed again).
 """
+
 from __future__ import annotations
 
 import hashlib

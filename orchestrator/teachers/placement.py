@@ -10,6 +10,7 @@
 
 ``local`` and ``ray`` force the backend; ``num_actors`` unset means one actor per GPU (or per node without GPUs).
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,8 +30,9 @@ class Placement:
     reason: str
 
 
-def decide(setting: str, num_actors: int | None, *, cluster: dict[str, float] | None, nodes: int,
-           local_cuda: bool) -> Placement:
+def decide(
+    setting: str, num_actors: int | None, *, cluster: dict[str, float] | None, nodes: int, local_cuda: bool
+) -> Placement:
     """The placement for ``teachers.backend`` ``setting`` given the Ray cluster's total resources (``cluster``:
     ``{"CPU": .., "GPU": ..}``, None when not connected to one), its alive ``nodes``, and whether this process sees
     a CUDA device."""
@@ -47,8 +49,9 @@ def decide(setting: str, num_actors: int | None, *, cluster: dict[str, float] | 
     if cluster is not None and local_cuda:
         return Placement("local", "cuda", 1, "auto: no GPU in the Ray cluster, this machine has one")
     if cluster is not None and nodes > 1:
-        return Placement("ray", "cpu", num_actors or nodes,
-                         f"auto: no GPU anywhere; CPU actors on the cluster's {nodes} nodes")
+        return Placement(
+            "ray", "cpu", num_actors or nodes, f"auto: no GPU anywhere; CPU actors on the cluster's {nodes} nodes"
+        )
     return Placement("local", local_device, 1, f"auto: this machine's {'GPU' if local_cuda else 'CPUs'}")
 
 
@@ -76,8 +79,11 @@ def resolve_placement(setting: str, num_actors: int | None) -> Placement:
     cluster, nodes = _cluster() if setting != "local" else (None, 0)
     placement = decide(setting, num_actors, cluster=cluster, nodes=nodes, local_cuda=torch.cuda.is_available())
     if placement.device == "cpu" and setting != "local" and cluster is not None:
-        log.warning("teacher extraction on CPU: %s (at the CPU rates in BENCHMARKS.md, COCO's 566k captions take "
-                    "hours; a GPU takes minutes)", placement.reason)
+        log.warning(
+            "teacher extraction on CPU: %s (at the CPU rates in BENCHMARKS.md, COCO's 566k captions take "
+            "hours; a GPU takes minutes)",
+            placement.reason,
+        )
     else:
         log.info("teacher extraction: %s on %s (%s)", placement.backend, placement.device, placement.reason)
     return placement

@@ -10,12 +10,14 @@ path, so a killed job also resumes from its finished shards.
 Image files are read by the actors from their paths: on a multi-node cluster the dataset must be on
 storage every node sees (as it must for training).
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -77,8 +79,10 @@ class EncoderActor:
                 with Image.open(path) as img:
                     items.append(to_rgb(img))  # 16-bit images scaled by range, as DatasetIndex.load_image does
         elif "pixels" in batch:
-            items = [Image.frombytes("RGB", (int(w), int(h)), bytes(px))
-                     for px, w, h in zip(batch["pixels"].tolist(), batch["w"].tolist(), batch["h"].tolist())]
+            items = [
+                Image.frombytes("RGB", (int(w), int(h)), bytes(px))
+                for px, w, h in zip(batch["pixels"].tolist(), batch["w"].tolist(), batch["h"].tolist())
+            ]
         else:
             items = pos.tolist()
         return {"pos": pos, "feature": np.asarray(self.encoder.encode(items), dtype=np.float32)}
@@ -95,9 +99,16 @@ def _actor_resources(num_actors: int, use_gpu: bool) -> dict[str, float]:
     return {"num_cpus": float(cpus), "num_gpus": 1.0 if use_gpu else 0.0}
 
 
-def ray_stream(encoder: TeacherEncoder, index: DatasetIndex, positions: np.ndarray, *, batch_size: int,
-               num_actors: int = 1, device: str | None = None, progress: bool = False
-               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def ray_stream(
+    encoder: TeacherEncoder,
+    index: DatasetIndex,
+    positions: np.ndarray,
+    *,
+    batch_size: int,
+    num_actors: int = 1,
+    device: str | None = None,
+    progress: bool = False,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Encode rows ``positions`` of ``index`` as a Ray Data job; yields (positions (b,), float32 (b, D)) as
     results arrive (in no particular order)."""
     import ray

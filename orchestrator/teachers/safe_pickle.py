@@ -11,6 +11,7 @@ at all. Any other global (``os.system``, ``builtins.eval``, ``subprocess.Popen``
 :class:`RefusedPickle` before it is called, and the loaded object is then checked to hold nothing but
 those types. This is the only module of the project that unpickles anything (``tests`` audit it).
 """
+
 from __future__ import annotations
 
 import builtins
@@ -62,8 +63,10 @@ class RestrictedUnpickler(pickle.Unpickler):
         try:
             return self._ALLOWED[(module, name)]
         except KeyError:
-            raise RefusedPickle(f"refused to unpickle {module}.{name}: a feature file may only hold numpy "
-                                "arrays, dicts, lists, str and int") from None
+            raise RefusedPickle(
+                f"refused to unpickle {module}.{name}: a feature file may only hold numpy "
+                "arrays, dicts, lists, str and int"
+            ) from None
 
     def persistent_load(self, pid: Any) -> Any:
         raise RefusedPickle("refused a persistent id in the pickle")
@@ -135,10 +138,17 @@ def load_npy_restricted(path: Path | str) -> Any:
         obj = RestrictedUnpickler(fh).load()
     check_plain(obj)
     if not isinstance(obj, np.ndarray) or tuple(obj.shape) != tuple(shape):
-        raise pickle.UnpicklingError(f"the pickle holds a {type(obj).__name__}, not the {shape} array the "
-                                     ".npy header announces")
+        raise pickle.UnpicklingError(
+            f"the pickle holds a {type(obj).__name__}, not the {shape} array the .npy header announces"
+        )
     return obj.item() if obj.ndim == 0 else obj
 
 
-__all__ = ["RefusedPickle", "RestrictedUnpickler", "check_plain", "load_npy_restricted", "npy_holds_pickle",
-           "read_npy_header"]
+__all__ = [
+    "RefusedPickle",
+    "RestrictedUnpickler",
+    "check_plain",
+    "load_npy_restricted",
+    "npy_holds_pickle",
+    "read_npy_header",
+]

@@ -12,6 +12,7 @@ the store's error to the caller.
 Every kind is idempotent when repeated: metrics carry their original timestamp (the store drops an identical row),
 params and tags are rewritten with the same value, artifacts overwrite themselves, end and reopen set a status.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,11 +37,23 @@ METRICS_PER_BATCH, PARAMS_PER_BATCH = 500, 100
 #: The tag holding why a run ended FAILED or KILLED.
 FAILURE_TAG = "itr.failure"
 #: MLflow error codes that a retry cannot fix (the store rejected the call).
-PERMANENT_ERROR_CODES = frozenset({
-    "BAD_REQUEST", "INVALID_PARAMETER_VALUE", "MALFORMED_REQUEST", "INVALID_STATE", "INVALID_STATE_TRANSITION",
-    "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED",
-    "UNAUTHENTICATED", "ENDPOINT_NOT_FOUND", "FEATURE_DISABLED",
-})
+PERMANENT_ERROR_CODES = frozenset(
+    {
+        "BAD_REQUEST",
+        "INVALID_PARAMETER_VALUE",
+        "MALFORMED_REQUEST",
+        "INVALID_STATE",
+        "INVALID_STATE_TRANSITION",
+        "RESOURCE_DOES_NOT_EXIST",
+        "RESOURCE_ALREADY_EXISTS",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "UNAUTHENTICATED",
+        "ENDPOINT_NOT_FOUND",
+        "FEATURE_DISABLED",
+    }
+)
 
 
 # ------------------------------------------------------------------------------------------ the ops
@@ -52,8 +65,12 @@ def is_internal_metric(key: str) -> bool:
 def metrics_op(metrics: dict[str, Any], step: int, timestamp_ms: int | None = None) -> Op:
     """One step's numeric metrics (``checkpoint/*`` left out), stamped now unless ``timestamp_ms`` is given."""
     values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not is_internal_metric(k)}
-    return {"op": "metrics", "step": int(step), "metrics": values,
-            "timestamp": int(timestamp_ms if timestamp_ms is not None else time.time() * 1000)}
+    return {
+        "op": "metrics",
+        "step": int(step),
+        "metrics": values,
+        "timestamp": int(timestamp_ms if timestamp_ms is not None else time.time() * 1000),
+    }
 
 
 def params_op(params: dict[str, Any]) -> Op:
@@ -171,13 +188,15 @@ def set_tags(target: TrackingTarget, run_id: str, tags: dict[str, Any]) -> None:
     send(target, run_id, *(tag_op(k, v) for k, v in tags.items()))
 
 
-def log_text_artifact(target: TrackingTarget, run_id: str, name: str, text: str,
-                      artifact_path: str | None = None) -> None:
+def log_text_artifact(
+    target: TrackingTarget, run_id: str, name: str, text: str, artifact_path: str | None = None
+) -> None:
     send(target, run_id, text_op(name, text, artifact_path))
 
 
-def log_artifacts(target: TrackingTarget, run_id: str, paths: Iterable[Path | str],
-                  artifact_path: str | None = None) -> None:
+def log_artifacts(
+    target: TrackingTarget, run_id: str, paths: Iterable[Path | str], artifact_path: str | None = None
+) -> None:
     send(target, run_id, *(artifact_op(p, artifact_path) for p in paths))
 
 

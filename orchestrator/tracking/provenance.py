@@ -1,5 +1,6 @@
 """Provenance tags of a run: the config's hash, loss family and model, and the host's git commit, package
 versions, Python and device (looked up once per process)."""
+
 from __future__ import annotations
 
 import functools

@@ -1,4 +1,5 @@
 """What never reaches the tracking store: the values of secret-looking keys, in params, tags and YAML/JSON text."""
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,11 @@ def redact_text(name: str, text: str) -> str:
     try:
         tree = parse_yaml(text, name).tree  # JSON is YAML; a duplicate key or an alias bomb counts as unparsable
     except UserError:
-        return "# redacted: unparsable text with secret-looking keys\n" if any(
-            m in text.lower() for m in SECRET_MARKERS) else text
+        return (
+            "# redacted: unparsable text with secret-looking keys\n"
+            if any(m in text.lower() for m in SECRET_MARKERS)
+            else text
+        )
     if redact_tree(tree) == tree:
         return text
     if name.lower().endswith(".json"):

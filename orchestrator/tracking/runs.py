@@ -1,6 +1,7 @@
 """Run lifecycle and look-ups: start a run (:func:`create_run`, :func:`start_run`), find runs again
 (:func:`child_runs`, :func:`find_runs`, :func:`find_keyed_run`) and read what they hold. Writes to a run that
 exists go through :mod:`orchestrator.tracking.ops` (``end_run``, ``reopen_run``, ...)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -19,8 +20,14 @@ def create_run(target: TrackingTarget, run_name: str, tags: dict[str, str], para
     return run.info.run_id
 
 
-def start_run(target: TrackingTarget, cfg: ExperimentConfig, *, run_name: str, parent_run_id: str | None = None,
-              extra_tags: dict[str, str] | None = None) -> str:
+def start_run(
+    target: TrackingTarget,
+    cfg: ExperimentConfig,
+    *,
+    run_name: str,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> str:
     """Create a RUNNING run with the config's params and provenance tags (nested under ``parent_run_id``)."""
     tags = run_tags(cfg)
     if parent_run_id:
@@ -33,15 +40,26 @@ def _clauses(tags: dict[str, str]) -> list[str]:
     return [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
 
 
-def _search(target: TrackingTarget, experiment_id: str, tags: dict[str, str], *, order_by: list[str] | None = None,
-            max_results: int | None = None) -> list:
+def _search(
+    target: TrackingTarget,
+    experiment_id: str,
+    tags: dict[str, str],
+    *,
+    order_by: list[str] | None = None,
+    max_results: int | None = None,
+) -> list:
     """The runs of ``experiment_id`` whose tags equal ``tags``: every page, or at most ``max_results``."""
     c = client(target)
     runs, token = [], None
     while True:
         want = 1000 if max_results is None else min(1000, max_results - len(runs))
-        page = c.search_runs([experiment_id], filter_string=" and ".join(_clauses(tags)), order_by=order_by,
-                             max_results=want, page_token=token)
+        page = c.search_runs(
+            [experiment_id],
+            filter_string=" and ".join(_clauses(tags)),
+            order_by=order_by,
+            max_results=want,
+            page_token=token,
+        )
         runs.extend(page)
         token = page.token
         if not token or (max_results is not None and len(runs) >= max_results):
@@ -60,8 +78,7 @@ def find_runs(target: TrackingTarget, tags: dict[str, str], *, max_results: int 
     exp = client(target).get_experiment_by_name(target.experiment)
     if exp is None:
         return []
-    return _search(target, exp.experiment_id, tags, order_by=["attributes.start_time DESC"],
-                   max_results=max_results)
+    return _search(target, exp.experiment_id, tags, order_by=["attributes.start_time DESC"], max_results=max_results)
 
 
 def find_keyed_run(target: TrackingTarget, run_key: str, run_dir: str) -> str | None:

@@ -1,5 +1,6 @@
 """Buffered sending: a ``RunLogger`` queues a run's ops and sends them from a background thread, riding out
 tracking-server outages (retry with backoff, then a local copy that :func:`replay_unsent` sends later)."""
+
 from __future__ import annotations
 
 import collections
@@ -51,8 +52,15 @@ class RunLogger:
     Callable as a metric sink: ``logger(metrics, step)``. Picklable (the queue and thread are not carried).
     """
 
-    def __init__(self, target: TrackingTarget, run_id: str, *, spill_dir: Path | None = None,
-                 backoff_s: float = 0.5, max_backoff_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        target: TrackingTarget,
+        run_id: str,
+        *,
+        spill_dir: Path | None = None,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 5.0,
+    ) -> None:
         self.target = target
         self.run_id = run_id
         self.spill_dir = Path(spill_dir) if spill_dir is not None else None
@@ -144,17 +152,28 @@ class RunLogger:
             left = list(self._ops)
             self._ops.clear()
         where = self._spill(left)
-        log.warning("MLflow at %s did not take %s for run %s (last error: %s); a local copy is in %s "
-                    "(orchestrator.tracking.replay_unsent replays it)", self.target.uri, ops.describe_ops(left),
-                    self.run_id, self.last_error, where)
+        log.warning(
+            "MLflow at %s did not take %s for run %s (last error: %s); a local copy is in %s "
+            "(orchestrator.tracking.replay_unsent replays it)",
+            self.target.uri,
+            ops.describe_ops(left),
+            self.run_id,
+            self.last_error,
+            where,
+        )
         return False
 
     def _spill(self, left: list[Op]) -> Path:
         base = self.spill_dir if self.spill_dir is not None else Path(tempfile.gettempdir())
         base.mkdir(parents=True, exist_ok=True)
         path = base / f"{UNSENT_PREFIX}{self.run_id}-{os.getpid()}.json"
-        doc = {"run_id": self.run_id, "tracking_uri": self.target.uri, "experiment": self.target.experiment,
-               "last_error": self.last_error, "ops": left}
+        doc = {
+            "run_id": self.run_id,
+            "tracking_uri": self.target.uri,
+            "experiment": self.target.experiment,
+            "last_error": self.last_error,
+            "ops": left,
+        }
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(doc, indent=1), encoding="utf-8")
         tmp.replace(path)
@@ -182,20 +201,29 @@ class RunLogger:
             except Exception as err:  # noqa: BLE001 - any failure of the store: retry or drop, never raise
                 self.last_error = f"{err.__class__.__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
                 if ops.is_permanent_error(err):
-                    log.warning("MLflow rejected %s for run %s, dropped: %s", ops.describe_ops([op]), self.run_id,
-                                self.last_error)
+                    log.warning(
+                        "MLflow rejected %s for run %s, dropped: %s",
+                        ops.describe_ops([op]),
+                        self.run_id,
+                        self.last_error,
+                    )
                     self._done(op, dropped=True)
                     continue
                 if self._failing_since is None:
                     self._failing_since = time.monotonic()
-                    log.warning("MLflow at %s unreachable (%s); buffering and retrying", self.target.uri,
-                                self.last_error)
+                    log.warning(
+                        "MLflow at %s unreachable (%s); buffering and retrying", self.target.uri, self.last_error
+                    )
                 time.sleep(delay)
                 delay = min(self.max_backoff_s, delay * 2)
                 continue
             if self._failing_since is not None:
-                log.warning("MLflow at %s reachable again after %.0f s; sending %d buffered call(s)", self.target.uri,
-                            time.monotonic() - self._failing_since, self.pending)
+                log.warning(
+                    "MLflow at %s reachable again after %.0f s; sending %d buffered call(s)",
+                    self.target.uri,
+                    time.monotonic() - self._failing_since,
+                    self.pending,
+                )
                 self._failing_since = None
             delay = self.backoff_s
             self._done(op)
@@ -222,8 +250,9 @@ def replay_unsent(path: Path, tracking_uri: str | None = None) -> int:
 
     Synchronous, in order; raises on the first failure (rerun it later). Deletes the file when all went through."""
     doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    target = TrackingTarget(uri=tracking_uri or doc["tracking_uri"], artifact_root=None,
-                            experiment=doc.get("experiment") or "")
+    target = TrackingTarget(
+        uri=tracking_uri or doc["tracking_uri"], artifact_root=None, experiment=doc.get("experiment") or ""
+    )
     ops.send(target, doc["run_id"], *doc["ops"])
     Path(path).unlink()
     return len(doc["ops"])

@@ -4,6 +4,7 @@ Default store: ``sqlite:///<cwd>/mlflow.db`` with artifacts in ``<cwd>/mlartifac
 Ray worker whose cwd is elsewhere still writes to the same place). ``MLFLOW_TRACKING_URI`` or
 ``tracking.uri`` point it at a server instead. Experiments are created on the driver.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,7 +37,7 @@ def resolve_target(cfg: TrackingConfig, base_dir: Path | None = None) -> Trackin
         if cfg.artifact_dir:
             artifacts = Path(cfg.artifact_dir).expanduser()
         else:
-            db = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+            db = uri[len("sqlite:///") :].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
             artifacts = ((base / db).parent if db and db != ":memory:" else base) / "mlartifacts"
         artifact_root = (artifacts if artifacts.is_absolute() else base / artifacts).resolve().as_uri()
     return TrackingTarget(uri=uri, artifact_root=artifact_root, experiment=cfg.experiment)

@@ -39,6 +39,7 @@ Layout: :mod:`.base` (the :class:`TeacherEncoder` interface), :mod:`.registry` (
 :mod:`.feature_file`, :mod:`.synthetic`. A new kind is one more module, imported below (the import registers it;
 the import order is the order a misplaced spec's error lists the forms).
 """
+
 from orchestrator.teachers.encoders.base import Inputs, Modality, TeacherEncoder, default_device, l2_normalise
 from orchestrator.teachers.encoders.mpnet_parts import (
     MPNET_PACKAGES,

@@ -3,9 +3,11 @@
 A teacher kind (one module of this package) subclasses :class:`TeacherEncoder` and registers a builder for its spec
 scheme with :func:`orchestrator.teachers.encoders.registry.register_teacher`.
 """
+
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -50,8 +52,15 @@ class TeacherEncoder:
     inputs: ClassVar[Inputs]
     cacheable: ClassVar[bool] = True
 
-    def __init__(self, spec: str, modality: Modality, *, device: str | None = None, batch_size: int = 64,
-                 memo: FileHashMemo | None = None) -> None:
+    def __init__(
+        self,
+        spec: str,
+        modality: Modality,
+        *,
+        device: str | None = None,
+        batch_size: int = 64,
+        memo: FileHashMemo | None = None,
+    ) -> None:
         self.spec = spec
         self.modality: Modality = modality
         self.device = device
@@ -84,7 +93,7 @@ class TeacherEncoder:
         """Feature dimension D (loads the model)."""
         raise NotImplementedError
 
-    def load(self) -> "TeacherEncoder":
+    def load(self) -> TeacherEncoder:
         """Load the model now (otherwise it loads on the first ``encode``); returns ``self``."""
         if self._model is None:
             self._model = self._load()
@@ -93,7 +102,7 @@ class TeacherEncoder:
     def _load(self) -> Any:
         raise NotImplementedError
 
-    def to(self, device: str | None) -> "TeacherEncoder":
+    def to(self, device: str | None) -> TeacherEncoder:
         """Use ``device`` (``None``: CUDA when available); moves a loaded model."""
         self.device = device
         if self._model is not None and hasattr(self._model, "to"):
@@ -105,7 +114,7 @@ class TeacherEncoder:
             self.device = default_device()
         return self.device
 
-    def bind(self, index: DatasetIndex) -> "TeacherEncoder":
+    def bind(self, index: DatasetIndex) -> TeacherEncoder:
         """The encoder for split ``index``: ``self`` for content encoders; a bound copy for ``index`` inputs."""
         return self
 

@@ -1,10 +1,12 @@
 """``file:<features.npz>``: precomputed image features keyed by image id (no model; nothing to cache)."""
+
 from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -60,7 +62,7 @@ class FileFeatureTeacher(TeacherEncoder):
     def dim(self) -> int:
         return int(self.load()._model[1].shape[1])
 
-    def bind(self, index: DatasetIndex) -> "FileFeatureTeacher":
+    def bind(self, index: DatasetIndex) -> FileFeatureTeacher:
         bound = copy.copy(self)
         bound._image_ids = list(index.image_ids)
         return bound
@@ -71,8 +73,11 @@ class FileFeatureTeacher(TeacherEncoder):
         rows = [table.get(str(i), -1) for i in image_ids]
         missing = [i for i, r in zip(image_ids, rows) if r < 0]
         if missing:
-            raise UserError(f"no features for image id {missing[0]!r} ({len(missing)} of {len(rows)} ids "
-                            "missing)", path=str(self.path), field="teachers.image")
+            raise UserError(
+                f"no features for image id {missing[0]!r} ({len(missing)} of {len(rows)} ids missing)",
+                path=str(self.path),
+                field="teachers.image",
+            )
         return feats[np.asarray(rows, dtype=np.int64)]
 
     def encode(self, items: Sequence[int]) -> np.ndarray:
@@ -80,7 +85,6 @@ class FileFeatureTeacher(TeacherEncoder):
         if self._image_ids is None:
             raise RuntimeError("FileFeatureTeacher.encode needs bind(index) first")
         return self.lookup_ids([self._image_ids[int(p)] for p in items])
-
 
 
 @register_teacher("file", "image", forms=("file:<features>",))

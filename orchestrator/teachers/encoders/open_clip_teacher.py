@@ -1,4 +1,5 @@
 """``open_clip:<name>@<weights file>``: the image tower of an open_clip model (``encode_image``)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,13 +38,15 @@ class OpenClipImageTeacher(ImageTeacher):
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(self.name, pretrained=str(self.weights))
         except Exception as err:  # noqa: BLE001
-            raise UserError(f"cannot build open_clip {self.name} from these weights ({err.__class__.__name__}: {err})",
-                            path=str(self.weights), field="teachers.image") from None
+            raise UserError(
+                f"cannot build open_clip {self.name} from these weights ({err.__class__.__name__}: {err})",
+                path=str(self.weights),
+                field="teachers.image",
+            ) from None
         model = model.eval().to(self._device())
         self._transform = preprocess
         self._forward = model.encode_image
         return model
-
 
 
 @register_teacher("open_clip", "image", forms=("open_clip:<name>@<weights>",))
@@ -51,7 +54,10 @@ def build_open_clip(request: TeacherRequest) -> OpenClipImageTeacher:
     """``open_clip:<name>@<weights file>``: the weights file is required (nothing is fetched)."""
     name, _, weights = request.value.partition("@")
     if not weights:
-        raise UserError(f"open_clip teachers need a weights file: open_clip:{name}@/path/to/weights.pt "
-                        "(no pretrained CLIP weights can be fetched offline)", field=request.field)
+        raise UserError(
+            f"open_clip teachers need a weights file: open_clip:{name}@/path/to/weights.pt "
+            "(no pretrained CLIP weights can be fetched offline)",
+            field=request.field,
+        )
     path = existing_file(weights, "open_clip weights file", request.field)
     return OpenClipImageTeacher(request.spec, name.strip(), path, **request.options)

@@ -1,7 +1,9 @@
 """The base of pixel teachers: PIL images -> the model's own eval transform -> pooled features, L2-normalised."""
+
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -45,8 +47,7 @@ class ImageTeacher(TeacherEncoder):
         out = []
         with torch.inference_mode():
             for lo in range(0, len(items), self.batch_size):
-                batch = torch.stack([self._transform(img.convert("RGB")) for img in items[lo:lo + self.batch_size]])
+                batch = torch.stack([self._transform(img.convert("RGB")) for img in items[lo : lo + self.batch_size]])
                 feats = self._forward(batch.to(device, non_blocking=True))
                 out.append(feats.float().flatten(1).cpu().numpy())
         return l2_normalise(np.concatenate(out))
-

@@ -11,12 +11,14 @@ A kind module registers a builder, a function of a :class:`TeacherRequest` that 
 The ``forms`` are the spec forms as a user writes them; when a spec names a scheme of the other side, the error
 lists the forms this side accepts, in registration order.
 """
+
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from orchestrator.errors import UserError
 from orchestrator.teachers.encoders.base import Modality, TeacherEncoder
@@ -95,8 +97,15 @@ def teacher_forms(modality: Modality) -> list[str]:
     return [form for (_, side), kind in _KINDS.items() if side == modality for form in kind.forms]
 
 
-def build_teacher(spec: str, modality: Modality, cache_dir: Path | str | None = None, device: str | None = None, *,
-                  batch_size: int = 64, memo: FileHashMemo | None = None) -> TeacherEncoder:
+def build_teacher(
+    spec: str,
+    modality: Modality,
+    cache_dir: Path | str | None = None,
+    device: str | None = None,
+    *,
+    batch_size: int = 64,
+    memo: FileHashMemo | None = None,
+) -> TeacherEncoder:
     """The ``modality`` teacher named by ``spec`` (model not loaded yet).
 
     ``UserError`` (field ``teachers.<modality>``) for a malformed, unknown or unavailable spec. ``cache_dir``: the
@@ -110,20 +119,39 @@ def build_teacher(spec: str, modality: Modality, cache_dir: Path | str | None = 
     kind = _KINDS.get((scheme, modality))
     if kind is None:
         raise _unknown_scheme(spec, scheme, modality)
-    request = TeacherRequest(spec=spec, scheme=scheme, value=value, modality=modality,
-                             cache_dir=Path(cache_dir) if cache_dir is not None else None, device=device,
-                             batch_size=batch_size, memo=memo)
+    request = TeacherRequest(
+        spec=spec,
+        scheme=scheme,
+        value=value,
+        modality=modality,
+        cache_dir=Path(cache_dir) if cache_dir is not None else None,
+        device=device,
+        batch_size=batch_size,
+        memo=memo,
+    )
     return kind.builder(request)
 
 
-def build_text_teacher(spec: str, cache_dir: Path | str | None = None, device: str | None = None, *,
-                       batch_size: int = 64, memo: FileHashMemo | None = None) -> TeacherEncoder:
+def build_text_teacher(
+    spec: str,
+    cache_dir: Path | str | None = None,
+    device: str | None = None,
+    *,
+    batch_size: int = 64,
+    memo: FileHashMemo | None = None,
+) -> TeacherEncoder:
     """``build_teacher(spec, "text", ...)``: the text teacher named by ``spec`` (model not loaded yet)."""
     return build_teacher(spec, "text", cache_dir, device, batch_size=batch_size, memo=memo)
 
 
-def build_image_teacher(spec: str, cache_dir: Path | str | None = None, device: str | None = None, *,
-                        batch_size: int = 64, memo: FileHashMemo | None = None) -> TeacherEncoder:
+def build_image_teacher(
+    spec: str,
+    cache_dir: Path | str | None = None,
+    device: str | None = None,
+    *,
+    batch_size: int = 64,
+    memo: FileHashMemo | None = None,
+) -> TeacherEncoder:
     """``build_teacher(spec, "image", ...)``: the image teacher named by ``spec`` (model not loaded yet)."""
     return build_teacher(spec, "image", cache_dir, device, batch_size=batch_size, memo=memo)
 
@@ -145,15 +173,19 @@ def import_package(module: str, pip_name: str, spec: str, field: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise UserError(f"{spec} needs the package {pip_name.split('==')[0]}: pip install {pip_name}",
-                        field=field) from None
+        raise UserError(
+            f"{spec} needs the package {pip_name.split('==')[0]}: pip install {pip_name}", field=field
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------------ private
 def _split_spec(spec: str, field: str) -> tuple[str, str]:
     if not isinstance(spec, str) or ":" not in spec:
-        raise UserError(f"teacher spec {spec!r} is not of the form scheme:value (e.g. packaged:all-MiniLM-L6-v2, "
-                        "timm:<name>@<weights>, file:<features.npz>)", field=field)
+        raise UserError(
+            f"teacher spec {spec!r} is not of the form scheme:value (e.g. packaged:all-MiniLM-L6-v2, "
+            "timm:<name>@<weights>, file:<features.npz>)",
+            field=field,
+        )
     scheme, rest = spec.split(":", 1)
     if not rest:
         raise UserError(f"teacher spec {spec!r} has nothing after {scheme}:", field=field)
@@ -177,5 +209,7 @@ def _unknown_scheme(spec: str, scheme: str, modality: Modality) -> UserError:
     forms = teacher_forms(modality)
     listed = forms[0] if len(forms) == 1 else f"{', '.join(forms[:-1])} or {forms[-1]}"
     other = other_sides[0]
-    return UserError(f"{scheme}: is {_article(other)} {other} teacher; {_article(modality)} {modality} teacher is "
-                     f"{listed}", field=field)
+    return UserError(
+        f"{scheme}: is {_article(other)} {other} teacher; {_article(modality)} {modality} teacher is {listed}",
+        field=field,
+    )

@@ -4,11 +4,13 @@
 
 Nothing is downloaded: a hub name must already be in the local Hugging Face cache.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -51,7 +53,9 @@ class SentenceTransformerTeacher(TeacherEncoder):
 
     @property
     def preprocessing(self) -> str:
-        return "sentence-transformers encode(normalize_embeddings=True), fp32; tokenizer/config files hashed in identity"
+        return (
+            "sentence-transformers encode(normalize_embeddings=True), fp32; tokenizer/config files hashed in identity"
+        )
 
     def _load(self) -> Any:
         from sentence_transformers import SentenceTransformer
@@ -59,8 +63,10 @@ class SentenceTransformerTeacher(TeacherEncoder):
         try:
             model = SentenceTransformer(str(self.model_dir), device=self._device(), local_files_only=True)
         except Exception as err:  # noqa: BLE001  (a folder that is not a sentence-transformers model)
-            raise UserError(f"cannot load a sentence-transformers model from {self.model_dir} "
-                            f"({err.__class__.__name__}: {err})", field=f"teachers.{self.modality}") from None
+            raise UserError(
+                f"cannot load a sentence-transformers model from {self.model_dir} ({err.__class__.__name__}: {err})",
+                field=f"teachers.{self.modality}",
+            ) from None
         model.eval()
         return model
 
@@ -76,8 +82,9 @@ class SentenceTransformerTeacher(TeacherEncoder):
         texts = [str(t) for t in items]
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        out = model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True, normalize_embeddings=True,
-                           show_progress_bar=False)
+        out = model.encode(
+            texts, batch_size=self.batch_size, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
+        )
         return l2_normalise(out)
 
 
@@ -104,7 +111,9 @@ def resolve_sentence_transformer(name_or_path: str, field: str = "teachers.text"
     raise UserError(
         f"sentence-transformers model {name_or_path!r} is not a local folder and not in the local Hugging Face "
         "cache (teachers never download); give a folder path, or use packaged:all-MiniLM-L6-v2 / "
-        "packaged:all-mpnet-base-v2", field=field)
+        "packaged:all-mpnet-base-v2",
+        field=field,
+    )
 
 
 @register_teacher("sentence-transformers", "text", forms=("sentence-transformers:<name-or-path>",))
@@ -125,5 +134,6 @@ def build_packaged_text(request: TeacherRequest) -> SentenceTransformerTeacher:
         if request.cache_dir is None:
             raise UserError("packaged:all-mpnet-base-v2 needs a cache folder to unpack into", field=field)
         return SentenceTransformerTeacher(spec, unpack_mpnet(request.cache_dir), **request.options)
-    raise UserError(f"unknown packaged text teacher {request.value!r} (known: all-MiniLM-L6-v2, all-mpnet-base-v2)",
-                    field=field)
+    raise UserError(
+        f"unknown packaged text teacher {request.value!r} (known: all-MiniLM-L6-v2, all-mpnet-base-v2)", field=field
+    )

@@ -1,9 +1,11 @@
 """``synthetic:attributes``: an oracle teacher on both sides for the built-in synthetic shapes data."""
+
 from __future__ import annotations
 
 import copy
 import hashlib
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -18,8 +20,16 @@ def _synthetic_layout() -> dict[str, tuple[int, int]]:
     from orchestrator.data.synthetic import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES
 
     ns, nc, nz, np_, nb = len(SHAPES), len(COLOURS), len(SIZES), len(POSITIONS), len(BACKGROUNDS)
-    sizes = {"shape": ns, "colour": nc, "size": nz, "position": np_, "shape*colour": ns * nc,
-             "shape*size": ns * nz, "shape*position": ns * np_, "background": nb}
+    sizes = {
+        "shape": ns,
+        "colour": nc,
+        "size": nz,
+        "position": np_,
+        "shape*colour": ns * nc,
+        "shape*size": ns * nz,
+        "shape*position": ns * np_,
+        "background": nb,
+    }
     layout, offset = {}, 0
     for name, n in sizes.items():
         layout[name] = (offset, n)
@@ -53,8 +63,11 @@ def _synthetic_source(index: DatasetIndex) -> tuple[Any, np.ndarray, np.ndarray]
             rel = cells["base_rel"]
     except (AttributeError, KeyError, TypeError, IndexError):
         pass
-    raise UserError(f"synthetic:attributes is an oracle for the built-in synthetic data only; split "
-                    f"{index.name!r} is not synthetic", field="teachers")
+    raise UserError(
+        f"synthetic:attributes is an oracle for the built-in synthetic data only; split "
+        f"{index.name!r} is not synthetic",
+        field="teachers",
+    )
 
 
 class SyntheticAttributeTeacher(TeacherEncoder):
@@ -91,7 +104,7 @@ class SyntheticAttributeTeacher(TeacherEncoder):
     def _load(self) -> Any:
         return True  # nothing to load
 
-    def bind(self, index: DatasetIndex) -> "SyntheticAttributeTeacher":
+    def bind(self, index: DatasetIndex) -> SyntheticAttributeTeacher:
         data, img_map, cap_map = _synthetic_source(index)
         bound = copy.copy(self)
         bound._data = data
@@ -133,11 +146,11 @@ class SyntheticAttributeTeacher(TeacherEncoder):
         return l2_normalise(out)
 
 
-
 @register_teacher("synthetic", "image", "text", forms=("synthetic:attributes",))
 def build_synthetic(request: TeacherRequest) -> SyntheticAttributeTeacher:
     """``synthetic:attributes`` (the only synthetic teacher), on either side."""
     if request.value != "attributes":
-        raise UserError(f"unknown synthetic teacher {request.value!r} (known: synthetic:attributes)",
-                        field=request.field)
+        raise UserError(
+            f"unknown synthetic teacher {request.value!r} (known: synthetic:attributes)", field=request.field
+        )
     return SyntheticAttributeTeacher(request.spec, request.modality, **request.options)

