@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,8 +80,7 @@ class EpochRunner:
         # the loss family's learnable parameters are outside DDP: their gradients are averaged in ``_step``
         self.loss_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
         self.pairs_per_step = self.cfg.train.batch_size * self.cfg.train.accum_steps * self.session.world_size
-        self.save_step: Callable[[Path, int, int], None] | None = getattr(self.session, "save_step", None)
-        if self.save_step is None and self.cfg.train.checkpoint_every_steps:
+        if not self.session.saves_steps and self.cfg.train.checkpoint_every_steps:
             log.warning("train.checkpoint_every_steps: this backend keeps epoch checkpoints only")
 
     def train_one_epoch(
@@ -103,7 +101,7 @@ class EpochRunner:
             desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
             unit="step",
             leave=False,
-            disable=not getattr(self.session, "progress", False) or self.session.rank != 0,
+            disable=not self.session.progress or self.session.rank != 0,
         )
 
         def checkpoint(done: int) -> None:
@@ -172,7 +170,7 @@ class EpochRunner:
 
     def _step_checkpoint(self, epoch: int, done: int, sums: MetricSums) -> None:
         """Checkpoint ``done`` steps into ``epoch`` (sampler position, RNG states, the epoch's metric sums)."""
-        if self.save_step is None:
+        if not self.session.saves_steps:
             return
         rank = self.session.rank
         with tempfile.TemporaryDirectory(prefix="itr-ckpt-") as tmp:
@@ -180,7 +178,7 @@ class EpochRunner:
                 self.save_checkpoint(Path(tmp), epoch=epoch - 1, position=(epoch, done), sums=sums)
             else:  # its own RNG states and sums, into the same checkpoint folder as rank 0's files
                 save_rank_state(Path(tmp), rank, sums)
-            self.save_step(Path(tmp), epoch, done)  # every rank, at the same step (Ray Train: all ranks report)
+            self.session.save_step(Path(tmp), epoch, done)  # every rank, at the same step (Ray Train: all ranks report)
 
     def save_checkpoint(
         self, directory: Path, *, epoch: int, position: tuple[int, int] | None = None, sums: MetricSums | None = None

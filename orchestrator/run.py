@@ -61,6 +61,8 @@ class RayTrainSession:
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
+        self.progress = False  # no per-step bar from workers (the driver's log shows each epoch)
+        self.saves_steps = True
         self.device = ray.train.torch.get_device()
         self.cfg = cfg
         self._restored = tempfile.mkdtemp(prefix="itr-restore-")

@@ -10,7 +10,7 @@ import json
 import logging
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -21,19 +21,43 @@ from orchestrator.checkpoint import MODEL_FILE, STATE_FILE, publish_dir
 from orchestrator.interrupts import deferred
 
 log = logging.getLogger(__name__)
-MetricSink = Callable[[dict[str, float], int], None]
+#: Called with every report's metrics and its epoch (``tracking.RunLogger`` is one).
+MetricsCallback = Callable[[dict[str, float], int], None]
 
 
 class Session(Protocol):
-    rank: int
-    world_size: int
-    device: torch.device
+    """Everything the training loop reads from where it runs (``LocalSession``, ``orchestrator.run``'s
+    ``RayTrainSession``, ``orchestrator.sweep.trial.TuneSession``)."""
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def progress(self) -> bool:
+        """Show a per-step progress bar (on rank 0)."""
+        ...
+
+    @property
+    def saves_steps(self) -> bool:
+        """The session keeps step checkpoints: the loop calls :meth:`save_step` every
+        ``train.checkpoint_every_steps`` steps (otherwise it warns once that the setting is not honoured)."""
+        ...
 
     def prepare_model(self, model: nn.Module) -> nn.Module: ...
 
     def latest_checkpoint(self) -> Path | None: ...
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, epoch: int) -> None: ...
+
+    def save_step(self, checkpoint_dir: Path, epoch: int, step: int) -> None:
+        """A mid-epoch checkpoint: ``step`` steps of ``epoch`` done (only called when :attr:`saves_steps`)."""
+        ...
 
 
 def default_device() -> torch.device:
@@ -51,6 +75,7 @@ class LocalSession:
 
     rank = 0
     world_size = 1
+    saves_steps = True
 
     def __init__(
         self,
@@ -58,7 +83,7 @@ class LocalSession:
         *,
         best_metric: str = "val/rsum",
         best_mode: str = "max",
-        sinks: list[MetricSink] | None = None,
+        sinks: Sequence[MetricsCallback] | None = None,
         device: torch.device | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)

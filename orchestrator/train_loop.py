@@ -8,6 +8,8 @@ import logging
 import math
 import random
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from orchestrator.models.tower_cache import cached_sides
 from orchestrator.session import LocalSession, Session, is_better
 from orchestrator.soft_labels import BatchInputs
 from orchestrator.speed import compile_for_training, set_backend_flags
-from orchestrator.train_data import load_train_data, train_batches
+from orchestrator.train_data import TrainData, load_train_data, train_batches
 from orchestrator.training_state import for_rank, load_training_state, mid_epoch
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,8 @@ def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str
 
     0-D parameters (temperatures) get no decay either.
     """
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     seen: set[int] = set()
     for module in modules:
         for name, p in module.named_parameters():
@@ -79,23 +82,39 @@ def load_teacher_features(cfg: ExperimentConfig, index, progress: bool = False):
     return extract_split(cfg.teachers, index, progress=progress, backend="local")
 
 
-def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | None = None) -> dict[str, float]:
-    """Train the configured student with the configured loss; returns the last reported metrics.
+@dataclass
+class _Resume:
+    """Where a resumed run continues: the first epoch to run and, for a step checkpoint, the epoch it stopped in
+    with its steps done, RNG states and metric sums."""
 
-    Per epoch: the rank's batches (no two captions of one image unless the loss takes multi-positives),
-    forward in bf16 autocast on GPU, loss family -> backward -> clip -> AdamW -> per-step cosine; then, every
-    ``eval_every`` epochs and at the end, retrieval metrics on val (rank 0), then a checkpoint + report.
-    Resumes from the session's latest checkpoint when there is one.
-    """
-    cfg = config if isinstance(config, ExperimentConfig) else ExperimentConfig.model_validate(config)
-    if session is None:
-        run_dir = Path(cfg.train.output_dir) / (cfg.tracking.run_name or f"local-{cfg.config_hash()}")
-        session = LocalSession(run_dir, best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode)
+    start_epoch: int = 0
+    counters: RunCounters = field(default_factory=RunCounters)
+    mid_epoch: tuple[int, int] | None = None  # (epoch, steps done) of a step checkpoint
+    state: dict[str, Any] = field(default_factory=dict)
+    resumed: bool = False
+
+
+def _resume(session: Session, model: nn.Module, loss_fn: nn.Module, optimizer, scheduler) -> _Resume:
+    """The session's latest checkpoint loaded into the model, loss, optimiser and schedule (none: a fresh start)."""
+    resume_from = session.latest_checkpoint()
+    if resume_from is None:
+        return _Resume()
+    state = load_training_state(resume_from, model, loss_fn, optimizer, scheduler)
+    state = for_rank(state, resume_from, session.rank)  # a step checkpoint: this rank's RNG states and sums
+    counters = RunCounters(state["global_step"], state["best"], dict(state.get("initial") or {}))
+    at = mid_epoch(state)
+    log.info(
+        "resumed from %s (epoch %d done%s)",
+        resume_from,
+        state["epoch"],
+        f", then {at[1]} steps of epoch {at[0]}" if at else "",
+    )
+    return _Resume(state["epoch"] + 1, counters, at, state, resumed=True)
+
+
+def _runner(cfg: ExperimentConfig, session: Session) -> tuple[EpochRunner, TrainData, _Resume]:
+    """Data, student, loss family, loader, optimiser and schedule built (and resumed) for ``session``."""
     device = session.device
-    set_backend_flags(cfg.train)  # TF32 (off unless train.tf32) and cudnn.benchmark
-    seed_everything(cfg.train.seed + session.rank)
-
-    # --- data, model, loss
     student = build_student(cfg.model, heads=cfg.resolved_heads)
     cached = cached_sides(student.model, cfg.model.cache_locked_towers)
     data = load_train_data(cfg, session, student, cached, device)
@@ -112,28 +131,10 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
     if cfg.train.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
 
-    # --- optimiser, resume
-    optimizer = torch.optim.AdamW(
-        param_groups([model, loss_fn], cfg.train.weight_decay), lr=cfg.train.lr, betas=tuple(cfg.train.betas)
-    )
+    betas = (cfg.train.betas[0], cfg.train.betas[1])
+    optimizer = torch.optim.AdamW(param_groups([model, loss_fn], cfg.train.weight_decay), lr=cfg.train.lr, betas=betas)
     scheduler = cosine_with_warmup(optimizer, cfg.train, steps_per_epoch * cfg.train.epochs)
-
-    start_epoch, counters = 0, RunCounters()
-    resume_from, resumed_at, resumed_state = session.latest_checkpoint(), None, None
-    if resume_from is not None:
-        resumed_state = load_training_state(resume_from, model, loss_fn, optimizer, scheduler)
-        resumed_state = for_rank(resumed_state, resume_from, session.rank)  # a step checkpoint: this rank's RNG, sums
-        start_epoch = resumed_state["epoch"] + 1
-        counters = RunCounters(
-            resumed_state["global_step"], resumed_state["best"], dict(resumed_state.get("initial") or {})
-        )
-        resumed_at = mid_epoch(resumed_state)  # (epoch, steps done) of a step checkpoint
-        log.info(
-            "resumed from %s (epoch %d done%s)",
-            resume_from,
-            resumed_state["epoch"],
-            f", then {resumed_at[1]} steps of epoch {resumed_at[0]}" if resumed_at else "",
-        )
+    resume = _resume(session, model, loss_fn, optimizer, scheduler)
     train_model = session.prepare_model(
         wrap_locked_towers(model, image_from_features="image" in cached, text_from_features="text" in cached)
     )
@@ -147,62 +148,90 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
         autocast=lambda: autocast_context(device, cfg.model.precision),
     )
     runner = EpochRunner(
-        cfg,
-        session,
-        device,
-        model,
-        train_model,
-        loss_fn,
-        optimizer,
-        scheduler,
-        loader,
-        sampler,
-        data.train_images,
-        accumulation,
-        steps_per_epoch,
-        gather,
-        counters,
-    )
-    val_index = data.val_index
+        cfg, session, device, model, train_model, loss_fn, optimizer, scheduler, loader, sampler,
+        data.train_images, accumulation, steps_per_epoch, gather, resume.counters,
+    )  # fmt: skip
+    return runner, data, resume
+
+
+def _validator(cfg: ExperimentConfig, runner: EpochRunner, data: TrainData) -> Callable[[], dict[str, float]] | None:
+    """Retrieval metrics of the current model on val (``None``: no val split)."""
+    val_index, val_text = data.val_index, data.val_text
+    if val_index is None:
+        return None
+    if val_text is None:
+        raise ValueError("the val split was loaded without its caption input")
 
     def validate() -> dict[str, float]:
         # a model gone NaN/Inf raises NonFiniteEmbeddingsError here: the run fails, it never records RSUM 600
         emb = encode_split(
-            unwrap(train_model),
+            unwrap(runner.train_model),
             val_index,
             data.val_images,
-            data.val_text,
-            device=device,
+            val_text,
+            device=runner.device,
             batch_size=cfg.eval.batch_size,
             precision=cfg.model.precision,
             split="val",
         )
-        return evaluate_embeddings(emb, ks=cfg.eval.ks, chunk_size=cfg.eval.chunk_size, device=device)
+        return evaluate_embeddings(emb, ks=cfg.eval.ks, chunk_size=cfg.eval.chunk_size, device=runner.device)
 
-    if val_index is not None and session.rank == 0 and resume_from is None and cfg.train.eval_at_start:
-        counters.initial = {f"init/val/{k}": v for k, v in validate().items()}
-        log.info("untrained model: val rsum %.2f", counters.initial["init/val/rsum"])
+    return validate
+
+
+def _epoch_metrics(
+    cfg: ExperimentConfig,
+    runner: EpochRunner,
+    resume: _Resume,
+    epoch: int,
+    validate: Callable[[], dict[str, float]] | None,
+) -> dict[str, float]:
+    """One epoch trained (or a step checkpoint's epoch finished), then val where due, the run's initial metrics on
+    the first and last report, and the best score so far."""
+    counters = runner.counters
+    if resume.mid_epoch is not None and resume.mid_epoch[0] == epoch:  # continue a step checkpoint's epoch
+        metrics = runner.train_one_epoch(
+            epoch, first=resume.mid_epoch[1], rng=resume.state.get("rng"), sums_state=resume.state.get("sums")
+        )
+    else:
+        metrics = runner.train_one_epoch(epoch)
+    last = epoch + 1 == cfg.train.epochs
+    if validate is not None and runner.session.rank == 0 and ((epoch + 1) % cfg.train.eval_every == 0 or last):
+        metrics.update({f"val/{k}": v for k, v in validate().items()})
+    if epoch == 0 or last:  # the last report holds every metric of the run (what a recipe measures)
+        metrics.update(counters.initial)
+    score = metrics.get(cfg.train.best_metric)
+    if score is not None and is_better(score, counters.best, cfg.train.best_mode):
+        counters.best = score
+    if counters.best is not None:
+        metrics[f"best/{cfg.train.best_metric}"] = counters.best
+    log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+    return metrics
+
+
+def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | None = None) -> dict[str, float]:
+    """Train the configured student with the configured loss; returns the last reported metrics.
+
+    Per epoch: the rank's batches (no two captions of one image unless the loss takes multi-positives),
+    forward in bf16 autocast on GPU, loss family -> backward -> clip -> AdamW -> per-step cosine; then, every
+    ``eval_every`` epochs and at the end, retrieval metrics on val (rank 0), then a checkpoint + report.
+    Resumes from the session's latest checkpoint when there is one.
+    """
+    cfg = config if isinstance(config, ExperimentConfig) else ExperimentConfig.model_validate(config)
+    if session is None:
+        run_dir = Path(cfg.train.output_dir) / (cfg.tracking.run_name or f"local-{cfg.config_hash()}")
+        session = LocalSession(run_dir, best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode)
+    set_backend_flags(cfg.train)  # TF32 (off unless train.tf32) and cudnn.benchmark
+    seed_everything(cfg.train.seed + session.rank)
+    runner, data, resume = _runner(cfg, session)
+    validate = _validator(cfg, runner, data)
+    if validate is not None and session.rank == 0 and not resume.resumed and cfg.train.eval_at_start:
+        runner.counters.initial = {f"init/val/{k}": v for k, v in validate().items()}
+        log.info("untrained model: val rsum %.2f", runner.counters.initial["init/val/rsum"])
 
     metrics: dict[str, float] = {}
-    for epoch in range(start_epoch, cfg.train.epochs):
-        if resumed_at is not None and resumed_at[0] == epoch:  # continue a step checkpoint's epoch
-            metrics = runner.train_one_epoch(
-                epoch, first=resumed_at[1], rng=resumed_state.get("rng"), sums_state=resumed_state.get("sums")
-            )
-        else:
-            metrics = runner.train_one_epoch(epoch)
-        last = epoch + 1 == cfg.train.epochs
-        if val_index is not None and session.rank == 0 and ((epoch + 1) % cfg.train.eval_every == 0 or last):
-            metrics.update({f"val/{k}": v for k, v in validate().items()})
-        if epoch == 0 or last:  # the last report holds every metric of the run (what a recipe measures)
-            metrics.update(counters.initial)
-        score = metrics.get(cfg.train.best_metric)
-        if score is not None and is_better(score, counters.best, cfg.train.best_mode):
-            counters.best = score
-        if counters.best is not None:
-            metrics[f"best/{cfg.train.best_metric}"] = counters.best
-        log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
-
+    for epoch in range(resume.start_epoch, cfg.train.epochs):
+        metrics = _epoch_metrics(cfg, runner, resume, epoch, validate)
         with tempfile.TemporaryDirectory(prefix="itr-ckpt-") as tmp:
             ckpt_dir = None
             if session.rank == 0:

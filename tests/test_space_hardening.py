@@ -63,6 +63,7 @@ class RecordingSession:
     """A one-process ``Session`` that keeps every report's metrics and drops the checkpoints (not under test)."""
 
     rank, world_size, device = 0, 1, torch.device("cpu")
+    progress, saves_steps = False, False
 
     def __init__(self) -> None:
         self.history: list[dict[str, float]] = []

@@ -82,6 +82,8 @@ class TuneSession:
 
     rank = 0
     world_size = 1
+    progress = False
+    saves_steps = False  # a Tune trial resumes from its last epoch report
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         import ray
@@ -116,6 +118,10 @@ class TuneSession:
         payload.update(self._where)
         checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         tune.report(payload, checkpoint=checkpoint)
+
+    def save_step(self, checkpoint_dir: Path, epoch: int, step: int) -> None:
+        """Never called (``saves_steps`` is false): Tune checkpoints are the epoch reports."""
+        raise RuntimeError("a Tune trial keeps epoch checkpoints only (TuneSession.saves_steps is false)")
 
 
 def run_trial(config: dict[str, Any], settings: TrialSettings | None = None) -> None:
