@@ -92,11 +92,12 @@ def os_error_in(err: BaseException) -> OSError | None:
     """``err`` or the OS error behind it: on a full disk ``torch.save`` raises a RuntimeError ("unexpected pos")
     whose context is the ENOSPC ``OSError``."""
     seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, OSError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
     return None
 
 

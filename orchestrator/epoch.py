@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from methods import EmbeddingBatch
+from methods.families import LossFamily
 from orchestrator.config import ExperimentConfig
 from orchestrator.data.loader import images_on_device
 from orchestrator.data.pipeline import BadImages, BatchFailure, StepClock, gather_row_inputs
@@ -64,7 +65,7 @@ class EpochRunner:
     device: torch.device
     model: nn.Module
     train_model: nn.Module
-    loss_fn: nn.Module
+    loss_fn: LossFamily
     optimizer: torch.optim.Optimizer
     scheduler: Any
     loader: Any
@@ -148,7 +149,8 @@ class EpochRunner:
         )
         # row-wise inputs were built for this rank's rows: gathered like the ids (a collective, no host sync)
         extras = gather_row_inputs(batch.extras, gather_no_grad) if self.gather else batch.extras
-        out = self.loss_fn(EmbeddingBatch(image_ids=image_ids, **emb, **extras, query_rows=rows))
+        tensors: dict[str, Any] = {**emb, **extras}  # EmbeddingBatch fields: the model's outputs, the batch's extras
+        out = self.loss_fn(EmbeddingBatch(image_ids=image_ids, query_rows=rows, **tensors))
         if not torch.isfinite(out.total):  # the step's one host sync
             bad = [k for k, v in out.terms.items() if not torch.isfinite(v)] or ["total"]
             raise NonFiniteLossError(epoch, step, bad)

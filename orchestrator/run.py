@@ -234,7 +234,8 @@ def _fit_with_ray(
         run_config=RunConfig(
             name=name,
             storage_path=storage,
-            callbacks=[hooks, *(callbacks or [])],
+            # ray.train.RunConfig is Train V2's at run time (callbacks: UserCallback); its stub is V1's (Callback)
+            callbacks=[hooks, *(callbacks or [])],  # type: ignore[list-item]
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=checkpoint_config(cfg.train.best_mode),  # the best epoch and the latest checkpoint
         ),

@@ -228,15 +228,16 @@ def run_steps(
     """
     with sigterm_between_steps() as sigterm:
         batch_sampler = getattr(loader, "batch_sampler", None)
-        if start and not isinstance(batch_sampler, ResumableBatches):
+        resumable = batch_sampler if isinstance(batch_sampler, ResumableBatches) else None
+        if start and resumable is None:
             raise TypeError("resuming mid-epoch needs a loader over ResumableBatches")
-        if start:
-            batch_sampler.skip = start
+        if start and resumable is not None:
+            resumable.skip = start
         try:
             batches = iter(loader)
         finally:
-            if start:
-                batch_sampler.skip = 0
+            if start and resumable is not None:
+                resumable.skip = 0
         if rng is not None:
             restore_rng(rng)
         step = start

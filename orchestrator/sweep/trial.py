@@ -189,7 +189,9 @@ class TrialResources:
 def _worker_counts(space: SearchSpace) -> list[int | None]:
     """The values ``scaling.num_workers`` takes in the space (``[None]``: not varied, the base config's)."""
     dist = space.distributions.get("scaling.num_workers")
-    return sorted({int(v) for v in dist.sample_values()}) if dist else [None]
+    if dist is None:
+        return [None]
+    return [n for n in sorted({int(v) for v in dist.sample_values()})]
 
 
 def _config_with_workers(space: SearchSpace, n: int | None) -> ExperimentConfig:
