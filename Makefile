@@ -12,7 +12,8 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: $(STAMP)
 
-# torch first, pinned (stack-notes §0: leaving it to the resolver pulls the wrong build), then the project.
+# torch first, pinned: left to the resolver, torchvision's pin pulls another torch build (and torchvision must match
+# torch exactly, or open_clip and sentence-transformers fail to import); then the project.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

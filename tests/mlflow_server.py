@@ -10,7 +10,7 @@
     # leaving the block kills the server's whole process group
 
 The server runs in its own process group (``start_new_session``) with one worker and MLflow's job execution
-off (stack-notes §2: about 6 processes, 0.5 GB, up in ~6 s), so ``stop`` takes every process it started down
+off (MLflow 3.17's server: about 6 processes, 0.5 GB, up in ~6 s), so ``stop`` takes every process it started down
 and nothing else. Its output goes to ``<root>/mlflow-server.log``; a failed start raises with the log's tail.
 """
 
