@@ -18,17 +18,20 @@ import torch
 from torch import nn
 
 from orchestrator.accumulation import feature_cache
+from orchestrator.checkpoint import QUERY_RANKS_FILE
 from orchestrator.config import ExperimentConfig, TrainConfig
 from orchestrator.epoch import (
     EpochRunner,
     NonFiniteLossError,  # noqa: F401  (re-exported: callers catch it from here)
     RunCounters,
 )
-from orchestrator.evaluation.embed import autocast_context, encode_split, evaluate_embeddings
+from orchestrator.evaluation.embed import autocast_context, encode_split
+from orchestrator.evaluation.recall import ranks, recall_from_ranks
 from orchestrator.losses import build_loss
 from orchestrator.models.locked_towers import wrap_locked_towers
 from orchestrator.models.student import HEAD_OUTPUTS, build_student, forward_embeddings, unwrap
 from orchestrator.models.tower_cache import cached_sides
+from orchestrator.results.query_ranks import QueryRanks
 from orchestrator.session import LocalSession, Session, is_better
 from orchestrator.soft_labels import BatchInputs
 from orchestrator.speed import compile_for_training, set_backend_flags
@@ -154,15 +157,19 @@ def _runner(cfg: ExperimentConfig, session: Session) -> tuple[EpochRunner, Train
     return runner, data, resume
 
 
-def _validator(cfg: ExperimentConfig, runner: EpochRunner, data: TrainData) -> Callable[[], dict[str, float]] | None:
-    """Retrieval metrics of the current model on val (``None``: no val split)."""
+Validator = Callable[[], tuple[dict[str, float], QueryRanks]]
+
+
+def _validator(cfg: ExperimentConfig, runner: EpochRunner, data: TrainData) -> Validator | None:
+    """Retrieval metrics of the current model on val and the per-query ranks they come from (``None``: no val
+    split)."""
     val_index, val_text = data.val_index, data.val_text
     if val_index is None:
         return None
     if val_text is None:
         raise ValueError("the val split was loaded without its caption input")
 
-    def validate() -> dict[str, float]:
+    def validate() -> tuple[dict[str, float], QueryRanks]:
         # a model gone NaN/Inf raises NonFiniteEmbeddingsError here: the run fails, it never records RSUM 600
         emb = encode_split(
             unwrap(runner.train_model),
@@ -174,7 +181,11 @@ def _validator(cfg: ExperimentConfig, runner: EpochRunner, data: TrainData) -> C
             precision=cfg.model.precision,
             split="val",
         )
-        return evaluate_embeddings(emb, ks=cfg.eval.ks, chunk_size=cfg.eval.chunk_size, device=runner.device)
+        i2t, t2i = ranks(
+            emb.image_emb.to(runner.device), emb.text_emb.to(runner.device), emb.text_image, cfg.eval.chunk_size
+        )
+        per_query = QueryRanks.create(i2t, t2i, emb.text_image, np.asarray(emb.image_ids, dtype=str), cfg.eval.ks)
+        return recall_from_ranks(i2t, t2i, tuple(cfg.eval.ks)), per_query
 
     return validate
 
@@ -184,10 +195,10 @@ def _epoch_metrics(
     runner: EpochRunner,
     resume: _Resume,
     epoch: int,
-    validate: Callable[[], dict[str, float]] | None,
-) -> dict[str, float]:
-    """One epoch trained (or a step checkpoint's epoch finished), then val where due, the run's initial metrics on
-    the first and last report, and the best score so far."""
+    validate: Validator | None,
+) -> tuple[dict[str, float], QueryRanks | None]:
+    """One epoch trained (or a step checkpoint's epoch finished), then val where due (with its per-query ranks),
+    the run's initial metrics on the first and last report, and the best score so far."""
     counters = runner.counters
     if resume.mid_epoch is not None and resume.mid_epoch[0] == epoch:  # continue a step checkpoint's epoch
         metrics = runner.train_one_epoch(
@@ -196,8 +207,10 @@ def _epoch_metrics(
     else:
         metrics = runner.train_one_epoch(epoch)
     last = epoch + 1 == cfg.train.epochs
+    per_query = None
     if validate is not None and runner.session.rank == 0 and ((epoch + 1) % cfg.train.eval_every == 0 or last):
-        metrics.update({f"val/{k}": v for k, v in validate().items()})
+        val, per_query = validate()
+        metrics.update({f"val/{k}": v for k, v in val.items()})
     if epoch == 0 or last:  # the last report holds every metric of the run (what a recipe measures)
         metrics.update(counters.initial)
     score = metrics.get(cfg.train.best_metric)
@@ -206,7 +219,7 @@ def _epoch_metrics(
     if counters.best is not None:
         metrics[f"best/{cfg.train.best_metric}"] = counters.best
     log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
-    return metrics
+    return metrics, per_query
 
 
 def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | None = None) -> dict[str, float]:
@@ -226,16 +239,18 @@ def train_loop(config: ExperimentConfig | dict[str, Any], session: Session | Non
     runner, data, resume = _runner(cfg, session)
     validate = _validator(cfg, runner, data)
     if validate is not None and session.rank == 0 and not resume.resumed and cfg.train.eval_at_start:
-        runner.counters.initial = {f"init/val/{k}": v for k, v in validate().items()}
+        runner.counters.initial = {f"init/val/{k}": v for k, v in validate()[0].items()}
         log.info("untrained model: val rsum %.2f", runner.counters.initial["init/val/rsum"])
 
     metrics: dict[str, float] = {}
     for epoch in range(resume.start_epoch, cfg.train.epochs):
-        metrics = _epoch_metrics(cfg, runner, resume, epoch, validate)
+        metrics, per_query = _epoch_metrics(cfg, runner, resume, epoch, validate)
         with tempfile.TemporaryDirectory(prefix="itr-ckpt-") as tmp:
             ckpt_dir = None
             if session.rank == 0:
                 ckpt_dir = Path(tmp)
                 runner.save_checkpoint(ckpt_dir, epoch=epoch)
+                if per_query is not None:  # what a paired bootstrap between two settings resamples
+                    per_query.write(ckpt_dir / QUERY_RANKS_FILE)
             session.report(metrics, ckpt_dir, epoch)
     return metrics
