@@ -16,6 +16,7 @@ from orchestrator.config.base import (
     Section,
     existing_path,
 )
+from orchestrator.config.data_formats import AUTO, check_format_name, detect_format, format_declaration
 
 
 class SyntheticData(Section):
@@ -42,10 +43,16 @@ class DataConfig(Section):
     ``format``: ``auto`` picks ``synthetic`` when ``root`` is unset, ``captions_json`` when ``root`` holds
     ``<split>.json`` files (the coco-mini / ALBEF layout), ``karpathy`` when ``annotations`` is set, ``webdataset``
     when ``shards`` is set (training pairs streamed from tar shards, ``orchestrator.data.shards``; the eval splits
-    still come from ``root`` / ``annotations``, map-style).
+    still come from ``root`` / ``annotations``, map-style). The names are those declared in
+    :mod:`orchestrator.config.data_formats` (a format registered later is accepted too), each with the fields it
+    needs and how ``auto`` recognises it.
     """
 
-    format: Literal["auto", "synthetic", "captions_json", "karpathy", "webdataset"] = "auto"
+    format: str = Field(
+        AUTO,
+        description="auto, synthetic, captions_json, karpathy, webdataset, or a format registered later "
+        "(orchestrator.data.formats.register_split_format)",
+    )
     root: Path | None = Field(None, description="captions_json: the folder with <split>.json; karpathy: image root")
     annotations: Path | None = Field(None, description="karpathy: dataset_coco.json / dataset_flickr30k.json")
     train_split: str = "train"
@@ -126,6 +133,11 @@ class DataConfig(Section):
         "normalisation); symlinks inside the root are not followed by this check",
     )
 
+    @field_validator("format", mode="before")
+    @classmethod
+    def _known_format(cls, v: Any) -> Any:
+        return check_format_name(v)
+
     @field_validator("root")
     @classmethod
     def _root_exists(cls, v: Path | None) -> Path | None:
@@ -138,15 +150,9 @@ class DataConfig(Section):
 
     @property
     def resolved_format(self) -> str:
-        if self.format != "auto":
-            return self.format
-        if self.shards is not None:
-            return "webdataset"
-        if self.annotations is not None:
-            return "karpathy"
-        if self.root is not None:
-            return "captions_json"
-        return "synthetic"
+        """``format``, or for ``auto`` the format whose declared detector recognises the fields set
+        (:func:`orchestrator.config.data_formats.detect_format`)."""
+        return self.format if self.format != AUTO else detect_format(self)
 
     @property
     def split_format(self) -> str:
@@ -176,23 +182,18 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def _format_inputs(self) -> DataConfig:
         fmt = self.resolved_format
-        if fmt == "webdataset" and self.shards is None:
-            raise FieldError(
-                "shards", "format webdataset needs data.shards (a pattern like train-{000000..000009}.tar)"
-            )
         if fmt != "webdataset":
             for name in ("shards", "train_samples"):
                 if getattr(self, name) is not None:
                     raise FieldError(name, f"is read by format webdataset only (the format here is {fmt})")
+        declaration = format_declaration(fmt)
+        missing = declaration.missing_field(self)
+        if missing is not None:  # the fields the format declared it needs
+            raise FieldError(missing, declaration.needs_message)
         if fmt == "webdataset" and self.max_train_images is not None:
             raise FieldError(
                 "max_train_images", "not with format webdataset (declare data.train_samples: the epoch length)"
             )
-        if fmt == "captions_json" and self.root is None:
-            raise FieldError("root", "format captions_json needs a folder with <split>.json")
-        if fmt == "karpathy" and (self.annotations is None or self.root is None):
-            missing = "annotations" if self.annotations is None else "root"
-            raise FieldError(missing, "format karpathy needs data.annotations (dataset_*.json) and data.root (images)")
         lo, hi = self.augment_scale
         if not lo <= hi <= 1.0:
             raise FieldError(
