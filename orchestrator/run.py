@@ -427,6 +427,10 @@ def _train_in_folder(
             ", continued" if reopened else "",
         )
     try:
+        if cfg.data.noise.caption_shuffle > 0:  # which captions were re-paired: the run folder (local), MLflow
+            from orchestrator.data.noise import record_noise_mask
+
+            record_noise_mask(cfg.data, logger.log_artifacts if logger else None, planned_dir if local else None)
         if local:
             run_dir = planned_dir
             sinks = [logger] if logger is not None else []

@@ -32,7 +32,7 @@ from orchestrator.config.base import (
     absolute_path,
     existing_path,
 )
-from orchestrator.config.data import DataConfig, SyntheticData
+from orchestrator.config.data import DataConfig, NoiseConfig, SyntheticData
 from orchestrator.config.evaluation import EvalConfig
 from orchestrator.config.experiment import (
     ExperimentConfig,
@@ -79,6 +79,7 @@ __all__ = [
     "absolute_path",
     "existing_path",
     "DataConfig",
+    "NoiseConfig",
     "SyntheticData",
     "EvalConfig",
     "ExperimentConfig",

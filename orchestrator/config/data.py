@@ -37,6 +37,27 @@ class SyntheticData(Section):
         return self
 
 
+class NoiseConfig(Section):
+    """Noisy correspondence in the training split (the NCR / NPC protocol, ``orchestrator.data.noise``).
+
+    ``caption_shuffle: r`` re-pairs ``round(r * M)`` of the M training captions with other images, none keeping its
+    own; val and test stay clean. ``seed`` picks them; it is its own field, not ``train.seed``, so every training
+    seed and every loss of a sweep sees the same corrupted pairs (as the papers' fixed noise files do): sweep
+    ``data.noise.seed`` to vary the draw."""
+
+    caption_shuffle: float = Field(
+        0.0, description="share of the training captions re-paired with another image, in [0, 1); 0 = off"
+    )
+    seed: NonNegInt = Field(0, description="seed of the choice and of the re-pairing (not train.seed)")
+
+    @field_validator("caption_shuffle", mode="after")
+    @classmethod
+    def _share(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:  # NaN fails too
+            raise ValueError("must be a share of the training captions in [0, 1)")
+        return v
+
+
 class DataConfig(Section):
     """Where the image–caption pairs come from.
 
@@ -132,6 +153,7 @@ class DataConfig(Section):
         description="accept image paths that leave the dataset root (absolute, or '..' after lexical "
         "normalisation); symlinks inside the root are not followed by this check",
     )
+    noise: NoiseConfig = NoiseConfig()
 
     @field_validator("format", mode="before")
     @classmethod
@@ -199,5 +221,15 @@ class DataConfig(Section):
             raise FieldError(
                 "augment_scale",
                 f"needs 0 < low <= high <= 1 (the crop's share of the image area), got [{lo:g}, {hi:g}]",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _noise_needs_an_index(self) -> DataConfig:
+        if self.noise.caption_shuffle > 0 and self.resolved_format == "webdataset":
+            raise FieldError(
+                "noise.caption_shuffle",
+                "data.noise needs the train split's caption index, which format webdataset (streamed shards) "
+                "does not have; train on captions_json / karpathy data, or set it to 0",
             )
         return self

@@ -30,6 +30,10 @@ def load_split(cfg: DataConfig, role: SplitRole, *, verify: bool = True) -> Data
     index = split_reader(fmt)(cfg, role, split_name(cfg, role))  # registered by its format module
     if role == "train" and cfg.max_train_images is not None and cfg.max_train_images < index.num_images:
         index = index.subset_images(range(cfg.max_train_images), name=f"{index.name}[:{cfg.max_train_images}]")
+    if role == "train" and cfg.noise.caption_shuffle > 0:  # noisy correspondence: re-paired captions
+        from orchestrator.data.noise import shuffle_captions
+
+        index = shuffle_captions(index, cfg.noise)
     if verify:  # header/full checks recorded in the manifest: ranks and later runs re-parse only changed files
         index.verify_images(cfg.verify_images, manifest_dir=manifest_dir(cfg))
     return index

@@ -163,6 +163,10 @@ class SweepTracker(Callback):
                 },
             )
             self._logged[tid] = set()
+            if cfg.data.noise.caption_shuffle > 0:  # the trial's noisy-correspondence mask (orchestrator.data.noise)
+                from orchestrator.data.noise import record_noise_mask
+
+                record_noise_mask(cfg.data, lambda files: tracking.log_artifacts(self.target, run_id, files))
         self._runs[tid] = run_id
         return run_id
 
