@@ -136,21 +136,23 @@ def describe(dests: Sequence[Destination]) -> str:
 
 
 # ---------------------------------------------------------------------------------- the previous verdict
-def _train_config(run: RecipeRun) -> Any:
+def state_path(run: RecipeRun) -> Path | None:
+    """The state file of a run without tracking, ``<train.output_dir>/reproduce-verdicts.json``; None for an
+    ``output_dir`` in object storage (``s3://...``: no state kept, so no recovery is told)."""
     cfg = run.space.base_config if run.space is not None else run.config
     assert cfg is not None  # a RecipeRun holds exactly one of config / space
-    return cfg
+    if "://" in str(cfg.train.output_dir):
+        return None
+    return Path(cfg.train.output_dir).expanduser() / STATE_FILE
 
 
-def state_path(run: RecipeRun) -> Path:
-    """The state file of a run without tracking: ``<train.output_dir>/reproduce-verdicts.json``."""
-    return Path(_train_config(run).train.output_dir).expanduser() / STATE_FILE
-
-
-def _read_state(path: Path) -> dict[str, Any]:
+def _read_state(path: Path | None) -> dict[str, Any]:
+    """The state file's tree; empty when there is none or it is not a JSON object (it is then rewritten)."""
+    if path is None:
+        return {}
     try:
         tree = json.loads(path.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):
         return {}
     return tree if isinstance(tree, dict) else {}
 
@@ -209,6 +211,8 @@ def record_state(report: Report) -> None:
         if run.tracking_config.enabled or run.name not in report.outcomes:
             continue
         path = state_path(run)
+        if path is None:
+            continue
         tree = _read_state(path)
         results = {r.metric: r.result.lower() for r in report.rows if r.run == run.name}
         tree.setdefault(report.recipe.name, {})[run.name] = results
@@ -334,8 +338,11 @@ def notify_report(report: Report, dests: Sequence[Destination]) -> int:
             delivered = send(dests, title, body, kind)
             took = time.perf_counter() - t0
             log.info("notify: %s sent to %d of %d destination(s) (%.1f s)", title, delivered, len(dests), took)
-        record_state(report)
-        return delivered
     except Exception as err:  # noqa: BLE001 - telling is best effort: the verdict is what counts
         log.warning("notify: no message sent (%s); the verdict stands", err.__class__.__name__)
         return 0
+    try:
+        record_state(report)
+    except Exception as err:  # noqa: BLE001 - a read-only output folder must not end the reproduction
+        log.warning("notify: the verdict was not kept in %s (%s: %s)", STATE_FILE, err.__class__.__name__, err)
+    return delivered

@@ -229,6 +229,8 @@ def test_without_tracking_the_state_file_holds_the_previous_verdict(tmp_path, we
     recipe = load_recipe(path, ["tracking.enabled=false", f"train.output_dir={tmp_path / 'out'}"])
     dest = [Destination(webhook.url(), "test")]
     state = tmp_path / "out" / STATE_FILE
+    state.parent.mkdir()
+    state.write_text("{not json")  # a damaged state file counts as none and is rewritten
     assert notify_report(verdict(recipe, 60.0), dest) == 0 and webhook.received == []  # a first pass: silent
     assert json.loads(state.read_text()) == {"synthetic-tiny": {"tiny-infonce": {"val/rsum": "pass"}}}
     assert notify_report(verdict(recipe, 44.9), dest) == 1  # 44.9 < 50 - 5
