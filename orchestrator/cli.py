@@ -309,14 +309,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ reproduce
 def cmd_reproduce(args: argparse.Namespace) -> int:
     """Exit 0 when every metric is within tolerance of its reference, 1 on a regression (or a crashed run)."""
+    from orchestrator.notify import describe, destinations, env_urls
     from orchestrator.recipe import load_recipe
     from orchestrator.reproduce import REPORT_COLUMNS, report_rows, reproduce
 
     recipe = load_recipe(args.recipe, args.set, args.input, args.run)
+    notify = [*args.notify, *env_urls()]
+    sinks = destinations(recipe, notify)  # an unusable URL: exit 2 before anything runs
     if args.dry_run:
         print(f"recipe {recipe.name}: runs {', '.join(f'{r.name} ({r.kind})' for r in recipe.runs)}")
         for name, value in recipe.inputs.items():
             print(f"  input {name} = {value}")
+        if sinks:
+            print(f"  notify {describe(sinks)}")
         rows = [
             {
                 "run": r.run,
@@ -331,7 +336,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         ]
         print(format_table(rows, ["run", "metric", "reference", "tolerance", "direction", "enforced", "source"]))
         return 0
-    report = reproduce(recipe, against_last_pass=args.against_last_pass)
+    report = reproduce(recipe, against_last_pass=args.against_last_pass, notify=notify)
     print()
     print(f"recipe {recipe.name} ({recipe.path}), against {report.against}")
     print(format_table(report_rows(report.rows), REPORT_COLUMNS))
@@ -504,6 +509,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--against-last-pass",
         action="store_true",
         help="compare with the last passing reproduction of this recipe in MLflow instead of the paper",
+    )
+    r.add_argument(
+        "--notify",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="an apprise URL (json://host:port/path, slack://..., mailto://...) told of a regression and of the "
+        "recovery after one; also the URLs of $ITR_NOTIFY_URLS and the recipe's notify",
     )
     r.add_argument("--dry-run", action="store_true", help="validate the recipe and its inputs; run nothing")
     r.set_defaults(func=cmd_reproduce)

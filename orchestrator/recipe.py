@@ -14,6 +14,8 @@ A recipe::
         template: "{path}"            # e.g. "file:{path}" for a precomputed-features teacher
         runs: [cusa]                  # optional: only these runs need it (default: all)
         help: the COCO 2014 images folder
+    notify: [json://hooks.internal:8080/itr]   # optional: apprise URLs told of a regression and the recovery
+                                      # after one (orchestrator/notify.py; a URL with a token: $ITR_NOTIFY_URLS)
     runs:                             # run name -> exactly one of config (an experiment) / space (a sweep)
       cusa:
         config: ../configs/x.yaml     # a path (relative to the recipe, the cwd or the repo root) or a mapping
@@ -122,6 +124,20 @@ class RecipeSpec(StrictModel):
     provenance: dict[str, str] | None = None
     inputs: dict[str, InputSpec] = {}
     runs: dict[str, RunSpec]
+    notify: list[str] = []  # apprise URLs told of a regression / recovery (orchestrator.notify)
+
+    @field_validator("notify")
+    @classmethod
+    def _notify(cls, v: list[str]) -> list[str]:
+        if not v:
+            return v
+        from orchestrator.notify import url_problem  # imports apprise, only for a recipe that notifies
+
+        for i, url in enumerate(v, 1):
+            problem = url_problem(url)
+            if problem:
+                raise ValueError(f"entry {i}: {problem}")  # never the URL itself: it holds tokens
+        return v
 
     @field_validator("name")
     @classmethod

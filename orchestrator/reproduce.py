@@ -10,6 +10,8 @@ Tags on each MLflow run (the sweep's parent run for a sweep): ``repro/recipe``, 
 ``repro/measured/<m>``, ``repro/reference/<m>``, ``repro/delta/<m>``, ``repro/result/<m>``.
 ``--against-last-pass`` takes each reference from ``repro/measured/<m>`` of the newest run of the same recipe and
 run tagged ``repro/status = pass`` (the recipe's own table where there is none yet), with the recipe's tolerances.
+The recipe's ``notify`` URLs, ``--notify`` and ``$ITR_NOTIFY_URLS`` get an apprise message on a regression and on
+the recovery after one (:mod:`orchestrator.notify`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +57,7 @@ class Row:
     direction: str
     result: str
     source: str
+    interval: tuple[float, float] | None = None  # the 95% interval of the seed mean, where the verdict has one
 
     @property
     def delta(self) -> float | None:
@@ -103,6 +107,7 @@ def compare(
     for ref in references:
         got = measured.get(ref.run, {}).get(ref.metric)
         source = ref.source
+        value: float | None
         if baselines is not None and ref.metric in baselines.get(ref.run, {}):
             value, source = baselines[ref.run][ref.metric]
         elif ref.relative_to is not None:
@@ -264,8 +269,12 @@ def tag_runs(report: Report) -> None:
         tracking.set_tags(outcome.target, outcome.run_id, tags)
 
 
-def reproduce(recipe: Recipe, *, against_last_pass: bool = False) -> Report:
-    """Run every run of ``recipe``, compare, tag MLflow; ``report.passed`` is the verdict."""
+def reproduce(recipe: Recipe, *, against_last_pass: bool = False, notify: Sequence[str] = ()) -> Report:
+    """Run every run of ``recipe``, compare, tag MLflow, tell the recipe's ``notify`` URLs and ``notify`` (apprise
+    URLs, checked before anything runs) of a regression or a recovery; ``report.passed`` is the verdict."""
+    from orchestrator.notify import destinations, notify_report
+
+    sinks = destinations(recipe, notify)
     baselines, notes = baselines_from_last_pass(recipe) if against_last_pass else (None, [])
     outcomes = {run.name: execute(run, recipe) for run in recipe.runs}
     measured = {name: o.metrics for name, o in outcomes.items()}
@@ -273,7 +282,10 @@ def reproduce(recipe: Recipe, *, against_last_pass: bool = False) -> Report:
     report = Report(
         recipe=recipe, rows=rows, outcomes=outcomes, notes=notes, against="last-pass" if against_last_pass else "recipe"
     )
-    tag_runs(report)
+    try:
+        tag_runs(report)
+    finally:  # told even when the store refuses the tags
+        notify_report(report, sinks)
     return report
 
 

@@ -292,6 +292,33 @@ def test_credentials_come_only_from_secret_refs():
     assert checked >= 8
 
 
+def test_notify_urls_reach_the_reproduce_driver_from_a_secret_only():
+    """``itr reproduce`` runs as the CronJobs' Ray job driver on the head: the head alone gets $ITR_NOTIFY_URLS,
+    from the itr-notify Secret; no manifest, command or script holds a URL for it."""
+    from orchestrator.notify import ENV_VAR
+
+    ((_, cluster),) = docs_of("RayCluster")
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"secretRef": {"name": "itr-notify", "optional": True}} in head["envFrom"]
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        assert all("envFrom" not in c for c in group["template"]["spec"]["containers"]), group["groupName"]
+    head_service = f"http://{cluster['metadata']['name']}-head-svc.{cluster['metadata']['namespace']}.svc"
+    crons = docs_of("CronJob")
+    assert crons
+    for _, cron in crons:
+        (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["RAY_DASHBOARD"].startswith(head_service), cron["metadata"]["name"]
+    for path, where, container in containers():
+        assert ENV_VAR not in [e["name"] for e in container.get("env", [])], f"{path.name}:{where}"
+        assert "--notify" not in " ".join(container.get("command", []) + container.get("args", []))
+    assert all("--notify" not in d["spec"]["entrypoint"] for _, d in docs_of("RayJob"))
+    for script in (DEPLOY / "cron").glob("*.sh"):
+        assert all("--notify" not in argv for argv in itr_commands(script.read_text())), script.name
+    readme = (DEPLOY / "README.md").read_text()
+    assert f"create secret generic itr-notify --from-literal={ENV_VAR}=" in readme
+
+
 PLAIN_CREDENTIALS = [
     (r"AKIA[0-9A-Z]{16}", "an AWS access key id"),
     (r"-----BEGIN [A-Z ]*PRIVATE KEY-----", "a private key"),

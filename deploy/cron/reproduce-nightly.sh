@@ -5,6 +5,8 @@
 # the repository, readable by this user only (chmod 600), e.g. /etc/itr/itr.env with
 #   MLFLOW_TRACKING_URI=http://mlflow.internal:5000  MLFLOW_TRACKING_USERNAME=...  MLFLOW_TRACKING_PASSWORD=...
 #   RAY_ADDRESS=auto  ITR_COCO_MINI=/data/coco-mini  (and the ITR_* inputs of the paper recipes)
+#   ITR_NOTIFY_URLS="slack://... json://hooks.internal:8080/itr"  (optional: apprise URLs told of a regression and
+#   of the recovery after one, read by the reproduce command)
 set -uo pipefail
 ITR_HOME="${ITR_HOME:-/opt/itr}"          # the checkout, with its .venv (make setup)
 ENV_FILE="${ITR_ENV_FILE:-/etc/itr/itr.env}"
