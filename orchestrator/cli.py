@@ -294,7 +294,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         f"sweep {result.name}: {len(result.records)} trial(s), metric {space.metric} ({space.mode}), "
         f"{result.wall_s:.0f} s" + (" (resumed)" if result.resumed else "")
     )
-    print(leaderboard.format_table(result.table) if result.table else "(no leaderboard: tracking is disabled)")
+    if result.table:
+        from orchestrator.sweep.tracker import leaderboard_text
+
+        print(leaderboard_text(result.table, result.settings, result.paired))
+    else:
+        print("(no leaderboard: tracking is disabled)")
     print(f"\nsweep folder: {result.path}")
     if result.parent_run_id:
         print(

@@ -394,20 +394,21 @@ def test_asha_sweep_end_to_end_is_tracked_as_parent_and_children(tmp_path):
         tmp_path,
         "asha",
         {"train.lr": {"grid": [1e-3, 1e-7]}},
-        seeds=[0, 1],
+        seeds=[0, 1, 2],
         base=sweep_base(tmp_path, epochs=2, max_steps_per_epoch=8),
         scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
         max_concurrent_trials=2,
         resources={"cpu": 1},
+        baseline={"train.lr": 1e-7},
     )
     result = run_sweep(load_space(path), progress=False)
 
     parents, children = runs_of(tmp_path)
-    assert len(parents) == 1 and len(children) == 4
+    assert len(parents) == 1 and len(children) == 6
     parent = parents[0]
     assert parent.info.run_id == result.parent_run_id and parent.info.status == "FINISHED"
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
-    assert len({c.data.tags["itr.trial_id"] for c in children}) == 4
+    assert len({c.data.tags["itr.trial_id"] for c in children}) == 6
     assert parent.data.params["sweep.metric"] == "val/rsum" and parent.data.params["sweep.scheduler"] == "asha"
     assert parent.data.params["space.train.lr"].startswith("grid")
     client = mlflow_client(tmp_path)
@@ -426,14 +427,59 @@ def test_asha_sweep_end_to_end_is_tracked_as_parent_and_children(tmp_path):
             assert len(steps) == 2
     assert stopped, "ASHA stopped no trial early"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"leaderboard.csv", "plots", "asha.yaml", "base_config.yaml"} <= artifacts
+    assert {"leaderboard.csv", "leaderboard_settings.csv", "paired_tests.csv", "plots", "asha.yaml"} <= artifacts
+    assert "base_config.yaml" in artifacts
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {"plots/learning_curves.png", "plots/val_rsum_vs_train.lr.png", "plots/val_rsum_vs_train.seed.png"} <= plots
     csv_file = client.download_artifacts(parent.info.run_id, "leaderboard.csv", str(tmp_path))
     lines = Path(csv_file).read_text().splitlines()
-    assert len(lines) == 5 and "stopped early" in Path(csv_file).read_text()
-    assert len(result.table) == 4 and result.table[0]["train.lr"] == 1e-3
+    assert len(lines) == 7 and "stopped early" in Path(csv_file).read_text()
+    assert len(result.table) == 6 and result.table[0]["train.lr"] == 1e-3
     assert parent.data.tags["itr.best_trial"] == result.table[0]["trial"]
+    check_seed_bands_and_paired_tests(client, parent.info.run_id, children, tmp_path)
+
+
+def check_seed_bands_and_paired_tests(client, parent_id: str, children: list, tmp_path: Path) -> None:
+    """The settings leaderboard equals numpy/scipy on the trials' own MLflow metrics; the paired test's RSUM delta
+    equals the one computed from the trials' stored per-query ranks."""
+    import csv
+
+    import numpy as np
+    from scipy import stats
+
+    from orchestrator.evaluation.recall import recall_from_ranks
+    from orchestrator.results import QueryRanks
+
+    best: dict[str, list[float]] = {}
+    final: dict[str, list[float]] = {}
+    rsum_by: dict[str, dict[int, float]] = {}
+    for child in children:
+        lr = child.data.params["train.lr"]
+        history = sorted((m.step, m.value) for m in client.get_metric_history(child.info.run_id, "val/rsum"))
+        best.setdefault(lr, []).append(max(v for _, v in history))
+        final.setdefault(lr, []).append(history[-1][1])
+        ranks_file = client.download_artifacts(child.info.run_id, "eval/query_ranks.npz", str(tmp_path / "qr"))
+        qr = QueryRanks.read(ranks_file)
+        rsum = recall_from_ranks(qr.i2t, qr.t2i, qr.ks)["rsum"]
+        assert rsum == pytest.approx(history[-1][1], abs=1e-9)  # the ranks are the final evaluation's
+        rsum_by.setdefault(lr, {})[int(child.data.params["train.seed"])] = rsum
+    path = client.download_artifacts(parent_id, "leaderboard_settings.csv", str(tmp_path / "settings"))
+    rows = {row["train.lr"]: row for row in csv.DictReader(open(path))}
+    assert set(rows) == {"0.001", "1e-07"} and all("train.seed" not in r for r in rows.values())
+    for lr, row in rows.items():
+        key = "0.001" if lr == "0.001" else "1e-07"
+        for view, values in (("best-epoch val/rsum (optimistic)", best[key]), ("final val/rsum", final[key])):
+            a = np.asarray(values, dtype=np.float64)
+            lo, hi = stats.t.interval(0.95, len(a) - 1, loc=a.mean(), scale=stats.sem(a))
+            assert float(row[f"{view} mean"]) == pytest.approx(a.mean(), rel=1e-9)
+            assert float(row[f"{view} std"]) == pytest.approx(a.std(ddof=1), rel=1e-9)
+            assert row[f"{view} ci95"] == f"{lo:.2f}..{hi:.2f}" and row["seeds"] == "3"
+    path = client.download_artifacts(parent_id, "paired_tests.csv", str(tmp_path / "paired"))
+    (paired,) = list(csv.DictReader(open(path)))
+    assert paired["setting"] == "train.lr=0.001" and paired["baseline"] == "train.lr=1e-07"
+    delta = np.mean([rsum_by["0.001"][s] for s in (0, 1, 2)]) - np.mean([rsum_by["1e-07"][s] for s in (0, 1, 2)])
+    assert float(paired["rsum delta"]) == pytest.approx(delta, abs=1e-9) and paired["seeds"] == "0 1 2"
+    assert 0.0 < float(paired["rsum p"]) <= 1.0
 
 
 @pytest.mark.ray

@@ -9,7 +9,7 @@ import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from orchestrator.spec_files import StrictModel, is_name
 
@@ -129,6 +129,9 @@ class SpaceSpec(StrictModel):
     max_concurrent_trials: Annotated[int, Field(ge=1)] | None = None
     resources: Resources = Resources()
     max_failures: Annotated[int, Field(ge=0)] = 0
+    #: the setting every other one is compared with (paired bootstrap over the evaluation's images, matched
+    #: seeds pooled): a value of each varied parameter it fixes, e.g. ``{loss.family: infonce}``
+    baseline: dict[str, Any] | None = None
 
     @field_validator("name")
     @classmethod
@@ -145,6 +148,27 @@ class SpaceSpec(StrictModel):
         for key in v:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+", key):
                 raise ValueError(f"{key!r} is not a dotted config path (section.field)")
+        return v
+
+    @field_validator("baseline")
+    @classmethod
+    def _baseline(cls, v: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        space = info.data.get("space")
+        if v is None or space is None:  # no baseline, or the space's own error is reported
+            return v
+        if not v:
+            raise ValueError("give the baseline's value of at least one varied parameter")
+        for key, value in v.items():
+            if key == "train.seed":
+                raise ValueError("train.seed is not part of a setting (a setting's seeds are pooled)")
+            if key not in space:
+                raise ValueError(f"{key!r} is not varied by this space (it varies {', '.join(space)})")
+            dist = space[key]
+            allowed = dist.sample_values()
+            if dist.categorical and json.dumps(value, sort_keys=True) not in {
+                json.dumps(a, sort_keys=True) for a in allowed
+            }:
+                raise ValueError(f"{key}: {value!r} is not one of the space's values {allowed}")
         return v
 
     @field_validator("seeds")

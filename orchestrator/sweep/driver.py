@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,13 @@ from orchestrator.sweep.state import (
     sweep_folder,
     tune_storage_path,
 )
-from orchestrator.sweep.tracker import SweepTracker, open_parent_run, parent_ends_on_error, publish_leaderboard
+from orchestrator.sweep.tracker import (
+    Leaderboard,
+    SweepTracker,
+    open_parent_run,
+    parent_ends_on_error,
+    publish_leaderboard,
+)
 from orchestrator.sweep.trial import (
     TrialFn,
     TrialResources,
@@ -51,6 +57,8 @@ class SweepResult:
     plots: list[Path | str]
     resumed: bool
     wall_s: float = 0.0
+    settings: list[dict[str, Any]] = field(default_factory=list)  # one row per setting, over its seeds
+    paired: list[dict[str, Any]] = field(default_factory=list)  # each setting vs the space's baseline
 
     @property
     def best(self) -> dict[str, Any] | None:
@@ -112,20 +120,20 @@ def run_sweep(
         if tracker is not None and tracker.interrupted:
             raise KeyboardInterrupt("sweep interrupted")
 
-    table: list[dict[str, Any]] = []
-    records: list[leaderboard.TrialRecord] = []
-    pngs: list[Path | str] = []
+    board = Leaderboard([], [], [])
     if target is not None and parent is not None:
         with parent_ends_on_error(target, parent, "leaderboard", resumable=False):
-            table, records, pngs = publish_leaderboard(target, parent, space, path, plots=plots)
+            board = publish_leaderboard(target, parent, space, path, plots=plots)
     return SweepResult(
         name=name,
         path=path,
         parent_run_id=parent,
         tracking_uri=target.uri if target else None,
-        table=table,
-        records=records,
-        plots=pngs,
+        table=board.table,
+        records=board.records,
+        plots=board.plots,
+        settings=board.settings,
+        paired=board.paired,
         resumed=point.restorable,
         wall_s=time.perf_counter() - t0,
     )

@@ -31,7 +31,7 @@ class TrialLike(Protocol):
 
 
 @dataclass
-class _SeedView:
+class SeedView:
     """One trial as ``group_settings`` reads it: its parameters and its best- and final-epoch values."""
 
     trial: TrialLike
@@ -65,7 +65,7 @@ def settings(
     """The sweep's settings, best first by the seed mean of the best-epoch value (``mode``: max or min).
 
     Each setting's ``values`` hold ``best`` and ``final`` per trial (NaN where a trial never reported)."""
-    views = [_SeedView(r, dict(r.params), {BEST: r.best(mode)[0], FINAL: _final(r.curve)}) for r in records]
+    views = [SeedView(r, dict(r.params), {BEST: r.best(mode)[0], FINAL: _final(r.curve)}) for r in records]
     return rank_settings(group_settings(views, varied, seed_key), BEST, mode)
 
 
@@ -94,4 +94,4 @@ def _plain(value: Any) -> Any:
     return "" if value is None else value
 
 
-__all__ = ["BEST", "FINAL", "is_optimistic", "setting_rows", "settings", "view_column"]
+__all__ = ["BEST", "FINAL", "SeedView", "is_optimistic", "setting_rows", "settings", "view_column"]

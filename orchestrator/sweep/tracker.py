@@ -12,13 +12,14 @@ import json
 import logging
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
 from orchestrator import leaderboard, tracking
-from orchestrator.sweep import ray_compat
+from orchestrator.sweep import comparisons, ray_compat, settings_table
 from orchestrator.sweep.state import ResumePoint, SweepFolder, leaderboard_folder
 from orchestrator.sweep.trial import build_trial_config, trial_name
 
@@ -213,6 +214,10 @@ class SweepTracker(Callback):
         epochs = int(last["epoch"]) + 1 if "epoch" in last else int(last.get("training_iteration", 0))
         planned = self._planned.get(trial.trial_id, epochs)
         tags = {"itr.epochs_run": epochs, **({"itr.stopped_early": "true"} if epochs < planned else {})}
+        try:  # the final evaluation's per-query ranks: what the sweep's paired comparisons resample
+            comparisons.log_query_ranks(self.target, run_id, trial.checkpoint)
+        except Exception as err:  # noqa: BLE001 - the trial finished; only its comparison is lost
+            log.warning("trial %s: per-query ranks not logged (%s: %s)", trial.trial_id, type(err).__name__, err)
         tracking.send(
             self.target, run_id, *(tracking.tag_op(k, v) for k, v in tags.items()), tracking.end_op("FINISHED")
         )
@@ -334,28 +339,40 @@ def publish_leaderboard(
     folder: SweepFolder,
     *,
     plots: bool = True,
-) -> tuple[list[dict[str, Any]], list[leaderboard.TrialRecord], list[Path | str]]:
-    """(table, records, plot files) of the sweep, read back from its children; written to ``<sweep>/leaderboard``
-    and logged to the parent run (``leaderboard.csv``, ``leaderboard.txt``, ``plots/``, ``best/<metric>``, the
-    best trial's tags, the status counts), which then ends FINISHED."""
+) -> Leaderboard:
+    """The sweep's leaderboard read back from its children; written to ``<sweep>/leaderboard`` and logged to the
+    parent run (``leaderboard.csv``: one row per trial; ``leaderboard_settings.csv``: one per setting over its
+    seeds; ``paired_tests.csv`` with a ``baseline``; ``leaderboard.txt``, ``plots/``, ``best/<metric>``, the best
+    trial's tags, the status counts), which then ends FINISHED."""
     records = leaderboard.records_from_mlflow(target, parent_run_id, space.metric)
     table = leaderboard.rows(records, space.varied, space.metric, space.mode)
+    by_setting = settings_table.setting_rows(records, space.varied, space.metric, space.mode)
+    paired: list[dict[str, Any]] = []
+    if space.spec.baseline:
+        paired = comparisons.paired_rows(target, records, space.varied, space.spec.baseline)
     pngs: list[Path] = []
     with leaderboard_folder(folder) as out:  # object storage: drawn locally, uploaded at the end
         csv_path = leaderboard.write_csv(out.local / "leaderboard.csv", table)
+        extra = [leaderboard.write_csv(out.local / "leaderboard_settings.csv", by_setting)]
+        if paired:
+            extra.append(leaderboard.write_csv(out.local / "paired_tests.csv", paired))
         log_scale = [k for k, d in space.distributions.items() if d.kind == "loguniform"]
         if plots:
             pngs = leaderboard.make_plots(
                 records, space.varied, space.metric, space.mode, out.local / "plots", log_scale=log_scale
             )
         tracking.send(
-            target, parent_run_id, tracking.artifact_op(csv_path), *(tracking.artifact_op(p, "plots") for p in pngs)
+            target,
+            parent_run_id,
+            tracking.artifact_op(csv_path),
+            *(tracking.artifact_op(p) for p in extra),
+            *(tracking.artifact_op(p, "plots") for p in pngs),
         )
     published = out.published(pngs)
     counts: dict[str, int] = {}
     for r in records:
         counts[r.status] = counts.get(r.status, 0) + 1
-    writes = [tracking.text_op("leaderboard.txt", leaderboard.format_table(table) + "\n")]
+    writes = [tracking.text_op("leaderboard.txt", leaderboard_text(table, by_setting, paired) + "\n")]
     best = table[0][f"best {space.metric}"] if table else None
     if isinstance(best, float) and math.isfinite(best):
         writes += [
@@ -367,4 +384,29 @@ def publish_leaderboard(
     tracking.send(target, parent_run_id, *writes)
     end_running_children(target, parent_run_id, "left running after the sweep ended")
     tracking.end_run(target, parent_run_id, "FINISHED")
-    return table, records, published
+    return Leaderboard(table, records, published, by_setting, paired)
+
+
+@dataclass
+class Leaderboard:
+    """A published leaderboard: one row per trial (``table``, best first), the trials' ``records``, the plot
+    files, one row per setting over its seeds (``settings``) and the paired tests against the baseline."""
+
+    table: list[dict[str, Any]]
+    records: list[leaderboard.TrialRecord]
+    plots: list[Path | str]
+    settings: list[dict[str, Any]] = field(default_factory=list)
+    paired: list[dict[str, Any]] = field(default_factory=list)
+
+
+def leaderboard_text(
+    table: list[dict[str, Any]], by_setting: list[dict[str, Any]], paired: list[dict[str, Any]]
+) -> str:
+    """The printed leaderboard: the trials, then (when a setting has several seeds) the settings over their seeds,
+    then the paired tests against the baseline."""
+    parts = [leaderboard.format_table(table)]
+    if any(row.get("seeds", 0) > 1 for row in by_setting):
+        parts += ["", "settings over seeds (mean, std, 95% t-interval):", leaderboard.format_table(by_setting)]
+    if paired:
+        parts += ["", "paired bootstrap over val images vs the baseline:", leaderboard.format_table(paired)]
+    return "\n".join(parts)

@@ -46,6 +46,7 @@ from orchestrator.tracking.redaction import SECRET_MARKERS, is_secret_key, redac
 from orchestrator.tracking.runs import (
     child_runs,
     create_run,
+    download_artifact,
     find_keyed_run,
     find_runs,
     latest_metrics,
@@ -75,6 +76,7 @@ __all__ = [
     "child_runs",
     "client",
     "create_run",
+    "download_artifact",
     "describe_ops",
     "end_op",
     "end_run",

@@ -4,6 +4,7 @@ exists go through :mod:`orchestrator.tracking.ops` (``end_run``, ``reopen_run``,
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from orchestrator.config import ExperimentConfig
@@ -105,3 +106,12 @@ def latest_metrics(target: TrackingTarget, run_id: str) -> dict[str, float]:
 def metric_history(target: TrackingTarget, run_id: str, key: str) -> list[tuple[int, float]]:
     """Every ``(step, value)`` the run logged for ``key``."""
     return [(int(m.step), float(m.value)) for m in client(target).get_metric_history(run_id, key)]
+
+
+def download_artifact(target: TrackingTarget, run_id: str, artifact_path: str, dst_dir: Path | str) -> Path | None:
+    """The run's artifact ``artifact_path`` downloaded into ``dst_dir`` (``None`` when the run has no such file)."""
+    c = client(target)
+    parent, _, name = artifact_path.rpartition("/")
+    if name not in {Path(a.path).name for a in c.list_artifacts(run_id, parent or None)}:
+        return None
+    return Path(c.download_artifacts(run_id, artifact_path, str(dst_dir)))
