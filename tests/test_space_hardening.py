@@ -287,3 +287,25 @@ def test_asha_grace_period_within_the_epochs_passes(tmp_path):
         tmp_path, {"train.epochs": {"grid": [2, 3]}}, scheduler={"type": "asha", "grace_period": 2}
     )
     assert rc == 0 and lines == []
+
+
+# ------------------------------------------------------------------ the baseline setting of paired tests
+@pytest.mark.parametrize(
+    "baseline, needle",
+    [
+        ({"train.epochs": 2}, "'train.epochs' is not varied by this space (it varies loss.family)"),
+        ({"loss.family": "bcls"}, "loss.family: 'bcls' is not one of the space's values ['infonce', 'triplet']"),
+        ({"train.seed": 0}, "train.seed is not part of a setting"),
+        ({}, "give the baseline's value of at least one varied parameter"),
+    ],
+)
+def test_a_baseline_outside_the_space_exits_2_naming_it(tmp_path, baseline, needle):
+    space = {"loss.family": {"grid": ["infonce", "triplet"]}}
+    rc, lines, path = dry_run_sweep(tmp_path, space, baseline=baseline, seeds=[0, 1])
+    assert_one_line_error(rc, lines, f"{path}:{line_of(path, 'baseline:')}: baseline", needle)
+
+
+def test_a_baseline_in_the_space_is_accepted(tmp_path):
+    space = {"loss.family": {"grid": ["infonce", "triplet"]}}
+    rc, lines, _ = dry_run_sweep(tmp_path, space, baseline={"loss.family": "infonce"}, seeds=[0, 1])
+    assert rc == 0, lines
