@@ -4,7 +4,7 @@
 builds a registered family module. The other modules, by job:
 
 * ``families`` / ``registry``: the family modules and their registry; ``batch``: their input and output types;
-  ``temperature``: a family's (learnable) temperature.
+  ``temperature``: a family's (learnable) temperature and the spec mapping that builds it.
 * ``row_losses``: the losses for a subset of query rows (``scaling.local_loss``).
 * ``checks``: argument checks shared by ``functional`` and ``row_losses``; ``relevance``: the RSC relevance matrix.
 * ``ndcg_direction`` / ``kendall_direction``: one direction of the O(B^3) losses (blocked autograd Functions,

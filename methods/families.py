@@ -7,9 +7,7 @@ given as a mapping ``{init, min, max, learnable}`` (:data:`TemperatureSpec`: the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import ClassVar, Protocol, TypedDict
 
 import torch
 from torch import nn
@@ -18,28 +16,7 @@ from methods import functional as F
 from methods import row_losses as rows
 from methods.batch import EmbeddingBatch, LossOutput
 from methods.registry import register
-from methods.temperature import Temperature
-
-#: a temperature's settings: ``init``, ``min``, ``max`` (floats, 0 < min <= init <= max) and ``learnable``
-#: (optional, default True)
-TemperatureSpec = Mapping[str, Any]
-_TEMPERATURE_KEYS = frozenset({"init", "min", "max", "learnable"})
-
-
-def temperature_spec(init: float, min: float, max: float, learnable: bool = True) -> TemperatureSpec:
-    """A read-only :data:`TemperatureSpec` (the families' defaults)."""
-    return MappingProxyType({"init": init, "min": min, "max": max, "learnable": learnable})
-
-
-def build_temperature(spec: TemperatureSpec) -> Temperature:
-    """The :class:`Temperature` of ``spec``; ValueError naming a missing or unknown key."""
-    missing, unknown = {"init", "min", "max"} - set(spec), set(spec) - _TEMPERATURE_KEYS
-    if missing or unknown:
-        raise ValueError(
-            f"a temperature is {{init, min, max, learnable}}; missing {sorted(missing)}, unknown {sorted(unknown)}"
-        )
-    return Temperature(spec["init"], spec["min"], spec["max"], spec.get("learnable", True))
-
+from methods.temperature import Temperature, TemperatureSpec, build_temperature, temperature_spec
 
 #: InfoNCE's temperature (CUSA's released clamp)
 ITR_TEMPERATURE = temperature_spec(0.05, 0.01, 0.10)
@@ -55,7 +32,10 @@ class LossFamily(nn.Module):
 
     ``multi_positive`` (every family's flag): the other captions of a pair's image are positives too."""
 
-    requires: ClassVar[frozenset[str]] = frozenset()
+    #: set by :func:`methods.registry.register`
+    family_name: ClassVar[str]
+    #: a class default that a family may replace per instance, where its parameters decide the inputs
+    requires: frozenset[str] = frozenset()
     TERMS: ClassVar[tuple[str, ...]] = ()
     #: ``forward`` takes ``EmbeddingBatch.query_rows`` (``scaling.local_loss``): each rank computes the terms of
     #: its own query rows, normalised so that the mean over ranks is the global loss (``methods.row_losses``).
@@ -78,7 +58,14 @@ class LossFamily(nn.Module):
         """Fail early (at construction time, before any epoch) when the batch will lack an input."""
         missing = sorted(self.requires - available)
         if missing:
-            raise ValueError(f"loss family {self.family_name!r} needs batch inputs {missing}")  # type: ignore[attr-defined]
+            raise ValueError(f"loss family {self.family_name!r} needs batch inputs {missing}")
+
+    def _given(self, value: torch.Tensor | None, name: str) -> torch.Tensor:
+        """``value``, the batch input ``name`` that this family requires; ValueError where the batch lacks it
+        (a batch built without :meth:`check_inputs`'s inputs)."""
+        if value is None:
+            raise ValueError(f"loss family {type(self).__name__} needs batch input {name!r}; this batch has none")
+        return value
 
     def temperatures(self) -> dict[str, float]:
         """Current value of every temperature this family owns (for logging)."""
@@ -147,7 +134,17 @@ class Triplet(LossFamily):
         return LossOutput(total=loss, terms={f"triplet_{self.mining}": loss.detach()})
 
 
-def _pair_term(fam: LossFamily, batch: EmbeddingBatch, S_i2t: torch.Tensor, S_t2i: torch.Tensor) -> torch.Tensor:
+class _PairTermSettings(Protocol):
+    """What :func:`_pair_term` reads of a family (Triplet, Listwise, BCLS)."""
+
+    multi_positive: bool
+    margin: float
+    mining: str
+    soft_negative_tau: float
+    selhn_eps: float
+
+
+def _pair_term(fam: _PairTermSettings, batch: EmbeddingBatch, S_i2t: torch.Tensor, S_t2i: torch.Tensor) -> torch.Tensor:
     """The triplet term of ``fam`` (its margin, mining, multi_positive, soft_negative_tau, selhn_eps): on the
     square S = S_i2t (= S_t2i.T) without ``query_rows``, else on the query rows (``methods.row_losses``)."""
     if batch.query_rows is None:
@@ -185,6 +182,11 @@ _RELEVANCE_INPUTS = {
 class _RelevanceFamily(LossFamily):
     """Shared by the families that score graded relevance R (rows = images, columns = texts)."""
 
+    relevance_source: str
+    rescale: bool
+    #: set by each subclass's constructor
+    t2i_relevance: str
+
     def _setup_relevance(self, relevance: str, rescale: bool) -> None:
         if relevance not in _RELEVANCE_INPUTS:
             raise ValueError(f"relevance must be 'exact' or 'teacher', not {relevance!r}")
@@ -195,13 +197,13 @@ class _RelevanceFamily(LossFamily):
     def relevance(self, batch: EmbeddingBatch) -> torch.Tensor:
         """R: (B, B). Exact relevance from the data (diagonal forced to 1), or RSC from caption embeddings."""
         if self.relevance_source == "exact":
-            R = batch.relevance.to(batch.image_emb.dtype).clone()
+            R = self._given(batch.relevance, "relevance").to(batch.image_emb.dtype).clone()
             R.fill_diagonal_(1.0)
             return R
         # every group holds the pair's own caption (orchestrator.data.loader.caption_groups): no check, no sync
         return F.caption_relevance(
-            batch.caption_group_emb,
-            batch.text_caption_emb,
+            self._given(batch.caption_group_emb, "caption_group_emb"),
+            self._given(batch.text_caption_emb, "text_caption_emb"),
             batch.caption_group_mask,
             rescale=self.rescale,
             validate=False,
@@ -212,11 +214,11 @@ class _RelevanceFamily(LossFamily):
         :mod:`methods.row_losses` takes them (``t2i_relevance`` decides R_t2i); nothing (N, N) is built."""
         own = batch.query_columns()
         if self.relevance_source == "exact":
-            R_i2t, R_t2i = rows.relevance_lists(batch.relevance, own, self.t2i_relevance)
+            R_i2t, R_t2i = rows.relevance_lists(self._given(batch.relevance, "relevance"), own, self.t2i_relevance)
         else:
             R_i2t, R_t2i = rows.caption_relevance_rows(
-                batch.caption_group_emb,
-                batch.text_caption_emb,
+                self._given(batch.caption_group_emb, "caption_group_emb"),
+                self._given(batch.text_caption_emb, "text_caption_emb"),
                 own,
                 batch.caption_group_mask,
                 self.rescale,
@@ -278,6 +280,18 @@ class Listwise(_RelevanceFamily):
         )  # local: this rank's rows
 
 
+class _KendallOptions(TypedDict):
+    """The Kendall term's keyword arguments shared by ``F.kendall_rank_loss`` and ``rows.kendall_rows``."""
+
+    gap: float
+    surrogate: str
+    window: int | None
+    hard_k: int | None
+    temperature: float
+    chunk_size: int | None
+    kernel: str
+
+
 @register("bcls")
 class BCLS(_RelevanceFamily):
     """BCLS: Triplet-SN + λ·Kendall ranking loss with SW-HS (spec A; Triplet-SN/SW-HS are reconstructions).
@@ -321,7 +335,7 @@ class BCLS(_RelevanceFamily):
     def forward(self, batch: EmbeddingBatch) -> LossOutput:
         S_i2t, S_t2i = batch.query_similarities()
         binary = _pair_term(self, batch, S_i2t, S_t2i)
-        options = dict(
+        options = _KendallOptions(
             gap=self.gap,
             surrogate=self.surrogate,
             window=self.window,
@@ -410,7 +424,8 @@ class CUSA(LossFamily):
             )
         total, terms = itr, {"infonce": itr.detach()}
         if self.alpha > 0 or self.beta > 0:
-            G_img, G_txt = self._cos(batch, batch.teacher_image), self._cos(batch, batch.teacher_text)
+            G_img = self._cos(batch, self._given(batch.teacher_image, "teacher_image"))
+            G_txt = self._cos(batch, self._given(batch.teacher_text, "teacher_text"))
         if self.alpha > 0:
             if self.csa_mode == "each":
                 target_i2t, target_t2i = G_img, G_txt
@@ -430,8 +445,10 @@ class CUSA(LossFamily):
             total = total + csa
             terms["csa"] = csa.detach()
         if self.beta > 0:
-            S_ii = batch.rows(batch.image_uni) @ batch.image_uni.T
-            S_tt = batch.rows(batch.text_uni) @ batch.text_uni.T
+            image_uni = self._given(batch.image_uni, "image_uni")
+            text_uni = self._given(batch.text_uni, "text_uni")
+            S_ii = batch.rows(image_uni) @ image_uni.T
+            S_tt = batch.rows(text_uni) @ text_uni.T
             usa = (
                 self.beta
                 * (

@@ -48,7 +48,7 @@ class KendallAllPairs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, S, R, gap, surrogate, temperature, chunk):  # type: ignore[override]
+    def forward(ctx, S, R, gap, surrogate, temperature, chunk):
         Q, N = S.shape
         need_grad = bool(ctx.needs_input_grad[0])
         num = torch.zeros((), dtype=torch.float64, device=S.device)
@@ -93,7 +93,7 @@ class KendallAllPairs(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_num, g_cnt):  # type: ignore[override]
+    def backward(ctx, g_num, g_cnt):
         (grad,) = ctx.saved_tensors
         return grad * g_num, None, None, None, None, None
 
@@ -102,7 +102,7 @@ class KendallAllPairsTriton(torch.autograd.Function):
     """:class:`KendallAllPairs` with the fused kernel of :mod:`methods.kernels` (one pass, O(N^2) memory)."""
 
     @staticmethod
-    def forward(ctx, S, R, gap, surrogate, temperature):  # type: ignore[override]
+    def forward(ctx, S, R, gap, surrogate, temperature):
         need_grad = bool(ctx.needs_input_grad[0])
         num, cnt, grad = kernels.kendall_all_pairs(S, R, gap, surrogate, temperature, need_grad)
         if grad is not None:  # exactly when need_grad
@@ -113,7 +113,7 @@ class KendallAllPairsTriton(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_num, g_cnt):  # type: ignore[override]
+    def backward(ctx, g_num, g_cnt):
         (grad,) = ctx.saved_tensors
         return grad * g_num, None, None, None, None
 

@@ -34,8 +34,8 @@ try:  # pragma: no cover - exercised wherever triton is installed
 
     AVAILABLE = True
 except Exception:  # ImportError, or a broken install
-    triton = None  # type: ignore[assignment]
-    tl = None  # type: ignore[assignment]
+    triton = None
+    tl = None
     AVAILABLE = False
 
 #: Surrogate codes of the Kendall kernel (constexpr).

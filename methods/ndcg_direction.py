@@ -49,7 +49,7 @@ class SmoothNDCGDirection(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, S, gains, idcg, tau, chunk, clamp):  # type: ignore[override]
+    def forward(ctx, S, gains, idcg, tau, chunk, clamp):
         Q, N = S.shape
         need_grad = bool(ctx.needs_input_grad[0])
         ok = idcg != 0
@@ -88,7 +88,7 @@ class SmoothNDCGDirection(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_loss):  # type: ignore[override]
+    def backward(ctx, g_loss):
         (grad,) = ctx.saved_tensors
         return grad * g_loss, None, None, None, None, None
 
@@ -103,7 +103,7 @@ class SmoothNDCGDirectionTriton(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, S, gains, idcg, tau, clamp, kernel):  # type: ignore[override]
+    def forward(ctx, S, gains, idcg, tau, clamp, kernel):
         Q = S.shape[0]
         r1 = kernels.sndcg_ranks(S, tau, clamp)  # 1 + rank, float32 (float64 for float64 S)
         gains, idcg = gains.to(r1.dtype), idcg.to(r1.dtype)
@@ -120,7 +120,7 @@ class SmoothNDCGDirectionTriton(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_loss):  # type: ignore[override]
+    def backward(ctx, g_loss):
         S, g = ctx.saved_tensors
         try:
             grad = kernels.sndcg_rank_grad(S, g, ctx.tau, ctx.clamp)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -27,3 +31,24 @@ class Temperature(nn.Module):
 
     def extra_repr(self) -> str:
         return f"value={self.value.item():.4g}, range=[{self.low}, {self.high}]"
+
+
+#: a temperature's settings: ``init``, ``min``, ``max`` (floats, 0 < min <= init <= max) and ``learnable``
+#: (optional, default True)
+TemperatureSpec = Mapping[str, Any]
+_TEMPERATURE_KEYS = frozenset({"init", "min", "max", "learnable"})
+
+
+def temperature_spec(init: float, min: float, max: float, learnable: bool = True) -> TemperatureSpec:
+    """A read-only :data:`TemperatureSpec` (the families' defaults)."""
+    return MappingProxyType({"init": init, "min": min, "max": max, "learnable": learnable})
+
+
+def build_temperature(spec: TemperatureSpec) -> Temperature:
+    """The :class:`Temperature` of ``spec``; ValueError naming a missing or unknown key."""
+    missing, unknown = {"init", "min", "max"} - set(spec), set(spec) - _TEMPERATURE_KEYS
+    if missing or unknown:
+        raise ValueError(
+            f"a temperature is {{init, min, max, learnable}}; missing {sorted(missing)}, unknown {sorted(unknown)}"
+        )
+    return Temperature(spec["init"], spec["min"], spec["max"], spec.get("learnable", True))

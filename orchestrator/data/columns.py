@@ -74,10 +74,13 @@ class PackedStrings(Sequence[str]):
         return self._offsets.size - 1
 
     @overload
-    def __getitem__(self, key: int) -> str: ...
+    def __getitem__(self, key: int | np.integer) -> str: ...
 
     @overload
     def __getitem__(self, key: slice) -> list[str]: ...
+
+    @overload
+    def __getitem__(self, key: Sequence[int] | np.ndarray) -> list[str]: ...
 
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, (int, np.integer)):
@@ -180,6 +183,11 @@ class PackedStrings(Sequence[str]):
 def as_packed(values: Sequence[str] | PackedStrings) -> PackedStrings:
     """``values`` as a ``PackedStrings`` (returned as is when it is one)."""
     return values if isinstance(values, PackedStrings) else PackedStrings.from_strings(values)
+
+
+def as_path_column(paths: Sequence[os.PathLike[str] | str] | PathColumn) -> PathColumn:
+    """``paths`` as a ``PathColumn`` (returned as is when it is one; else a column of whole paths)."""
+    return paths if isinstance(paths, PathColumn) else PathColumn.from_paths(paths)
 
 
 class PathColumn(Sequence[Path]):

@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -43,6 +43,9 @@ from orchestrator.data.index import DatasetIndex
 from orchestrator.data.pixels import PixelTransform, split_preprocess
 from orchestrator.errors import UserError
 from orchestrator.teachers.hashing import FileHashMemo, pixels_key
+
+if TYPE_CHECKING:
+    from orchestrator.data.splits import SplitRole
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +189,7 @@ class PixelStore:
             with open(self.pixels_path, "r+b") as fh:
                 fh.truncate(n * self.row_bytes)
                 fh.seek(n * self.row_bytes)
-                fh.write(memoryview(pixels).cast("B"))
+                fh.write(pixels.data.cast("B"))  # the contiguous array's buffer, as bytes
                 fh.flush()
                 os.fsync(fh.fileno())
             with open(self.keys_path, "r+b") as fh:
@@ -429,7 +432,7 @@ def build_workers(data_cfg: Any) -> int:
 
 
 def prepare_image_cache(
-    cfg: Any, roles: Sequence[str] = ("train", "val"), *, progress: bool = True
+    cfg: Any, roles: Sequence[SplitRole] = ("train", "val"), *, progress: bool = True
 ) -> dict[str, ImageCacheStats]:
     """On the driver, before any worker starts: decode every image of each split ``role`` not cached yet.
 

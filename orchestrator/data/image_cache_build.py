@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 
 import numpy as np
@@ -68,7 +68,7 @@ def _chunks(
 
 def _in_process(
     index: DatasetIndex, positions: np.ndarray, transform: PixelTransform, chunk_rows: int
-) -> Iterator[ChunkResult]:
+) -> Generator[ChunkResult, None, None]:
     """Chunks decoded here, in order (generated images, small builds); errors raise as they come."""
     for lo in range(0, len(positions), chunk_rows):
         part = positions[lo : lo + chunk_rows]
@@ -83,7 +83,7 @@ def _in_process(
         yield lo, out
 
 
-def _pool(jobs: list, workers: int) -> Iterator[ChunkResult]:
+def _pool(jobs: list, workers: int) -> Generator[ChunkResult, None, None]:
     """Chunks decoded by a pool of ``workers`` forked processes (as DataLoader workers are; spawn where there is no
     fork), in order; the pool is closed when the caller stops. The workers run PIL and numpy only."""
     import multiprocessing
@@ -103,13 +103,15 @@ def _decode_task(start: int, paths: Sequence[str], transform: PixelTransform) ->
     return decode_chunk((start, paths, transform))
 
 
-def _ray(jobs: list) -> Iterator[ChunkResult]:
+def _ray(jobs: list) -> Generator[ChunkResult, None, None]:
     """Chunks decoded as Ray tasks (1 CPU each), in completion order; pending tasks are cancelled on exit."""
     import ray
 
     task = ray.remote(num_cpus=1, max_retries=2)(_decode_task)
     window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    transform = ray.put(jobs[0][2]) if jobs else None
+    if not jobs:
+        return
+    transform = ray.put(jobs[0][2])  # one copy in the object store, shared by every task
     todo = [(start, paths) for start, paths, _ in jobs]
     pending: list = []
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from orchestrator.data.columns import PackedStrings, PathColumn, as_packed
+from orchestrator.data.columns import PackedStrings, PathColumn, as_packed, as_path_column
 from orchestrator.data.images import load_rgb
 from orchestrator.data.manifest import VerifyReport, verify_image_files
 from orchestrator.errors import UserError
@@ -56,8 +56,8 @@ class DatasetIndex:
         self.captions = as_packed(self.captions)
         if self.caption_ids is not None:
             self.caption_ids = as_packed(self.caption_ids)
-        if self.image_paths is not None and not isinstance(self.image_paths, PathColumn):
-            self.image_paths = PathColumn.from_paths(self.image_paths)
+        if self.image_paths is not None:
+            self.image_paths = as_path_column(self.image_paths)
         self.caption_image = np.array(self.caption_image, dtype=np.int64).reshape(-1)  # the index's own copy
         if (self.image_paths is None) == (self.renderer is None):
             raise ValueError("a DatasetIndex needs exactly one of image_paths or renderer")
@@ -112,13 +112,13 @@ class DatasetIndex:
     def column_nbytes(self) -> dict[str, int]:
         """Bytes held per column (text buffers + offsets, int64 arrays); Python object headers not counted."""
         sizes = {
-            "image_ids": self.image_ids.nbytes,
-            "captions": self.captions.nbytes,
+            "image_ids": as_packed(self.image_ids).nbytes,  # packed by __post_init__: as_packed returns it
+            "captions": as_packed(self.captions).nbytes,
             "caption_image": self.caption_image.nbytes,
             "captions_of": self._caption_order.nbytes + self._image_offsets.nbytes,
         }
         if self.caption_ids is not None:
-            sizes["caption_ids"] = self.caption_ids.nbytes
+            sizes["caption_ids"] = as_packed(self.caption_ids).nbytes
         if isinstance(self.image_paths, PathColumn):
             sizes["image_paths"] = self.image_paths.nbytes
         return sizes
@@ -144,8 +144,7 @@ class DatasetIndex:
         """
         if self.image_paths is None:
             return VerifyReport(self.num_images, 0, 0, None)
-        assert isinstance(self.image_paths, PathColumn)
-        return verify_image_files(self.image_paths, mode, manifest_dir=manifest_dir, progress=progress)
+        return verify_image_files(as_path_column(self.image_paths), mode, manifest_dir=manifest_dir, progress=progress)
 
     def content_hash(self) -> str:
         """A hash of the split's content: image ids, image sources and captions (in order); 16 hex.
@@ -162,14 +161,13 @@ class DatasetIndex:
             h.update(column.offsets.tobytes())
             h.update(column.buffer)
 
-        assert isinstance(self.image_ids, PackedStrings) and isinstance(self.captions, PackedStrings)
-        packed(self.image_ids)
+        packed(as_packed(self.image_ids))  # the columns __post_init__ packed (as_packed returns them)
         if isinstance(self.image_paths, PathColumn):
             h.update(b"paths\0" + self.image_paths.root.encode("utf-8", "surrogatepass") + b"\0")
             packed(self.image_paths.relative)
         else:
             h.update(b"rendered\0")
-        packed(self.captions)
+        packed(as_packed(self.captions))
         h.update(self.caption_image.astype("<i8", copy=False).tobytes())
         return h.hexdigest()[:16]
 
@@ -196,15 +194,14 @@ class DatasetIndex:
             base_rel = self.relevance
             img_map = idx  # closure names read by teachers.encoders._synthetic_source
             relevance = lambda im, cap: base_rel(img_map[im], all_caps[cap])  # noqa: E731
-        assert isinstance(self.image_ids, PackedStrings) and isinstance(self.captions, PackedStrings)
-        return DatasetIndex(
+        return DatasetIndex(  # the columns __post_init__ packed (as_packed / as_path_column return them)
             name=name or f"{self.name}[subset]",
-            image_ids=self.image_ids.take(idx),
-            captions=self.captions.take(all_caps),
+            image_ids=as_packed(self.image_ids).take(idx),
+            captions=as_packed(self.captions).take(all_caps),
             caption_image=new_caption_image,
-            image_paths=None if self.image_paths is None else self.image_paths.take(idx),
+            image_paths=None if self.image_paths is None else as_path_column(self.image_paths).take(idx),
             renderer=renderer,
             relevance=relevance,
-            caption_ids=None if self.caption_ids is None else self.caption_ids.take(all_caps),
+            caption_ids=None if self.caption_ids is None else as_packed(self.caption_ids).take(all_caps),
             source=self.source,
         )

@@ -78,6 +78,8 @@ class TextInput:
     def __call__(self, texts: Sequence[str], indices: Sequence[int]) -> torch.Tensor:
         if self.rows is not None:
             return self.rows(list(indices))
+        if self.tokenizer is None:  # not reached: __init__ takes exactly one of the two
+            raise ValueError("TextInput has neither a tokenizer nor cached features")
         return self.tokenizer(list(texts))
 
 
@@ -161,7 +163,8 @@ def train_loader(
     ``make_pair_collate``."""
     return DataLoader(
         PairDataset(index, images),
-        batch_sampler=sampler,
+        # torch's stub wants lists of indices; DataLoader indexes the dataset with any sequence (numpy batches here)
+        batch_sampler=sampler,  # type: ignore[arg-type]
         collate_fn=make_pair_collate(text),
         num_workers=num_workers,
         persistent_workers=num_workers > 0,

@@ -262,14 +262,16 @@ def build_train_loader(
 ) -> DataLoader:
     """A DataLoader over whole-batch fetches: ``workers`` processes (persistent, ``prefetch_factor`` batches
     each in flight), pinned batches when ``pin_memory`` (a CUDA device)."""
-    kwargs = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if workers > 0 else {}
     return DataLoader(
         dataset,
         batch_sampler=batch_sampler,
-        collate_fn=_whole_batch,
+        # torch's stub says collate_fn takes a list of items; with the dataset's __getitems__ it takes what that
+        # returns (a whole PairBatch or BatchFailure here)
+        collate_fn=_whole_batch,  # type: ignore[arg-type]
         num_workers=workers,
         pin_memory=pin_memory,
-        **kwargs,
+        persistent_workers=workers > 0,
+        prefetch_factor=prefetch_factor if workers > 0 else None,  # None: DataLoader's default, required at 0
     )
 
 

@@ -193,7 +193,7 @@ def split_preprocess(preprocess: Any, model_name: str) -> PixelTransform:
         + " | ".join(described)
         + f"; RGB uint8 CHW {size[0]}x{size[1]}; Pillow {PIL.__version__}"
     )
-    return PixelTransform(steps=pil_steps, mean=mean, std=std, size=size, spec=spec)  # type: ignore[arg-type]
+    return PixelTransform(steps=pil_steps, mean=mean, std=std, size=size, spec=spec)
 
 
 __all__ = ["PIXELS_FORMAT", "PixelTransform", "split_preprocess"]

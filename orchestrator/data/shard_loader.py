@@ -252,8 +252,13 @@ class ShardLoader:
     ) -> None:
         self.dataset, self.schedule = dataset, schedule
         self.batch_sampler = ResumableBatches(schedule)
-        extra = {"prefetch_factor": prefetch_factor} if num_workers > 0 else {}
-        self.loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **extra)
+        self.loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            prefetch_factor=prefetch_factor if num_workers > 0 else None,  # None: DataLoader's default, required at 0
+        )
 
     def __iter__(self) -> Iterator[PairBatch]:
         self.dataset.epoch = self.schedule.epoch

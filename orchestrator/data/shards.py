@@ -30,7 +30,7 @@ import os
 import posixpath
 import re
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, ClassVar
@@ -209,7 +209,16 @@ def _img2dataset_count(path: Path) -> int | None:
     return value if isinstance(value, int) and value >= 0 else None
 
 
-def make_readable(path: Path) -> None:
+def bytes_writer(blob: bytes) -> Callable[[BinaryIO], None]:
+    """A ``write(fh)`` for :func:`orchestrator.checkpoint.atomic_write` that writes ``blob``."""
+
+    def write(fh: BinaryIO) -> None:
+        fh.write(blob)
+
+    return write
+
+
+def make_readable(path: str | os.PathLike[str]) -> None:
     """Give ``path`` the permissions a new file gets under the umask (temp files are created owner-only)."""
     umask = os.umask(0)
     os.umask(umask)
@@ -233,7 +242,7 @@ def count_and_record(paths: Sequence[Path], *, progress: bool = True) -> dict[Pa
         sizes = {**_read_sizes(folder / SIZES_FILE), **new}
         blob = (json.dumps(dict(sorted(sizes.items())), indent=1) + "\n").encode()
         try:
-            atomic_write(folder / SIZES_FILE, lambda fh, blob=blob: fh.write(blob), what="shard sizes")
+            atomic_write(folder / SIZES_FILE, bytes_writer(blob), what="shard sizes")
             make_readable(folder / SIZES_FILE)
         except UserError as err:
             raise UserError(
@@ -298,7 +307,7 @@ def iter_samples(path: Path, *, clean: bool = True, expected: int | None = None)
     ``expected``: the shard's recorded sample count, checked once the shard is read to its end. Every problem
     raises ``UserError`` naming the shard."""
     group: list[tuple[str, tarfile.TarInfo, bytes]] = []
-    key = None
+    key = ""  # the key of the members in ``group`` (no member has an empty key: see split_member)
     count = 0
     with _opened(path) as (raw, tar):
         for member in _members(tar, path):
@@ -369,7 +378,9 @@ def _members(tar: tarfile.TarFile, path: Path) -> Iterator[tarfile.TarInfo]:
             member = tar.next()
         except (tarfile.TarError, EOFError, OSError) as err:
             raise _corrupt(path, err) from None
-        tar.members = []  # a shard's headers are not kept: memory stays flat however long the shard
+        # a shard's headers are not kept: memory stays flat however long the shard (typeshed's TarFile omits the
+        # ``members`` list that tarfile fills as it reads)
+        tar.members = []  # type: ignore[attr-defined]
         if member is None:
             return
         if member.isfile():

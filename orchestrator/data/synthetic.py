@@ -24,37 +24,24 @@ random streams.
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 from orchestrator.data.index import DatasetIndex
+from orchestrator.data.synthetic_scene import (
+    BACKGROUND_NAMES,
+    BACKGROUNDS,
+    COLOUR_NAMES,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    SyntheticData,
+)
 from orchestrator.errors import UserError
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 170, 50),
-    "blue": (40, 70, 230),
-    "yellow": (245, 220, 30),
-    "purple": (140, 40, 190),
-    "orange": (255, 135, 0),
-}
-COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
-SIZES: tuple[str, ...] = ("small", "large")
-POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "centre")
-BACKGROUNDS: dict[str, tuple[int, int, int]] = {
-    "black": (15, 15, 15),
-    "gray": (128, 128, 128),
-    "white": (245, 245, 245),
-}
-BACKGROUND_NAMES: tuple[str, ...] = tuple(BACKGROUNDS)
-
-#: Radius of an object, as a fraction of the image side, by size index.
-_SIZE_RADIUS = (0.13, 0.21)
-#: Object centre (x, y), as fractions of the image side, by position index.
-_POSITION_XY = ((0.27, 0.5), (0.73, 0.5), (0.5, 0.27), (0.5, 0.73), (0.5, 0.5))
 #: Ordered position pairs of 2-object images (opposite sides, no overlap).
 _PAIRS = ((0, 1), (1, 0), (2, 3), (3, 2))
 _JITTER_XY = 0.04
@@ -78,40 +65,6 @@ _JOINERS = (" and ", " together with ", " as well as ")
 _BG_SUFFIXES = (" on {} background", " against {} background", " with {} background")
 
 
-def _unit_polygon(points: list[tuple[float, float]]) -> np.ndarray:
-    return np.asarray(points, dtype=np.float64)
-
-
-def _star(n: int = 5, inner: float = 0.45) -> np.ndarray:
-    angles = -np.pi / 2 + np.arange(2 * n) * np.pi / n
-    radii = np.where(np.arange(2 * n) % 2 == 0, 1.0, inner)
-    return np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
-
-
-_W = 0.34  # half-width of a cross arm, relative to the radius
-_UNIT_SHAPES: dict[str, np.ndarray] = {
-    "square": _unit_polygon([(-0.85, -0.85), (0.85, -0.85), (0.85, 0.85), (-0.85, 0.85)]),
-    "triangle": _unit_polygon([(0.0, -1.0), (0.95, 0.75), (-0.95, 0.75)]),
-    "star": _star(),
-    "cross": _unit_polygon(
-        [
-            (-_W, -1),
-            (_W, -1),
-            (_W, -_W),
-            (1, -_W),
-            (1, _W),
-            (_W, _W),
-            (_W, 1),
-            (-_W, 1),
-            (-_W, _W),
-            (-1, _W),
-            (-1, -_W),
-            (-_W, -_W),
-        ]
-    ),
-}
-
-
 def _article(phrase: str) -> str:
     return ("an " if phrase[:1] in "aeiou" else "a ") + phrase
 
@@ -120,132 +73,17 @@ def _stream(seed: int, split: str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), zlib.crc32(split.encode("utf-8"))]))
 
 
-class SyntheticData:
-    """The attributes of one synthetic split: renders images and scores (image, caption) relevance.
+#: One object a caption mentions: (shape, colour, size, position) codes, ``_UNSTATED`` where not stated.
+_ObjectSpec = tuple[int, int, int, int]
 
-    Image arrays (``num_images`` rows, 2 object slots; slot 1 is ``-1`` everywhere for 1-object images):
-    ``obj_shape``, ``obj_colour``, ``obj_size``, ``obj_position`` (int8, indices into ``SHAPES``, ...),
-    ``background`` (int8, (num_images,)), ``jitter`` (float64 (num_images, 2, 3): dx, dy, scale).
-    Caption arrays (``num_captions`` rows, 2 mentioned-object slots): ``cap_shape``, ``cap_colour``,
-    ``cap_size``, ``cap_position`` (int8; ``-2`` where not stated, the whole slot ``-2`` where the caption
-    mentions one object), ``cap_background`` (int8, ``-2`` where not stated), ``cap_stated`` (int8: how
-    many attributes the caption states).
-    """
 
-    def __init__(self, image_size: int) -> None:
-        self.image_size = int(image_size)
+@dataclass(frozen=True)
+class _CaptionSpec:
+    """What one caption states: the objects it mentions (1 or 2, in mention order) and the background code
+    (``_UNSTATED`` where not stated)."""
 
-    # ----------------------------------------------------------------------------------------- images
-    def render(self, i: int) -> Image.Image:
-        """The RGB image ``i`` (``image_size`` x ``image_size``), drawn from its attributes."""
-        i = int(i)
-        if not 0 <= i < len(self.background):
-            raise IndexError(f"image index {i} out of range [0, {len(self.background)})")
-        s = self.image_size
-        img = Image.new("RGB", (s, s), BACKGROUNDS[BACKGROUND_NAMES[self.background[i]]])
-        draw = ImageDraw.Draw(img)
-        for k in range(2):
-            shape = int(self.obj_shape[i, k])
-            if shape < 0:
-                break
-            dx, dy, scale = self.jitter[i, k].tolist()
-            px, py = _POSITION_XY[self.obj_position[i, k]]
-            cx, cy = (px + dx) * s, (py + dy) * s
-            r = _SIZE_RADIUS[self.obj_size[i, k]] * scale * s
-            fill = COLOURS[COLOUR_NAMES[self.obj_colour[i, k]]]
-            name = SHAPES[shape]
-            if name == "circle":
-                draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-            else:
-                pts = _UNIT_SHAPES[name] * r + (cx, cy)
-                draw.polygon([tuple(p) for p in pts.tolist()], fill=fill)
-        return img
-
-    def __call__(self, i: int) -> Image.Image:
-        return self.render(i)
-
-    # -------------------------------------------------------------------------------------- relevance
-    def relevance(self, image_idx: np.ndarray, caption_idx: np.ndarray) -> np.ndarray:
-        """Graded relevance, float32 ``(len(image_idx), len(caption_idx))`` in [0, 1].
-
-        A caption states, for each object it mentions (1 or 2), the object's shape (always) and possibly
-        its colour, size and position, and possibly the background colour. ``stated`` is the number of
-        these statements. For image ``i`` and caption ``c``::
-
-            match(k, j) = number of stated attributes of c's mentioned object k that equal the attributes
-                          of i's object j (0 where i has no object j)
-            best        = max over one-to-one assignments of c's mentioned objects to i's objects of the
-                          summed match (a mentioned object left without an image object scores 0), i.e.
-                          max(match(0,0) + match(1,1), match(0,1) + match(1,0))
-            relevance   = (best + [c states the background and it equals i's background]) / stated
-
-        So a caption is 1 for its own image and for every image of which all its statements are true
-        (e.g. "a red circle" for every image holding a red circle), and partial credit otherwise.
-        """
-        image_idx = np.asarray(image_idx, dtype=np.int64).reshape(-1)
-        caption_idx = np.asarray(caption_idx, dtype=np.int64).reshape(-1)
-        n, m = len(image_idx), len(caption_idx)
-        out = np.empty((n, m), dtype=np.float32)
-        if n == 0 or m == 0:
-            return out
-        img_attrs = [a[image_idx] for a in (self.obj_shape, self.obj_colour, self.obj_size, self.obj_position)]
-        cap_attrs = [a[caption_idx] for a in (self.cap_shape, self.cap_colour, self.cap_size, self.cap_position)]
-        img_bg = self.background[image_idx]
-        cap_bg = self.cap_background[caption_idx]
-        inv_stated = (1.0 / self.cap_stated[caption_idx].astype(np.float32))[None, :]
-        step = max(1, (1 << 22) // m)  # bound the temporaries to a few MB per block
-        for lo in range(0, n, step):
-            hi = min(n, lo + step)
-            match = {}
-            for k in range(2):
-                for j in range(2):
-                    acc = np.zeros((hi - lo, m), dtype=np.uint8)
-                    for ia, ca in zip(img_attrs, cap_attrs):
-                        acc += ia[lo:hi, j, None] == ca[None, :, k]
-                    match[k, j] = acc
-            best = np.maximum(match[0, 0] + match[1, 1], match[0, 1] + match[1, 0])
-            best += img_bg[lo:hi, None] == cap_bg[None, :]
-            np.multiply(best, inv_stated, out=out[lo:hi])
-        return out
-
-    # ---------------------------------------------------------------------------------------- records
-    def image_record(self, i: int) -> dict[str, Any]:
-        """Image ``i``'s attributes as names: ``{"objects": [{"shape", "colour", "size", "position"}],
-        "background"}``."""
-        objects = []
-        for k in range(2):
-            if self.obj_shape[i, k] < 0:
-                break
-            objects.append(
-                {
-                    "shape": SHAPES[self.obj_shape[i, k]],
-                    "colour": COLOUR_NAMES[self.obj_colour[i, k]],
-                    "size": SIZES[self.obj_size[i, k]],
-                    "position": POSITIONS[self.obj_position[i, k]],
-                }
-            )
-        return {"objects": objects, "background": BACKGROUND_NAMES[self.background[i]]}
-
-    def caption_record(self, c: int) -> dict[str, Any]:
-        """Caption ``c``'s statements as names (``None`` where not stated): ``{"objects": [{"shape",
-        "colour", "size", "position"}], "background"}``."""
-
-        def name(table: tuple[str, ...], code: int) -> str | None:
-            return None if code < 0 else table[code]
-
-        objects = []
-        for k in range(2):
-            if self.cap_shape[c, k] < 0:
-                break
-            objects.append(
-                {
-                    "shape": SHAPES[self.cap_shape[c, k]],
-                    "colour": name(COLOUR_NAMES, self.cap_colour[c, k]),
-                    "size": name(SIZES, self.cap_size[c, k]),
-                    "position": name(POSITIONS, self.cap_position[c, k]),
-                }
-            )
-        return {"objects": objects, "background": name(BACKGROUND_NAMES, self.cap_background[c])}
+    objects: list[_ObjectSpec]
+    background: int
 
 
 def _object_phrase(shape: int, colour: int, size: int, position: int, rng: np.random.Generator) -> str:
@@ -262,10 +100,10 @@ def _object_phrase(shape: int, colour: int, size: int, position: int, rng: np.ra
     return _article(phrase)
 
 
-def _caption_text(spec: dict[str, Any], rng: np.random.Generator) -> str:
-    objects = [_object_phrase(*o, rng) for o in spec["objects"]]
+def _caption_text(spec: _CaptionSpec, rng: np.random.Generator) -> str:
+    objects = [_object_phrase(*o, rng) for o in spec.objects]
     body = objects[0] if len(objects) == 1 else _JOINERS[int(rng.integers(len(_JOINERS)))].join(objects)
-    bg = spec["background"]
+    bg = spec.background
     if bg < 0:
         return _PREFIXES[int(rng.integers(len(_PREFIXES)))] + body
     bg_phrase = _article(BACKGROUND_NAMES[bg])
@@ -275,7 +113,7 @@ def _caption_text(spec: dict[str, Any], rng: np.random.Generator) -> str:
     return _PREFIXES[int(rng.integers(len(_PREFIXES)))] + body + suffix
 
 
-def _draw_caption_spec(data: SyntheticData, i: int, rng: np.random.Generator) -> dict[str, Any]:
+def _draw_caption_spec(data: SyntheticData, i: int, rng: np.random.Generator) -> _CaptionSpec:
     n_obj = 1 if data.obj_shape[i, 1] < 0 else 2
     if n_obj == 1:
         slots = [0]
@@ -283,7 +121,7 @@ def _draw_caption_spec(data: SyntheticData, i: int, rng: np.random.Generator) ->
         slots = [0, 1] if rng.random() < 0.5 else [1, 0]
     else:
         slots = [int(rng.integers(2))]
-    objects = []
+    objects: list[_ObjectSpec] = []
     for k in slots:
         objects.append(
             (
@@ -294,24 +132,14 @@ def _draw_caption_spec(data: SyntheticData, i: int, rng: np.random.Generator) ->
             )
         )
     background = int(data.background[i]) if rng.random() < _P_BACKGROUND else _UNSTATED
-    return {"objects": objects, "background": background}
+    return _CaptionSpec(objects=objects, background=background)
 
 
-def build_synthetic_split(
-    split: str,
-    *,
-    num_images: int,
-    seed: int = 0,
-    image_size: int = 64,
-    captions_per_image: tuple[int, int] = (2, 5),
-) -> DatasetIndex:
-    """A synthetic split of ``num_images`` shape images with ``captions_per_image`` (inclusive range,
-    drawn uniformly per image) templated captions each; deterministic given ``(seed, split)``.
-
-    The index renders images on demand (``renderer``) and knows the graded relevance of every pair
-    (``relevance``; see :meth:`SyntheticData.relevance`). Image ids are ``synthetic-{split}-{i:06d}``,
-    caption ids ``{image_id}#{k}``.
-    """
+def _validated_caption_range(
+    split: str, num_images: int, seed: int, image_size: int, captions_per_image: tuple[int, int]
+) -> tuple[int, int]:
+    """Check :func:`build_synthetic_split`'s arguments (:class:`UserError` naming the field); the
+    ``(lo, hi)`` captions-per-image range as ints."""
     if not isinstance(split, str) or not split:
         raise UserError(f"split must be a non-empty string, got {split!r}", field="split")
     if int(num_images) < 1:
@@ -326,11 +154,11 @@ def build_synthetic_split(
             f"captions_per_image must be (lo, hi) with 1 <= lo <= hi, got {captions_per_image}",
             field="captions_per_image",
         )
-    n = int(num_images)
-    rng = _stream(seed, split)
-    data = SyntheticData(image_size)
+    return lo_caps, hi_caps
 
-    # ---- image attributes (vectorised)
+
+def _draw_image_attributes(data: SyntheticData, n: int, rng: np.random.Generator) -> None:
+    """Draw (vectorised) the objects, background and jitter of ``n`` images into ``data``'s image arrays."""
     two = rng.random(n) < 0.5
     n_combos = len(SHAPES) * len(COLOURS)
     combo0 = rng.integers(0, n_combos, size=n)
@@ -355,13 +183,25 @@ def build_synthetic_split(
     jitter[~present] = 0.0
     data.jitter = jitter
 
-    # ---- captions
-    counts = rng.integers(lo_caps, hi_caps + 1, size=n)
-    captions: list[str] = []
-    caption_image: list[int] = []
-    caption_ids: list[str] = []
-    specs: list[dict[str, Any]] = []
-    image_ids = [f"synthetic-{split}-{i:06d}" for i in range(n)]
+
+@dataclass
+class _DrawnCaptions:
+    """The captions of a split, in order: text, image index, id and what each states."""
+
+    texts: list[str] = field(default_factory=list)
+    image: list[int] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    specs: list[_CaptionSpec] = field(default_factory=list)
+
+
+def _draw_captions(
+    data: SyntheticData, image_ids: list[str], caption_range: tuple[int, int], rng: np.random.Generator
+) -> _DrawnCaptions:
+    """Draw ``caption_range`` (inclusive, uniform per image) captions for every image of ``data``, preferring
+    distinct texts within one image; caption ``k`` of image ``i`` has id ``{image_ids[i]}#{k}``."""
+    n = len(image_ids)
+    counts = rng.integers(caption_range[0], caption_range[1] + 1, size=n)
+    drawn = _DrawnCaptions()
     for i in range(n):
         seen: set[str] = set()
         for k in range(int(counts[i])):
@@ -371,30 +211,59 @@ def build_synthetic_split(
                 if text not in seen:
                     break
             seen.add(text)
-            captions.append(text)
-            caption_image.append(i)
-            caption_ids.append(f"{image_ids[i]}#{k}")
-            specs.append(spec)
+            drawn.texts.append(text)
+            drawn.image.append(i)
+            drawn.ids.append(f"{image_ids[i]}#{k}")
+            drawn.specs.append(spec)
+    return drawn
 
-    m = len(captions)
+
+def _store_caption_attributes(data: SyntheticData, specs: list[_CaptionSpec]) -> None:
+    """Fill ``data``'s caption arrays (``cap_*``, (len(specs), 2) int8 and ``cap_background``, ``cap_stated``
+    (len(specs),) int8) from the captions' statements."""
+    m = len(specs)
     cap = np.full((4, m, 2), _UNSTATED, dtype=np.int8)
     cap_bg = np.full(m, _UNSTATED, dtype=np.int8)
     for c, spec in enumerate(specs):
-        for k, obj in enumerate(spec["objects"]):
+        for k, obj in enumerate(spec.objects):
             cap[:, c, k] = obj
-        cap_bg[c] = spec["background"]
+        cap_bg[c] = spec.background
     data.cap_shape, data.cap_colour, data.cap_size, data.cap_position = cap
     data.cap_background = cap_bg
     data.cap_stated = ((cap >= 0).sum(axis=(0, 2)) + (cap_bg >= 0)).astype(np.int8)
 
+
+def build_synthetic_split(
+    split: str,
+    *,
+    num_images: int,
+    seed: int = 0,
+    image_size: int = 64,
+    captions_per_image: tuple[int, int] = (2, 5),
+) -> DatasetIndex:
+    """A synthetic split of ``num_images`` shape images with ``captions_per_image`` (inclusive range,
+    drawn uniformly per image) templated captions each; deterministic given ``(seed, split)``.
+
+    The index renders images on demand (``renderer``) and knows the graded relevance of every pair
+    (``relevance``; see :meth:`SyntheticData.relevance`). Image ids are ``synthetic-{split}-{i:06d}``,
+    caption ids ``{image_id}#{k}``.
+    """
+    caption_range = _validated_caption_range(split, num_images, seed, image_size, captions_per_image)
+    n = int(num_images)
+    rng = _stream(seed, split)  # one stream, drawn in a fixed order: image attributes, then captions
+    data = SyntheticData(image_size)
+    _draw_image_attributes(data, n, rng)
+    image_ids = [f"synthetic-{split}-{i:06d}" for i in range(n)]
+    drawn = _draw_captions(data, image_ids, caption_range, rng)
+    _store_caption_attributes(data, drawn.specs)
     return DatasetIndex(
         name=f"synthetic/{split}",
         image_ids=image_ids,
-        captions=captions,
-        caption_image=np.asarray(caption_image, dtype=np.int64),
+        captions=drawn.texts,
+        caption_image=np.asarray(drawn.image, dtype=np.int64),
         renderer=data.render,
         relevance=data.relevance,
-        caption_ids=caption_ids,
+        caption_ids=drawn.ids,
         source="synthetic",
     )
 

@@ -26,7 +26,7 @@ from PIL import Image
 
 from orchestrator.data.images import to_rgb
 from orchestrator.data.index import DatasetIndex
-from orchestrator.data.shards import SIZES_FILE, make_readable
+from orchestrator.data.shards import SIZES_FILE, bytes_writer, make_readable
 from orchestrator.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def write_shards(
     from orchestrator.checkpoint import atomic_write
 
     blob = (json.dumps({p.name: n for p, n in zip(paths, counts, strict=True)}, indent=1) + "\n").encode()
-    atomic_write(out / SIZES_FILE, lambda fh: fh.write(blob), what="shard sizes")
+    atomic_write(out / SIZES_FILE, bytes_writer(blob), what="shard sizes")
     make_readable(out / SIZES_FILE)
     pattern = str(out / f"{prefix}-{{{0:0{width}d}..{num_shards - 1:0{width}d}}}.tar")
     log.info("wrote %d samples in %d shards: %s", index.num_images, num_shards, pattern)
@@ -94,7 +94,8 @@ def write_shards(
 
 
 def _write_shard(path: Path, index: DatasetIndex, images: range, key_width: int, captions: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp: str | None = tmp_name  # None once renamed into place
     try:
         with os.fdopen(fd, "wb") as fh:
             with tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -110,8 +111,8 @@ def _write_shard(path: Path, index: DatasetIndex, images: range, key_width: int,
                         _add(tar, f"{key}.txt", "\n".join(" ".join(t.split()) for t in texts).encode())
             fh.flush()
             os.fsync(fh.fileno())
-        make_readable(tmp)
-        os.replace(tmp, path)
+        make_readable(tmp_name)
+        os.replace(tmp_name, path)
         tmp = None
     except OSError as err:
         raise UserError(f"cannot write shard ({err.strerror or err})", path=str(path)) from None

@@ -5,9 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from orchestrator.config import ExperimentConfig
 from orchestrator.errors import UserError
+
+if TYPE_CHECKING:  # imported where a model is built: the module pulls in the model registry
+    from orchestrator.models.student import Student
 
 __all__ = ["LoadedModel", "load_checkpoint_model"]
 
@@ -18,7 +22,7 @@ class LoadedModel:
     ``path`` the model file."""
 
     cfg: ExperimentConfig
-    student: object  # orchestrator.models.student.Student
+    student: Student
     path: Path
     epoch: int | None = None  # the (0-based) epoch the checkpoint was saved after, when it says
 

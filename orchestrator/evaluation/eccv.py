@@ -123,8 +123,8 @@ def eccv_metrics(i2t: Mapping[int, Sequence[int]], t2i: Mapping[int, Sequence[in
 def eccv_rankings(
     image_emb: torch.Tensor,
     text_emb: torch.Tensor,
-    image_ids: Sequence[int],
-    caption_ids: Sequence[int],
+    image_ids: Sequence[int] | np.ndarray,
+    caption_ids: Sequence[int] | np.ndarray,
     k: int = DEFAULT_K,
     chunk_size: int = 1024,
 ) -> tuple[dict[int, list[int]], dict[int, list[int]]]:

@@ -22,6 +22,7 @@ from orchestrator.data.loader import (
     iter_image_batches,
 )
 from orchestrator.evaluation.recall import non_finite_rows, retrieval_metrics
+from orchestrator.models.encoder import DualEncoder, not_a_dual_encoder
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,9 @@ def encode_split(
     ``ImageTensorCache``; cached tower features).
 
     Raises :class:`NonFiniteEmbeddingsError` (naming ``split``, default the index's name, and the counts) when
-    any embedding holds NaN or Inf."""
+    any embedding holds NaN or Inf; TypeError for a model without ``encode_image`` / ``encode_text``."""
+    if not isinstance(model, DualEncoder):
+        raise not_a_dual_encoder(model)
     was_training = model.training
     model.eval()
     try:

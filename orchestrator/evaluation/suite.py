@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -32,6 +32,9 @@ from orchestrator.evaluation.embed import (
 from orchestrator.evaluation.outputs import EvalInputs, check_outputs, planned_outputs
 from orchestrator.evaluation.recall import fold_metrics
 
+if TYPE_CHECKING:
+    from orchestrator.data.splits import SplitRole
+
 log = logging.getLogger(__name__)
 
 __all__ = ["EvalOptions", "EvalResult", "evaluate_checkpoint", "evaluate_embeddings_file"]
@@ -41,7 +44,7 @@ __all__ = ["EvalOptions", "EvalResult", "evaluate_checkpoint", "evaluate_embeddi
 class EvalOptions:
     """What ``itr eval`` computes besides recall (see the module docstring)."""
 
-    split: str = "val"
+    split: SplitRole = "val"
     ks: tuple[int, ...] | None = None  # default: the config's eval.ks, else (1, 5, 10)
     folds: int | None = None
     eccv: bool = False
@@ -168,6 +171,8 @@ def _relevance(cfg, index, opts: EvalOptions, device: torch.device):
     from orchestrator.teachers import extract_split
 
     feats = extract_split(cfg.teachers.model_copy(update={"image": None}), index, progress=True)
+    if feats.text is None:  # extract_split extracts every configured side, and teachers.text is set
+        raise RuntimeError(f"the text teacher {cfg.teachers.text!r} produced no caption features")
     agg = opts.relevance_aggregation or cfg.eval.relevance_aggregation
     return CaptionRelevance(feats.text, index.caption_image, index.num_images, agg, device), f"teacher-{agg}"
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from orchestrator.data.images import to_rgb
 from orchestrator.errors import UserError
+from orchestrator.models.encoder import DualEncoder, not_a_dual_encoder
 
 __all__ = [
     "LabelledImages",
@@ -269,6 +270,8 @@ def encode_image_files(
     """(N, D) float32 L2-normalised CPU embeddings of image files (uni-modal head where the model has one)."""
     from tqdm import tqdm
 
+    if not isinstance(model, DualEncoder):
+        raise not_a_dual_encoder(model)
     was_training = model.training
     model.eval()
     out = []
@@ -293,6 +296,8 @@ def encode_texts(
     model: nn.Module, texts: Sequence[str], tokenizer: Callable, *, device: torch.device, batch_size: int = 256
 ) -> torch.Tensor:
     """(P, D) float32 L2-normalised CPU embeddings of sentences (uni-modal head where the model has one)."""
+    if not isinstance(model, DualEncoder):
+        raise not_a_dual_encoder(model)
     was_training = model.training
     model.eval()
     try:

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from orchestrator.models.encoder import OpenClipModel, not_a_dual_encoder
+
 
 def projector(dim: int) -> nn.Sequential:
     """LayerNorm(dim) -> Linear(dim, dim) with N(0, 0.02²) weights."""
@@ -29,6 +31,8 @@ class HeadedDualEncoder(nn.Module):
 
     def __init__(self, base: nn.Module, dim: int, uni: bool = True) -> None:
         super().__init__()
+        if not isinstance(base, OpenClipModel):
+            raise not_a_dual_encoder(base, OpenClipModel)
         self.base = base
         self.cross_image = projector(dim)
         self.cross_text = projector(dim)
@@ -37,11 +41,11 @@ class HeadedDualEncoder(nn.Module):
             self.uni_image = projector(dim)
             self.uni_text = projector(dim)
 
-    def lock_image_tower(self, *args, **kwargs) -> None:
-        self.base.lock_image_tower(*args, **kwargs)
+    def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+        self.base.lock_image_tower(unlocked_groups, freeze_bn_stats)
 
-    def lock_text_tower(self, *args, **kwargs) -> None:
-        self.base.lock_text_tower(*args, **kwargs)
+    def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
+        self.base.lock_text_tower(unlocked_layers, freeze_layer_norm)
 
     def _image_head(self, uni_modal: bool) -> nn.Module:
         return self.uni_image if uni_modal else self.cross_image

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from orchestrator.models.encoder import DualEncoder, OpenClipModel, not_a_dual_encoder
 from orchestrator.models.heads import HeadedDualEncoder
 
 
@@ -46,9 +47,13 @@ def _all_frozen(modules) -> bool:
     return bool(params) and not any(p.requires_grad for p in params)
 
 
-def base_model(model: nn.Module) -> nn.Module:
-    """The open_clip model inside a ``HeadedDualEncoder`` (or the model itself)."""
-    return model.base if isinstance(model, HeadedDualEncoder) else model
+def base_model(model: nn.Module) -> OpenClipModel:
+    """The open_clip model inside a ``HeadedDualEncoder`` (or the model itself); TypeError for a model that is not
+    one."""
+    base = model.base if isinstance(model, HeadedDualEncoder) else model
+    if not isinstance(base, OpenClipModel):
+        raise not_a_dual_encoder(base, OpenClipModel)
+    return base
 
 
 def split_image_tower(model: nn.Module) -> TowerSplit | None:
@@ -65,21 +70,23 @@ def split_image_tower(model: nn.Module) -> TowerSplit | None:
 
 
 class _PooledHFText:
-    """HFTextEncoder's forward up to (not including) ``proj``: tokens (B, L) -> pooled (B, H)."""
+    """HFTextEncoder's forward up to (not including) ``proj``: tokens (B, L) -> pooled (B, H).
 
-    def __init__(self, text: nn.Module) -> None:
-        self.text = text
+    ``transformer``, ``pooler`` and ``pad_token_id`` are the encoder's (``text.config.pad_token_id``)."""
+
+    def __init__(self, transformer: nn.Module, pooler: nn.Module, pad_token_id: int) -> None:
+        self.transformer, self.pooler, self.pad_token_id = transformer, pooler, pad_token_id
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        mask = (tokens != self.text.config.pad_token_id).long()
-        out = self.text.transformer(input_ids=tokens, attention_mask=mask)
-        return self.text.pooler(out, mask)
+        mask = (tokens != self.pad_token_id).long()
+        out = self.transformer(input_ids=tokens, attention_mask=mask)
+        return self.pooler(out, mask)
 
 
 class _WholeText:
     """open_clip's own text tower: tokens (B, L) -> ``encode_text`` (B, D), unnormalised."""
 
-    def __init__(self, base: nn.Module) -> None:
+    def __init__(self, base: DualEncoder) -> None:
         self.base = base
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -93,7 +100,10 @@ def split_text_tower(model: nn.Module) -> TowerSplit | None:
     if text is not None and hasattr(text, "transformer") and hasattr(text, "pooler") and hasattr(text, "proj"):
         if _all_frozen([text.transformer]) and not any(p.requires_grad for p in text.pooler.parameters()):
             return TowerSplit(
-                prefix=_PooledHFText(text), suffix=text.proj, frozen=(text.transformer, text.pooler), kind="hf-pooled"
+                prefix=_PooledHFText(text.transformer, text.pooler, text.config.pad_token_id),
+                suffix=text.proj,
+                frozen=(text.transformer, text.pooler),
+                kind="hf-pooled",
             )
         return None
     if text is not None:  # another custom text tower: cache it only when entirely frozen
@@ -109,8 +119,8 @@ def split_text_tower(model: nn.Module) -> TowerSplit | None:
         )
         if isinstance(m, nn.Module)
     ]
-    extra = [getattr(base, n, None) for n in ("positional_embedding", "text_projection")]
-    extra = [p for p in extra if isinstance(p, nn.Parameter)]
+    candidates = [getattr(base, n, None) for n in ("positional_embedding", "text_projection")]
+    extra = [p for p in candidates if isinstance(p, nn.Parameter)]
     if parts and _all_frozen(parts) and not any(p.requires_grad for p in extra):
         return TowerSplit(prefix=_WholeText(base), suffix=nn.Identity(), frozen=tuple(parts), kind="whole-tower")
     return None

@@ -12,6 +12,7 @@ from torch import nn
 
 from orchestrator.config import ModelConfig
 from orchestrator.errors import UserError
+from orchestrator.models.encoder import OpenClipModel, not_a_dual_encoder
 from orchestrator.models.heads import HeadedDualEncoder
 from orchestrator.models.registry import PACKAGED_TOWERS, register_packaged_model, register_project_models
 
@@ -140,6 +141,7 @@ def weights_refusal(path: Path, *, mmap: bool = False) -> str | None:
     cannot be mapped, is then read whole)."""
     if path.suffix in (".npz", ".npy"):
         return None  # big_vision weights: open_clip's own loader judges them
+    obj: object  # whatever the file holds: judged below
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -189,6 +191,8 @@ def lock_image_tower(model: nn.Module) -> None:
     features blow up to ~1e14). timm trunks are therefore frozen with timm's own ``freeze_batch_norm_2d``, which
     keeps the activations.
     """
+    if not isinstance(model, OpenClipModel):
+        raise not_a_dual_encoder(model, OpenClipModel)
     trunk = getattr(model.visual, "trunk", None)
     if trunk is None:
         model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
@@ -210,11 +214,16 @@ def load_packaged_towers(model: nn.Module, towers: dict[str, str]) -> None:
         return
     from orchestrator.teachers.encoders import pretrained_timm_model
 
+    trunk = getattr(getattr(model, "visual", None), "trunk", None)
+    if not isinstance(trunk, nn.Module):
+        raise RuntimeError(
+            f"packaged image weights need a timm image tower (visual.trunk); {type(model).__name__} has none"
+        )
     source = pretrained_timm_model(spec)  # a new timm model with the packaged weights, classifier removed
-    missing, unexpected = model.visual.trunk.load_state_dict(source.state_dict(), strict=False)
+    missing, unexpected = trunk.load_state_dict(source.state_dict(), strict=False)
     if unexpected or any(not k.startswith("classifier") for k in missing):
         raise RuntimeError(
-            f"packaged image weights do not fit {type(model.visual.trunk).__name__}: "
+            f"packaged image weights do not fit {type(trunk).__name__}: "
             f"missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     log.info("loaded %s into the image tower", spec)
@@ -238,4 +247,5 @@ def forward_embeddings(model: nn.Module, images: torch.Tensor, tokens: torch.Ten
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a ``torch.compile`` and/or DDP wrapper (or the model itself)."""
     model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
-    return model.module if hasattr(model, "module") else model
+    inner = getattr(model, "module", None)  # DistributedDataParallel's
+    return inner if isinstance(inner, nn.Module) else model

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from orchestrator.data.index import DatasetIndex
 from orchestrator.models.locked_towers import TowerSplit, split_image_tower, split_text_tower
 from orchestrator.teachers.encoders import TeacherEncoder
 from orchestrator.teachers.extract import ExtractStats, extract_modality
+
+if TYPE_CHECKING:
+    from orchestrator.data.splits import SplitRole
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +228,7 @@ def experiment_tower_features(
 
 
 def prepare_tower_features(
-    cfg, roles: Sequence[str] = ("train", "val"), progress: bool = True
+    cfg, roles: Sequence[SplitRole] = ("train", "val"), progress: bool = True
 ) -> dict[str, TowerFeatures]:
     """On the driver, before workers start: cache the locked towers' outputs for each split ``role`` (a split the
     data lacks is skipped). Returns ``{role: TowerFeatures}``; empty when no tower is locked or caching is off."""
@@ -239,7 +242,7 @@ def prepare_tower_features(
     sides = cached_sides(student.model, True)
     if not sides:
         return {}
-    out = {}
+    out: dict[str, TowerFeatures] = {}
     for role in roles:
         if role != "train" and role not in cfg.eval.splits:
             continue
