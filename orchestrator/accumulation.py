@@ -139,13 +139,14 @@ class FeatureCache:
     def backward(self) -> None:
         """Re-forward every micro-batch with gradients and back-propagate its slice of the cached features'
         gradients into the model (accumulating in ``.grad``; DDP syncs on the last micro-batch only)."""
-        if not self._inputs:
+        model = self.model
+        if not self._inputs or model is None:  # embed() sets both
             raise RuntimeError("FeatureCache.backward() without embed()")
         grads = {k: self.split(v.grad) for k, v in self._leaves.items() if v.grad is not None}
         try:
             if not grads:  # nothing trainable reached the loss: no model gradient to compute
                 return
-            no_sync = getattr(self.model, "no_sync", None)
+            no_sync = getattr(model, "no_sync", None)
             last = len(self._inputs) - 1
             for i, (x_img, x_txt) in enumerate(self._inputs):
                 if self.replay_rng:
@@ -153,7 +154,7 @@ class FeatureCache:
                 sync = contextlib.nullcontext() if no_sync is None or i == last else no_sync()
                 with sync:
                     with self.autocast():
-                        out = self.forward(self.model, x_img, x_txt)
+                        out = self.forward(model, x_img, x_txt)
                     names = [k for k in grads if out[k].requires_grad]  # a fully locked tower has none
                     if names:
                         torch.autograd.backward([out[k] for k in names], [grads[k][i] for k in names])

@@ -7,8 +7,9 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from orchestrator.errors import UserError
 from orchestrator.ui_server import ui_command  # the argv ``itr ui`` runs (re-exported for tests)
@@ -22,7 +23,7 @@ def _setup_logging(verbose: bool) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-def format_table(rows: list[dict[str, object]], columns: list[str]) -> str:
+def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> str:
     """A plain aligned text table (floats to 2 decimals)."""
 
     def cell(v: object) -> str:
@@ -130,12 +131,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                     "where": str(st.view_dir),
                 }
             )
-    if cfg.data.resolved_format == "webdataset" and "train" in roles and cfg.data.train_samples is None:
+    # streamed train pairs: data.shards, which DataConfig requires for the webdataset format
+    shard_spec = cfg.data.shards if cfg.data.resolved_format == "webdataset" else None
+    if shard_spec is not None and "train" in roles and cfg.data.train_samples is None:
         import time
 
         from orchestrator.data.shards import SIZES_FILE, open_shards, recorded_counts, shard_paths
 
-        t0, paths = time.perf_counter(), shard_paths(cfg.data.shards)
+        t0, paths = time.perf_counter(), shard_paths(shard_spec)
         known = len(recorded_counts(paths))  # the epoch length: shards without a recorded count are counted once
         shards = open_shards(cfg.data)
         rows.append(
@@ -183,7 +186,7 @@ def cmd_write_shards(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from orchestrator.config import DataConfig, format_validation_error
-    from orchestrator.data.splits import load_split
+    from orchestrator.data.splits import SplitRole, load_split
     from orchestrator.data.write_shards import write_shards
 
     tree = {"root": args.root, "annotations": args.annotations, "clean_captions": False, "verify_images": "exists"}
@@ -192,7 +195,8 @@ def cmd_write_shards(args: argparse.Namespace) -> int:
     except ValidationError as err:
         name, message = format_validation_error(err)
         raise UserError(message, field=f"--{name}") from None
-    role = {data.train_split: "train", data.val_split: "val", data.test_split: "test"}.get(args.split)
+    roles: dict[str, SplitRole] = {data.train_split: "train", data.val_split: "val", data.test_split: "test"}
+    role = roles.get(args.split)
     if role is None:
         raise UserError(f"unknown split {args.split!r} (train, val or test)", field="--split")
     written = write_shards(
@@ -248,7 +252,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from orchestrator.checkpoint import atomic_write
 
         text = json.dumps(payload, indent=2).encode()
-        atomic_write(Path(args.json), lambda fh: fh.write(text), what="metrics JSON")
+
+        def write(fh: BinaryIO) -> None:
+            fh.write(text)
+
+        atomic_write(Path(args.json), write, what="metrics JSON")
     else:
         print(json.dumps(payload))
     return 0
@@ -380,12 +388,24 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------- parser
+Subparsers = argparse._SubParsersAction  # what ``add_subparsers`` returns (argparse names it privately)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="itr", description="Image–text retrieval experiment orchestrator.")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_training_commands(sub)
+    _add_data_commands(sub)
+    _add_eval_command(sub)
+    _add_search_commands(sub)
+    _add_ui_command(sub)
+    return p
 
+
+def _add_training_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    """``train``, and the caches a training run reads: ``teachers`` and ``prepare``."""
     t = sub.add_parser("train", help="train one experiment (Ray Train) and record it in MLflow")
     t.add_argument("config", help="experiment YAML (see configs/)")
     t.add_argument("--set", action="append", default=[], metavar="a.b=value", help="override a config field")
@@ -407,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--splits", nargs="+", default=["train", "val", "test"], choices=["train", "val", "test"])
     pr.set_defaults(func=cmd_prepare)
 
+
+def _add_data_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    """Data conversions: ``convert-features`` (teacher features) and ``write-shards`` (webdataset)."""
     cf = sub.add_parser(
         "convert-features",
         help="convert a pickled .npy dict {image_id: array} (CUSA's Unicom "
@@ -434,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     ws.add_argument("--captions", choices=["json", "txt"], default="json", help="{key}.json (default) or {key}.txt")
     ws.set_defaults(func=cmd_write_shards)
 
+
+def _add_eval_command(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    """``eval``: the metrics of a checkpoint or of exported embeddings."""
     e = sub.add_parser("eval", help="retrieval metrics of a checkpoint on a split")
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a checkpoint folder or its model.pt")
@@ -473,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", metavar="OUT.json", help="write the metrics JSON here instead of stdout")
     e.set_defaults(func=cmd_eval)
 
+
+def _add_search_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    """``sweep`` (a Ray Tune search) and ``reproduce`` (a recipe against its reference table)."""
     w = sub.add_parser("sweep", help="run a Ray Tune search over a search space (search_spaces/*.yaml)")
     w.add_argument("space", help="search space YAML (see search_spaces/)")
     w.add_argument(
@@ -526,12 +555,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="validate the recipe and its inputs; run nothing")
     r.set_defaults(func=cmd_reproduce)
 
+
+def _add_ui_command(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    """``ui``: the MLflow dashboard."""
     u = sub.add_parser("ui", help="serve the MLflow dashboard over the project's tracking store")
     u.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     u.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     u.add_argument("--port", type=int, default=5000)
     u.set_defaults(func=cmd_ui)
-    return p
 
 
 def _user_error_in_chain(err: BaseException) -> UserError | None:

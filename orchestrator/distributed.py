@@ -27,7 +27,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
     ranks of the incoming gradients (every rank's loss depends on every slice)."""
 
     @staticmethod
-    def forward(ctx, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
         world, rank = dist.get_world_size(), dist.get_rank()
         ctx.rows, ctx.rank, ctx.world = t.shape[0], rank, world
         parts = [torch.empty_like(t) for _ in range(world)]
@@ -35,7 +35,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return torch.cat(parts, dim=0)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous()
         if dist.get_backend() == "nccl":  # half the traffic of all_reduce; gloo has no reduce_scatter
             out = grad.new_empty((ctx.rows,) + tuple(grad.shape[1:]))
@@ -90,16 +90,16 @@ def average_gradients(params: Iterable[nn.Parameter]) -> None:
     """
     if not is_distributed():
         return
-    with_grad = [p for p in params if p.grad is not None]
-    if not with_grad:
+    grads = [g for g in (p.grad for p in params) if g is not None]
+    if not grads:
         return
-    flat = torch.cat([p.grad.reshape(-1) for p in with_grad])
+    flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
     offset = 0
-    for p in with_grad:
-        n = p.grad.numel()
-        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset : offset + n].view_as(g))
         offset += n
 
 

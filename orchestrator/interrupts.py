@@ -105,9 +105,9 @@ def deferred() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        for s in dict.fromkeys(received):
-            log.info("delivering the %s held back until a checkpoint was complete", signal.Signals(s).name)
-            signal.raise_signal(s)
+        for signum in dict.fromkeys(received):
+            log.info("delivering the %s held back until a checkpoint was complete", signal.Signals(signum).name)
+            signal.raise_signal(signum)
 
 
 def interruption_in(err: BaseException) -> KeyboardInterrupt | None:

@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 STATUS_FINISHED = "finished"
 STATUS_STOPPED = "stopped early"
@@ -140,7 +140,7 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
 
 
-def _is_numeric(values: Sequence[Any]) -> bool:
+def _is_numeric(values: Sequence[Any]) -> TypeGuard[Sequence[int | float]]:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
@@ -273,6 +273,7 @@ def learning_curves_figure(
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     styles = curve_styles(records, varied, mode)
     cmap = plt.get_cmap("tab10" if len({c for _, c, _ in styles}) <= 10 else "tab20")
@@ -297,7 +298,9 @@ def learning_curves_figure(
     ax.set_title(f"learning curves ({metric}; one colour per setting; dashed, diamonds: stopped early)", fontsize=10)
     ax.grid(alpha=0.3)
     if styles:
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        locator = ax.xaxis.get_major_locator()
+        if isinstance(locator, MaxNLocator):  # the default (AutoLocator) is one; integer epochs on the x axis
+            locator.set_params(integer=True)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     fig.savefig(path)

@@ -68,9 +68,12 @@ def train_metrics(cfg: ExperimentConfig) -> list[str]:
     Builds the loss module (cheap: no data, no model); the result is cached by the loss section."""
     key = json.dumps([cfg.loss.model_dump(mode="json"), cfg.relevance_source], sort_keys=True)
     if key not in _train_cache:
-        from orchestrator.losses import build_loss  # torch: only when a train/ metric is asked about
+        from methods.families import LossFamily  # torch: only when a train/ metric is asked about
+        from orchestrator.losses import build_loss
 
         loss_fn = build_loss(cfg)
+        if not isinstance(loss_fn, LossFamily):  # the registry holds any nn.Module; the terms are LossFamily's
+            raise TypeError(f"loss family {cfg.loss.family!r} is a {type(loss_fn).__name__}, not a LossFamily")
         terms = [f"train/{t}" for t in loss_fn.logged_terms()]
         temps = [f"train/temperature/{name.replace('.value', '')}" for name in loss_fn.temperatures()]
         _train_cache[key] = tuple(dict.fromkeys([*LOOP_METRICS, *terms, *temps]))

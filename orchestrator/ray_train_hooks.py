@@ -20,7 +20,7 @@ it, which Ray treats as a controller error and does not retry.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from ray.train import CheckpointConfig, UserCallback
 
@@ -61,7 +61,7 @@ def step_report(epoch: int, step: int, best_mode: str) -> dict[str, float]:
 
 def is_step_report(metrics: dict[str, Any] | None) -> bool:
     """Whether a report's (rank 0's) metrics are a step checkpoint's rather than an epoch's."""
-    return bool(metrics) and bool(metrics.get(STEP_REPORT))
+    return bool(metrics and metrics.get(STEP_REPORT))
 
 
 def epoch_reports_to_tune() -> UserCallback:
@@ -83,6 +83,15 @@ def _epoch_reports_class() -> type:
     return EpochReportsToTune
 
 
+@runtime_checkable
+class _StepError(Protocol):
+    """An error that names where training failed (``orchestrator.epoch.NonFiniteLossError``)."""
+
+    epoch: int
+    step: int
+    terms: list[str]
+
+
 class FatalWorkerError(RuntimeError):
     """A worker error a restart cannot fix: ``kind`` (the original class name), ``message``, and the ``fields``
     needed to rebuild it on the driver (:meth:`rebuild`). Picklable, unlike some of the errors it carries."""
@@ -99,7 +108,7 @@ class FatalWorkerError(RuntimeError):
         fields: dict[str, Any] = {}
         if isinstance(err, UserError):
             fields = {"detail": err.detail, "path": err.path, "field": err.field}
-        elif all(hasattr(err, a) for a in ("epoch", "step", "terms")):  # NonFiniteLossError
+        elif isinstance(err, _StepError):  # has epoch, step and terms: NonFiniteLossError
             fields = {"epoch": err.epoch, "step": err.step, "terms": list(err.terms)}
         return cls(err.__class__.__name__, str(err), fields)
 

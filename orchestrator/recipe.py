@@ -44,7 +44,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from orchestrator.config import ExperimentConfig, apply_overrides, parse_override, read_yaml, validate_config
+from orchestrator.config import (
+    ExperimentConfig,
+    TrackingConfig,
+    apply_overrides,
+    parse_override,
+    read_yaml,
+    validate_config,
+)
 from orchestrator.errors import UserError
 from orchestrator.metrics_catalogue import evaluation_metrics, reported_metrics, unreported
 from orchestrator.search_space import SearchSpace, default_mode, load_space
@@ -104,9 +111,15 @@ class RunSpec(StrictModel):
     config: str | dict[str, Any] | None = None
     space: str | None = None
     overrides: list[str] = []
-    evaluate: list[Literal["val", "test"] | EvaluateSpec] = []
+    evaluate: list[EvaluateSpec] = []
     description: str | None = None
     reference: dict[str, ReferenceSpec] = {}
+
+    @field_validator("evaluate", mode="before")
+    @classmethod
+    def _split_names(cls, v: Any) -> Any:
+        """A split name (``evaluate: [test]``) is short for ``{split: test}``."""
+        return [{"split": e} if isinstance(e, str) else e for e in v] if isinstance(v, list) else v
 
     @model_validator(mode="after")
     def _one_kind(self) -> RunSpec:
@@ -114,7 +127,6 @@ class RunSpec(StrictModel):
             raise ValueError("give exactly one of config (an experiment) / space (a sweep)")
         if self.space is not None and self.evaluate:
             raise ValueError("evaluate applies to experiments (a sweep reports its trials' val metrics)")
-        self.evaluate = [EvaluateSpec(split=e) if isinstance(e, str) else e for e in self.evaluate]
         return self
 
 
@@ -190,8 +202,12 @@ class RecipeRun:
         return "sweep" if self.space is not None else "experiment"
 
     @property
-    def tracking_config(self):
-        return (self.space.base_config if self.space is not None else self.config).tracking
+    def tracking_config(self) -> TrackingConfig:
+        if self.space is not None:
+            return self.space.base_config.tracking
+        if self.config is None:  # load_recipe gives every run exactly one of the two
+            raise ValueError(f"recipe run {self.name!r} has neither a config nor a search space")
+        return self.config.tracking
 
 
 @dataclass
@@ -363,7 +379,7 @@ def load_recipe(
         fills = [
             _override(spec.inputs[i].field, v)
             for i, v in values.items()
-            if spec.inputs[i].runs is None or name in spec.inputs[i].runs
+            if (only := spec.inputs[i].runs) is None or name in only
         ]
         for text in run.overrides:
             try:

@@ -42,24 +42,24 @@ class BatchInputs:
         self.index = index
         self.features = features
         self.need = set(need)
-        has_image = features is not None and features.image is not None
-        has_text = features is not None and features.text is not None
-        if has_image and features.image.shape[0] != index.num_images:
+        self._image = features.image if features is not None else None
+        self._text = features.text if features is not None else None
+        if self._image is not None and self._image.shape[0] != index.num_images:
             raise UserError(
-                f"image teacher features have {features.image.shape[0]} rows for {index.num_images} images",
+                f"image teacher features have {self._image.shape[0]} rows for {index.num_images} images",
                 path=index.name,
                 field="teachers.image",
             )
-        if has_text and features.text.shape[0] != index.num_captions:
+        if self._text is not None and self._text.shape[0] != index.num_captions:
             raise UserError(
-                f"text teacher features have {features.text.shape[0]} rows for {index.num_captions} captions",
+                f"text teacher features have {self._text.shape[0]} rows for {index.num_captions} captions",
                 path=index.name,
                 field="teachers.text",
             )
-        available = set()
-        if has_image:
+        available: set[str] = set()
+        if self._image is not None:
             available.update(PROVIDES["teacher_image"])
-        if has_text:
+        if self._text is not None:
             available.update(PROVIDES["teacher_text"])
         if index.relevance is not None:
             available.update(PROVIDES["relevance"])
@@ -75,21 +75,32 @@ class BatchInputs:
     def __call__(self, image_index: np.ndarray, caption_index: np.ndarray) -> dict[str, torch.Tensor]:
         """Tensors (CPU) for a batch: image_index/caption_index (B,) int -> the needed inputs."""
         out: dict[str, torch.Tensor] = {}
-        f = self.features
         if "teacher_image" in self.need:
-            out["teacher_image"] = torch.from_numpy(np.ascontiguousarray(f.image[image_index], dtype=np.float32))
+            image = self._teacher("image")
+            out["teacher_image"] = torch.from_numpy(np.ascontiguousarray(image[image_index], dtype=np.float32))
         if "teacher_text" in self.need or "text_caption_emb" in self.need:
-            text = torch.from_numpy(np.ascontiguousarray(f.text[caption_index], dtype=np.float32))
+            text = torch.from_numpy(np.ascontiguousarray(self._teacher("text")[caption_index], dtype=np.float32))
             if "teacher_text" in self.need:
                 out["teacher_text"] = text
             if "text_caption_emb" in self.need:
                 out["text_caption_emb"] = text
         if "caption_group_emb" in self.need:
             groups, mask = caption_groups(self.index, image_index)  # (B, K); padding points at row 0
-            emb = np.asarray(f.text[groups.reshape(-1)], dtype=np.float32).reshape(*groups.shape, -1)
+            emb = np.asarray(self._teacher("text")[groups.reshape(-1)], dtype=np.float32).reshape(*groups.shape, -1)
             out["caption_group_emb"] = torch.from_numpy(emb * mask[..., None])
             out["caption_group_mask"] = torch.from_numpy(mask)
         if "relevance" in self.need:
-            R = self.index.relevance(np.asarray(image_index), np.asarray(caption_index))
+            relevance = self.index.relevance
+            if relevance is None:  # __init__ refused the need already
+                raise RuntimeError(f"{self.index.name} knows no graded relevance")
+            R = relevance(np.asarray(image_index), np.asarray(caption_index))
             out["relevance"] = torch.from_numpy(np.asarray(R, dtype=np.float32))
         return out
+
+    def _teacher(self, side: str) -> np.ndarray:
+        """The ``side`` ("image"/"text") teacher features; ``__init__`` refused every input they would give when
+        they are absent, so None here is a programming error."""
+        features = self._image if side == "image" else self._text
+        if features is None:
+            raise RuntimeError(f"no {side} teacher features for {self.index.name}")
+        return features

@@ -8,6 +8,7 @@ fp32). Gradient checkpointing (``model.grad_checkpointing``) is set where the mo
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 import torch
 from torch import nn
@@ -42,4 +43,5 @@ def compile_for_training(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     if not cfg.compile:
         return model
     log.info("compiling the model (torch.compile, backend %s)", cfg.compile_backend)
-    return torch.compile(model, backend=cfg.compile_backend)
+    # cast: torch types compile() as returning a Callable; given an nn.Module it returns an OptimizedModule (one)
+    return cast(nn.Module, torch.compile(model, backend=cfg.compile_backend))

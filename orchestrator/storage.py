@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeGuard
 
 from orchestrator.errors import UserError
 
@@ -28,7 +28,7 @@ _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 FIELD = "train.output_dir"
 
 
-def is_uri(value: Any) -> bool:
+def is_uri(value: object) -> TypeGuard[str]:
     """Whether ``value`` is a ``scheme://...`` URI (a ``str``; a ``Path`` never is: it lost its double slash)."""
     return isinstance(value, str) and bool(_URI.match(value))
 
@@ -72,6 +72,8 @@ def check_reachable(uri: str, *, source: str | None = None, field: str = FIELD) 
 def check_uri_output_dir(cfg: ExperimentConfig, *, source: str | None = None) -> None:
     """A URI ``train.output_dir`` needs the Ray backend and no local-only feature; then its bucket must answer."""
     uri = cfg.train.output_dir
+    if not is_uri(uri):
+        raise ValueError(f"train.output_dir {uri} is a local folder, not object storage")
     needs_local = [
         why
         for why, on in (
@@ -118,7 +120,10 @@ def write_text(location: str | Path, text: str) -> None:
     if not is_uri(location):
         from orchestrator.checkpoint import atomic_write
 
-        atomic_write(Path(location), lambda fh: fh.write(data))
+        def write(fh: BinaryIO) -> None:
+            fh.write(data)
+
+        atomic_write(Path(location), write)
         return
     fs, path = _filesystem(str(location), field=None)
     try:

@@ -12,10 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from orchestrator.config import ExperimentConfig
 from orchestrator.data.image_cache import image_input
+from orchestrator.data.index import DatasetIndex
 from orchestrator.data.leakage import check_leakage
 from orchestrator.data.loader import FeatureRows, TextInput
 from orchestrator.data.pipeline import (
@@ -32,8 +34,9 @@ from orchestrator.data.shards import open_shards
 from orchestrator.data.splits import load_split
 from orchestrator.errors import UserError
 from orchestrator.evaluation.embed import warn_small_split
+from orchestrator.models.locked_towers import TowerSplit
 from orchestrator.models.student import Student
-from orchestrator.models.tower_cache import experiment_tower_features
+from orchestrator.models.tower_cache import TowerFeatures, experiment_tower_features
 from orchestrator.session import Session
 from orchestrator.soft_labels import BatchInputs
 from orchestrator.training_state import ResumableBatches
@@ -54,32 +57,39 @@ class TrainData:
 
 
 def load_train_data(
-    cfg: ExperimentConfig, session: Session, student: Student, cached: set[str] | frozenset[str], device: torch.device
+    cfg: ExperimentConfig, session: Session, student: Student, cached: dict[str, TowerSplit], device: torch.device
 ) -> TrainData:
     """The train and val splits with their inputs (``cached``: the sides whose locked tower's outputs are read
     from the tower cache)."""
     streaming = cfg.data.resolved_format == "webdataset"  # train pairs streamed from tar shards; eval map-style
     train_index = open_shards(cfg.data) if streaming else load_split(cfg.data, "train")
     val_index = load_split(cfg.data, "val") if "val" in cfg.eval.splits else None
-    if session.rank == 0 and not streaming:  # train vs val/test: a WARNING, or UserError with data.leakage: error
+    # map-style (not streamed) train vs val/test: a WARNING, or UserError with data.leakage: error
+    if session.rank == 0 and isinstance(train_index, DatasetIndex):
         check_leakage(cfg.data, {"train": train_index, **({"val": val_index} if val_index is not None else {})})
     if session.rank == 0 and val_index is not None:  # a WARNING (once) for a val split too small to rank models
         warn_small_split(val_index.num_images, "val split", cfg.eval.ks)
 
-    def inputs(index, augmented: bool = False):
+    def inputs(index: DatasetIndex, augmented: bool = False) -> tuple[Any, TextInput]:
         """(image input, text input) of a split: pixels (``data.image_cache``: uint8 rows of the decoded-image
         cache, normalised on the device)/tokens, or a locked tower's cached outputs; ``augmented``: no cache."""
         feats = experiment_tower_features(cfg, student, index, cached, device=device.type) if cached else None
+        images: Any = None  # FeatureRows, the data.image_cache input, or None (augmented: decoded in the workers)
         if "image" in cached:
-            images = FeatureRows(feats.image)
+            images = FeatureRows(_cached_side(feats, "image"))
+        elif not augmented:
+            images = image_input(cfg, index, student.preprocess)
+        if "text" in cached:
+            text = TextInput(features=_cached_side(feats, "text"))
         else:
-            images = None if augmented else image_input(cfg, index, student.preprocess)
-        text = TextInput(features=feats.text) if "text" in cached else TextInput(tokenizer=student.tokenizer)
+            text = TextInput(tokenizer=student.tokenizer)
         return images, text
 
     augment = cfg.data.augment != "none"
-    train_images, train_text = (None, None) if streaming else inputs(train_index, augmented=augment)
-    if augment and not streaming:  # decoded and augmented in the loader workers, every epoch
+    train_images, train_text = (
+        inputs(train_index, augmented=augment) if isinstance(train_index, DatasetIndex) else (None, None)
+    )
+    if augment and isinstance(train_index, DatasetIndex):  # decoded and augmented in the loader workers, every epoch
         if "image" in cached:
             raise UserError(
                 "a locked image tower with cached features sees no pixels to augment (set "
@@ -89,6 +99,14 @@ def load_train_data(
         train_images = AugmentedImages(train_index, train_transform(student.model, cfg.data.augment_scale))
     val_images, val_text = inputs(val_index) if val_index is not None else (None, None)
     return TrainData(train_index, val_index, train_images, train_text, val_images, val_text, streaming)
+
+
+def _cached_side(feats: TowerFeatures | None, side: str) -> np.ndarray:
+    """The ``side`` ("image"/"text") outputs of a locked tower, read from the tower cache."""
+    view = None if feats is None else feats.image if side == "image" else feats.text
+    if view is None:
+        raise RuntimeError(f"the tower cache gave no {side} features for a cached {side} tower")
+    return view
 
 
 def caption_sampler(cfg: ExperimentConfig, index, session: Session) -> CaptionBatchSampler:
@@ -135,6 +153,8 @@ def train_batches(
             tokenizer=student.tokenizer,
             preprocess=train_transform(student.model, cfg.data.augment_scale) if augment else student.preprocess,
         )
+    if data.train_text is None:  # load_train_data sets it for map-style data
+        raise RuntimeError("map-style training data without a text input")
     sampler = caption_sampler(cfg, data.train_index, session)
     pairs = TrainPairs(
         data.train_index,

@@ -15,12 +15,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from ray.train.v2._internal.execution.callback import ControllerCallback
-from ray.tune.trainable.function_trainable import wrap_function
+from ray.tune.trainable.function_trainable import FunctionTrainable, wrap_function
 
 log = logging.getLogger(__name__)
 
@@ -92,19 +92,19 @@ def abort_live_train_runs(timeout_s: float = 60.0) -> int:
 # checked against ray 2.60.0: Tune has no public hook in the trial process for "this trial is being stopped";
 # the function trainable's ``cleanup`` is it, and ``wrap_function`` (a DeveloperAPI in an internal module) is
 # how Tune builds that class from a function.
-def sweep_trainable(fn) -> type:
+def sweep_trainable(fn: Callable[[Any], Any]) -> type[FunctionTrainable]:
     """The Tune trainable class of ``fn`` whose cleanup (Tune stopping the trial) aborts live Train runs first."""
     base = wrap_function(fn)
 
-    class SweepTrial(base):
-        def cleanup(self):
-            try:
-                abort_live_train_runs()
-            finally:
-                super().cleanup()
+    def cleanup(self: FunctionTrainable) -> None:
+        try:
+            abort_live_train_runs()
+        finally:
+            super(sweep_trial, self).cleanup()
 
-    SweepTrial.__name__ = SweepTrial.__qualname__ = "SweepTrial"
-    return SweepTrial
+    # built by type(), not a class statement: the base is computed, which a static class statement cannot name
+    sweep_trial: type[FunctionTrainable] = type("SweepTrial", (base,), {"cleanup": cleanup})
+    return sweep_trial
 
 
 # ------------------------------------------------------------------------------------ restoring a sweep

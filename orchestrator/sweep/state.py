@@ -22,9 +22,10 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from orchestrator import storage
@@ -129,7 +130,8 @@ class SigtermAsInterrupt:
     second one raises KeyboardInterrupt at once. Installed only in the main thread."""
 
     def __init__(self) -> None:
-        self.previous = None
+        #: the SIGTERM handler this one replaced (``signal.signal``'s return: a callable, SIG_DFL/SIG_IGN, or None)
+        self.previous: Callable[[int, FrameType | None], Any] | int | None = None
         self.count = 0
 
     def __enter__(self) -> SigtermAsInterrupt:
@@ -145,10 +147,9 @@ class SigtermAsInterrupt:
         else:
             raise KeyboardInterrupt("SIGTERM")
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc: object) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
-        return False
 
 
 @dataclass

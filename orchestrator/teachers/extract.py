@@ -42,12 +42,11 @@ from orchestrator.teachers.cache import (
 )
 from orchestrator.teachers.encoders import TeacherEncoder, build_image_teacher, build_text_teacher
 from orchestrator.teachers.hashing import FileHashMemo, pixels_key, text_key
-from orchestrator.teachers.placement import resolve_placement
+from orchestrator.teachers.placement import Backend, resolve_placement
 
 log = logging.getLogger(__name__)
 
 Modality = Literal["image", "text"]
-Backend = Literal["local", "ray"]
 DEFAULT_SHARD_SIZE = 1024
 
 
@@ -391,7 +390,7 @@ def extract_split(
     index: DatasetIndex,
     *,
     progress: bool = True,
-    backend: Backend | None = None,
+    backend: Backend | Literal["auto"] | None = None,
     device: str | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     teachers: TeacherSet | None = None,
@@ -425,7 +424,7 @@ def extract_split(
                     f"{encoder.spec if encoder is not None else None!r}"
                 )
     placement = resolve_placement(backend or teachers_cfg.backend, teachers_cfg.num_actors)
-    backend, device = placement.backend, device or placement.device
+    device = device or placement.device
     cache_dir = Path(teachers_cfg.cache_dir)
     memo = FileHashMemo(cache_dir / "file-hashes.json")
     result = SplitTeacherFeatures(index_name=index.name, content_hash=index.content_hash())
@@ -436,7 +435,7 @@ def extract_split(
             encoder,
             index,
             cache_dir,
-            backend=backend,
+            backend=placement.backend,
             num_actors=placement.num_actors,
             batch_size=teachers_cfg.batch_size,
             shard_size=shard_size,

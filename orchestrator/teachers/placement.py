@@ -16,15 +16,19 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 log = logging.getLogger(__name__)
+
+#: where extraction runs: this process, or a Ray Data actor pool
+Backend = Literal["local", "ray"]
 
 
 @dataclass(frozen=True)
 class Placement:
     """``backend`` ``local`` or ``ray``; ``device`` ``cuda`` or ``cpu``; ``num_actors`` for ``ray``; ``reason``."""
 
-    backend: str
+    backend: Backend
     device: str
     num_actors: int
     reason: str

@@ -123,14 +123,15 @@ def ray_stream(
     rows = _payload(encoder, index, np.asarray(positions, dtype=np.int64))
     blocks = max(1, min(math.ceil(len(rows) / batch_size), 64 * num_actors))
     log.info("ray data: %d items, %d blocks, %d actor(s) with %s", len(rows), blocks, num_actors, resources)
-    ds = ray.data.from_items(rows, override_num_blocks=blocks)
-    ds = ds.map_batches(
+    items = ray.data.from_items(rows, override_num_blocks=blocks)
+    ds = items.map_batches(
         EncoderActor,
         fn_constructor_args=(encoder, "cuda" if use_gpu else "cpu"),
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         batch_size=batch_size,
         batch_format="numpy",
-        **resources,
+        num_cpus=resources["num_cpus"],
+        num_gpus=resources["num_gpus"],
     )
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         yield np.asarray(batch["pos"], dtype=np.int64), np.asarray(batch["feature"], dtype=np.float32)

@@ -110,13 +110,13 @@ def send_op(c, run_id: str, op: Op) -> None:
     kind = op["op"]
     if kind == "metrics":
         step, stamp = int(op["step"]), int(op["timestamp"])
-        items = [Metric(k, float(v), stamp, step) for k, v in op["metrics"].items()]
-        for start in range(0, len(items), METRICS_PER_BATCH):
-            c.log_batch(run_id, metrics=items[start : start + METRICS_PER_BATCH])
+        metrics = [Metric(k, float(v), stamp, step) for k, v in op["metrics"].items()]
+        for start in range(0, len(metrics), METRICS_PER_BATCH):
+            c.log_batch(run_id, metrics=metrics[start : start + METRICS_PER_BATCH])
     elif kind == "params":
-        items = [Param(k, v) for k, v in op["params"].items()]
-        for start in range(0, len(items), PARAMS_PER_BATCH):
-            c.log_batch(run_id, params=items[start : start + PARAMS_PER_BATCH])
+        params = [Param(k, v) for k, v in op["params"].items()]
+        for start in range(0, len(params), PARAMS_PER_BATCH):
+            c.log_batch(run_id, params=params[start : start + PARAMS_PER_BATCH])
     elif kind == "tag":
         c.set_tag(run_id, op["key"], op["value"])
     elif kind == "text":

