@@ -16,6 +16,7 @@ from torch import nn
 from orchestrator.data.index import DatasetIndex
 from orchestrator.data.loader import (
     ImageTensorCache,
+    TextInput,
     Tokenizer,
     images_on_device,
     iter_caption_batches,
@@ -169,7 +170,7 @@ def encode_split(
     model: nn.Module,
     index: DatasetIndex,
     images: ImageTensorCache,
-    tokenizer: Tokenizer,
+    tokenizer: TextInput | Tokenizer,
     *,
     device: torch.device,
     batch_size: int = 256,
