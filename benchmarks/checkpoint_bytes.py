@@ -26,7 +26,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.checkpoint import MODEL_FILE, STATE_FILE, atomic_save  # noqa: E402
+from orchestrator.checkpoint import MODEL_FILE, TRAINING_STATE_FILE, atomic_save  # noqa: E402
 from orchestrator.config import ExperimentConfig  # noqa: E402
 from orchestrator.losses import build_loss  # noqa: E402
 from orchestrator.train_loop import cosine_with_warmup, param_groups  # noqa: E402
@@ -57,7 +57,7 @@ def measure(model: nn.Module, cfg: ExperimentConfig) -> dict[str, dict[str, int]
                 "torch_rng": torch.get_rng_state(),
                 "config_hash": cfg.config_hash(),
             },
-            old / STATE_FILE,
+            old / TRAINING_STATE_FILE,
         )
         atomic_save(
             {"model": model.state_dict(), "model_name": cfg.model.name, "config_yaml": cfg.to_yaml(), "epoch": 0},
@@ -83,7 +83,7 @@ def measure(model: nn.Module, cfg: ExperimentConfig) -> dict[str, dict[str, int]
 
 
 def _sizes(folder: Path, *, best_keeps_state: bool) -> dict[str, int]:
-    state, weights = (folder / STATE_FILE).stat().st_size, (folder / MODEL_FILE).stat().st_size
+    state, weights = (folder / TRAINING_STATE_FILE).stat().st_size, (folder / MODEL_FILE).stat().st_size
     return {
         "state.pt": state,
         "model.pt": weights,

@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from orchestrator.teachers.encoders import default_device
+    from orchestrator.teachers.encoders import default_device_name
 
-    device = args.device or default_device()
+    device = args.device or default_device_name()
     index, source = load_index(args.items, args.image_items)
     jobs = {
         "text": ("packaged:all-MiniLM-L6-v2", min(args.items, index.num_captions)),

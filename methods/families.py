@@ -230,7 +230,7 @@ class _RelevanceFamily(LossFamily):
 
 @register("listwise")
 class Listwise(_RelevanceFamily):
-    """Listwise ITR: (1 − λ)·triplet + λ·S-NDCG with relevance from RSC (spec B.3)."""
+    """Listwise ITR: (1 − λ)·triplet + λ·S-NDCG with relevance from RSC (docs/methods.md §B.3)."""
 
     TERMS = ("triplet", "sndcg", "relevance_mean")
     supports_local_loss = True
@@ -294,7 +294,7 @@ class _KendallOptions(TypedDict):
 
 @register("bcls")
 class BCLS(_RelevanceFamily):
-    """BCLS: Triplet-SN + λ·Kendall ranking loss with SW-HS (spec A; Triplet-SN/SW-HS are reconstructions).
+    """BCLS: Triplet-SN + λ·Kendall ranking loss with SW-HS (docs/methods.md §A; Triplet-SN/SW-HS are reconstructions).
 
     With ``query_rows`` the Kendall normaliser (valid pairs of every query) is summed over the ranks
     (``EmbeddingBatch.sum_over_ranks``: one all-reduce of two integers per step)."""
@@ -357,7 +357,9 @@ class BCLS(_RelevanceFamily):
 
 @register("cusa")
 class CUSA(LossFamily):
-    """CUSA: InfoNCE + α·CSA + β·USA (spec C.2). Teacher similarities are cosines of per-sample teacher features.
+    """CUSA: InfoNCE + α·CSA + β·USA (docs/methods.md §C.2).
+
+    Teacher similarities are cosines of per-sample teacher features.
 
     CSA ``each``: i2t target softmax(G^I/τ_s), t2i target softmax(G^T/τ_s), one shared learnable τ_c.
     ``add``: both directions use (G^I + G^T)/2; ``dot``: sqrt(relu(G^I)·relu(G^T)).

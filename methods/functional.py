@@ -1,4 +1,4 @@
-"""Pure-function losses for image-text retrieval (methods spec ``shared/docs/methods-spec.md``, A-C).
+"""Pure-function losses for image-text retrieval (the maths: ``docs/methods.md``, sections A-C).
 
 Conventions shared by every function here:
 
@@ -6,7 +6,7 @@ Conventions shared by every function here:
   the annotated pair. Row i is the image-to-text (i2t) list of image i; column j (row j of
   ``S.T``) is the text-to-image (t2i) list of text j.
 * ``R`` is a (B, B) graded relevance matrix with the same orientation (``R[i, j]`` = relevance of
-  text j to image i). It is *not* symmetric in general (spec E); each loss says which index
+  text j to image i). It is *not* symmetric in general (docs/methods.md §E); each loss says which index
   each direction reads.
 * ``positives`` is an optional (B, B) bool mask, ``positives[i, j]`` True when text j is a
   ground-truth caption of image i (e.g. built from repeated image ids). ``None`` = diagonal.
@@ -48,7 +48,7 @@ SELHN_DEFAULT_EPS = 0.01
 
 
 # ---------------------------------------------------------------------------------------------
-# InfoNCE (spec C.2 (1))
+# InfoNCE (docs/methods.md §C.2 (1))
 # ---------------------------------------------------------------------------------------------
 
 
@@ -147,7 +147,7 @@ def infonce_rows(
 
 
 # ---------------------------------------------------------------------------------------------
-# Triplet losses (spec B.3 pairwise part, A.2, A.8)
+# Triplet losses (docs/methods.md §B.3 pairwise part, A.2, A.8)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -174,7 +174,7 @@ def _hinges(S: torch.Tensor, margin: float, excluded: torch.Tensor) -> tuple[tor
 
 
 def triplet_hardest(S: torch.Tensor, margin: float = 0.2, positives: torch.Tensor | None = None) -> torch.Tensor:
-    """VSE++ hardest-negative triplet loss (spec B.3 ``L_pair``).
+    """VSE++ hardest-negative triplet loss (docs/methods.md §B.3 ``L_pair``).
 
     Args:
         S: (B, B) similarities, rows = images, columns = texts; ``S[i, i]`` is the positive.
@@ -199,7 +199,7 @@ def triplet_soft_negative(
     *,
     detach_weights: bool = False,
 ) -> torch.Tensor:
-    """Triplet-SN: triplet loss with softmax-weighted (soft) negative mining (spec A.2 / A.8).
+    """Triplet-SN: triplet loss with softmax-weighted (soft) negative mining (docs/methods.md §A.2 / A.8).
 
     **Reconstruction** (the BCLS paper body was not reachable): per anchor i (i2t),
     ``w_ij = softmax_{j neg}(S_ij / tau)`` and ``loss_i = sum_{j neg} w_ij [m - S_ii + S_ij]_+``;
@@ -240,7 +240,7 @@ def triplet_selhn(
     eps: float = SELHN_DEFAULT_EPS,
     positives: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Selectively-hard-negative triplet loss, SelHN (spec A.2; AAA-Zheng/RVSEPP ``loss.py``).
+    """Selectively-hard-negative triplet loss, SelHN (docs/methods.md §A.2; AAA-Zheng/RVSEPP ``loss.py``).
 
     Per anchor i (i2t): if ``|S_ii - max_{j neg} S_ij| < eps`` use the average hinge
     ``sum_{j neg} [m - S_ii + S_ij]_+ / n_neg``, otherwise the hardest hinge
@@ -280,7 +280,7 @@ def triplet_selhn(
 
 
 # ---------------------------------------------------------------------------------------------
-# CUSA soft-label KL (spec C.2 (2), (3))
+# CUSA soft-label KL (docs/methods.md §C.2 (2), (3))
 # ---------------------------------------------------------------------------------------------
 
 
@@ -314,7 +314,7 @@ def soft_label_kl(
 
 
 # ---------------------------------------------------------------------------------------------
-# Smooth-NDCG (spec B.3)
+# Smooth-NDCG (docs/methods.md §B.3)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -326,7 +326,7 @@ def smooth_ndcg_loss(
     chunk_size: int | None = None,
     kernel: str = "auto",
 ) -> torch.Tensor:
-    """Listwise Smooth-NDCG loss over the whole in-batch list (spec B.3).
+    """Listwise Smooth-NDCG loss over the whole in-batch list (docs/methods.md §B.3).
 
     i2t, query image i, candidate text j: smooth rank
     ``r_ij = 1 + sum_{k != j} sigmoid(clamp((S_ik - S_ij) / tau, -50, 50))``,
@@ -337,7 +337,7 @@ def smooth_ndcg_loss(
 
     * ``"transpose"`` (correct): relevance ``R_kj``, i.e. the same computation on ``S.T`` and
       ``R.T`` including R.T's own IDCG.
-    * ``"as_released"`` (AAA-Zheng/Listwise_ITR, spec B.8-1): smooth ranks from rows of ``S.T``
+    * ``"as_released"`` (AAA-Zheng/Listwise_ITR, docs/methods.md §B.8-1): smooth ranks from rows of ``S.T``
       but gains from the untransposed ``R_jk`` and the i2t ``IDCG_j``.
 
     Returns ``(L_i2t + L_t2i) / 2``. R carries no gradient; rows with zero IDCG contribute 0.
@@ -379,7 +379,7 @@ def smooth_ndcg_loss(
 
 
 # ---------------------------------------------------------------------------------------------
-# Kendall ranking loss with SW-HS (spec A.3, A.4, A.8)
+# Kendall ranking loss with SW-HS (docs/methods.md §A.3, A.4, A.8)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -395,7 +395,7 @@ def kendall_rank_loss(
     chunk_size: int | None = None,
     kernel: str = "auto",
 ) -> torch.Tensor:
-    """Kendall-style pairwise ranking loss with label gap, optional SW-HS (spec A.3, A.4, A.8).
+    """Kendall-style pairwise ranking loss with label gap, optional SW-HS (docs/methods.md §A.3, A.4, A.8).
 
     i2t, query image i: every pair of candidate texts (j, k) with ``R_ij - R_ik > gap`` is
     penalised by ``phi(S_ik - S_ij)``; the direction's loss is ``sum M * phi / sum M`` (0 if
@@ -403,10 +403,10 @@ def kendall_rank_loss(
     ``tanh`` = ``(1 + tanh(x / temperature)) / 2``, ``sigmoid`` = ``sigmoid(x / temperature)``.
 
     t2i, query text j (row j of S.T): ``"transpose"`` builds the mask from ``R.T`` (relevance
-    ``R_kj`` of candidate image k); ``"as_released"`` reuses the mask built from R (spec A.3;
+    ``R_kj`` of candidate image k); ``"as_released"`` reuses the mask built from R (docs/methods.md §A.3;
     with hinge and no window this is the released ITM_CLS ``RCLoss`` Kendall term).
 
-    SW-HS (**reconstruction**, spec A.8): for each query, candidates are ordered by relevance
+    SW-HS (**reconstruction**, docs/methods.md §A.8): for each query, candidates are ordered by relevance
     (descending, stable sort) and the candidate at sorted position p is paired only with
     positions p+1 .. p+window (pairs must still pass the gap). If ``hard_k`` is set, only the
     ``hard_k`` valid pairs with the largest penalty are kept per query (and direction); the

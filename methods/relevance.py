@@ -1,5 +1,5 @@
-"""Relevance Score Calculation (RSC, spec B.2, A.1): graded relevance of batch texts to batch images from the
-images' captions, the label matrix R of the listwise and BCLS losses. Imports torch only.
+"""Relevance Score Calculation (RSC, docs/methods.md §B.2, A.1): graded relevance of batch texts to batch images
+from the images' captions, the label matrix R of the listwise and BCLS losses. Imports torch only.
 
 :func:`caption_relevance` gives the square (B, B) R (also importable as ``methods.functional.caption_relevance``);
 :func:`caption_relevance_block` any (I, J) block of it, which the query-row forms

@@ -14,7 +14,7 @@ import torch
 
 from orchestrator.errors import UserError
 
-STATE_FILE = "state.pt"
+TRAINING_STATE_FILE = "state.pt"
 #: In each evaluated checkpoint: the val split's per-query ranks (``orchestrator.results.query_ranks``).
 QUERY_RANKS_FILE = "query_ranks.npz"
 MODEL_FILE = "model.pt"

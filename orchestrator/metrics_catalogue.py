@@ -95,7 +95,8 @@ def reported_metrics(cfg: ExperimentConfig, *, train: bool = True) -> set[str]:
 
 
 def evaluation_metrics(split: str, ks: Iterable[int], *, folds: int | None = None, eccv: bool = False) -> set[str]:
-    """The keys a recipe's ``evaluate`` entry adds (``reproduce.evaluate_checkpoint``: ``itr eval``'s metrics)."""
+    """The keys a recipe's ``evaluate`` entry adds: ``itr eval``'s metrics
+    (``reproduce.evaluate_recipe_checkpoint``)."""
     recall = recall_metrics(ks)
     names = {f"{split}/{m}" for m in recall}
     if folds:

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 #: the environment variable with notify URLs, whitespace separated
 ENV_VAR = "ITR_NOTIFY_URLS"
 #: the state file (in ``train.output_dir``) holding the last verdicts when tracking is disabled
-STATE_FILE = "reproduce-verdicts.json"
+VERDICTS_FILE = "reproduce-verdicts.json"
 #: how many of the newest runs of a recipe run are searched for a crashed reproduction
 CRASH_WINDOW = 50
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")
@@ -143,7 +143,7 @@ def state_path(run: RecipeRun) -> Path | None:
     assert cfg is not None  # a RecipeRun holds exactly one of config / space
     if "://" in str(cfg.train.output_dir):
         return None
-    return Path(cfg.train.output_dir).expanduser() / STATE_FILE
+    return Path(cfg.train.output_dir).expanduser() / VERDICTS_FILE
 
 
 def _read_state(path: Path | None) -> dict[str, Any]:
@@ -344,5 +344,5 @@ def notify_report(report: Report, dests: Sequence[Destination]) -> int:
     try:
         record_state(report)
     except Exception as err:  # noqa: BLE001 - a read-only output folder must not end the reproduction
-        log.warning("notify: the verdict was not kept in %s (%s: %s)", STATE_FILE, err.__class__.__name__, err)
+        log.warning("notify: the verdict was not kept in %s (%s: %s)", VERDICTS_FILE, err.__class__.__name__, err)
     return delivered

@@ -137,7 +137,7 @@ def compare(
 
 
 # -------------------------------------------------------------------------------------------- running
-def evaluate_checkpoint(checkpoint: str, spec: EvaluateSpec) -> dict[str, float]:
+def evaluate_recipe_checkpoint(checkpoint: str, spec: EvaluateSpec) -> dict[str, float]:
     """``itr eval``'s metrics (recall; ECCV Caption and folds when asked) of the model in ``checkpoint`` (a folder
     with model.pt and its embedded config) on ``spec.split``, keyed ``split/...``."""
     from orchestrator.evaluation.suite import EvalOptions
@@ -158,7 +158,7 @@ def _run_experiment(run: RecipeRun, recipe: Recipe) -> RunOutcome:
     for spec in run.evaluate:
         if not result.best_checkpoint:
             raise RuntimeError(f"run {run.name} left no checkpoint to evaluate on {spec.split}")
-        scores = evaluate_checkpoint(result.best_checkpoint, spec)
+        scores = evaluate_recipe_checkpoint(result.best_checkpoint, spec)
         log.info(
             "run %s: %s rsum %.2f (best checkpoint)", run.name, spec.split, scores.get(f"{spec.split}/rsum", math.nan)
         )

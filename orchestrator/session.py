@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from orchestrator.checkpoint import MODEL_FILE, STATE_FILE, publish_dir
+from orchestrator.checkpoint import MODEL_FILE, TRAINING_STATE_FILE, publish_dir
 from orchestrator.interrupts import deferred
 
 log = logging.getLogger(__name__)
@@ -103,17 +103,19 @@ class LocalSession:
         if not self.ckpt_root.is_dir():
             return []
         return sorted(
-            p for p in self.ckpt_root.glob("epoch_*") if (p / STATE_FILE).is_file() or (p / MODEL_FILE).is_file()
+            p
+            for p in self.ckpt_root.glob("epoch_*")
+            if (p / TRAINING_STATE_FILE).is_file() or (p / MODEL_FILE).is_file()
         )
 
     def _step_checkpoints(self) -> list[Path]:
         if not self.ckpt_root.is_dir():
             return []
-        return sorted(p for p in self.ckpt_root.glob("step_*_*") if (p / STATE_FILE).is_file())
+        return sorted(p for p in self.ckpt_root.glob("step_*_*") if (p / TRAINING_STATE_FILE).is_file())
 
     def latest_checkpoint(self) -> Path | None:
         """The folder a resume starts from: the newest (by training position) with a training state."""
-        found = [p for p in self._checkpoints() if (p / STATE_FILE).is_file()] + self._step_checkpoints()
+        found = [p for p in self._checkpoints() if (p / TRAINING_STATE_FILE).is_file()] + self._step_checkpoints()
         return max(found, key=_position, default=None)
 
     def save_step(self, checkpoint_dir: Path, epoch: int, step: int) -> None:
@@ -157,7 +159,7 @@ class LocalSession:
         best_dir = self.best_checkpoint()
         for old in self._checkpoints():
             if old == best_dir and old != dest:  # the best needs only its weights and config
-                (old / STATE_FILE).unlink(missing_ok=True)
+                (old / TRAINING_STATE_FILE).unlink(missing_ok=True)
             elif old not in (dest, best_dir):
                 shutil.rmtree(old, ignore_errors=True)
         for old in self._step_checkpoints():  # this epoch checkpoint supersedes them

@@ -166,7 +166,7 @@ def download_checkpoint(uri: str, dest: Path, *, field: str | None = "--checkpoi
     ``model.pt``; every file otherwise (an old layout)."""
     import pyarrow.fs as pafs
 
-    from orchestrator.checkpoint import MODEL_FILE, STATE_FILE
+    from orchestrator.checkpoint import MODEL_FILE, TRAINING_STATE_FILE
 
     fs, path = _filesystem(uri, field=field)
     try:
@@ -181,7 +181,7 @@ def download_checkpoint(uri: str, dest: Path, *, field: str | None = "--checkpoi
             ]
         names = {f.base_name for f in files}
         if MODEL_FILE in names:
-            files = [f for f in files if f.base_name != STATE_FILE]
+            files = [f for f in files if f.base_name != TRAINING_STATE_FILE]
         dest.mkdir(parents=True, exist_ok=True)
         for f in files:
             with fs.open_input_stream(f.path) as src, open(dest / f.base_name, "wb") as out:

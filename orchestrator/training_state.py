@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from orchestrator.checkpoint import MODEL_FILE, STATE_FILE, atomic_save, load_file
+from orchestrator.checkpoint import MODEL_FILE, TRAINING_STATE_FILE, atomic_save, load_file
 from orchestrator.errors import UserError
 from orchestrator.interrupts import Terminated, sigterm_between_steps
 
@@ -101,7 +101,7 @@ def save_checkpoint(
         "position": None if position is None else {"epoch": int(position[0]), "step": int(position[1])},
         "sums": None if sums is None else _sums_state(sums),
     }
-    atomic_save(state, directory / STATE_FILE)
+    atomic_save(state, directory / TRAINING_STATE_FILE)
     weights = {
         "model": model.state_dict(),
         "model_name": cfg.model.name,
@@ -118,8 +118,8 @@ def load_training_state(path: Path, model: nn.Module, loss_fn: nn.Module, optimi
 
     The torch CPU RNG is restored here; the full RNG set of a step checkpoint is restored by :func:`run_steps`
     once the epoch's loader iterator exists (creating one draws from the torch RNG)."""
-    state = load_file(path / STATE_FILE)
-    source = path / STATE_FILE
+    state = load_file(path / TRAINING_STATE_FILE)
+    source = path / TRAINING_STATE_FILE
     try:
         if "model" in state:  # the old layout: the weights in state.pt too
             weights = state["model"]
@@ -127,7 +127,7 @@ def load_training_state(path: Path, model: nn.Module, loss_fn: nn.Module, optimi
             source = path / MODEL_FILE
             weights = load_file(source)["model"]
         model.load_state_dict(weights)
-        source = path / STATE_FILE
+        source = path / TRAINING_STATE_FILE
         loss_fn.load_state_dict(state["loss"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -499,7 +499,7 @@ def test_ray_train_two_workers_keep_one_temperature(tmp_path):
     local-loss gradient moves them apart by ~1e-4 in 6 steps)."""
     import ray
 
-    from orchestrator.checkpoint import STATE_FILE, load_file
+    from orchestrator.checkpoint import TRAINING_STATE_FILE, load_file
     from orchestrator.config import validate_config
     from orchestrator.run import run_experiment
     from tests.conftest import tiny_tree
@@ -522,9 +522,9 @@ def test_ray_train_two_workers_keep_one_temperature(tmp_path):
     finally:
         ray.shutdown()
     logged = result.metrics["train/temperature/tau"]
-    checkpoints = sorted(p for p in Path(result.run_dir).glob("checkpoint_*") if (p / STATE_FILE).is_file())
+    checkpoints = sorted(p for p in Path(result.run_dir).glob("checkpoint_*") if (p / TRAINING_STATE_FILE).is_file())
     assert checkpoints, result.run_dir
-    rank0 = float(load_file(checkpoints[-1] / STATE_FILE)["loss"]["tau.value"])
+    rank0 = float(load_file(checkpoints[-1] / TRAINING_STATE_FILE)["loss"]["tau.value"])
     assert abs(rank0 - 0.05) > 1e-3
     assert logged == pytest.approx(rank0, rel=1e-7)
 

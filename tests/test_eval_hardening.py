@@ -149,7 +149,7 @@ VAL_RECORDS = [
 def data_ckpt(tmp_path_factory) -> dict[str, Path]:
     """A captions_json dataset (12 val images, 2 captions each), a teacher cache file, and a checkpoint folder of an
     untrained tiny model whose embedded config points at them. Read-only for the tests (they copy what they break)."""
-    from orchestrator.checkpoint import MODEL_FILE, STATE_FILE, atomic_save
+    from orchestrator.checkpoint import MODEL_FILE, TRAINING_STATE_FILE, atomic_save
     from orchestrator.models.student import build_student
     from tests.test_bad_input import data_tree, write_image
 
@@ -170,7 +170,7 @@ def data_ckpt(tmp_path_factory) -> dict[str, Path]:
     student = build_student(cfg.model, heads=cfg.resolved_heads)
     ckpt = tmp / "ckpt"
     atomic_save({"model": student.model.state_dict(), "config_yaml": cfg.to_yaml(), "epoch": 0}, ckpt / MODEL_FILE)
-    atomic_save({"epoch": 0}, ckpt / STATE_FILE)
+    atomic_save({"epoch": 0}, ckpt / TRAINING_STATE_FILE)
     return {"root": tmp, "data": data, "cache": cache, "ckpt": ckpt}
 
 

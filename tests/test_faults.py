@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from orchestrator import tracking
-from orchestrator.checkpoint import MODEL_FILE, STATE_FILE, atomic_save, load_file
+from orchestrator.checkpoint import MODEL_FILE, TRAINING_STATE_FILE, atomic_save, load_file
 from orchestrator.config import validate_config
 from orchestrator.errors import UserError
 from tests.conftest import tiny_tree
@@ -368,7 +368,7 @@ def test_non_finite_loss_fails_the_single_run_at_once_with_the_reason(tmp_path, 
     assert NON_FINITE.search(err), err
     run = only_run(MlflowClient(tracking_uri=tree["tracking"]["uri"]), "test")
     assert run.info.status == "FAILED" and NON_FINITE.fullmatch(run.data.tags["itr.failure"])
-    assert not list((tmp_path / "runs").rglob(STATE_FILE))
+    assert not list((tmp_path / "runs").rglob(TRAINING_STATE_FILE))
 
 
 @pytest.fixture(scope="module")
@@ -493,7 +493,7 @@ def fill_disk_after(monkeypatch, good_saves: int) -> list[Path]:
 def test_atomic_save_on_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     import torch
 
-    path = tmp_path / "ckpt" / STATE_FILE
+    path = tmp_path / "ckpt" / TRAINING_STATE_FILE
     atomic_save({"epoch": 0, "w": torch.arange(4.0)}, path)
     fill_disk_after(monkeypatch, good_saves=0)
     with pytest.raises(UserError) as info:
@@ -501,14 +501,14 @@ def test_atomic_save_on_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monk
     assert info.value.path == str(path) and "No space left on device" in str(info.value)
     previous = load_file(path)
     assert previous["epoch"] == 0 and torch.equal(previous["w"], torch.arange(4.0))
-    assert os.listdir(path.parent) == [STATE_FILE]
+    assert os.listdir(path.parent) == [TRAINING_STATE_FILE]
 
 
 def test_atomic_save_into_a_read_only_folder_is_a_user_error(tmp_path):
     import torch
 
     folder = tmp_path / "ckpt"
-    atomic_save({"epoch": 0}, folder / STATE_FILE)
+    atomic_save({"epoch": 0}, folder / TRAINING_STATE_FILE)
     folder.chmod(0o555)
     try:
         probe = folder / "probe"
@@ -520,9 +520,9 @@ def test_atomic_save_into_a_read_only_folder_is_a_user_error(tmp_path):
             probe.unlink()
             pytest.skip("this user writes into read-only folders (root): chmod cannot block the write")
         with pytest.raises(UserError) as info:
-            atomic_save({"epoch": 1, "w": torch.zeros(10)}, folder / STATE_FILE)
-        assert info.value.path == str(folder / STATE_FILE) and "Permission denied" in str(info.value)
-        assert load_file(folder / STATE_FILE)["epoch"] == 0 and os.listdir(folder) == [STATE_FILE]
+            atomic_save({"epoch": 1, "w": torch.zeros(10)}, folder / TRAINING_STATE_FILE)
+        assert info.value.path == str(folder / TRAINING_STATE_FILE) and "Permission denied" in str(info.value)
+        assert load_file(folder / TRAINING_STATE_FILE)["epoch"] == 0 and os.listdir(folder) == [TRAINING_STATE_FILE]
     finally:
         folder.chmod(0o755)
 
@@ -541,11 +541,14 @@ def test_disk_full_during_training_exits_2_naming_the_file_and_keeps_the_last_ch
     assert main(["train", str(config)]) == 2
     err_lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert len(failed_in) == 1 and len(err_lines) == 1
-    assert err_lines[0] == f"error: {failed_in[0] / STATE_FILE}: cannot write checkpoint (No space left on device)"
+    assert (
+        err_lines[0]
+        == f"error: {failed_in[0] / TRAINING_STATE_FILE}: cannot write checkpoint (No space left on device)"
+    )
 
     checkpoints = sorted((tmp_path / "runs").rglob("checkpoints/epoch_*"))
     assert [p.name for p in checkpoints] == ["epoch_0000"]
-    state = load_file(checkpoints[0] / STATE_FILE)
+    state = load_file(checkpoints[0] / TRAINING_STATE_FILE)
     assert state["epoch"] == 0 and load_file(checkpoints[0] / MODEL_FILE)["epoch"] == 0
     assert not failed_in[0].exists() or not any(failed_in[0].iterdir())
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
@@ -564,10 +567,10 @@ def test_publish_dir_on_a_full_disk_keeps_the_previous_folder_and_no_partial_cop
     src = tmp_path / "src"
     src.mkdir()
     (src / MODEL_FILE).write_bytes(b"new model")
-    (src / STATE_FILE).write_bytes(b"new state")
+    (src / TRAINING_STATE_FILE).write_bytes(b"new state")
     dest = tmp_path / "checkpoints" / "epoch_0001"
     dest.mkdir(parents=True)
-    (dest / STATE_FILE).write_bytes(b"old state")
+    (dest / TRAINING_STATE_FILE).write_bytes(b"old state")
 
     real_copyfile = shutil.copyfile
     copied = []
@@ -582,10 +585,12 @@ def test_publish_dir_on_a_full_disk_keeps_the_previous_folder_and_no_partial_cop
     with pytest.raises(UserError) as info:
         publish_dir(src, dest)
     assert str(info.value) == f"{dest}: cannot write checkpoint (No space left on device)"
-    assert sorted(os.listdir(dest.parent)) == ["epoch_0001"] and os.listdir(dest) == [STATE_FILE]
-    assert (dest / STATE_FILE).read_bytes() == b"old state"
+    assert sorted(os.listdir(dest.parent)) == ["epoch_0001"] and os.listdir(dest) == [TRAINING_STATE_FILE]
+    assert (dest / TRAINING_STATE_FILE).read_bytes() == b"old state"
 
     monkeypatch.setattr(shutil, "copyfile", real_copyfile)
     publish_dir(src, dest)
     assert sorted(os.listdir(dest.parent)) == ["epoch_0001"]
-    assert (dest / STATE_FILE).read_bytes() == b"new state" and (dest / MODEL_FILE).read_bytes() == b"new model"
+    assert (dest / TRAINING_STATE_FILE).read_bytes() == b"new state" and (
+        dest / MODEL_FILE
+    ).read_bytes() == b"new model"

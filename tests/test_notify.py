@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from orchestrator.cli import main
-from orchestrator.notify import STATE_FILE, Destination, band, notify_report, send, url_problem
+from orchestrator.notify import VERDICTS_FILE, Destination, band, notify_report, send, url_problem
 from orchestrator.recipe import load_recipe
 from orchestrator.reproduce import Report, Row, RunOutcome, compare
 from tests.mlflow_server import free_port, mlflow_server
@@ -228,7 +228,7 @@ def test_without_tracking_the_state_file_holds_the_previous_verdict(tmp_path, we
     path = recipe_with(tmp_path, {"val/rsum": {"value": 50.0, "tolerance": 5.0, "source": "s"}}, "r.yaml")
     recipe = load_recipe(path, ["tracking.enabled=false", f"train.output_dir={tmp_path / 'out'}"])
     dest = [Destination(webhook.url(), "test")]
-    state = tmp_path / "out" / STATE_FILE
+    state = tmp_path / "out" / VERDICTS_FILE
     state.parent.mkdir()
     state.write_text("{not json")  # a damaged state file counts as none and is rewritten
     assert notify_report(verdict(recipe, 60.0), dest) == 0 and webhook.received == []  # a first pass: silent

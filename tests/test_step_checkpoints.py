@@ -19,7 +19,7 @@ import signal
 import pytest
 import torch
 
-from orchestrator.checkpoint import MODEL_FILE, STATE_FILE, atomic_save, load_file
+from orchestrator.checkpoint import MODEL_FILE, TRAINING_STATE_FILE, atomic_save, load_file
 from orchestrator.config import validate_config
 from orchestrator.interrupts import Terminated, sigterm_as_interrupt
 from orchestrator.session import LocalSession
@@ -111,7 +111,7 @@ def test_a_sigterm_mid_epoch_saves_a_step_checkpoint_and_the_resume_continues_wi
     latest = cut.latest_checkpoint()
     assert latest is not None and latest.name == "step_0000_00000003"
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_0000_00000003"]
-    state = load_file(latest / STATE_FILE)
+    state = load_file(latest / TRAINING_STATE_FILE)
     assert state["position"] == {"epoch": 0, "step": 3} and state["global_step"] == 3 and "model" not in state
 
     resumed, losses = train(cfg, tmp_path / "run")
@@ -150,7 +150,7 @@ def test_weights_are_written_once_and_the_best_keeps_no_optimiser_state(referenc
     is not the latest has no ``state.pt``. Before: ``state.pt`` repeated the weights in every folder."""
     session, _ = reference
     latest = session.latest_checkpoint()
-    state = load_file(latest / STATE_FILE)
+    state = load_file(latest / TRAINING_STATE_FILE)
     assert "model" not in state and state["optimizer"]["state"] and state["format"] == 2
     assert set(load_file(latest / MODEL_FILE)["model"]) == set(_weights(latest))
 
@@ -161,12 +161,12 @@ def test_the_best_folder_drops_its_training_state_once_a_later_epoch_is_latest(t
     session = LocalSession(tmp_path / "run")
     for epoch, score in ((0, 10.0), (1, 5.0)):
         src = tmp_path / f"src{epoch}"
-        atomic_save({"epoch": epoch}, src / STATE_FILE)
+        atomic_save({"epoch": epoch}, src / TRAINING_STATE_FILE)
         atomic_save({"epoch": epoch}, src / MODEL_FILE)
         session.report({"val/rsum": score}, src, epoch)
     best, latest = session.best_checkpoint(), session.latest_checkpoint()
     assert (best.name, latest.name) == ("epoch_0000", "epoch_0001")
-    assert sorted(os.listdir(best)) == [MODEL_FILE] and sorted(os.listdir(latest)) == [MODEL_FILE, STATE_FILE]
+    assert sorted(os.listdir(best)) == [MODEL_FILE] and sorted(os.listdir(latest)) == [MODEL_FILE, TRAINING_STATE_FILE]
     session.save_step(tmp_path / "src1", 2, 3)
     assert session.latest_checkpoint().name == "step_0002_00000003"
 
@@ -177,7 +177,7 @@ def test_eval_reads_the_old_layout_and_a_run_resumes_from_it(tmp_path, reference
     layout of the same weights, and a run resumes from it."""
     session, _ = reference
     new = session.latest_checkpoint()
-    state, weights = load_file(new / STATE_FILE), load_file(new / MODEL_FILE)
+    state, weights = load_file(new / TRAINING_STATE_FILE), load_file(new / MODEL_FILE)
     old = tmp_path / "run" / "checkpoints" / "epoch_0000"
     atomic_save(
         {
@@ -191,7 +191,7 @@ def test_eval_reads_the_old_layout_and_a_run_resumes_from_it(tmp_path, reference
             "torch_rng": state["torch_rng"],
             "config_hash": state["config_hash"],
         },
-        old / STATE_FILE,
+        old / TRAINING_STATE_FILE,
     )
     atomic_save(
         {

@@ -32,7 +32,7 @@ from orchestrator.config.base import (
     absolute_path,
     existing_path,
 )
-from orchestrator.config.data import DataConfig, NoiseConfig, SyntheticData
+from orchestrator.config.data import DataConfig, NoiseConfig, SyntheticConfig
 from orchestrator.config.evaluation import EvalConfig
 from orchestrator.config.experiment import (
     ExperimentConfig,
@@ -80,7 +80,7 @@ __all__ = [
     "existing_path",
     "DataConfig",
     "NoiseConfig",
-    "SyntheticData",
+    "SyntheticConfig",
     "EvalConfig",
     "ExperimentConfig",
     "format_validation_error",

@@ -19,7 +19,7 @@ from orchestrator.config.base import (
 from orchestrator.config.data_formats import AUTO, check_format_name, detect_format, format_declaration
 
 
-class SyntheticData(Section):
+class SyntheticConfig(Section):
     """The built-in generated dataset of coloured shapes (no download)."""
 
     num_train_images: PositiveInt = 2000
@@ -30,7 +30,7 @@ class SyntheticData(Section):
     captions_per_image: tuple[PositiveInt, PositiveInt] = (2, 5)
 
     @model_validator(mode="after")
-    def _range(self) -> SyntheticData:
+    def _range(self) -> SyntheticConfig:
         lo, hi = self.captions_per_image
         if lo > hi:
             raise FieldError("captions_per_image", "the minimum is larger than the maximum")
@@ -79,7 +79,7 @@ class DataConfig(Section):
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
-    synthetic: SyntheticData = SyntheticData()
+    synthetic: SyntheticConfig = SyntheticConfig()
     shards: str | list[str] | None = Field(
         None,
         description="webdataset: the training shards, a brace pattern (path/train-{000000..000099}.tar) or a "

@@ -160,7 +160,7 @@ _KERNEL_DOC = (
 
 @register_loss_section
 class ListwiseLoss(RelevanceLossSection):
-    """Listwise ITR: (1 − λ)·triplet + λ·Smooth-NDCG over the in-batch list, relevance from RSC (spec B)."""
+    """Listwise ITR: (1 − λ)·triplet + λ·Smooth-NDCG over the in-batch list, relevance from RSC (docs/methods.md §B)."""
 
     family: Literal["listwise"] = "listwise"
     weight: UnitInterval = Field(0.5, description="λ (sndcg_weight); missing from the released code: sweep it")
@@ -177,10 +177,10 @@ class ListwiseLoss(RelevanceLossSection):
 
 @register_loss_section
 class BCLSLoss(RelevanceLossSection):
-    """BCLS: Triplet-SN + λ·Kendall ranking loss on continuous pseudo labels, with SW-HS sampling (spec A).
+    """BCLS: Triplet-SN + λ·Kendall ranking loss on continuous pseudo labels, with SW-HS sampling (docs/methods.md §A).
 
-    Triplet-SN and SW-HS are reconstructions (spec A.8): ``soft_negative_tau`` -> 0 is VSE++; ``window`` None
-    and ``hard_k`` None is the full (released ITM_CLS) Kendall loss.
+    Triplet-SN and SW-HS are reconstructions (docs/methods.md §A.8): ``soft_negative_tau`` -> 0 is VSE++;
+    ``window`` None and ``hard_k`` None is the full (released ITM_CLS) Kendall loss.
     """
 
     family: Literal["bcls"] = "bcls"
@@ -201,10 +201,10 @@ class BCLSLoss(RelevanceLossSection):
 
 @register_loss_section
 class CUSALoss(LossSection):
-    """CUSA: InfoNCE + α·CSA + β·USA (spec C.2), temperatures and clamps of the released configs.
+    """CUSA: InfoNCE + α·CSA + β·USA (docs/methods.md §C.2), temperatures and clamps of the released configs.
 
     ``reduction`` defaults to the released ``class_mean`` InfoNCE (divided by B) because the published α = 0.1
-    and β = 0.5 are relative to it (spec C.7-1); ``sum`` is the textbook form (then scale α, β by 1/B).
+    and β = 0.5 are relative to it (docs/methods.md §C.7-1); ``sum`` is the textbook form (then scale α, β by 1/B).
     """
 
     family: Literal["cusa"] = "cusa"

@@ -101,14 +101,14 @@ def _guard_outputs(opts: EvalOptions, inputs: EvalInputs, bulk_inputs: Sequence[
 def _checkpoint_inputs(checkpoint: Path, model_path: Path, cfg, index, split: str, config: str | None) -> EvalInputs:
     """The files ``itr eval --checkpoint`` reads: the checkpoint (its whole folder when one was given), the
     config, the split's annotations, the dataset root and the teacher cache."""
-    from orchestrator.checkpoint import STATE_FILE
+    from orchestrator.checkpoint import TRAINING_STATE_FILE
 
     inputs = EvalInputs([], [])
     inputs.add_file(model_path, "the checkpoint")
     if Path(checkpoint).is_dir():
         inputs.add_tree(checkpoint, "the checkpoint folder")
-    elif (model_path.parent / STATE_FILE).is_file():
-        inputs.add_file(model_path.parent / STATE_FILE, "the checkpoint's training state")
+    elif (model_path.parent / TRAINING_STATE_FILE).is_file():
+        inputs.add_file(model_path.parent / TRAINING_STATE_FILE, "the checkpoint's training state")
     inputs.add_file(config, "--config")
     inputs.add_file(index.source, f"the {split} split's annotations")
     inputs.add_file(cfg.data.annotations, "data.annotations")

@@ -1,7 +1,7 @@
 """CUSA's extra projectors: LayerNorm + Linear heads on top of the student's embeddings, one per modality.
 
 The cross-modal heads feed InfoNCE, CSA and retrieval; the uni-modal heads feed only USA and the uni-modal
-evaluations (spec C.1). Linear weights ~ N(0, 0.02²), biases at PyTorch's default init.
+evaluations (docs/methods.md §C.1). Linear weights ~ N(0, 0.02²), biases at PyTorch's default init.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ Layout: :mod:`.base` (the :class:`TeacherEncoder` interface), :mod:`.registry` (
 the import order is the order a misplaced spec's error lists the forms).
 """
 
-from orchestrator.teachers.encoders.base import Inputs, Modality, TeacherEncoder, default_device, l2_normalise
+from orchestrator.teachers.encoders.base import Inputs, Modality, TeacherEncoder, default_device_name, l2_normalise
 from orchestrator.teachers.encoders.mpnet_parts import (
     MPNET_PACKAGES,
     MPNET_PARTS,
@@ -94,7 +94,7 @@ __all__ = [
     "build_image_teacher",
     "build_teacher",
     "build_text_teacher",
-    "default_device",
+    "default_device_name",
     "find_mpnet_parts",
     "l2_normalise",
     "mpnet_part_name",

@@ -19,7 +19,7 @@ Modality = Literal["image", "text"]
 Inputs = Literal["text", "pixels", "index"]
 
 
-def default_device() -> str:
+def default_device_name() -> str:
     """``"cuda"`` when a GPU is visible to torch, else ``"cpu"``."""
     import torch
 
@@ -111,7 +111,7 @@ class TeacherEncoder:
 
     def _device(self) -> str:
         if self.device is None:
-            self.device = default_device()
+            self.device = default_device_name()
         return self.device
 
     def bind(self, index: DatasetIndex) -> TeacherEncoder:
