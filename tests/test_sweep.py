@@ -757,3 +757,31 @@ def test_sweep_runs_on_an_existing_cluster_through_ray_address(tmp_path, monkeyp
                 pass
         kill_tagged(tag, tuple(pgids))
         shutil.rmtree(temp_root, ignore_errors=True)
+
+
+@pytest.mark.ray
+def test_a_sweep_continued_against_another_tracking_store_is_refused(tmp_path, fakes_by_value, monkeypatch):
+    """Its finished trials live in the first store only (Tune will not run them again): continuing against a new
+    MLFLOW_TRACKING_URI must not end with an empty parent run and no leaderboard; it is refused, naming both."""
+    from orchestrator.sweep import run_sweep
+
+    base = sweep_base(tmp_path, epochs=1)
+    base["tracking"].pop("uri", None)
+    path = space_doc(tmp_path, "moved", {"train.lr": {"grid": [1e-3]}}, base=base, resources={"cpu": 1})
+    first, second = f"sqlite:///{tmp_path / 'first.db'}", f"sqlite:///{tmp_path / 'second.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", first)
+    result = run_sweep(load_space(path), trial_fn=fake_trial, progress=False)
+    assert len(result.records) == 1 and result.table
+    state_file = tmp_path / "runs" / "sweeps" / "moved" / "itr_sweep.json"
+    state = state_file.read_text()
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", second)
+    with pytest.raises(UserError) as info:
+        run_sweep(load_space(path), trial_fn=fake_trial, progress=False)
+    message = str(info.value)
+    assert result.parent_run_id in message and first in message and second in message and "--name" in message
+    assert state_file.read_text() == state  # nothing rewritten
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(tracking_uri=second).get_experiment_by_name("sweeps")
+    assert exp is None or not MlflowClient(tracking_uri=second).search_runs([exp.experiment_id])

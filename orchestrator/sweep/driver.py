@@ -27,6 +27,7 @@ from orchestrator.sweep.state import (
 from orchestrator.sweep.tracker import (
     Leaderboard,
     SweepTracker,
+    check_recorded_store,
     open_parent_run,
     parent_ends_on_error,
     publish_leaderboard,
@@ -90,6 +91,7 @@ def run_sweep(
     _configure_tune()
     point = find_resume_point(path, space, name, resume=resume)
     target = tracking.resolve_target(space.base_config.tracking) if space.base_config.tracking.enabled else None
+    check_recorded_store(target, space, name, point)
     preflight_space(space, target.uri if target is not None else None)
     init_ray()
     check_fits_cluster(space)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ray.tune import Callback
 
 from orchestrator import leaderboard, tracking
+from orchestrator.errors import UserError
 from orchestrator.sweep import comparisons, ray_compat, settings_table
 from orchestrator.sweep.state import ResumePoint, SweepFolder, leaderboard_folder
 from orchestrator.sweep.trial import build_trial_config, trial_name
@@ -281,6 +282,25 @@ def open_parent_run(
             end_running_children(target, parent, "superseded: the sweep restarted from scratch")
         return parent, False
     return _start_parent(target, space, name, folder), not point.restorable
+
+
+def check_recorded_store(
+    target: tracking.TrackingTarget | None, space: SearchSpace, name: str, point: ResumePoint
+) -> None:
+    """Refuse to continue a sweep whose finished trials the current tracking store has never seen.
+
+    Tune restores finished trials without running them again, so a sweep continued against another store (a new
+    ``MLFLOW_TRACKING_URI``, a team server) would record an empty parent run and end with no leaderboard: a
+    ``UserError`` says so and how to go on (that store, or a new sweep name) before anything is written."""
+    parent, recorded = point.parent_run_id, (point.state or {}).get("tracking_uri")
+    if target is None or not parent or not point.restorable or tracking.run_exists(target, parent):
+        return
+    raise UserError(
+        f"sweep {name!r} has trials recorded in MLflow parent run {parent} of {recorded or 'another store'}, "
+        f"which the tracking store {target.uri} does not hold (the finished trials would not be recorded again): "
+        f"continue it against that store (MLFLOW_TRACKING_URI={recorded}), or start a new sweep with --name",
+        path=str(space.path),
+    )
 
 
 def _start_parent(target: tracking.TrackingTarget, space: SearchSpace, name: str, folder: SweepFolder) -> str:
