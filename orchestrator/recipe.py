@@ -38,11 +38,12 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 
 from orchestrator.config import (
     ExperimentConfig,
@@ -54,121 +55,13 @@ from orchestrator.config import (
 )
 from orchestrator.errors import UserError
 from orchestrator.metrics_catalogue import evaluation_metrics, reported_metrics, unreported
+from orchestrator.recipe_spec import EvaluateSpec, RecipeSpec, ReferenceSpec, RunSpec
 from orchestrator.search_space import SearchSpace, default_mode, load_space
-from orchestrator.spec_files import StrictModel, first_error, is_name, read_spec_file
+from orchestrator.spec_files import first_error, read_spec_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: tag keys on the MLflow runs a reproduction touches
 TAG_RECIPE, TAG_RUN, TAG_STATUS = "repro/recipe", "repro/run", "repro/status"
-
-
-class InputSpec(StrictModel):
-    """A path the user supplies: ``--input NAME=PATH``, else ``$env``, else ``default``."""
-
-    field: str
-    help: str
-    env: str | None = None
-    default: str | None = None
-    kind: Literal["dir", "file", "any"] = "any"
-    template: str = "{path}"
-    runs: list[str] | None = None
-
-    @field_validator("template")
-    @classmethod
-    def _has_path(cls, v: str) -> str:
-        if "{path}" not in v:
-            raise ValueError("the template must contain {path}")
-        return v
-
-
-class ReferenceSpec(StrictModel):
-    """One row of the reference table: a published (or measured) value, or another run's measured value."""
-
-    value: Annotated[float, Field(allow_inf_nan=False)] | None = None
-    relative_to: str | None = None
-    tolerance: Annotated[float, Field(ge=0, allow_inf_nan=False)]
-    direction: Literal["higher", "lower", "both"] | None = None
-    source: str
-    enforce: bool = True
-
-    @model_validator(mode="after")
-    def _one_reference(self) -> ReferenceSpec:
-        if (self.value is None) == (self.relative_to is None):
-            raise ValueError("give exactly one of value / relative_to")
-        return self
-
-
-class EvaluateSpec(StrictModel):
-    """A split scored on the run's best checkpoint after training: recall always, ``eccv`` (ECCV Caption, CxC,
-    COCO 1K/5K on the COCO 5K test images) and ``folds`` (averaged over N image folds) when asked."""
-
-    split: Literal["val", "test"]
-    eccv: bool = False
-    folds: Annotated[int, Field(ge=2)] | None = None
-
-
-class RunSpec(StrictModel):
-    config: str | dict[str, Any] | None = None
-    space: str | None = None
-    overrides: list[str] = []
-    evaluate: list[EvaluateSpec] = []
-    description: str | None = None
-    reference: dict[str, ReferenceSpec] = {}
-
-    @field_validator("evaluate", mode="before")
-    @classmethod
-    def _split_names(cls, v: Any) -> Any:
-        """A split name (``evaluate: [test]``) is short for ``{split: test}``."""
-        return [{"split": e} if isinstance(e, str) else e for e in v] if isinstance(v, list) else v
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> RunSpec:
-        if (self.config is None) == (self.space is None):
-            raise ValueError("give exactly one of config (an experiment) / space (a sweep)")
-        if self.space is not None and self.evaluate:
-            raise ValueError("evaluate applies to experiments (a sweep reports its trials' val metrics)")
-        return self
-
-
-class RecipeSpec(StrictModel):
-    name: str | None = None
-    description: str
-    provenance: dict[str, str] | None = None
-    inputs: dict[str, InputSpec] = {}
-    runs: dict[str, RunSpec]
-    notify: list[str] = []  # apprise URLs told of a regression / recovery (orchestrator.notify)
-
-    @field_validator("notify")
-    @classmethod
-    def _notify(cls, v: list[str]) -> list[str]:
-        if not v:
-            return v
-        from orchestrator.notify import url_problem  # imports apprise, only for a recipe that notifies
-
-        for i, url in enumerate(v, 1):
-            problem = url_problem(url)
-            if problem:
-                raise ValueError(f"entry {i}: {problem}")  # never the URL itself: it holds tokens
-        return v
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str | None) -> str | None:
-        if v is not None and not is_name(v):
-            raise ValueError("use letters, digits, '_', '-' and '.'")
-        return v
-
-    @field_validator("runs")
-    @classmethod
-    def _runs(cls, v: dict[str, RunSpec]) -> dict[str, RunSpec]:
-        if not v:
-            raise ValueError("give at least one run")
-        if not any(ref.enforce for run in v.values() for ref in run.reference.values()):
-            raise ValueError("no run has an enforced reference row: nothing to compare")
-        for key in v:
-            if not is_name(key):
-                raise ValueError(f"run name {key!r}: use letters, digits, '_', '-' and '.'")
-        return v
 
 
 # ---------------------------------------------------------------------------------------- loaded form
@@ -334,6 +227,10 @@ def _unmeasured(
     return unreported(metric, _allowed_metrics(cfg, evaluate, space), what="this run", cfg=base) + why
 
 
+#: (config, evaluate, space) of a loaded run: what ``_unmeasured`` needs to tell whether a metric is measured
+Measures = tuple[ExperimentConfig | None, list[EvaluateSpec], SearchSpace | None]
+
+
 def load_recipe(
     path: str | Path, overrides: list[str] | None = None, inputs: list[str] | None = None, runs: list[str] | None = None
 ) -> Recipe:
@@ -351,7 +248,28 @@ def load_recipe(
         first = first_error(err)
         raise spec_file.fail(first.counted(first.message), first.loc, field=first.dotted or None) from None
 
-    # --- which runs: the selected ones plus what their relative_to rows need
+    order = _selected_runs(spec, path, runs, where)
+    # --- inputs, then each run's config (recipe config -> inputs -> run overrides -> --set -> repro tags)
+    given = _parse_assignments(list(inputs or []), "--input")
+    values = resolve_inputs(spec, path, given, set(order), where)
+    cli = list(overrides or [])
+    for text in cli:
+        parse_override(text)
+    loaded: list[RecipeRun] = []
+    measures: dict[str, Measures] = {}
+    for name in order:
+        fills = [
+            _override(spec.inputs[i].field, v)
+            for i, v in values.items()
+            if (only := spec.inputs[i].runs) is None or name in only
+        ]
+        loaded.append(_load_run(spec, name, path, fills, cli, measures, where))
+    return Recipe(path=path.resolve(), spec=spec, runs=loaded, inputs=values)
+
+
+def _selected_runs(spec: RecipeSpec, path: Path, runs: list[str] | None, where: Callable[..., str]) -> list[str]:
+    """Which runs, in execution order: the selected ones (``--run``; default all) plus what their relative_to
+    rows need. An unknown run name, or a relative_to that names no other run, is a UserError."""
     for name in runs or []:
         if name not in spec.runs:
             raise UserError(f"--run {name}: no such run (runs: {', '.join(spec.runs)})", path=str(path))
@@ -363,81 +281,76 @@ def load_recipe(
                     path=where("runs", name, "reference", metric),
                     field=f"runs.{name}.reference.{metric}",
                 )
-    order = _execution_order(spec, set(runs or spec.runs))
+    return _execution_order(spec, set(runs or spec.runs))
 
-    # --- inputs, then each run's config (recipe config -> inputs -> run overrides -> --set -> repro tags)
-    given = _parse_assignments(list(inputs or []), "--input")
-    values = resolve_inputs(spec, path, given, set(order), where)
-    cli = list(overrides or [])
-    for text in cli:
-        parse_override(text)
+
+def _load_run(
+    spec: RecipeSpec,
+    name: str,
+    path: Path,
+    fills: list[str],
+    cli: list[str],
+    measures: dict[str, Measures],
+    where: Callable[..., str],
+) -> RecipeRun:
+    """Run ``name`` validated: its config (or space) with ``fills`` (the inputs), its own overrides, ``cli``
+    (``--set``) and the repro tags applied, and its reference rows resolved. Records what it measures in
+    ``measures`` (its relative_to runs come earlier in the execution order, so they are there already)."""
+    run = spec.runs[name]
+    for text in run.overrides:
+        try:
+            parse_override(text)
+        except UserError as err:
+            raise UserError(err.detail, path=where("runs", name, "overrides"), field=f"runs.{name}.overrides") from None
     recipe_name = spec.name or path.stem
-    loaded: list[RecipeRun] = []
-    measures: dict[str, tuple[ExperimentConfig | None, list[EvaluateSpec], SearchSpace | None]] = {}
-    for name in order:
-        run = spec.runs[name]
-        fills = [
-            _override(spec.inputs[i].field, v)
-            for i, v in values.items()
-            if (only := spec.inputs[i].runs) is None or name in only
-        ]
-        for text in run.overrides:
-            try:
-                parse_override(text)
-            except UserError as err:
-                raise UserError(
-                    err.detail, path=where("runs", name, "overrides"), field=f"runs.{name}.overrides"
-                ) from None
-        all_overrides = fills + list(run.overrides) + cli
-        tags = [_override(f"tracking.tags.{TAG_RECIPE}", recipe_name), _override(f"tracking.tags.{TAG_RUN}", name)]
-        config, space = None, None
-        if run.space is not None:
-            found = _find_file(run.space, path)
-            if found is None:
-                raise UserError(
-                    f"search space {run.space!r} not found",
-                    path=where("runs", name, "space"),
-                    field=f"runs.{name}.space",
-                )
-            space = load_space(found, all_overrides + tags)
-        else:
-            config = _experiment_config(run, name, path, all_overrides + tags, where)
-        measures[name] = (config, list(run.evaluate), space)
-        references = []
-        for metric, ref in run.reference.items():
-            for who in [name] + ([ref.relative_to] if ref.relative_to and ref.enforce else []):
-                problem = _unmeasured(metric, *measures[who]) if ref.enforce else None
-                if problem:
-                    what = "" if who == name else f" (the run it is relative_to, {who})"
-                    raise UserError(
-                        f"{problem}{what} (or mark the row enforce: false)",
-                        path=where("runs", name, "reference", metric),
-                        field=f"runs.{name}.reference",
-                    )
-            direction = ref.direction or ("higher" if default_mode(metric) == "max" else "lower")
-            references.append(
-                Reference(
-                    run=name,
-                    metric=metric,
-                    value=ref.value,
-                    relative_to=ref.relative_to,
-                    tolerance=ref.tolerance,
-                    direction=direction,
-                    source=ref.source,
-                    enforce=ref.enforce,
-                )
+    tags = [_override(f"tracking.tags.{TAG_RECIPE}", recipe_name), _override(f"tracking.tags.{TAG_RUN}", name)]
+    all_overrides = fills + list(run.overrides) + cli + tags
+    config, space = None, None
+    if run.space is not None:
+        found = _find_file(run.space, path)
+        if found is None:
+            raise UserError(
+                f"search space {run.space!r} not found", path=where("runs", name, "space"), field=f"runs.{name}.space"
             )
-        loaded.append(
-            RecipeRun(
-                name=name,
-                config=config,
-                space=space,
-                evaluate=list(run.evaluate),
-                references=references,
-                line=where("runs", name),
+        space = load_space(found, all_overrides)
+    else:
+        config = _experiment_config(run, name, path, all_overrides, where)
+    measures[name] = (config, list(run.evaluate), space)
+    references = [_reference(name, metric, ref, measures, where) for metric, ref in run.reference.items()]
+    return RecipeRun(
+        name=name,
+        config=config,
+        space=space,
+        evaluate=list(run.evaluate),
+        references=references,
+        line=where("runs", name),
+    )
+
+
+def _reference(
+    name: str, metric: str, ref: ReferenceSpec, measures: dict[str, Measures], where: Callable[..., str]
+) -> Reference:
+    """A reference row of run ``name``, resolved; an enforced row whose metric the run (or the run it is
+    relative_to) does not measure is a UserError."""
+    for who in [name] + ([ref.relative_to] if ref.relative_to and ref.enforce else []):
+        problem = _unmeasured(metric, *measures[who]) if ref.enforce else None
+        if problem:
+            what = "" if who == name else f" (the run it is relative_to, {who})"
+            raise UserError(
+                f"{problem}{what} (or mark the row enforce: false)",
+                path=where("runs", name, "reference", metric),
+                field=f"runs.{name}.reference",
             )
-        )
-    return Recipe(path=path.resolve(), spec=spec, runs=loaded, inputs=values)
+    return Reference(
+        run=name,
+        metric=metric,
+        value=ref.value,
+        relative_to=ref.relative_to,
+        tolerance=ref.tolerance,
+        direction=ref.direction or ("higher" if default_mode(metric) == "max" else "lower"),
+        source=ref.source,
+        enforce=ref.enforce,
+    )
 
 
 def _execution_order(spec: RecipeSpec, selected: set[str]) -> list[str]:

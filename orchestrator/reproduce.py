@@ -25,7 +25,8 @@ from typing import Any
 
 from orchestrator import tracking
 from orchestrator.errors import UserError
-from orchestrator.recipe import TAG_RECIPE, TAG_RUN, TAG_STATUS, EvaluateSpec, Recipe, RecipeRun, Reference
+from orchestrator.recipe import TAG_RECIPE, TAG_RUN, TAG_STATUS, Recipe, RecipeRun, Reference
+from orchestrator.recipe_spec import EvaluateSpec
 
 log = logging.getLogger(__name__)
 
