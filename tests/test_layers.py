@@ -28,6 +28,7 @@ EDGES = {
     "orchestrator.system_metrics",
     "orchestrator.ui_server",
     "orchestrator.leaderboard",
+    "orchestrator.notify",
     "orchestrator.search_space",
     "orchestrator.preflight",
     "orchestrator.storage",
