@@ -32,6 +32,7 @@ EDGES = {
     "orchestrator.preflight",
     "orchestrator.storage",
     "orchestrator.run_folders",
+    "orchestrator.run_ray",
     "orchestrator.recipe",
     "orchestrator.space_checks",
 }
