@@ -39,7 +39,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from orchestrator.data.index import DatasetIndex  # noqa: E402
 from orchestrator.teachers.encoders import TeacherEncoder, build_teacher  # noqa: E402
-from orchestrator.teachers.extract import _local_stream  # noqa: E402
+from orchestrator.teachers.store_fill import local_stream  # noqa: E402
 
 COCO_MINI = REPO.parent / "shared" / "data" / "coco-mini"
 
@@ -61,7 +61,7 @@ def load_index(need_captions: int, need_images: int) -> tuple[DatasetIndex, str]
 def time_local(encoder: TeacherEncoder, index: DatasetIndex, positions: np.ndarray, batch: int) -> float:
     start = time.perf_counter()
     n = 0
-    for pos, _feats in _local_stream(encoder, index, positions, batch):
+    for pos, _feats in local_stream(encoder, index, positions, batch):
         n += len(pos)
     assert n == len(positions)
     return time.perf_counter() - start

@@ -29,7 +29,7 @@ from orchestrator.errors import UserError
 
 log = logging.getLogger(__name__)
 
-#: The metric Ray Train's checkpoint order reads (``orchestrator.run._score``: the selection metric, or -/+1e30
+#: The metric Ray Train's checkpoint order reads (``orchestrator.run_ray._score``: the selection metric, or -/+1e30
 #: for an epoch that was not evaluated).
 SCORE = "checkpoint/score"
 #: Marks a mid-epoch report: a step checkpoint, no epoch's metrics.

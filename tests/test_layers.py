@@ -33,6 +33,7 @@ EDGES = {
     "orchestrator.preflight",
     "orchestrator.storage",
     "orchestrator.run_folders",
+    "orchestrator.run_ray",
     "orchestrator.recipe",
     "orchestrator.space_checks",
 }
@@ -42,7 +43,7 @@ RAY_BACKENDS = {
     "orchestrator.teachers.placement": "teachers.backend auto: asks the connected cluster for its GPUs",
     "orchestrator.data.image_cache": "picks the Ray build of the decoded-image cache when a cluster is there",
     "orchestrator.data.image_cache_build": "the decoded-image cache built as Ray tasks",
-    "orchestrator.teachers.extract": "imports the Ray backend module for teachers.backend ray",
+    "orchestrator.teachers.store_fill": "imports the Ray backend module for teachers.backend ray",
 }
 METHODS_ALLOWED = {"torch", "triton", "methods", "__future__"}
 

@@ -73,7 +73,7 @@ def _retained(tmp_path: Path, mode: str) -> list[tuple[set[str], str]]:
             if isinstance(what, tuple):
                 metrics = step_report(*what, best_mode=mode)
             else:  # an epoch: RayTrainSession.report's score, the metric itself (min mode: negated values, lower
-                # wins; the unevaluated epoch's -1e30 becomes +1e30, as orchestrator.run._score words it)
+                # wins; the unevaluated epoch's -1e30 becomes +1e30, as orchestrator.run_ray._score words it)
                 metrics = {"epoch": float(name[1:]), "checkpoint/score": sign * what}
             manager.register_checkpoint(_TrainingReport(Checkpoint(str(folder)), metrics, False))
             kept = {p.name for p in root.iterdir() if p.is_dir()}
@@ -98,7 +98,7 @@ def test_a_step_report_is_marked_and_has_no_epoch():
     report = step_report(2, 40, "max")
     assert is_step_report(report) and "epoch" not in report
     assert (report["checkpoint/epoch"], report["checkpoint/step"]) == (2.0, 40.0)
-    # below an unevaluated epoch's score (-1e30 in max mode, +1e30 in min mode: orchestrator.run._score)
+    # below an unevaluated epoch's score (-1e30 in max mode, +1e30 in min mode: orchestrator.run_ray._score)
     assert report["checkpoint/score"] < -1e30 and step_report(0, 1, "min")["checkpoint/score"] > 1e30
     assert not is_step_report({"epoch": 2.0, "checkpoint/score": 3.0}) and not is_step_report(None)
 

@@ -2,7 +2,7 @@
 
 The images to decode are cut into chunks of ``chunk_rows``. Each chunk is decoded and transformed by a worker
 (:func:`decode_chunk`: PIL only, no model), and its uint8 rows come back to the builder, which commits them to the
-store (:meth:`~orchestrator.data.image_cache.PixelStore.append`) as they arrive, under a progress bar. A killed
+store (:meth:`~orchestrator.data.pixel_store.PixelStore.append`) as they arrive, under a progress bar. A killed
 build keeps every committed chunk; the next build decodes only the rest. A file that cannot be decoded stops the
 build with a ``UserError`` naming it; its chunk is never committed.
 

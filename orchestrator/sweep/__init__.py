@@ -4,7 +4,7 @@ How a trial runs
   - one worker, no GPU (``scaling.num_workers == 1`` and ``resources.gpu == 0``): inline, in the Tune function
     trainable, through a ``TuneSession`` (``ray.tune.report`` + ``ray.tune.Checkpoint`` every epoch,
     ``ray.tune.get_checkpoint`` to resume). The trial reserves ``resources.cpu`` CPUs.
-  - several workers or GPUs: the trial function fits a ``TorchTrainer`` (``orchestrator.run._fit_with_ray``, the
+  - several workers or GPUs: the trial function fits a ``TorchTrainer`` (``orchestrator.run_ray._fit_with_ray``, the
     same path as ``itr train``) named ``train-<trial id>`` under ``<sweep>/train``, with Tune's
     ``TuneReportCallback`` forwarding rank 0's reports; the function itself reserves 0.01 CPU and each Train
     worker ``resources.cpu`` CPUs (and one GPU when ``resources.gpu > 0``). A rerun of the same trial resumes the

@@ -1,7 +1,7 @@
 """One trial of a sweep: its config, the resources it reserves, and the Tune function trainable that runs it.
 
 A trial runs inline in the trainable (one worker, no GPU) through a :class:`TuneSession`, or fits a
-``TorchTrainer`` (several workers, or GPUs) through ``orchestrator.run._fit_with_ray``; see
+``TorchTrainer`` (several workers, or GPUs) through ``orchestrator.run_ray._fit_with_ray``; see
 :mod:`orchestrator.sweep` for how each reports to Tune.
 """
 
@@ -133,7 +133,7 @@ def run_trial(config: dict[str, Any], settings: TrialSettings | None = None) -> 
     cfg = settings.config(config)
     if runs_through_train(cfg, settings.gpu):
         from orchestrator.ray_train_hooks import epoch_reports_to_tune
-        from orchestrator.run import _fit_with_ray
+        from orchestrator.run_ray import _fit_with_ray
 
         trial_id = tune.get_context().get_trial_id()
         with ray_compat.abortable_train_run() as publish_controller:
@@ -158,7 +158,7 @@ def run_trial(config: dict[str, Any], settings: TrialSettings | None = None) -> 
 
 
 def _quiet_trial_logs() -> None:
-    """As ``orchestrator.run.quiet_worker_logs`` (not imported: it pulls torch and open_clip into trials that may
+    """As ``orchestrator.run_ray.quiet_worker_logs`` (not imported: it pulls torch and open_clip into trials that may
     not need them), and quieter: the driver prints one line per epoch."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(logging.WARNING)

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -33,7 +32,6 @@ from orchestrator.errors import UserError
 from orchestrator.teachers.cache import (
     ShardStore,
     ViewMismatch,
-    count_nonfinite_rows,
     ensure_cache_dir,
     expected_rows,
     items_digest,
@@ -41,8 +39,9 @@ from orchestrator.teachers.cache import (
     write_view,
 )
 from orchestrator.teachers.encoders import TeacherEncoder, build_image_teacher, build_text_teacher
-from orchestrator.teachers.hashing import FileHashMemo, pixels_key, text_key
+from orchestrator.teachers.hashing import FileHashMemo
 from orchestrator.teachers.placement import Backend, resolve_placement
+from orchestrator.teachers.store_fill import encode_into_store, item_keys, load_items
 
 log = logging.getLogger(__name__)
 
@@ -135,56 +134,6 @@ def load_teachers(cfg: TeachersConfig, device: str | None = None) -> TeacherSet:
     return TeacherSet(image=image, text=text)
 
 
-# --------------------------------------------------------------------------------------------- items
-def item_keys(
-    modality: str, index: DatasetIndex, memo: FileHashMemo | None = None, progress: bool = False
-) -> list[bytes]:
-    """32-byte content keys, one per row: captions (``num_captions``) or images (``num_images``)."""
-    if modality == "text":
-        return [text_key(c) for c in index.captions]
-    from tqdm.auto import tqdm
-
-    memo = memo or FileHashMemo()
-    keys: list[bytes] = []
-    bar = tqdm(
-        total=index.num_images,
-        desc=f"hashing {index.name} images",
-        unit="img",
-        disable=None if progress else True,
-        leave=False,
-    )  # None: only on a terminal
-    for i in range(index.num_images):
-        if index.image_paths is not None:
-            path = index.image_paths[i]
-            try:
-                keys.append(memo.digest(path))
-            except FileNotFoundError:
-                raise UserError("image file not found", path=str(path)) from None
-        else:
-            keys.append(pixels_key(index.load_image(i)))
-        bar.update(1)
-    bar.close()
-    return keys
-
-
-def load_items(encoder: TeacherEncoder, index: DatasetIndex, positions: Sequence[int]) -> list[Any]:
-    """The ``encode`` inputs of rows ``positions``: captions, PIL images, or the positions themselves."""
-    if encoder.inputs == "index":
-        return [int(p) for p in positions]
-    if encoder.inputs == "text":
-        return [index.captions[int(p)] for p in positions]
-    return [index.load_image(int(p)) for p in positions]
-
-
-def _local_stream(
-    encoder: TeacherEncoder, index: DatasetIndex, positions: np.ndarray, batch_size: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(positions (b,), float32 features (b, D)) batch by batch, in order."""
-    for lo in range(0, len(positions), batch_size):
-        chunk = positions[lo : lo + batch_size]
-        yield chunk, encoder.encode(load_items(encoder, index, chunk.tolist()))
-
-
 # ------------------------------------------------------------------------------------------- extract
 def extract_modality(
     encoder: TeacherEncoder,
@@ -224,43 +173,95 @@ def extract_modality(
         )
 
     if not encoder.cacheable:  # file: the features are already on disk, keyed by image id
-        digest = items_digest([i.encode() + b"\0" for i in index.image_ids])
-        try:
-            view = open_view(view_dir, index, modality=modality, identity=encoder.identity, digest=digest)
-            return view, stats(rows, 0, rows, True)
-        except ViewMismatch as err:
-            if (view_dir / "meta.json").exists():
-                log.warning("rebuilding teacher view: %s", err)
-        feats = encoder.encode(list(range(rows)))
-        view = write_view(
-            view_dir,
-            feats,
-            index=index,
-            modality=modality,
-            identity=encoder.identity,
-            spec=encoder.spec,
-            preprocessing=encoder.preprocessing,
-            digest=digest,
-        )
-        return view, stats(rows, rows, 0, False)
+        view, view_reused = _file_view(encoder, index, view_dir, rows)
+        return view, (stats(rows, 0, rows, True) if view_reused else stats(rows, rows, 0, False))
 
     keys = item_keys(modality, index, memo, progress=progress)
     memo.save()
     digest = items_digest(keys)
+    reusable = _valid_view(encoder, index, view_dir, digest)
+    if reusable is not None:
+        return reusable, stats(len(set(keys)), 0, rows, True)
+    view, computed, reused = _build_view(
+        encoder,
+        index,
+        store,
+        view_dir,
+        keys,
+        digest,
+        backend=backend,
+        num_actors=num_actors,
+        batch_size=batch_size,
+        shard_size=shard_size,
+        progress=progress,
+        device=device,
+    )
+    return view, stats(len(set(keys)), computed, reused, False)
+
+
+def _valid_view(encoder: TeacherEncoder, index: DatasetIndex, view_dir: Path, digest: str) -> np.memmap | None:
+    """The split view at ``view_dir`` when it is valid for ``encoder`` and items ``digest``, else ``None``
+    (with a warning when there was a view to rebuild)."""
     try:
-        view = open_view(view_dir, index, modality=modality, identity=encoder.identity, digest=digest)
-        return view, stats(len(set(keys)), 0, rows, True)
+        return open_view(view_dir, index, modality=encoder.modality, identity=encoder.identity, digest=digest)
     except ViewMismatch as err:
         if (view_dir / "meta.json").exists():
             log.warning("rebuilding teacher view: %s", err)
+    return None
 
-    table, paths = store.key_map()
+
+def _file_view(encoder: TeacherEncoder, index: DatasetIndex, view_dir: Path, rows: int) -> tuple[np.memmap, bool]:
+    """(view, reused?) of a non-cacheable (file) teacher: its features keyed by image id, written as the view."""
+    digest = items_digest([i.encode() + b"\0" for i in index.image_ids])
+    view = _valid_view(encoder, index, view_dir, digest)
+    if view is not None:
+        return view, True
+    feats = encoder.encode(list(range(rows)))
+    view = write_view(
+        view_dir,
+        feats,
+        index=index,
+        modality=encoder.modality,
+        identity=encoder.identity,
+        spec=encoder.spec,
+        preprocessing=encoder.preprocessing,
+        digest=digest,
+    )
+    return view, False
+
+
+def _missing_rows(keys: list[bytes], table: dict[bytes, tuple[int, int]]) -> tuple[np.ndarray, int]:
+    """(int64 positions (m,) of the first row of each distinct key not in ``table``, ascending; rows whose key
+    ``table`` holds)."""
     first: dict[bytes, int] = {}
     for pos, key in enumerate(keys):
         if key not in table:
             first.setdefault(key, pos)
     missing = np.asarray(sorted(first.values()), dtype=np.int64)
-    reused = sum(1 for key in keys if key in table)
+    return missing, sum(1 for key in keys if key in table)
+
+
+def _build_view(
+    encoder: TeacherEncoder,
+    index: DatasetIndex,
+    store: ShardStore,
+    view_dir: Path,
+    keys: list[bytes],
+    digest: str,
+    *,
+    backend: Backend,
+    num_actors: int,
+    batch_size: int,
+    shard_size: int,
+    progress: bool,
+    device: str | None,
+) -> tuple[np.memmap, int, int]:
+    """Encode the rows of ``keys`` that ``store`` lacks, then materialise the split view from the store:
+    (view float32 (rows, D), distinct items computed, rows reused from the store)."""
+    modality = encoder.modality
+    rows = expected_rows(index, modality)
+    table, paths = store.key_map()
+    missing, reused = _missing_rows(keys, table)
     if len(missing):
         log.info(
             "%s teacher %s: encoding %d of %d %s items (%s)",
@@ -271,7 +272,7 @@ def extract_modality(
             index.name,
             backend,
         )
-        _encode_into_store(
+        encode_into_store(
             encoder,
             index,
             missing,
@@ -301,88 +302,7 @@ def extract_modality(
         shape=(rows, store.dim),
         fill=lambda out: store.gather(locations, paths, out),
     )
-    return view, stats(len(set(keys)), len(missing), reused, False)
-
-
-def _encode_into_store(
-    encoder: TeacherEncoder,
-    index: DatasetIndex,
-    missing: np.ndarray,
-    keys: list[bytes],
-    store: ShardStore,
-    table: dict[bytes, tuple[int, int]],
-    paths: list[Path],
-    *,
-    backend: Backend,
-    num_actors: int,
-    batch_size: int,
-    shard_size: int,
-    progress: bool,
-    device: str | None,
-) -> None:
-    """Encode rows ``missing`` and append them to ``store`` in shards of ``shard_size``, updating ``table``
-    and ``paths`` as each shard lands."""
-    from tqdm.auto import tqdm
-
-    if backend == "ray" and encoder.inputs != "index":
-        from orchestrator.teachers.ray_backend import ray_stream
-
-        stream = ray_stream(
-            encoder, index, missing, batch_size=batch_size, num_actors=num_actors, device=device, progress=False
-        )
-    elif backend in ("ray", "local"):
-        if backend == "ray":
-            log.info("%s teacher %s is a lookup, not a model: encoding it locally", encoder.modality, encoder.spec)
-        if device is not None:
-            encoder.to(device)
-        stream = _local_stream(encoder, index, missing, batch_size)
-    else:
-        raise UserError(f"unknown teachers backend {backend!r} (local or ray)", field="teachers.backend")
-
-    bar = tqdm(
-        total=len(missing),
-        desc=f"{encoder.modality} teacher {encoder.spec}",
-        unit="item",
-        disable=None if progress else True,
-    )  # None: only on a terminal
-    buf_keys: list[bytes] = []
-    buf_feats: list[np.ndarray] = []
-
-    def write(n: int) -> None:
-        feats = np.concatenate(buf_feats) if len(buf_feats) > 1 else buf_feats[0]
-        shard_keys = buf_keys[:n]
-        path = store.append(shard_keys, feats[:n])
-        paths.append(path)
-        shard = len(paths) - 1
-        for row, key in enumerate(shard_keys):
-            table.setdefault(key, (shard, row))
-        del buf_keys[:n]
-        buf_feats[:] = [feats[n:]] if len(feats) > n else []
-
-    try:
-        for pos, feats in stream:
-            feats = np.asarray(feats, dtype=np.float32)
-            if feats.ndim != 2 or feats.shape[0] != len(pos):
-                raise RuntimeError(f"teacher {encoder.spec} returned {feats.shape} for {len(pos)} items")
-            n_bad, _ = count_nonfinite_rows(feats)
-            if n_bad:  # never let a broken teacher poison the shared cache
-                raise UserError(
-                    f"teacher {encoder.spec} returned {n_bad} of {len(feats)} features that are not "
-                    f"finite (NaN or inf) for {index.name}; that batch was not cached",
-                    field=f"teachers.{encoder.modality}",
-                )
-            buf_keys.extend(keys[int(p)] for p in pos)
-            buf_feats.append(feats)
-            while len(buf_keys) >= shard_size:
-                write(shard_size)
-            bar.update(len(pos))
-        if buf_keys:
-            write(len(buf_keys))
-    finally:
-        bar.close()
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
+    return view, len(missing), reused
 
 
 def extract_split(

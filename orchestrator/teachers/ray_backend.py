@@ -1,6 +1,6 @@
 """The Ray Data path of teacher extraction (``teachers.backend: ray``): one model per actor.
 
-Only this module imports Ray; :mod:`orchestrator.teachers.extract` imports it lazily for ``backend="ray"``.
+Only this module imports Ray; :mod:`orchestrator.teachers.store_fill` imports it lazily for ``backend="ray"``.
 The items still missing from the cache become a ``ray.data.from_items`` dataset (caption strings, image
 file paths, or the raw pixels of generated images), mapped by :class:`EncoderActor` on an actor pool of
 ``num_actors`` (``ActorPoolStrategy``), each actor holding one copy of the model (one GPU each where the
