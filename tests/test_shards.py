@@ -1,8 +1,9 @@
 """Webdataset shards (issue 15 item 4): the brace patterns (checked against bash), the writer (round trip against
 coco-mini's own JSON), the per-rank / per-worker split, streamed batches (distinct images, one caption each, the
 same steps on every rank, a mid-epoch resume that continues the uninterrupted epoch), the epoch length counted
-once, bad shards (exit 2, one line naming the shard), and ``itr train`` on shards with 2 Ray Train workers reading
-disjoint shards.
+once, bad shards (exit 2, one line naming the shard), and the training loop on shards. ``itr train`` on shards
+with 2 Ray Train workers reading disjoint shards is in tests/test_train_paths.py (one Ray cluster for every input
+path).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import yaml
 from orchestrator.config import DataConfig, validate_config
 from orchestrator.data.formats import clean_caption
 from orchestrator.data.shard_loader import (
-    TRACE_ENV,
     caption_choice,
     distinct_batches,
     key_id,
@@ -464,57 +464,6 @@ def test_the_training_loop_trains_on_shards_in_the_local_backend(written, tmp_pa
     metrics = train_loop(validate_config(tree))
     assert metrics["train/steps"] == 6.0 and np.isfinite(metrics["train/loss"])
     assert 0.0 < metrics["val/rsum"] <= 600.0
-
-
-@pytest.fixture(scope="module")
-def ray_with_trace(tmp_path_factory):
-    """A 2-CPU Ray cluster whose workers inherit ``ITR_SHARD_TRACE`` (each reader records the shards it opens)."""
-    import os
-
-    import ray
-
-    trace = tmp_path_factory.mktemp("trace")
-    os.environ[TRACE_ENV] = str(trace)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield trace
-    ray.shutdown()
-    os.environ.pop(TRACE_ENV, None)
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_itr_train_on_shards_with_two_ray_train_workers_reads_disjoint_shards(written, tmp_path, ray_with_trace):
-    """``itr train`` (the CLI, Ray Train, 2 CPU workers, the batch gathered over both): each epoch the two ranks
-    open disjoint shards that cover the set, and the run finishes with val metrics."""
-    tree = tiny_tree(
-        tmp_path,
-        data={
-            "format": "webdataset",
-            "shards": written[1],
-            "root": str(COCO_MINI),
-            "loader_workers": 0,
-            "image_cache": "none",
-        },
-        train={"epochs": 2, "batch_size": 8, "eval_at_start": False, "max_steps_per_epoch": None},
-        scaling={"backend": "ray", "num_workers": 2, "cpus_per_worker": 1, "gather_global_batch": True},
-        eval={"reports": False},
-    )
-    tree["data"].pop("synthetic")
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree))
-    rc, lines, out = run_cli(["train", str(tmp_path / "config.yaml")], tmp_path)
-    assert rc == 0, lines[-5:]
-    assert "val/rsum" in out
-    opened: dict[int, dict[int, list[str]]] = {0: defaultdict(list), 1: defaultdict(list)}
-    for rank in (0, 1):
-        for line in (ray_with_trace / f"rank{rank}.txt").read_text().splitlines():
-            epoch, _worker, path = line.split(" ", 2)
-            opened[rank][int(epoch)].append(path)
-    every = sorted(str(p) for p in shard_paths(written[1]))
-    for epoch in (0, 1):
-        a, b = opened[0][epoch], opened[1][epoch]
-        assert a and b and not set(a) & set(b)  # disjoint
-        assert sorted(set(a) | set(b)) == every  # covering: 6 steps x 8 = 48 of each rank's 48 samples
-    assert opened[0][0] != opened[0][1]  # a new shard order in the second epoch
 
 
 def test_the_shard_benchmark_times_one_epoch_through_the_loader(written):
