@@ -1,4 +1,5 @@
-"""``itr sweep`` (a Ray Tune search) and ``itr reproduce`` (a recipe against its reference table)."""
+"""``itr sweep`` (a Ray Tune search), ``itr reproduce`` (a recipe against its reference table) and ``itr table``
+(a sweep's settings as a paper table)."""
 
 from __future__ import annotations
 
@@ -113,6 +114,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_table(args: argparse.Namespace) -> int:
+    from orchestrator.sweep import paper_table
+
+    target, parent = paper_table.sweep_parent(args.sweep)
+    trials = paper_table.trial_values(target, parent, args.metrics, args.view, args.by)
+    sys.stdout.write(paper_table.render(trials, args.metrics, args.format))
+    return 0
+
+
 def add_search_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
     """``sweep`` (a Ray Tune search) and ``reproduce`` (a recipe against its reference table)."""
     w = sub.add_parser("sweep", help="run a Ray Tune search over a search space (search_spaces/*.yaml)")
@@ -167,3 +177,16 @@ def add_search_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
     )
     r.add_argument("--dry-run", action="store_true", help="validate the recipe and its inputs; run nothing")
     r.set_defaults(func=cmd_reproduce)
+
+    t = sub.add_parser("table", help="a sweep's settings as a paper table: mean ± std over seeds, best in bold")
+    t.add_argument("sweep", help="a sweep folder (runs/sweeps/<name>) or its MLflow parent run id")
+    t.add_argument("--metrics", nargs="+", default=["val/rsum"], metavar="METRIC", help="the columns (val/rsum ...)")
+    t.add_argument("--format", choices=("markdown", "latex", "csv"), default="markdown")
+    t.add_argument(
+        "--view",
+        choices=("final", "best"),
+        default="final",
+        help="each trial's final epoch, or the epoch where --by was best (optimistic when selected on val)",
+    )
+    t.add_argument("--by", default="val/rsum", metavar="METRIC", help="the metric --view best selects the epoch by")
+    t.set_defaults(func=cmd_table)
