@@ -291,3 +291,17 @@ def test_a_section_registered_twice_or_without_its_family_name_is_refused():
         register_loss_section(Nameless)
     with pytest.raises(ValueError, match="'infonce' registered twice"):
         register_loss_section(section_class("infonce"))
+
+
+def test_a_registered_class_that_is_not_a_loss_family_is_refused_naming_it():
+    """The loop reads ``requires``, ``check_inputs`` and the terms of a LossFamily: build_loss says so up front."""
+
+    class PlainModule(torch.nn.Module):
+        def __init__(self, **params) -> None:
+            super().__init__()
+
+    with registered_diagonal_hinge():
+        family_registry._FAMILIES["diagonal_hinge"] = PlainModule
+        cfg = validate_config({"loss": {"family": "diagonal_hinge"}})
+        with pytest.raises(TypeError, match="loss family 'diagonal_hinge' builds a PlainModule, not a LossFamily"):
+            build_loss(cfg)

@@ -60,7 +60,7 @@ def _key(values: Mapping[str, Any]) -> str:
 
 def _pairs(settings: Sequence[Setting], baseline: Mapping[str, Any]) -> list[tuple[Setting, Setting]]:
     """(baseline setting, candidate setting) for every setting that is not a baseline one and has a match."""
-    fixed = {k: baseline[k] for k in baseline}
+    fixed = dict(baseline)
 
     def is_baseline(s: Setting) -> bool:
         return all(_key({k: s.params.get(k)}) == _key({k: v}) for k, v in fixed.items())

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import tracking
+from orchestrator import leaderboard, tracking
 from orchestrator.errors import UserError
 from orchestrator.results.settings import DEFAULT_SEED_KEY, Setting, group_settings
 from orchestrator.search_space import default_mode
@@ -52,6 +51,7 @@ def sweep_parent(source: str) -> tuple[tracking.TrackingTarget, str]:
 
 
 def _value_at(target: tracking.TrackingTarget, run_id: str, metric: str, step: int | None) -> float:
+    """``metric`` at ``step`` of the run (``None``: its last logged step); NaN when not logged there."""
     history = dict(tracking.metric_history(target, run_id, metric))
     if not history:
         return math.nan
@@ -61,20 +61,15 @@ def _value_at(target: tracking.TrackingTarget, run_id: str, metric: str, step: i
 def trial_values(
     target: tracking.TrackingTarget, parent_run_id: str, metrics: Sequence[str], view: str, sweep_metric: str
 ) -> list[_Trial]:
-    """Each (non-superseded) trial of the sweep: its varied values and the chosen metrics in ``view``."""
-    mode = default_mode(sweep_metric)
+    """Each trial of the sweep (``leaderboard.records_from_mlflow``: superseded attempts left out): its varied
+    values and the chosen metrics at its last epoch, or (``view="best"``) where ``sweep_metric`` was best."""
     out = []
-    for run in tracking.child_runs(target, parent_run_id):
-        tags = run.data.tags
-        if tags.get("itr.superseded") == "true" or "itr.trial_id" not in tags:
+    for record in leaderboard.records_from_mlflow(target, parent_run_id, sweep_metric):
+        if record.run_id is None:
             continue
-        run_id, step = run.info.run_id, None
-        if view == "best":
-            curve = [(v, s) for s, v in tracking.metric_history(target, run_id, sweep_metric) if math.isfinite(v)]
-            if curve:
-                step = (max if mode == "max" else min)(curve)[1]
-        values = {m: _value_at(target, run_id, m, step) for m in metrics}
-        out.append(_Trial(json.loads(tags.get("itr.varied", "{}")), values))
+        step = record.best(default_mode(sweep_metric))[1] if view == "best" else None
+        values = {m: _value_at(target, record.run_id, m, step) for m in metrics}
+        out.append(_Trial(dict(record.params), values))
     return out
 
 
